@@ -1,0 +1,74 @@
+// Argument checks shared by the CPU and CUDA bindings. Every message names
+// the op, the argument, what was expected and what was received; the fake
+// kernels in dspark_ops/_checks.py raise the same text.
+#pragma once
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Optional.h>
+
+#include <sstream>
+#include <string>
+
+namespace dspark {
+
+inline std::string shape_str(const at::Tensor& t) {
+  std::ostringstream s;
+  s << t.sizes();
+  return s.str();
+}
+
+inline void check_dtype(const char* op, const char* name, const at::Tensor& t, at::ScalarType want) {
+  TORCH_CHECK_VALUE(t.scalar_type() == want, op, ": ", name, " must have dtype ",
+                    c10::toString(want), ", got ", c10::toString(t.scalar_type()));
+}
+
+inline void check_same_device(const char* op, const char* name, const at::Tensor& t,
+                              const at::Tensor& ref) {
+  TORCH_CHECK_VALUE(t.device() == ref.device(), op, ": ", name, " must be on ", ref.device(),
+                    " like logits, got ", t.device());
+}
+
+// A per-request parameter: shape [R] or [1] (broadcast), contiguous.
+inline void check_per_request(const char* op, const char* name, const at::Tensor& t, int64_t R,
+                              at::ScalarType want, const at::Tensor& ref) {
+  check_same_device(op, name, t, ref);
+  check_dtype(op, name, t, want);
+  TORCH_CHECK_VALUE(t.dim() == 1 && (t.size(0) == R || t.size(0) == 1), op, ": ", name,
+                    " must have shape [", R, "] or [1], got ", shape_str(t));
+  TORCH_CHECK_VALUE(t.is_contiguous(), op, ": ", name, " must be contiguous");
+}
+
+// An output: exactly [R], the given dtype, contiguous, on the logits' device.
+inline void check_output(const char* op, const char* name, const at::Tensor& t, int64_t R,
+                         at::ScalarType want, const at::Tensor& ref) {
+  check_same_device(op, name, t, ref);
+  check_dtype(op, name, t, want);
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == R, op, ": ", name, " must have shape [", R,
+                    "], got ", shape_str(t));
+  TORCH_CHECK_VALUE(t.is_contiguous(), op, ": ", name, " must be contiguous");
+}
+
+// Logits: [rows, V], a float type, last dimension contiguous.
+inline void check_logits(const char* op, const char* name, const at::Tensor& t) {
+  const auto st = t.scalar_type();
+  TORCH_CHECK_VALUE(st == at::kFloat || st == at::kHalf || st == at::kBFloat16, op, ": ", name,
+                    " must have dtype float32, float16 or bfloat16, got ", c10::toString(st));
+  TORCH_CHECK_VALUE(t.dim() == 2, op, ": ", name, " must have shape [rows, V], got ",
+                    shape_str(t));
+  TORCH_CHECK_VALUE(t.size(1) >= 1, op, ": ", name, " must have V >= 1, got ", shape_str(t));
+  TORCH_CHECK_VALUE(t.size(1) == 1 || t.stride(1) == 1, op, ": ", name,
+                    " must be contiguous in its last dimension, got strides ", t.strides());
+}
+
+inline int64_t per_request_stride(const at::Tensor& t) { return t.size(0) == 1 ? 0 : 1; }
+
+// Workspace: enough bytes, on the device, contiguous.
+inline void check_workspace(const char* op, const at::Tensor& ws, int64_t need,
+                            const at::Tensor& ref) {
+  check_same_device(op, "workspace", ws, ref);
+  TORCH_CHECK_VALUE(ws.is_contiguous(), op, ": workspace must be contiguous");
+  TORCH_CHECK_VALUE(ws.nbytes() >= static_cast<size_t>(need), op, ": workspace must hold at least ",
+                    need, " bytes (dspark_ops.workspace_size), got ", ws.nbytes());
+}
+
+}  // namespace dspark

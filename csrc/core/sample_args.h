@@ -1,0 +1,89 @@
+// The `sample` op's arguments as raw pointers: shared by the CPU op and the
+// CUDA kernels (csrc/kernels/sample.cuh), neither of which sees torch.
+#pragma once
+#include <cstdint>
+
+#include "broadcast.h"
+#include "filters.h"
+#include "macros.h"
+#include "race.h"
+#include "rng.h"
+#include "status.h"
+
+namespace dspark {
+
+template <typename T>
+struct SampleArgs {
+  const T* logits;        // [num_rows, row_stride], rows of `vocab` contiguous values
+  int64_t row_stride;     // elements between rows
+  int64_t num_rows;
+  int32_t vocab;
+  int32_t num_requests;   // R
+  const int32_t* row_start;  // [R] row of request r, or nullptr for row r
+  PerRequest<float> temperature;
+  PerRequest<int32_t> top_k;
+  PerRequest<float> top_p;
+  PerRequest<int64_t> seed;
+  PerRequest<int64_t> position;
+  PerRequest<int32_t> slot;
+  uint32_t purpose;
+  int32_t* tokens;  // [R] out
+  int32_t* status;  // [R] out
+};
+
+// The row request r reads, or -1 (with kBadLengths) when the row start or the
+// slot is out of range.
+template <typename T>
+DSPARK_HD int64_t sample_row(const SampleArgs<T>& a, int64_t r) {
+  const int64_t row = a.row_start ? static_cast<int64_t>(a.row_start[r]) : r;
+  const int32_t slot = a.slot[r];
+  if (row < 0 || row >= a.num_rows || slot < 0 || static_cast<uint32_t>(slot) > kMaxSlot) return -1;
+  return row;
+}
+
+template <typename T>
+DSPARK_HD bool sample_greedy(const SampleArgs<T>& a, int64_t r) {
+  return !(a.temperature[r] > 0.0f);
+}
+
+// Whether request r needs a top-k/top-p threshold at all.
+template <typename T>
+DSPARK_HD bool sample_filtered(const SampleArgs<T>& a, int64_t r) {
+  return !sample_greedy(a, r) && (topk_active(a.top_k[r], a.vocab) || topp_active(a.top_p[r]));
+}
+
+// Vocabulary chunks per row in the split-vocabulary pass: enough blocks to
+// fill a large GPU at R = 1, never chunks under kSampleMinChunk entries.
+// Depends on (R, V) only, so workspace sizes are device-independent.
+constexpr int64_t kSampleMinChunk = 1024;
+constexpr int64_t kSampleTargetBlocks = 1024;
+
+inline int64_t sample_num_chunks(int64_t num_requests, int64_t vocab) {
+  const int64_t max_chunks = (vocab + kSampleMinChunk - 1) / kSampleMinChunk;
+  int64_t want = num_requests > 0 ? (kSampleTargetBlocks + num_requests - 1) / num_requests : 1;
+  if (want > max_chunks) want = max_chunks;
+  return want < 1 ? 1 : want;
+}
+
+// Chunk length, a multiple of 4 so Philox groups never straddle chunks.
+inline int64_t sample_chunk_len(int64_t vocab, int64_t num_chunks) {
+  const int64_t len = (vocab + num_chunks - 1) / num_chunks;
+  return (len + 3) / 4 * 4;
+}
+
+struct SamplePartial {
+  float score;
+  int32_t index;
+  int32_t flags;
+  int32_t pad;
+};
+
+inline int64_t align_up(int64_t n, int64_t a) { return (n + a - 1) / a * a; }
+
+// Workspace bytes: thresholds [R] uint32, then partials [R, chunks].
+inline int64_t sample_workspace_bytes(int64_t num_requests, int64_t vocab) {
+  const int64_t chunks = sample_num_chunks(num_requests, vocab);
+  return align_up(num_requests * 4, 256) + num_requests * chunks * int64_t{sizeof(SamplePartial)};
+}
+
+}  // namespace dspark

@@ -1,0 +1,165 @@
+// CPU implementation of `sample`: the same core arithmetic as the CUDA
+// kernels (core/race.h, core/filters.h), parallel over rows and vocabulary.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <functional>
+#include <utility>
+#include <vector>
+
+#include "../sample_common.h"
+
+namespace dspark {
+namespace {
+
+// The smallest order key request r keeps under top-k then top-p (0 = all);
+// the same rule the radix descent of kernels/radix_select.cuh evaluates.
+template <typename T>
+uint32_t threshold_key(const SampleArgs<T>& a, int64_t r) {
+  const int64_t row = sample_row(a, r);
+  if (row < 0 || !sample_filtered(a, r)) return 0;
+  const T* logits = a.logits + row * a.row_stride;
+  const float temperature = a.temperature[r];
+  const int64_t n = a.vocab;
+  std::vector<float> x(n);
+  std::vector<uint32_t> keys(n);
+  for (int64_t i = 0; i < n; ++i) {
+    x[i] = static_cast<float>(logits[i]) / temperature;
+    keys[i] = float_key(x[i]);
+  }
+  uint32_t keep = 0;
+  const int32_t top_k = a.top_k[r];
+  if (topk_active(top_k, n)) {
+    std::vector<uint32_t> sorted(keys);
+    std::nth_element(sorted.begin(), sorted.begin() + (top_k - 1), sorted.end(), std::greater<uint32_t>());
+    keep = sorted[top_k - 1];
+  }
+  const float top_p = a.top_p[r];
+  if (!topp_active(top_p)) return keep;
+  float row_max = -INFINITY;
+  for (int64_t i = 0; i < n; ++i) {
+    if (x[i] != x[i] || x[i] == INFINITY) return keep;  // aborted by the race
+    row_max = std::max(row_max, x[i]);
+  }
+  if (row_max == -INFINITY) return keep;
+  std::vector<std::pair<uint32_t, uint64_t>> kept;  // (key, mass), key >= keep
+  kept.reserve(n);
+  uint64_t total = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    if (keys[i] < keep) continue;
+    const uint64_t m = mass_fixed(x[i], row_max);
+    kept.emplace_back(keys[i], m);
+    total += m;
+  }
+  std::sort(kept.begin(), kept.end(), [](const auto& p, const auto& q) { return p.first > q.first; });
+  uint64_t above = 0;  // mass of strictly larger keys
+  uint32_t result = kept.front().first;
+  for (size_t i = 0; i < kept.size();) {
+    if (!topp_keeps(above, total, top_p)) break;
+    result = kept[i].first;
+    size_t j = i;
+    while (j < kept.size() && kept[j].first == kept[i].first) above += kept[j++].second;
+    i = j;
+  }
+  return result;
+}
+
+template <typename T>
+SamplePartial race_chunk(const SampleArgs<T>& a, int64_t r, uint32_t keep_key, int64_t begin, int64_t end) {
+  RaceBest best = race_empty();
+  int32_t flags = 0;
+  const int64_t row = sample_row(a, r);
+  if (row < 0) return SamplePartial{best.score, best.index, kBadLengths, 0};
+  const RaceRow rr{sample_greedy(a, r), a.temperature[r], keep_key};
+  const T* logits = a.logits + row * a.row_stride;
+  const int64_t seed = a.seed[r], position = a.position[r];
+  const uint32_t slot = static_cast<uint32_t>(a.slot[r]);
+  for (int64_t g = begin; g < end; g += 4) {
+    PhiloxBlock bits{{0u, 0u, 0u, 0u}};
+    if (!rr.greedy) bits = philox_draw(seed, position, a.purpose, slot, static_cast<uint32_t>(g >> 2));
+    for (int j = 0; j < 4 && g + j < end; ++j)
+      race_offer(best, flags, rr, static_cast<float>(logits[g + j]), static_cast<int32_t>(g + j), bits.x[j]);
+  }
+  return SamplePartial{best.score, best.index, flags, 0};
+}
+
+template <typename T>
+void sample_cpu_impl(const SampleArgs<T>& a) {
+  const int64_t R = a.num_requests;
+  std::vector<uint32_t> keep(R, 0);
+  at::parallel_for(0, R, 1, [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) keep[r] = threshold_key(a, r);
+  });
+  const int64_t chunks = sample_num_chunks(R, a.vocab);
+  const int64_t chunk_len = sample_chunk_len(a.vocab, chunks);
+  std::vector<SamplePartial> partials(R * chunks);
+  at::parallel_for(0, R * chunks, 1, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) {
+      const int64_t r = t / chunks, begin = (t % chunks) * chunk_len;
+      partials[t] = race_chunk(a, r, keep[r], begin, std::min<int64_t>(begin + chunk_len, a.vocab));
+    }
+  });
+  for (int64_t r = 0; r < R; ++r) {
+    RaceBest best = race_empty();
+    int32_t flags = 0;
+    for (int64_t c = 0; c < chunks; ++c) {
+      const SamplePartial& p = partials[r * chunks + c];
+      best = race_merge(best, RaceBest{p.score, p.index});
+      flags |= p.flags;
+    }
+    race_finish(best, flags, a.tokens[r], a.status[r]);
+  }
+}
+
+// The workspace is accepted for signature parity and not needed on the CPU.
+void sample_out_cpu(const at::Tensor& logits, const at::Tensor& temperature,
+                    const c10::optional<at::Tensor>& top_k, const c10::optional<at::Tensor>& top_p,
+                    const at::Tensor& seed, const at::Tensor& position, int64_t purpose, const at::Tensor& slot,
+                    const c10::optional<at::Tensor>& row_start, at::Tensor& tokens, at::Tensor& status,
+                    const c10::optional<at::Tensor>& /*workspace*/) {
+  check_sample_args(logits, temperature, top_k, top_p, seed, position, purpose, slot, row_start);
+  const int64_t R = sample_num_requests(logits, row_start);
+  check_output(kSampleOp, "tokens", tokens, R, at::kInt, logits);
+  check_output(kSampleOp, "status", status, R, at::kInt, logits);
+  if (R == 0) return;
+  switch (logits.scalar_type()) {
+    case at::kFloat:
+      sample_cpu_impl(make_sample_args<float>(logits, temperature, top_k, top_p, seed, position, purpose, slot,
+                                              row_start, tokens, status));
+      break;
+    case at::kHalf:
+      sample_cpu_impl(make_sample_args<c10::Half>(logits, temperature, top_k, top_p, seed, position, purpose,
+                                                  slot, row_start, tokens, status));
+      break;
+    default:
+      sample_cpu_impl(make_sample_args<c10::BFloat16>(logits, temperature, top_k, top_p, seed, position,
+                                                      purpose, slot, row_start, tokens, status));
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> sample_cpu(const at::Tensor& logits, const at::Tensor& temperature,
+                                              const c10::optional<at::Tensor>& top_k,
+                                              const c10::optional<at::Tensor>& top_p, const at::Tensor& seed,
+                                              const at::Tensor& position, int64_t purpose, const at::Tensor& slot,
+                                              const c10::optional<at::Tensor>& row_start) {
+  check_logits(kSampleOp, "logits", logits);
+  const int64_t R = sample_num_requests(logits, row_start);
+  at::Tensor tokens = at::empty({R}, logits.options().dtype(at::kInt));
+  at::Tensor status = at::empty({R}, logits.options().dtype(at::kInt));
+  sample_out_cpu(logits, temperature, top_k, top_p, seed, position, purpose, slot, row_start, tokens, status,
+                 c10::nullopt);
+  return {tokens, status};
+}
+
+}  // namespace
+}  // namespace dspark
+
+TORCH_LIBRARY_IMPL(dspark_ops, CPU, m) {
+  m.impl("sample", &dspark::sample_cpu);
+  m.impl("sample.out", &dspark::sample_out_cpu);
+}

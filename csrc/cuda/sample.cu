@@ -1,0 +1,83 @@
+// CUDA binding of `sample`: tensors -> SampleArgs -> kernels/sample.cuh.
+#include <ATen/core/Tensor.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "../kernels/sample.cuh"
+#include "../sample_common.h"
+
+namespace dspark {
+namespace {
+
+template <typename Storage>
+void launch(const at::Tensor& logits, const at::Tensor& temperature,
+            const c10::optional<at::Tensor>& top_k, const c10::optional<at::Tensor>& top_p,
+            const at::Tensor& seed, const at::Tensor& position, int64_t purpose,
+            const at::Tensor& slot, const c10::optional<at::Tensor>& row_start, at::Tensor& tokens,
+            at::Tensor& status, void* workspace) {
+  const auto args = make_sample_args<Storage>(logits, temperature, top_k, top_p, seed, position,
+                                              purpose, slot, row_start, tokens, status);
+  const cudaError_t err = sample_launch<Storage>(args, workspace, top_k.has_value() || top_p.has_value(),
+                                                 at::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, kSampleOp, ": CUDA launch failed: ", cudaGetErrorString(err));
+}
+
+void sample_out_cuda(const at::Tensor& logits, const at::Tensor& temperature,
+                     const c10::optional<at::Tensor>& top_k, const c10::optional<at::Tensor>& top_p,
+                     const at::Tensor& seed, const at::Tensor& position, int64_t purpose,
+                     const at::Tensor& slot, const c10::optional<at::Tensor>& row_start,
+                     at::Tensor& tokens, at::Tensor& status,
+                     const c10::optional<at::Tensor>& workspace) {
+  check_sample_args(logits, temperature, top_k, top_p, seed, position, purpose, slot, row_start);
+  const int64_t R = sample_num_requests(logits, row_start);
+  check_output(kSampleOp, "tokens", tokens, R, at::kInt, logits);
+  check_output(kSampleOp, "status", status, R, at::kInt, logits);
+  if (R == 0) return;
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const int64_t need = sample_workspace_bytes(R, logits.size(1));
+  at::Tensor scratch;
+  void* ws = nullptr;
+  if (workspace.has_value()) {
+    check_workspace(kSampleOp, *workspace, need, logits);
+    ws = workspace->data_ptr();
+  } else {
+    scratch = at::empty({need}, logits.options().dtype(at::kByte));
+    ws = scratch.data_ptr();
+  }
+  switch (logits.scalar_type()) {
+    case at::kFloat:
+      launch<float>(logits, temperature, top_k, top_p, seed, position, purpose, slot, row_start, tokens, status, ws);
+      break;
+    case at::kHalf:
+      launch<__half>(logits, temperature, top_k, top_p, seed, position, purpose, slot, row_start, tokens, status, ws);
+      break;
+    default:
+      launch<__nv_bfloat16>(logits, temperature, top_k, top_p, seed, position, purpose, slot, row_start, tokens,
+                            status, ws);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> sample_cuda(const at::Tensor& logits, const at::Tensor& temperature,
+                                               const c10::optional<at::Tensor>& top_k,
+                                               const c10::optional<at::Tensor>& top_p,
+                                               const at::Tensor& seed, const at::Tensor& position,
+                                               int64_t purpose, const at::Tensor& slot,
+                                               const c10::optional<at::Tensor>& row_start) {
+  check_logits(kSampleOp, "logits", logits);
+  const int64_t R = sample_num_requests(logits, row_start);
+  at::Tensor tokens = at::empty({R}, logits.options().dtype(at::kInt));
+  at::Tensor status = at::empty({R}, logits.options().dtype(at::kInt));
+  sample_out_cuda(logits, temperature, top_k, top_p, seed, position, purpose, slot, row_start, tokens, status,
+                  c10::nullopt);
+  return {tokens, status};
+}
+
+}  // namespace
+}  // namespace dspark
+
+TORCH_LIBRARY_IMPL(dspark_ops, CUDA, m) {
+  m.impl("sample", &dspark::sample_cuda);
+  m.impl("sample.out", &dspark::sample_out_cuda);
+}

@@ -1,0 +1,78 @@
+// Warp and block reductions used by several kernels. Every reduction here is
+// over an associative, commutative operation with a total order, so the
+// result does not depend on the thread layout.
+#pragma once
+#include <cstdint>
+
+#include "../core/race.h"
+
+namespace dspark {
+
+constexpr unsigned kFullMask = 0xFFFFFFFFu;
+
+__device__ __forceinline__ RaceBest warp_race_merge(RaceBest b) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    RaceBest o;
+    o.score = __shfl_xor_sync(kFullMask, b.score, off);
+    o.index = __shfl_xor_sync(kFullMask, b.index, off);
+    b = race_merge(b, o);
+  }
+  return b;
+}
+
+__device__ __forceinline__ int32_t warp_or(int32_t v) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v |= __shfl_xor_sync(kFullMask, v, off);
+  return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v = fmaxf(v, __shfl_xor_sync(kFullMask, v, off));
+  return v;
+}
+
+// Whole-block merge of a race and its flags; the result is valid in thread 0.
+template <int kBlock>
+__device__ __forceinline__ void block_race_merge(RaceBest& best, int32_t& flags) {
+  static_assert(kBlock % 32 == 0 && kBlock <= 1024, "block size");
+  constexpr int kWarps = kBlock / 32;
+  __shared__ RaceBest s_best[kWarps];
+  __shared__ int32_t s_flags[kWarps];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  best = warp_race_merge(best);
+  flags = warp_or(flags);
+  if (lane == 0) {
+    s_best[warp] = best;
+    s_flags[warp] = flags;
+  }
+  __syncthreads();
+  if (warp == 0) {
+    best = lane < kWarps ? s_best[lane] : race_empty();
+    flags = lane < kWarps ? s_flags[lane] : 0;
+    best = warp_race_merge(best);
+    flags = warp_or(flags);
+  }
+}
+
+// Block-wide max (NaN ignored); the result is returned to every thread.
+template <int kBlock>
+__device__ __forceinline__ float block_max(float v) {
+  constexpr int kWarps = kBlock / 32;
+  __shared__ float s_max[kWarps];
+  __shared__ float s_result;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  v = warp_max(v);
+  if (lane == 0) s_max[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    v = lane < kWarps ? s_max[lane] : -INFINITY;
+    v = warp_max(v);
+    if (lane == 0) s_result = v;
+  }
+  __syncthreads();
+  return s_result;
+}
+
+}  // namespace dspark

@@ -1,0 +1,170 @@
+// Block-wide top-k and top-p thresholds by radix descent over order keys
+// (core/filters.h), 8 bits a pass, 4 passes each. One block owns a row; the
+// row is re-read every pass (from L2 at the sizes that matter). Histograms
+// are integer (counts, 2^-40 fixed-point masses), so every pass is exact and
+// the result does not depend on thread layout or atomic order.
+#pragma once
+#include <cstdint>
+
+#include "../core/filters.h"
+
+namespace dspark {
+
+constexpr int kRadixBins = 256;
+
+// Threads add to a private run while consecutive elements fall in one bin (at
+// the first pass nearly all logits share a few exponent bins) and flush it on
+// a change, which turns most shared-memory atomics into register adds.
+struct BinRun {
+  int bin = -1;
+  uint32_t count = 0;
+  uint64_t mass = 0;
+
+  __device__ __forceinline__ void flush(uint32_t* counts, unsigned long long* masses) {
+    if (bin < 0) return;
+    atomicAdd(&counts[bin], count);
+    if (masses && mass) atomicAdd(&masses[bin], static_cast<unsigned long long>(mass));
+    bin = -1;
+    count = 0;
+    mass = 0;
+  }
+  __device__ __forceinline__ void add(int b, uint64_t m, uint32_t* counts,
+                                      unsigned long long* masses) {
+    if (b != bin) {
+      flush(counts, masses);
+      bin = b;
+    }
+    ++count;
+    mass += m;
+  }
+};
+
+// The key of the k-th largest x_of(i), i in [0, n), 0 < k <= n: keeping
+// key >= result keeps exactly the tokens with fewer than k strictly larger.
+template <int kBlock, typename XFn>
+__device__ uint32_t block_topk_key(XFn x_of, int64_t n, uint32_t k) {
+  __shared__ uint32_t counts[kRadixBins];
+  __shared__ uint32_t s_bin, s_remaining;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  uint32_t prefix = 0, mask = 0, remaining = k;
+  for (int shift = 24; shift >= 0; shift -= 8) {
+    for (int b = threadIdx.x; b < kRadixBins; b += kBlock) counts[b] = 0;
+    __syncthreads();
+    BinRun run;
+    for (int64_t i = threadIdx.x; i < n; i += kBlock) {
+      const uint32_t key = float_key(x_of(i));
+      if ((key & mask) == prefix) run.add((key >> shift) & 0xFF, 0, counts, nullptr);
+    }
+    run.flush(counts, nullptr);
+    __syncthreads();
+    if (warp == 0) {
+      // Lane l owns bins 255-8l .. 248-8l, walked from the top.
+      uint32_t c[8], lane_sum = 0;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        c[j] = counts[kRadixBins - 1 - (lane * 8 + j)];
+        lane_sum += c[j];
+      }
+      uint32_t incl = lane_sum;
+#pragma unroll
+      for (int off = 1; off < 32; off <<= 1) {
+        const uint32_t t = __shfl_up_sync(0xFFFFFFFFu, incl, off);
+        if (lane >= off) incl += t;
+      }
+      uint32_t cum = incl - lane_sum;  // count in higher bins
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        if (cum < remaining && remaining <= cum + c[j]) {
+          s_bin = kRadixBins - 1 - (lane * 8 + j);
+          s_remaining = remaining - cum;
+        }
+        cum += c[j];
+      }
+    }
+    __syncthreads();
+    prefix |= s_bin << shift;
+    mask |= 0xFFu << shift;
+    remaining = s_remaining;
+    __syncthreads();  // s_bin is rewritten next pass
+  }
+  return prefix;
+}
+
+// The smallest key the top-p rule keeps among tokens with key >= min_key:
+// S(x) < top_p * Z or S(x) == 0 (core/filters.h), masses exp(x - row_max).
+template <int kBlock, typename XFn>
+__device__ uint32_t block_topp_key(XFn x_of, int64_t n, uint32_t min_key, float row_max,
+                                   float top_p) {
+  __shared__ uint32_t counts[kRadixBins];
+  __shared__ unsigned long long masses[kRadixBins];
+  __shared__ uint32_t s_bin;
+  __shared__ unsigned long long s_above, s_total;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  uint32_t prefix = 0, mask = 0;
+  uint64_t above = 0, total = 0;
+  for (int shift = 24; shift >= 0; shift -= 8) {
+    for (int b = threadIdx.x; b < kRadixBins; b += kBlock) {
+      counts[b] = 0;
+      masses[b] = 0;
+    }
+    __syncthreads();
+    BinRun run;
+    for (int64_t i = threadIdx.x; i < n; i += kBlock) {
+      const float x = x_of(i);
+      const uint32_t key = float_key(x);
+      if (key >= min_key && (key & mask) == prefix)
+        run.add((key >> shift) & 0xFF, mass_fixed(x, row_max), counts, masses);
+    }
+    run.flush(counts, masses);
+    __syncthreads();
+    if (warp == 0) {
+      uint32_t c[8];
+      uint64_t m[8], lane_sum = 0;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        const int b = kRadixBins - 1 - (lane * 8 + j);
+        c[j] = counts[b];
+        m[j] = masses[b];
+        lane_sum += m[j];
+      }
+      uint64_t incl = lane_sum;
+#pragma unroll
+      for (int off = 1; off < 32; off <<= 1) {
+        const uint64_t t = __shfl_up_sync(0xFFFFFFFFu, incl, off);
+        if (lane >= off) incl += t;
+      }
+      // Z (all kept mass) is this first pass's total; later passes reuse it.
+      const uint64_t pass_total = __shfl_sync(0xFFFFFFFFu, incl, 31);
+      const uint64_t z = shift == 24 ? pass_total : total;
+      if (shift == 24 && lane == 0) s_total = pass_total;
+      uint64_t a = above + (incl - lane_sum);  // mass in higher bins
+      int found = -1;
+      uint64_t found_above = 0;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        if (c[j] > 0 && topp_keeps(a, z, top_p)) {
+          found = j;
+          found_above = a;
+        }
+        a += m[j];
+      }
+      // The kept bins are the top ones; the answer is the lowest, i.e. in
+      // the highest lane that found one (the top bin always qualifies).
+      const unsigned ballot = __ballot_sync(0xFFFFFFFFu, found >= 0);
+      const int chosen = 31 - __clz(ballot);
+      if (lane == chosen) {
+        s_bin = kRadixBins - 1 - (lane * 8 + found);
+        s_above = found_above;
+      }
+    }
+    __syncthreads();
+    if (shift == 24) total = s_total;
+    prefix |= s_bin << shift;
+    mask |= 0xFFu << shift;
+    above = s_above;
+    __syncthreads();
+  }
+  return prefix;
+}
+
+}  // namespace dspark

@@ -1,0 +1,144 @@
+// The `sample` op's CUDA kernels (DESIGN §2): the exponential race over a
+// row's vocabulary, split across blocks so one request fills the GPU, with
+// the top-k/top-p threshold found first when a request asks for one.
+// Framework-free: raw pointers, sizes and a stream.
+//
+//   sample_threshold_kernel  one block per request; only when top-k/top-p
+//                            may be on. Re-reads the row (passes: 4 for
+//                            top-k, 1 + 4 for top-p).
+//   sample_race_kernel       [R * chunks] blocks; reads each logit once.
+//   sample_finalize_kernel   a warp per request merges its chunks' partials.
+#pragma once
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "../core/sample_args.h"
+#include "block_reduce.cuh"
+#include "dtype.cuh"
+#include "radix_select.cuh"
+
+namespace dspark {
+
+constexpr int kSampleRaceBlock = 256;
+constexpr int kSampleThresholdBlock = 512;
+constexpr int kSampleFinalizeWarps = 4;
+
+// keep_keys [R]: the smallest order key request r keeps (0 = all).
+template <typename T>
+__global__ void __launch_bounds__(kSampleThresholdBlock)
+    sample_threshold_kernel(SampleArgs<T> a, uint32_t* __restrict__ keep_keys) {
+  const int64_t r = blockIdx.x;
+  const int64_t row = sample_row(a, r);
+  if (row < 0 || !sample_filtered(a, r)) {
+    if (threadIdx.x == 0) keep_keys[r] = 0;
+    return;
+  }
+  const T* __restrict__ logits = a.logits + row * a.row_stride;
+  const float temperature = a.temperature[r];
+  const auto x_of = [&](int64_t i) { return to_float(logits[i]) / temperature; };
+  const int64_t n = a.vocab;
+  uint32_t keep = 0;
+  const int32_t top_k = a.top_k[r];
+  if (topk_active(top_k, n)) keep = block_topk_key<kSampleThresholdBlock>(x_of, n, top_k);
+  const float top_p = a.top_p[r];
+  if (topp_active(top_p)) {
+    float local = -INFINITY;
+    bool bad = false;
+    for (int64_t i = threadIdx.x; i < n; i += kSampleThresholdBlock) {
+      const float x = x_of(i);
+      bad |= (x != x) || x == INFINITY;
+      local = fmaxf(local, x);
+    }
+    const bool any_bad = __syncthreads_or(bad);
+    const float row_max = block_max<kSampleThresholdBlock>(local);
+    // A non-finite row aborts in the race; an all -inf row has nothing to keep.
+    if (!any_bad && row_max > -INFINITY)
+      keep = block_topp_key<kSampleThresholdBlock>(x_of, n, keep, row_max, top_p);
+  }
+  if (threadIdx.x == 0) keep_keys[r] = keep;
+}
+
+// partials [R, chunks]: each block's best candidate and flags.
+template <typename T>
+__global__ void __launch_bounds__(kSampleRaceBlock)
+    sample_race_kernel(SampleArgs<T> a, const uint32_t* __restrict__ keep_keys,
+                       SamplePartial* __restrict__ partials, int64_t num_chunks,
+                       int64_t chunk_len) {
+  const int64_t r = blockIdx.x / num_chunks;
+  const int64_t chunk = blockIdx.x - r * num_chunks;
+  RaceBest best = race_empty();
+  int32_t flags = 0;
+  const int64_t row = sample_row(a, r);
+  if (row < 0) {
+    flags = kBadLengths;
+  } else {
+    const RaceRow rr{sample_greedy(a, r), a.temperature[r], keep_keys ? keep_keys[r] : 0u};
+    const T* __restrict__ logits = a.logits + row * a.row_stride;
+    const int64_t begin = chunk * chunk_len;
+    const int64_t end = begin + chunk_len < a.vocab ? begin + chunk_len : a.vocab;
+    const int64_t seed = a.seed[r], position = a.position[r];
+    const uint32_t slot = static_cast<uint32_t>(a.slot[r]);
+    for (int64_t g = begin + 4 * threadIdx.x; g < end; g += 4 * kSampleRaceBlock) {
+      PhiloxBlock bits{{0u, 0u, 0u, 0u}};
+      if (!rr.greedy) bits = philox_draw(seed, position, a.purpose, slot, static_cast<uint32_t>(g >> 2));
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        if (g + j < end)
+          race_offer(best, flags, rr, to_float(logits[g + j]), static_cast<int32_t>(g + j), bits.x[j]);
+      }
+    }
+  }
+  block_race_merge<kSampleRaceBlock>(best, flags);
+  if (threadIdx.x == 0) partials[blockIdx.x] = SamplePartial{best.score, best.index, flags, 0};
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kSampleFinalizeWarps * 32)
+    sample_finalize_kernel(SampleArgs<T> a, const SamplePartial* __restrict__ partials,
+                           int64_t num_chunks) {
+  const int lane = threadIdx.x & 31;
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * kSampleFinalizeWarps + (threadIdx.x >> 5);
+  if (r >= a.num_requests) return;
+  RaceBest best = race_empty();
+  int32_t flags = 0;
+  for (int64_t c = lane; c < num_chunks; c += 32) {
+    const SamplePartial p = partials[r * num_chunks + c];
+    best = race_merge(best, RaceBest{p.score, p.index});
+    flags |= p.flags;
+  }
+  best = warp_race_merge(best);
+  flags = warp_or(flags);
+  if (lane == 0) race_finish(best, flags, a.tokens[r], a.status[r]);
+}
+
+// workspace: sample_workspace_bytes(R, V) bytes. `may_filter`: false when
+// top-k and top-p are off for every request (skips the threshold kernel).
+template <typename T>
+cudaError_t sample_launch(const SampleArgs<T>& a, void* workspace, bool may_filter,
+                          cudaStream_t stream) {
+  const int64_t R = a.num_requests;
+  if (R == 0) return cudaSuccess;
+  const int64_t chunks = sample_num_chunks(R, a.vocab);
+  const int64_t chunk_len = sample_chunk_len(a.vocab, chunks);
+  char* ws = static_cast<char*>(workspace);
+  uint32_t* keep_keys = may_filter ? reinterpret_cast<uint32_t*>(ws) : nullptr;
+  auto* partials = reinterpret_cast<SamplePartial*>(ws + align_up(R * 4, 256));
+  if (may_filter) {
+    sample_threshold_kernel<T><<<static_cast<unsigned>(R), kSampleThresholdBlock, 0, stream>>>(a, keep_keys);
+  }
+  sample_race_kernel<T><<<static_cast<unsigned>(R * chunks), kSampleRaceBlock, 0, stream>>>(
+      a, keep_keys, partials, chunks, chunk_len);
+  const unsigned fin_blocks = static_cast<unsigned>((R + kSampleFinalizeWarps - 1) / kSampleFinalizeWarps);
+  sample_finalize_kernel<T><<<fin_blocks, kSampleFinalizeWarps * 32, 0, stream>>>(a, partials, chunks);
+  return cudaGetLastError();
+}
+
+}  // namespace dspark
+
+#ifdef DSPARK_KERNEL_CHECK  // make cuda-check: compile every instantiation
+template cudaError_t dspark::sample_launch<float>(const dspark::SampleArgs<float>&, void*, bool, cudaStream_t);
+template cudaError_t dspark::sample_launch<__half>(const dspark::SampleArgs<__half>&, void*, bool, cudaStream_t);
+template cudaError_t dspark::sample_launch<__nv_bfloat16>(const dspark::SampleArgs<__nv_bfloat16>&, void*, bool,
+                                                          cudaStream_t);
+#endif

@@ -1,0 +1,79 @@
+// The `sample` op's host-side half shared by the CPU and CUDA bindings: the
+// argument checks and the translation of tensors into SampleArgs.
+#pragma once
+#include <ATen/core/Tensor.h>
+
+#include "checks.h"
+#include "core/sample_args.h"
+
+namespace dspark {
+
+constexpr const char* kSampleOp = "dspark_ops.sample";
+
+// R: row_start's length when given, else the number of logits rows.
+inline int64_t sample_num_requests(const at::Tensor& logits, const c10::optional<at::Tensor>& row_start) {
+  return row_start.has_value() ? row_start->size(0) : logits.size(0);
+}
+
+inline void check_sample_args(const at::Tensor& logits, const at::Tensor& temperature,
+                              const c10::optional<at::Tensor>& top_k,
+                              const c10::optional<at::Tensor>& top_p, const at::Tensor& seed,
+                              const at::Tensor& position, int64_t purpose, const at::Tensor& slot,
+                              const c10::optional<at::Tensor>& row_start) {
+  const char* op = kSampleOp;
+  check_logits(op, "logits", logits);
+  TORCH_CHECK_VALUE(logits.size(1) <= kMaxVocab, op, ": logits must have V <= ", kMaxVocab,
+                    ", got V = ", logits.size(1));
+  if (row_start.has_value()) {
+    check_same_device(op, "row_start", *row_start, logits);
+    check_dtype(op, "row_start", *row_start, at::kInt);
+    TORCH_CHECK_VALUE(row_start->dim() == 1 && row_start->is_contiguous(), op,
+                      ": row_start must be a contiguous 1-D tensor [R], got ", shape_str(*row_start));
+  }
+  const int64_t R = sample_num_requests(logits, row_start);
+  check_per_request(op, "temperature", temperature, R, at::kFloat, logits);
+  if (top_k.has_value()) check_per_request(op, "top_k", *top_k, R, at::kInt, logits);
+  if (top_p.has_value()) check_per_request(op, "top_p", *top_p, R, at::kFloat, logits);
+  check_per_request(op, "seed", seed, R, at::kLong, logits);
+  check_per_request(op, "position", position, R, at::kLong, logits);
+  check_per_request(op, "slot", slot, R, at::kInt, logits);
+  TORCH_CHECK_VALUE(purpose >= 0 && purpose <= 0xFFFF, op, ": purpose must be in [0, 65535], got ",
+                    purpose);
+}
+
+template <typename T>
+PerRequest<T> per_request(const c10::optional<at::Tensor>& t, T fallback) {
+  if (!t.has_value()) return PerRequest<T>{nullptr, 0, fallback};
+  return PerRequest<T>{static_cast<const T*>(t->const_data_ptr()), per_request_stride(*t), fallback};
+}
+
+// `Storage` is the element type the backend computes with (c10::Half on the
+// CPU, __half in CUDA): same bits, different class.
+template <typename Storage>
+SampleArgs<Storage> make_sample_args(const at::Tensor& logits, const at::Tensor& temperature,
+                                     const c10::optional<at::Tensor>& top_k,
+                                     const c10::optional<at::Tensor>& top_p,
+                                     const at::Tensor& seed, const at::Tensor& position,
+                                     int64_t purpose, const at::Tensor& slot,
+                                     const c10::optional<at::Tensor>& row_start,
+                                     at::Tensor& tokens, at::Tensor& status) {
+  SampleArgs<Storage> a;
+  a.logits = static_cast<const Storage*>(logits.const_data_ptr());
+  a.row_stride = logits.stride(0);
+  a.num_rows = logits.size(0);
+  a.vocab = static_cast<int32_t>(logits.size(1));
+  a.num_requests = static_cast<int32_t>(sample_num_requests(logits, row_start));
+  a.row_start = row_start.has_value() ? row_start->const_data_ptr<int32_t>() : nullptr;
+  a.temperature = per_request<float>(temperature, 1.0f);
+  a.top_k = per_request<int32_t>(top_k, 0);     // absent: top-k off
+  a.top_p = per_request<float>(top_p, 1.0f);    // absent: top-p off
+  a.seed = per_request<int64_t>(seed, 0);
+  a.position = per_request<int64_t>(position, 0);
+  a.slot = per_request<int32_t>(slot, 0);
+  a.purpose = static_cast<uint32_t>(purpose);
+  a.tokens = tokens.data_ptr<int32_t>();
+  a.status = status.data_ptr<int32_t>();
+  return a;
+}
+
+}  // namespace dspark

@@ -1,0 +1,20 @@
+"""dspark_ops: CUDA kernels (with CPU twins and a pure-PyTorch reference) for
+lossless speculative decoding."""
+from __future__ import annotations
+
+import torch
+
+from ._enums import ABORT_MASK, Purpose, Status
+from .ops import SampleResult, empty_sample_result, sample, workspace_size
+
+__version__ = "0.1.0"
+
+
+def cuda_kernels_available() -> bool:
+    """Whether this build registered CUDA kernels (true even without a GPU
+    present: the kernels are compiled in; running them needs a device)."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key("dspark_ops::sample", "CUDA")
+
+
+__all__ = ["ABORT_MASK", "Purpose", "SampleResult", "Status", "__version__", "cuda_kernels_available",
+           "empty_sample_result", "sample", "workspace_size"]

@@ -1,0 +1,109 @@
+"""Python twins of csrc/checks.h for the fake (meta) kernels: the same checks
+in the same order with the same messages, so a shape error reads the same
+under torch.compile as in eager mode (tests/test_errors.py compares them)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+_C10_NAMES = {
+    torch.float32: "Float", torch.float64: "Double", torch.float16: "Half",
+    torch.bfloat16: "BFloat16", torch.int32: "Int", torch.int64: "Long",
+    torch.int16: "Short", torch.int8: "Char", torch.uint8: "Byte", torch.bool: "Bool",
+}
+MAX_VOCAB = 1 << 23  # csrc/core/filters.h kMaxVocab
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return _C10_NAMES.get(dtype, str(dtype))
+
+
+def shape_str(t: torch.Tensor) -> str:
+    return "[" + ", ".join(str(s) for s in t.shape) + "]"
+
+
+def check_dtype(op: str, name: str, t: torch.Tensor, want: torch.dtype) -> None:
+    if t.dtype != want:
+        raise ValueError(f"{op}: {name} must have dtype {dtype_name(want)}, got {dtype_name(t.dtype)}")
+
+
+def check_same_device(op: str, name: str, t: torch.Tensor, ref: torch.Tensor) -> None:
+    if t.device != ref.device:
+        raise ValueError(f"{op}: {name} must be on {ref.device} like logits, got {t.device}")
+
+
+def check_per_request(op: str, name: str, t: torch.Tensor, R: int, want: torch.dtype,
+                      ref: torch.Tensor) -> None:
+    check_same_device(op, name, t, ref)
+    check_dtype(op, name, t, want)
+    if t.dim() != 1 or t.shape[0] not in (R, 1):
+        raise ValueError(f"{op}: {name} must have shape [{R}] or [1], got {shape_str(t)}")
+    if not t.is_contiguous():
+        raise ValueError(f"{op}: {name} must be contiguous")
+
+
+def check_output(op: str, name: str, t: torch.Tensor, R: int, want: torch.dtype,
+                 ref: torch.Tensor) -> None:
+    check_same_device(op, name, t, ref)
+    check_dtype(op, name, t, want)
+    if t.dim() != 1 or t.shape[0] != R:
+        raise ValueError(f"{op}: {name} must have shape [{R}], got {shape_str(t)}")
+    if not t.is_contiguous():
+        raise ValueError(f"{op}: {name} must be contiguous")
+
+
+def check_logits(op: str, name: str, t: torch.Tensor) -> None:
+    if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"{op}: {name} must have dtype float32, float16 or bfloat16, "
+                         f"got {dtype_name(t.dtype)}")
+    if t.dim() != 2:
+        raise ValueError(f"{op}: {name} must have shape [rows, V], got {shape_str(t)}")
+    if t.shape[1] < 1:
+        raise ValueError(f"{op}: {name} must have V >= 1, got {shape_str(t)}")
+    if t.shape[1] != 1 and t.stride(1) != 1:
+        strides = "[" + ", ".join(str(s) for s in t.stride()) + "]"
+        raise ValueError(f"{op}: {name} must be contiguous in its last dimension, got strides {strides}")
+
+
+def check_workspace(op: str, ws: torch.Tensor, need: int, ref: torch.Tensor) -> None:
+    check_same_device(op, "workspace", ws, ref)
+    if not ws.is_contiguous():
+        raise ValueError(f"{op}: workspace must be contiguous")
+    nbytes = ws.numel() * ws.element_size()
+    if nbytes < need:
+        raise ValueError(f"{op}: workspace must hold at least {need} bytes "
+                         f"(dspark_ops.workspace_size), got {nbytes}")
+
+
+SAMPLE_OP = "dspark_ops.sample"
+
+
+def sample_num_requests(logits: torch.Tensor, row_start: Optional[torch.Tensor]) -> int:
+    return row_start.shape[0] if row_start is not None else logits.shape[0]
+
+
+def check_sample_args(logits, temperature, top_k, top_p, seed, position, purpose, slot,
+                      row_start) -> int:
+    """csrc/sample_common.h check_sample_args; returns R."""
+    op = SAMPLE_OP
+    check_logits(op, "logits", logits)
+    if logits.shape[1] > MAX_VOCAB:
+        raise ValueError(f"{op}: logits must have V <= {MAX_VOCAB}, got V = {logits.shape[1]}")
+    if row_start is not None:
+        check_same_device(op, "row_start", row_start, logits)
+        check_dtype(op, "row_start", row_start, torch.int32)
+        if row_start.dim() != 1 or not row_start.is_contiguous():
+            raise ValueError(f"{op}: row_start must be a contiguous 1-D tensor [R], got {shape_str(row_start)}")
+    R = sample_num_requests(logits, row_start)
+    check_per_request(op, "temperature", temperature, R, torch.float32, logits)
+    if top_k is not None:
+        check_per_request(op, "top_k", top_k, R, torch.int32, logits)
+    if top_p is not None:
+        check_per_request(op, "top_p", top_p, R, torch.float32, logits)
+    check_per_request(op, "seed", seed, R, torch.int64, logits)
+    check_per_request(op, "position", position, R, torch.int64, logits)
+    check_per_request(op, "slot", slot, R, torch.int32, logits)
+    if not (0 <= purpose <= 0xFFFF):
+        raise ValueError(f"{op}: purpose must be in [0, 65535], got {purpose}")
+    return R

@@ -1,0 +1,91 @@
+"""Turning the public API's scalar-or-tensor sampling parameters into the
+[R] or [1] tensors the ops take, without a host synchronisation."""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+
+from ._enums import MAX_SLOT
+
+TensorOrFloat = Union[torch.Tensor, float]
+TensorOrInt = Union[torch.Tensor, int]
+
+_INT64_MIN, _UINT64_END = -(1 << 63), 1 << 64
+
+
+def _as_per_request(op: str, name: str, value, R: int, dtype: torch.dtype,
+                    device: torch.device) -> torch.Tensor:
+    """A tensor [R] or [1] (broadcast) of `dtype` on `device`."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 1 or value.shape[0] not in (R, 1):
+            raise ValueError(f"{op}: {name} must be a scalar or have shape [{R}] or [1], "
+                             f"got {list(value.shape)}")
+        if value.device != device:
+            raise ValueError(f"{op}: {name} must be on {device} like logits, got {value.device}")
+        return value.to(dtype).contiguous()
+    # torch.full is a device-side fill: no host-to-device copy, graph-capturable.
+    return torch.full((1,), value, dtype=dtype, device=device)
+
+
+def temperature_tensor(op: str, value: TensorOrFloat, R: int, device) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        value = float(value)
+        if not (value >= 0.0) or value == float("inf"):
+            raise ValueError(f"{op}: temperature must be finite and >= 0 (0 = greedy), got {value}")
+    return _as_per_request(op, "temperature", value, R, torch.float32, device)
+
+
+def top_k_tensor(op: str, value: TensorOrInt, R: int, vocab: int, device) -> Optional[torch.Tensor]:
+    """None when top-k is off for every request (0 or >= V)."""
+    if not isinstance(value, torch.Tensor):
+        value = int(value)
+        if value < 0:
+            raise ValueError(f"{op}: top_k must be >= 0 (0 = off), got {value}")
+        if value == 0 or value >= vocab:
+            return None
+    return _as_per_request(op, "top_k", value, R, torch.int32, device)
+
+
+def top_p_tensor(op: str, value: TensorOrFloat, R: int, device) -> Optional[torch.Tensor]:
+    """None when top-p is off for every request (>= 1: skipped, never evaluated)."""
+    if not isinstance(value, torch.Tensor):
+        value = float(value)
+        if not (value > 0.0):
+            raise ValueError(f"{op}: top_p must be > 0 (>= 1 = off), got {value}")
+        if value >= 1.0:
+            return None
+    return _as_per_request(op, "top_p", value, R, torch.float32, device)
+
+
+def seed_tensor(op: str, value: TensorOrInt, R: int, device) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        value = int(value)
+        if not (_INT64_MIN <= value < _UINT64_END):
+            raise ValueError(f"{op}: seed must fit in 64 bits, got {value}")
+        if value >= 1 << 63:  # the same 64 bits, as int64
+            value -= _UINT64_END
+    return _as_per_request(op, "seed", value, R, torch.int64, device)
+
+
+def position_tensor(op: str, value: TensorOrInt, R: int, device) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        value = int(value)
+        if not (0 <= value < 1 << 63):
+            raise ValueError(f"{op}: position must be in [0, 2^63), got {value}")
+    return _as_per_request(op, "position", value, R, torch.int64, device)
+
+
+def slot_tensor(op: str, value: TensorOrInt, R: int, device) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        value = int(value)
+        if not (0 <= value <= MAX_SLOT):
+            raise ValueError(f"{op}: slot must be in [0, {MAX_SLOT}], got {value}")
+    return _as_per_request(op, "slot", value, R, torch.int32, device)
+
+
+def check_purpose(op: str, purpose: int) -> int:
+    purpose = int(purpose)
+    if not (0 <= purpose <= MAX_SLOT):
+        raise ValueError(f"{op}: purpose must be in [0, 65535], got {purpose}")
+    return purpose

@@ -1,0 +1,215 @@
+"""Typed, documented wrappers over torch.ops.dspark_ops.*, each beside its
+fake (meta) kernel so torch.compile and opcheck work."""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+
+from . import _C  # noqa: F401  (registers the ops)
+from . import _checks
+from ._enums import ABORT_MASK, Purpose, Status
+from ._params import (TensorOrFloat, TensorOrInt, check_purpose, position_tensor, seed_tensor,
+                      slot_tensor, temperature_tensor, top_k_tensor, top_p_tensor)
+
+_ops = torch.ops.dspark_ops
+
+
+def workspace_size(op_name: str, **sizes: int) -> int:
+    """Bytes of scratch an op's ``.out`` form needs on the GPU.
+
+    Parameters
+    ----------
+    op_name : str
+        The op, e.g. ``"sample"``.
+    **sizes : int
+        ``num_requests`` (R) and ``vocab_size`` (V).
+
+    Returns
+    -------
+    int
+        Bytes; pass ``torch.empty(n, dtype=torch.uint8, device=...)`` as
+        ``workspace=`` to run without any allocation (CUDA-graph capture).
+        The CPU ops need none and ignore it.
+
+    Example
+    -------
+    >>> import dspark_ops
+    >>> dspark_ops.workspace_size("sample", num_requests=8, vocab_size=32000) > 0
+    True
+    """
+    unknown = set(sizes) - {"num_requests", "vocab_size"}
+    if unknown:
+        raise ValueError(f"dspark_ops.workspace_size: unknown sizes {sorted(unknown)} for '{op_name}'")
+    return int(_ops.workspace_bytes(op_name, int(sizes.get("num_requests", 0)),
+                                    int(sizes.get("vocab_size", 1))))
+
+
+# --------------------------------------------------------------------- sample
+
+
+class SampleResult(NamedTuple):
+    """What :func:`sample` returns."""
+
+    tokens: torch.Tensor  # [R] int32: the sampled token, -1 when aborted
+    status: torch.Tensor  # [R] int32: Status bits
+
+
+def empty_sample_result(num_requests: int, *, device=None) -> SampleResult:
+    """Preallocated outputs for ``sample(..., out=...)``: tokens [R], status [R]."""
+    return SampleResult(torch.empty(num_requests, dtype=torch.int32, device=device),
+                        torch.empty(num_requests, dtype=torch.int32, device=device))
+
+
+def sample(
+    logits: torch.Tensor,
+    *,
+    temperature: TensorOrFloat = 1.0,
+    top_k: TensorOrInt = 0,
+    top_p: TensorOrFloat = 1.0,
+    seed: TensorOrInt = 0,
+    position: TensorOrInt = 0,
+    purpose: int = Purpose.DRAFT,
+    slot: TensorOrInt = 0,
+    row_start: Optional[torch.Tensor] = None,
+    validate: bool = False,
+    out: Optional[SampleResult] = None,
+    workspace: Optional[torch.Tensor] = None,
+) -> SampleResult:
+    """Sample one token per request from logits, reproducibly (DESIGN §2).
+
+    The token is ``argmax_i p_i / E_i`` over the processed distribution p
+    (logits / temperature, then top-k, then top-p, then softmax) with
+    ``E_i ~ Exp(1)`` drawn from Philox at counter ``(i >> 2, slot | purpose
+    << 16, position)`` under key ``seed``: an exact sample of p that depends
+    only on the request's own (seed, position, purpose, slot) — not on its
+    place in the batch, the backend or the thread layout.
+
+    Parameters
+    ----------
+    logits : Tensor [T, V], float32 / float16 / bfloat16
+        Rows of logits; the last dimension must be contiguous (a ``[:, :V]``
+        view of a padded LM head's output is fine). Request r reads row r,
+        or ``row_start[r]``.
+    temperature : float or Tensor [R] or [1], float32
+        0 = greedy (argmax, ties to the lowest index). Per request.
+    top_k : int or Tensor [R] or [1], int32
+        Keep tokens with fewer than k strictly larger logits; 0 or >= V = off.
+    top_p : float or Tensor [R] or [1], float32
+        Keep tokens whose strictly-more-probable mass (after top-k) is
+        < top_p; the argmax is always kept; >= 1 = off (skipped).
+    seed : int or Tensor [R] or [1], int64
+        Philox key. A scalar gives every request the same stream.
+    position : int or Tensor [R] or [1], int64
+        Absolute position of the token being sampled (prompt included).
+    purpose : int
+        ``Purpose.DRAFT`` (drafters, default) or ``Purpose.EMIT`` (plain
+        decoding, slot 0); any value in [0, 65535].
+    slot : int or Tensor [R] or [1], int32
+        Node index of the token (< 65536).
+    row_start : Tensor [R], int32, optional
+        Row of logits each request reads; default r. Out of range: that
+        request aborts with ``Status.BAD_LENGTHS``.
+    validate : bool
+        Check the values of tensor arguments on the host first (one
+        synchronisation) and raise ``ValueError`` naming a bad one.
+    out : SampleResult, optional
+        Preallocated outputs (``empty_sample_result``); uses the ``.out``
+        overload, the form for CUDA graphs and buffer reuse.
+    workspace : Tensor, optional
+        ``workspace_size("sample", num_requests=R, vocab_size=V)`` bytes on
+        the logits' device; without it the CUDA op allocates scratch through
+        torch's caching allocator.
+
+    Returns
+    -------
+    SampleResult
+        ``tokens [R] int32`` (-1 for an aborted request) and ``status [R]
+        int32`` (:class:`Status` bits: ``NONFINITE_LOGITS`` for a NaN/+inf
+        row, ``ALL_MASKED`` for a row of -inf, ``BAD_LENGTHS`` for a bad row
+        start or slot).
+
+    Example
+    -------
+    >>> import torch, dspark_ops
+    >>> logits = torch.randn(4, 1000)
+    >>> res = dspark_ops.sample(logits, temperature=0.8, top_p=0.9, seed=1234, position=17)
+    >>> res.tokens.shape, int(res.status.max())
+    (torch.Size([4]), 0)
+
+    Notes
+    -----
+    No host synchronisation (unless ``validate``); a captured CUDA graph
+    replays with fresh numbers when ``seed``/``position`` are device
+    tensors. Top-p masses are sums of ``exp(x - max)`` rounded to 2^-40
+    fixed point, exact in any order. CPU and CUDA results are identical
+    except where two candidates' scores (or a top-p mass and its bound) lie
+    within a relative 1e-5.
+
+    See Also
+    --------
+    dspark_ops.reference.sample : the pure-PyTorch specification.
+    """
+    op = _checks.SAMPLE_OP
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+        raise ValueError(f"{op}: logits must be a tensor [rows, V], got "
+                         f"{getattr(logits, 'shape', type(logits).__name__)}")
+    R = row_start.shape[0] if row_start is not None else logits.shape[0]
+    V, dev = logits.shape[1], logits.device
+    args = (
+        logits,
+        temperature_tensor(op, temperature, R, dev),
+        top_k_tensor(op, top_k, R, V, dev),
+        top_p_tensor(op, top_p, R, dev),
+        seed_tensor(op, seed, R, dev),
+        position_tensor(op, position, R, dev),
+        check_purpose(op, purpose),
+        slot_tensor(op, slot, R, dev),
+        row_start,
+    )
+    if validate:
+        _validate_sample(*args)
+    if out is None:
+        return SampleResult(*_ops.sample(*args))
+    _ops.sample.out(*args, tokens=out.tokens, status=out.status, workspace=workspace)
+    return out
+
+
+def _validate_sample(logits, temperature, top_k, top_p, seed, position, purpose, slot, row_start):
+    """Host-side value checks (one synchronisation)."""
+    op = _checks.SAMPLE_OP
+    _checks.check_sample_args(logits, temperature, top_k, top_p, seed, position, purpose, slot, row_start)
+
+    def bad(name, t, ok):
+        idx = (~ok).nonzero()
+        if idx.numel():
+            i = int(idx[0, 0])
+            raise ValueError(f"{op}: {name}[{i}] = {t[i].item()} is invalid")
+
+    bad("temperature", temperature, (temperature >= 0) & torch.isfinite(temperature))
+    if top_k is not None:
+        bad("top_k", top_k, top_k >= 0)
+    if top_p is not None:
+        bad("top_p", top_p, top_p > 0)
+    bad("position", position, position >= 0)
+    bad("slot", slot, (slot >= 0) & (slot <= 0xFFFF))
+    if row_start is not None:
+        bad("row_start", row_start, (row_start >= 0) & (row_start < logits.shape[0]))
+
+
+@torch.library.register_fake("dspark_ops::sample")
+def _sample_fake(logits, temperature, top_k, top_p, seed, position, purpose, slot, row_start):
+    R = _checks.check_sample_args(logits, temperature, top_k, top_p, seed, position, purpose, slot, row_start)
+    return (logits.new_empty((R,), dtype=torch.int32), logits.new_empty((R,), dtype=torch.int32))
+
+
+@torch.library.register_fake("dspark_ops::sample.out")
+def _sample_out_fake(logits, temperature, top_k, top_p, seed, position, purpose, slot, row_start, *,
+                     tokens, status, workspace=None):
+    R = _checks.check_sample_args(logits, temperature, top_k, top_p, seed, position, purpose, slot, row_start)
+    _checks.check_output(_checks.SAMPLE_OP, "tokens", tokens, R, torch.int32, logits)
+    _checks.check_output(_checks.SAMPLE_OP, "status", status, R, torch.int32, logits)
+
+
+__all__ = ["ABORT_MASK", "Purpose", "SampleResult", "Status", "empty_sample_result", "sample",
+           "workspace_size"]

@@ -1,0 +1,175 @@
+"""Pure-PyTorch implementation of every op: the executable specification.
+
+Slow and obviously correct: loops over requests, vectorised over the
+vocabulary, float64 wherever a sum decides something. The CPU and CUDA ops
+are tested against these functions.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from ._enums import MAX_SLOT, Purpose, Status
+
+_M32 = 0xFFFFFFFF
+_PHILOX_M0, _PHILOX_M1 = 0xD2511F53, 0xCD9E8D57
+_PHILOX_W0, _PHILOX_W1 = 0x9E3779B9, 0xBB67AE85
+MASS_SCALE = float(1 << 40)  # top-p masses are 2^-40 fixed point
+
+
+# ---------------------------------------------------------------- Philox RNG
+
+
+def _mulhilo(a: int, b: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(hi, lo) 32-bit halves of a * b, b an int64 tensor of uint32 values,
+    computed in int64 without overflow by splitting a into 16-bit halves."""
+    t_lo = b * (a & 0xFFFF)  # < 2^48
+    t_hi = b * (a >> 16)  # < 2^48
+    s = ((t_hi & 0xFFFF) << 16) + t_lo
+    return (t_hi >> 16) + (s >> 32), s & _M32
+
+
+def philox4x32_10(counter: Tuple[torch.Tensor, ...], key: Tuple[torch.Tensor, torch.Tensor]
+                  ) -> torch.Tensor:
+    """Philox4x32-10 on int64 tensors holding uint32 values.
+
+    counter: four broadcastable tensors; key: two. Returns [..., 4] int64.
+    """
+    c0, c1, c2, c3 = (torch.as_tensor(c, dtype=torch.int64) for c in counter)
+    k0, k1 = (torch.as_tensor(k, dtype=torch.int64) for k in key)
+    c0, c1, c2, c3, k0, k1 = torch.broadcast_tensors(c0, c1, c2, c3, k0, k1)
+    for _ in range(10):
+        hi0, lo0 = _mulhilo(_PHILOX_M0, c0)
+        hi1, lo1 = _mulhilo(_PHILOX_M1, c2)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0 = (k0 + _PHILOX_W0) & _M32
+        k1 = (k1 + _PHILOX_W1) & _M32
+    return torch.stack([c0, c1, c2, c3], dim=-1)
+
+
+def random_bits(seed: int, position: int, purpose: int, slot: int, vocab: int) -> torch.Tensor:
+    """The 32-bit draws for vocabulary indices 0..vocab-1 of one (seed,
+    position, purpose, slot): DESIGN §2's counter layout. [vocab] int64."""
+    seed &= (1 << 64) - 1
+    groups = torch.arange((vocab + 3) // 4, dtype=torch.int64)
+    out = philox4x32_10(
+        (groups, (slot | (purpose << 16)) & _M32, position & _M32, (position >> 32) & _M32),
+        (seed & _M32, seed >> 32),
+    )
+    return out.reshape(-1)[:vocab]
+
+
+def uniform_from_bits(bits: torch.Tensor) -> torch.Tensor:
+    """u = ((x >> 9) + 0.5) * 2^-23 in float32: in (0, 1), never 1.0."""
+    return ((bits >> 9).to(torch.float32) + 0.5) * (2.0 ** -23)
+
+
+def exponential_from_bits(bits: torch.Tensor) -> torch.Tensor:
+    """E = -log(u), float32."""
+    return -torch.log(uniform_from_bits(bits))
+
+
+# ------------------------------------------------------------ keep rules
+
+
+def topk_keep(x: torch.Tensor, top_k: int) -> torch.Tensor:
+    """[V] bool: fewer than top_k entries of x are strictly larger.
+    top_k <= 0 or >= V: everything."""
+    V = x.shape[0]
+    if top_k <= 0 or top_k >= V:
+        return torch.ones(V, dtype=torch.bool)
+    kth = torch.topk(x, top_k).values[top_k - 1]
+    return x >= kth
+
+
+def mass_fixed(x: torch.Tensor, row_max: float) -> torch.Tensor:
+    """exp(x - row_max) in float32, as a 2^-40 fixed-point int64."""
+    w = torch.exp(x - torch.tensor(row_max, dtype=torch.float32))
+    return torch.floor(w.to(torch.float64) * MASS_SCALE + 0.5).to(torch.int64)
+
+
+def topp_mass_above(x: torch.Tensor, keep: torch.Tensor) -> Tuple[torch.Tensor, int]:
+    """For every entry: the fixed-point mass of the kept entries with a
+    strictly larger x (S), and the kept total (Z)."""
+    row_max = float(x[keep].max())
+    mass = torch.where(keep, mass_fixed(x, row_max), torch.zeros_like(x, dtype=torch.int64))
+    order = torch.argsort(x, descending=True, stable=True)
+    xs, ms = x[order], mass[order]
+    excl = torch.cumsum(ms, 0) - ms
+    _, inverse, counts = torch.unique_consecutive(xs, return_inverse=True, return_counts=True)
+    group_start = torch.cumsum(counts, 0) - counts
+    above_sorted = excl[group_start[inverse]]
+    above = torch.empty_like(above_sorted)
+    above[order] = above_sorted
+    return above, int(mass.sum())
+
+
+def topp_keep(x: torch.Tensor, keep: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Refine `keep` (top-k) by top-p: keep iff S < top_p * Z or S == 0.
+    top_p >= 1: unchanged (the filter is skipped, never evaluated)."""
+    if not top_p < 1.0 or not bool(keep.any()) or not bool(torch.isfinite(x[keep]).any()):
+        return keep
+    above, total = topp_mass_above(x, keep)
+    bound = float(torch.tensor(top_p, dtype=torch.float32)) * float(total)
+    return keep & ((above == 0) | (above.to(torch.float64) < bound))
+
+
+# -------------------------------------------------------------------- sample
+
+
+def _per_request(value, R: int, dtype) -> torch.Tensor:
+    t = torch.as_tensor(value).to(dtype).reshape(-1).cpu()
+    return t.expand(R) if t.numel() == 1 else t
+
+
+def sample_row(l: torch.Tensor, *, temperature: float, top_k: int, top_p: float, seed: int,
+               position: int, purpose: int, slot: int) -> Tuple[int, int, torch.Tensor]:
+    """One request: (token, status, scores [V] float32 with -inf where not a
+    candidate). `l` is the row's logits as float32."""
+    V = l.shape[0]
+    status = 0
+    if bool(torch.isnan(l).any() | (l == float("inf")).any()):
+        return -1, int(Status.NONFINITE_LOGITS), torch.full((V,), float("-inf"))
+    if not temperature > 0:
+        scores = l.clone()
+    else:
+        x = l / torch.tensor(temperature, dtype=torch.float32)
+        if bool((x == float("inf")).any()):
+            return -1, int(Status.NONFINITE_LOGITS), torch.full((V,), float("-inf"))
+        keep = topp_keep(x, topk_keep(x, top_k), top_p) & (x > float("-inf"))
+        bits = random_bits(seed, position, purpose, slot, V)
+        scores = torch.where(keep, x - torch.log(exponential_from_bits(bits)),
+                             torch.tensor(float("-inf")))
+    if not bool((scores > float("-inf")).any()):
+        return -1, status | int(Status.ALL_MASKED), scores
+    return int(torch.argmax(scores)), status, scores  # argmax: first maximum
+
+
+def sample(logits: torch.Tensor, *, temperature=1.0, top_k=0, top_p=1.0, seed=0, position=0,
+           purpose: int = Purpose.DRAFT, slot=0, row_start: Optional[torch.Tensor] = None
+           ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Reference `sample`: (tokens [R] int32, status [R] int32). Arguments as
+    dspark_ops.sample (scalars or [R]/[1] tensors)."""
+    T, V = logits.shape
+    R = row_start.shape[0] if row_start is not None else T
+    temps = _per_request(temperature, R, torch.float32)
+    ks = _per_request(top_k, R, torch.int64)
+    ps = _per_request(top_p, R, torch.float32)
+    seeds = _per_request(seed, R, torch.int64)
+    positions = _per_request(position, R, torch.int64)
+    slots = _per_request(slot, R, torch.int64)
+    starts = row_start.cpu().to(torch.int64) if row_start is not None else torch.arange(R)
+    tokens = torch.full((R,), -1, dtype=torch.int32)
+    status = torch.zeros(R, dtype=torch.int32)
+    for r in range(R):
+        row, s = int(starts[r]), int(slots[r])
+        if not (0 <= row < T) or not (0 <= s <= MAX_SLOT):
+            status[r] = int(Status.BAD_LENGTHS)
+            continue
+        tok, st, _ = sample_row(
+            logits[row].detach().cpu().to(torch.float32), temperature=float(temps[r]), top_k=int(ks[r]),
+            top_p=float(ps[r]), seed=int(seeds[r]), position=int(positions[r]), purpose=int(purpose),
+            slot=s)
+        tokens[r], status[r] = tok, st
+    return tokens, status

@@ -1,0 +1,57 @@
+"""Shared test helpers: random logits, poisoned outputs, and the DESIGN §2
+margin rule for comparing sampled tokens across implementations."""
+from __future__ import annotations
+
+import torch
+
+from dspark_ops import reference as ref
+
+MARGIN = 1e-5  # DESIGN §2: decisions may differ only within a relative 1e-5
+
+
+def random_logits(rows: int, vocab: int, dtype=torch.float32, scale: float = 3.0, seed: int = 0,
+                  device="cpu") -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(rows, vocab, generator=g) * scale).to(dtype).to(device)
+
+
+def poisoned(R: int, device="cpu"):
+    """Outputs filled with garbage so an unwritten entry is caught."""
+    from dspark_ops import SampleResult
+    return SampleResult(torch.full((R,), 0x5A5A5A5A, dtype=torch.int32, device=device),
+                        torch.full((R,), 0x5A5A5A5A, dtype=torch.int32, device=device))
+
+
+def explain_mismatch(logits_row: torch.Tensor, got: int, want: int, **params) -> bool:
+    """True when `got` differs from the reference's `want` only within the
+    margin rule: the two candidates' race scores are within a relative 1e-5,
+    or `got` sits at a top-p boundary within a relative 1e-5."""
+    tok, _, scores = ref.sample_row(logits_row.float(), **params)
+    assert tok == want
+    if got < 0 or got >= scores.shape[0]:
+        return False
+    a, b = float(scores[want]), float(scores[got])
+    if b != float("-inf") and abs(a - b) <= MARGIN * max(1.0, abs(a)):
+        return True
+    # A top-p boundary: S(got) vs top_p * Z within the margin.
+    T, top_p, top_k = params["temperature"], params["top_p"], params["top_k"]
+    if T > 0 and top_p < 1:
+        x = logits_row.float() / torch.tensor(T, dtype=torch.float32)
+        keep = ref.topk_keep(x, top_k)
+        above, total = ref.topp_mass_above(x, keep)
+        return abs(float(above[got]) - top_p * total) <= MARGIN * total
+    return False
+
+
+def assert_same_tokens(logits, got_tokens, want_tokens, *, row_start=None, **per_request):
+    """Tokens equal, or different only as the margin rule allows."""
+    got, want = got_tokens.cpu().tolist(), want_tokens.cpu().tolist()
+    R = len(want)
+    for r in range(R):
+        if got[r] == want[r]:
+            continue
+        row = int(row_start[r]) if row_start is not None else r
+        params = {k: (float(v[r]) if isinstance(v, torch.Tensor) and v.dtype.is_floating_point else
+                      int(v[r]) if isinstance(v, torch.Tensor) else v) for k, v in per_request.items()}
+        assert explain_mismatch(logits[row].cpu(), got[r], want[r], **params), (
+            f"request {r}: token {got[r]} vs reference {want[r]} ({params})")

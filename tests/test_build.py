@@ -1,0 +1,32 @@
+"""The build: a silently CPU-only build cannot pass when nvcc was there."""
+import os
+
+import torch
+
+import dspark_ops
+from tools_path import find_cuda_home
+
+
+
+def registered_ops():
+    """Every dspark_ops op with a backend kernel (not the host-only helpers)."""
+    names = sorted(n for n in torch._C._dispatch_get_all_op_names() if n.startswith("dspark_ops::"))
+    return [n for n in names if torch._C._dispatch_has_kernel_for_dispatch_key(n, "CPU")]
+
+
+def test_version():
+    assert dspark_ops.__version__.count(".") == 2
+
+
+def test_ops_are_registered():
+    assert {"dspark_ops::sample", "dspark_ops::sample.out"} <= set(registered_ops())
+
+
+def test_every_op_has_cuda_kernel_when_nvcc_was_there():
+    cuda_build_possible = torch.version.cuda is not None and find_cuda_home() is not None
+    if os.environ.get("DSPARK_FORCE_CUDA") == "0" or not cuda_build_possible:
+        assert os.environ.get("DSPARK_FORCE_CUDA") != "1", "DSPARK_FORCE_CUDA=1 but no CUDA build possible"
+        return
+    assert dspark_ops.cuda_kernels_available()
+    missing = [op for op in registered_ops() if not torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA")]
+    assert not missing, f"ops without a CUDA kernel: {missing}"
