@@ -40,7 +40,7 @@ build: $(ENV_STAMP)
 ifeq ($(NO_VENV),1)
 	$(PY) setup.py build_ext --inplace
 else
-	$(PY) -m pip install --no-build-isolation --no-deps -e . 2>&1 | grep -E "dspark_ops:|error|Error|Successfully" ; \
+	$(PY) -m pip install -v --no-build-isolation --no-deps -e . 2>&1 | grep -E "dspark_ops: building|error:|Error|Successfully installed" ; \
 	  test $${PIPESTATUS[0]} -eq 0
 endif
 

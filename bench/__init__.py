@@ -1,0 +1,1 @@
+"""dspark_ops microbenchmarks: `python -m bench --op sample` (see README)."""

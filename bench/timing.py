@@ -1,0 +1,58 @@
+"""Timing helpers: CUDA events (or perf_counter on the CPU) after warm-up,
+medians and spread; rotating input buffers larger than L2 so every call
+reads from DRAM; the measured device-to-device copy bandwidth."""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable, List
+
+import torch
+
+
+def median_and_spread(samples_us: List[float]) -> dict:
+    q = statistics.quantiles(samples_us, n=4) if len(samples_us) >= 4 else [min(samples_us), 0, max(samples_us)]
+    return {"median_us": statistics.median(samples_us), "p25_us": q[0], "p75_us": q[2],
+            "min_us": min(samples_us), "n": len(samples_us)}
+
+
+def time_fn(fn: Callable[[int], object], device: str, iters: int, warmup: int = 3) -> dict:
+    """Time fn(i) for i in range(iters) (i picks the rotating buffer)."""
+    for i in range(warmup):
+        fn(i)
+    samples = []
+    if device == "cuda":
+        torch.cuda.synchronize()
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+        for i in range(iters):
+            starts[i].record()
+            fn(i)
+            ends[i].record()
+        torch.cuda.synchronize()
+        samples = [s.elapsed_time(e) * 1e3 for s, e in zip(starts, ends)]
+    else:
+        for i in range(iters):
+            t0 = time.perf_counter()
+            fn(i)
+            samples.append((time.perf_counter() - t0) * 1e6)
+    return median_and_spread(samples)
+
+
+def copy_bandwidth_gbs(device: str, nbytes: int = 1 << 30) -> float:
+    """Measured device-to-device copy bandwidth: (read + write) bytes / time."""
+    if device != "cuda":
+        nbytes = 1 << 27
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    stats = time_fn(lambda i: dst.copy_(src), device, iters=10 if device == "cuda" else 5)
+    return 2 * nbytes / (stats["median_us"] * 1e-6) / 1e9
+
+
+def rotation_count(bytes_per_input: int, device: str) -> int:
+    """Copies of the inputs to cycle through so the working set exceeds L2
+    (4x the largest L2 in use, 50 MB on an H100)."""
+    if device != "cuda" or bytes_per_input == 0:
+        return 1
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size
+    return max(1, min(64, -(-4 * l2 // bytes_per_input)))
