@@ -6,3 +6,10 @@
 #else
 #define DSPARK_HD inline
 #endif
+
+// Full unrolling of short fixed loops in device code (a no-op on the host).
+#if defined(__CUDA_ARCH__)
+#define DSPARK_UNROLL _Pragma("unroll")
+#else
+#define DSPARK_UNROLL
+#endif

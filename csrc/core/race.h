@@ -42,26 +42,70 @@ struct RaceRow {
   uint32_t keep_key;  // top-k/top-p threshold key; 0 keeps everything
 };
 
-// Offer vocabulary entry i (logit l, random bits) to the race. Sets
-// kNonfiniteLogits for NaN or +inf logits (and for l / T overflowing to +inf).
-DSPARK_HD void race_offer(RaceBest& best, int32_t& flags, const RaceRow& row, float l,
-                          int32_t index, uint32_t bits) {
+// -log(E) < 16.7 for every E that uniform_from_bits can produce (u <= 1 -
+// 2^-24), so a candidate with fl(x + kRaceGumbelBound) < best.score scores
+// strictly below best (rounding is monotone) and needs no random draw. This
+// skips most of the Philox and log work on real LLM rows (most logits sit
+// far below the maximum) without changing any result.
+constexpr float kRaceGumbelBound = 17.0f;
+
+// The race value of logit l: l itself (greedy) or x = l / T, or -inf when
+// the entry is not a candidate (masked, top-k/top-p). Flags kNonfiniteLogits
+// for NaN or +inf logits and for l / T overflowing to +inf.
+DSPARK_HD float race_value(int32_t& flags, const RaceRow& row, float l) {
   if (l != l || l == INFINITY) {
     flags |= kNonfiniteLogits;
-    return;
+    return -INFINITY;
   }
-  if (row.greedy) {
-    if (l > -INFINITY && race_better(l, index, best)) best = RaceBest{l, index};
-    return;
-  }
+  if (row.greedy) return l;
   const float x = l / row.temperature;
   if (x == INFINITY) {
     flags |= kNonfiniteLogits;
+    return -INFINITY;
+  }
+  return float_key(x) < row.keep_key ? -INFINITY : x;
+}
+
+DSPARK_HD bool race_may_win(float x, const RaceBest& best) {
+  return x > -INFINITY && (best.index < 0 || x + kRaceGumbelBound >= best.score);
+}
+
+// The random stream of one request's draw (DESIGN §2 counter layout).
+struct RaceStream {
+  int64_t seed;
+  int64_t position;
+  uint32_t purpose;
+  uint32_t slot;
+};
+
+// Offer the `count` (<= 4) entries of vocabulary group g (indices 4g..) with
+// logits l[] to the race. One Philox call serves the group, and only when
+// one of its entries may still win.
+DSPARK_HD void race_offer_group(RaceBest& best, int32_t& flags, const RaceRow& row, const RaceStream& stream,
+                                int64_t g, const float (&l)[4], int count) {
+  float x[4];
+  bool any = false;
+  DSPARK_UNROLL
+  for (int j = 0; j < 4; ++j) {
+    x[j] = j < count ? race_value(flags, row, l[j]) : -INFINITY;
+    any |= race_may_win(x[j], best);
+  }
+  if (!any) return;
+  const int32_t base = static_cast<int32_t>(4 * g);
+  if (row.greedy) {
+    DSPARK_UNROLL
+  for (int j = 0; j < 4; ++j)
+      if (x[j] > -INFINITY && race_better(x[j], base + j, best)) best = RaceBest{x[j], base + j};
     return;
   }
-  if (x == -INFINITY || float_key(x) < row.keep_key) return;
-  const float s = race_score(x, bits);
-  if (race_better(s, index, best)) best = RaceBest{s, index};
+  const PhiloxBlock bits =
+      philox_draw(stream.seed, stream.position, stream.purpose, stream.slot, static_cast<uint32_t>(g));
+  DSPARK_UNROLL
+  for (int j = 0; j < 4; ++j) {
+    if (!race_may_win(x[j], best)) continue;
+    const float s = race_score(x[j], bits.x[j]);
+    if (race_better(s, base + j, best)) best = RaceBest{s, base + j};
+  }
 }
 
 // The final token and status of a row from its merged race and flags.

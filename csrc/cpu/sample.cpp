@@ -77,13 +77,12 @@ SamplePartial race_chunk(const SampleArgs<T>& a, int64_t r, uint32_t keep_key, i
   if (row < 0) return SamplePartial{best.score, best.index, kBadLengths, 0};
   const RaceRow rr{sample_greedy(a, r), a.temperature[r], keep_key};
   const T* logits = a.logits + row * a.row_stride;
-  const int64_t seed = a.seed[r], position = a.position[r];
-  const uint32_t slot = static_cast<uint32_t>(a.slot[r]);
-  for (int64_t g = begin; g < end; g += 4) {
-    PhiloxBlock bits{{0u, 0u, 0u, 0u}};
-    if (!rr.greedy) bits = philox_draw(seed, position, a.purpose, slot, static_cast<uint32_t>(g >> 2));
-    for (int j = 0; j < 4 && g + j < end; ++j)
-      race_offer(best, flags, rr, static_cast<float>(logits[g + j]), static_cast<int32_t>(g + j), bits.x[j]);
+  const RaceStream stream{a.seed[r], a.position[r], a.purpose, static_cast<uint32_t>(a.slot[r])};
+  for (int64_t i = begin; i < end; i += 4) {
+    float l[4];
+    const int count = static_cast<int>(std::min<int64_t>(4, end - i));
+    for (int j = 0; j < 4; ++j) l[j] = j < count ? static_cast<float>(logits[i + j]) : 0.0f;
+    race_offer_group(best, flags, rr, stream, i >> 2, l, count);
   }
   return SamplePartial{best.score, best.index, flags, 0};
 }

@@ -3,10 +3,53 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <cstdint>
+
 namespace dspark {
 
 __device__ __forceinline__ float to_float(float v) { return v; }
 __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
 __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+}  // namespace dspark
+
+namespace dspark {
+
+// Decoding the raw 16 bits of a 2-byte logit (keeps vector loads in plain
+// integer registers; the __half / __nv_bfloat16 classes made ptxas spill).
+__device__ __forceinline__ float bits_to_float(uint16_t b, const __half*) {
+  return __half2float(__ushort_as_half(b));
+}
+__device__ __forceinline__ float bits_to_float(uint16_t b, const __nv_bfloat16*) {
+  return __uint_as_float(static_cast<uint32_t>(b) << 16);
+}
+
+// Four consecutive logits as floats: one 8- or 16-byte load when `p` is
+// aligned to 4 elements and all four exist, element loads otherwise.
+__device__ __forceinline__ void load4(const float* p, int count, bool aligned, float (&l)[4]) {
+  if (aligned && count == 4) {
+    const float4 v = *reinterpret_cast<const float4*>(p);
+    l[0] = v.x, l[1] = v.y, l[2] = v.z, l[3] = v.w;
+  } else {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) l[j] = j < count ? p[j] : 0.0f;
+  }
+}
+
+template <typename T>  // __half or __nv_bfloat16
+__device__ __forceinline__ void load4(const T* p, int count, bool aligned, float (&l)[4]) {
+  static_assert(sizeof(T) == 2, "2-byte logits");
+  const uint16_t* q = reinterpret_cast<const uint16_t*>(p);
+  if (aligned && count == 4) {
+    const uint2 v = *reinterpret_cast<const uint2*>(q);
+    l[0] = bits_to_float(static_cast<uint16_t>(v.x & 0xFFFFu), p);
+    l[1] = bits_to_float(static_cast<uint16_t>(v.x >> 16), p);
+    l[2] = bits_to_float(static_cast<uint16_t>(v.y & 0xFFFFu), p);
+    l[3] = bits_to_float(static_cast<uint16_t>(v.y >> 16), p);
+  } else {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) l[j] = j < count ? bits_to_float(q[j], p) : 0.0f;
+  }
+}
 
 }  // namespace dspark

@@ -61,7 +61,7 @@ __global__ void __launch_bounds__(kSampleThresholdBlock)
 
 // partials [R, chunks]: each block's best candidate and flags.
 template <typename T>
-__global__ void __launch_bounds__(kSampleRaceBlock)
+__global__ void __launch_bounds__(kSampleRaceBlock, 1)
     sample_race_kernel(SampleArgs<T> a, const uint32_t* __restrict__ keep_keys,
                        SamplePartial* __restrict__ partials, int64_t num_chunks,
                        int64_t chunk_len) {
@@ -77,16 +77,14 @@ __global__ void __launch_bounds__(kSampleRaceBlock)
     const T* __restrict__ logits = a.logits + row * a.row_stride;
     const int64_t begin = chunk * chunk_len;
     const int64_t end = begin + chunk_len < a.vocab ? begin + chunk_len : a.vocab;
-    const int64_t seed = a.seed[r], position = a.position[r];
-    const uint32_t slot = static_cast<uint32_t>(a.slot[r]);
-    for (int64_t g = begin + 4 * threadIdx.x; g < end; g += 4 * kSampleRaceBlock) {
-      PhiloxBlock bits{{0u, 0u, 0u, 0u}};
-      if (!rr.greedy) bits = philox_draw(seed, position, a.purpose, slot, static_cast<uint32_t>(g >> 2));
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        if (g + j < end)
-          race_offer(best, flags, rr, to_float(logits[g + j]), static_cast<int32_t>(g + j), bits.x[j]);
-      }
+    const RaceStream stream{a.seed[r], a.position[r], a.purpose, static_cast<uint32_t>(a.slot[r])};
+    // begin is a multiple of 4, so every group is aligned when the row is.
+    const bool aligned = reinterpret_cast<uintptr_t>(logits) % (4 * sizeof(T)) == 0;
+    for (int64_t i = begin + 4 * threadIdx.x; i < end; i += 4 * kSampleRaceBlock) {
+      float l[4];
+      const int count = end - i < 4 ? static_cast<int>(end - i) : 4;
+      load4(logits + i, count, aligned, l);
+      race_offer_group(best, flags, rr, stream, i >> 2, l, count);
     }
   }
   block_race_merge<kSampleRaceBlock>(best, flags);

@@ -84,6 +84,9 @@ static void race_ties() {
   CHECK(race_better(1.0f, 4, b) && !race_better(1.0f, 6, b) && race_better(2.0f, 9, b));
   CHECK(race_merge(RaceBest{1.0f, 7}, RaceBest{1.0f, 3}).index == 3);
   int32_t token = 0, status = 0;
+  // The skip bound holds for the extreme draws.
+  CHECK(race_score(0.0f, 0xffffffffu) < kRaceGumbelBound && race_score(0.0f, 0u) < kRaceGumbelBound);
+  CHECK(race_score(0.0f, 0xffffffffu) > 16.0f);
   race_finish(race_empty(), 0, token, status);
   CHECK(token == -1 && status == kAllMasked);
   race_finish(RaceBest{1.0f, 3}, kNonfiniteLogits, token, status);
