@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Every check a GPU session owes, in one call on the device machine (torch
+# 2.11+cu130, Python 3.12, no registry), writing logs and JSON under $OUT:
+#   1. build for sm_90 only and run the whole suite with DSPARK_REQUIRE_CUDA=1
+#      (make test NO_VENV=1: cuda-check, CPU and GPU tests; no GPU test may skip)
+#   2. compute-sanitizer memcheck over the GPU tests (the small shapes)
+#   3. the benchmarks, side by side with PyTorch and FlashInfer when carried
+# Usage (device tool):  bash tools/gpu_check.sh   [carry .whl for FlashInfer]
+# Then commit $OUT/bench_*.json under bench/results/ with the device and date.
+set -uo pipefail
+OUT="${OUT:-/tmp/dspark_gpu_out}"
+mkdir -p "$OUT"
+export TORCH_CUDA_ARCH_LIST="9.0" DSPARK_CHECK_ARCHS="90" DSPARK_FORCE_CUDA=1 DSPARK_REQUIRE_CUDA=1
+export PYTHONUNBUFFERED=1 MAX_JOBS="${MAX_JOBS:-16}"
+if ls .whl/*.whl >/dev/null 2>&1; then  # optional peers (flashinfer-python), see README
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
+fi
+nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,clocks.max.mem --format=csv > "$OUT/nvidia_smi.csv" 2>&1
+
+start=$(date +%s)
+make test NO_VENV=1 PYTHON=python3 PYTEST_ARGS="-rs -p no:cacheprovider --junitxml=$OUT/junit.xml" 2>&1 | tee "$OUT/test.log"
+test_rc=${PIPESTATUS[0]}
+echo "gpu_check: make test rc=$test_rc in $(( $(date +%s) - start )) s"
+
+start=$(date +%s)
+PYTHONPATH="$PWD:${PYTHONPATH:-}" timeout 240 compute-sanitizer --tool memcheck --error-exitcode 99 \
+  python3 -m pytest -q -p no:cacheprovider tests/test_sample_cuda.py -k "not 151936 and not large_batch" \
+  2>&1 | tail -n 60 > "$OUT/sanitizer.log"
+san_rc=${PIPESTATUS[0]}
+echo "gpu_check: compute-sanitizer rc=$san_rc in $(( $(date +%s) - start )) s"
+
+start=$(date +%s)
+PYTHONPATH="$PWD:${PYTHONPATH:-}" timeout 240 python3 -m bench --op sample --out "$OUT/bench_sample.json" 2>&1 | tee "$OUT/bench.log"
+bench_rc=${PIPESTATUS[0]}
+echo "gpu_check: bench rc=$bench_rc in $(( $(date +%s) - start )) s"
+echo "gpu_check: test=$test_rc sanitizer=$san_rc bench=$bench_rc" | tee "$OUT/summary.txt"
+[ "$test_rc" = 0 ] && [ "$san_rc" = 0 ] && [ "$bench_rc" = 0 ]
