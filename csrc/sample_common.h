@@ -2,6 +2,9 @@
 // argument checks and the translation of tensors into SampleArgs.
 #pragma once
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+
+#include <tuple>
 
 #include "checks.h"
 #include "core/sample_args.h"
@@ -74,6 +77,27 @@ SampleArgs<Storage> make_sample_args(const at::Tensor& logits, const at::Tensor&
   a.tokens = tokens.data_ptr<int32_t>();
   a.status = status.data_ptr<int32_t>();
   return a;
+}
+
+// The functional form of `sample` over a backend's `.out` kernel.
+using SampleOutFn = void (*)(const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
+                             const c10::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&, int64_t,
+                             const at::Tensor&, const c10::optional<at::Tensor>&, at::Tensor&, at::Tensor&,
+                             const c10::optional<at::Tensor>&);
+
+template <SampleOutFn kOut>
+std::tuple<at::Tensor, at::Tensor> sample_functional(const at::Tensor& logits, const at::Tensor& temperature,
+                                                     const c10::optional<at::Tensor>& top_k,
+                                                     const c10::optional<at::Tensor>& top_p,
+                                                     const at::Tensor& seed, const at::Tensor& position,
+                                                     int64_t purpose, const at::Tensor& slot,
+                                                     const c10::optional<at::Tensor>& row_start) {
+  check_logits(kSampleOp, "logits", logits);
+  const int64_t R = sample_num_requests(logits, row_start);
+  at::Tensor tokens = at::empty({R}, logits.options().dtype(at::kInt));
+  at::Tensor status = at::empty({R}, logits.options().dtype(at::kInt));
+  kOut(logits, temperature, top_k, top_p, seed, position, purpose, slot, row_start, tokens, status, c10::nullopt);
+  return {tokens, status};
 }
 
 }  // namespace dspark

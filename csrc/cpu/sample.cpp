@@ -141,24 +141,10 @@ void sample_out_cpu(const at::Tensor& logits, const at::Tensor& temperature,
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> sample_cpu(const at::Tensor& logits, const at::Tensor& temperature,
-                                              const c10::optional<at::Tensor>& top_k,
-                                              const c10::optional<at::Tensor>& top_p, const at::Tensor& seed,
-                                              const at::Tensor& position, int64_t purpose, const at::Tensor& slot,
-                                              const c10::optional<at::Tensor>& row_start) {
-  check_logits(kSampleOp, "logits", logits);
-  const int64_t R = sample_num_requests(logits, row_start);
-  at::Tensor tokens = at::empty({R}, logits.options().dtype(at::kInt));
-  at::Tensor status = at::empty({R}, logits.options().dtype(at::kInt));
-  sample_out_cpu(logits, temperature, top_k, top_p, seed, position, purpose, slot, row_start, tokens, status,
-                 c10::nullopt);
-  return {tokens, status};
-}
-
 }  // namespace
 }  // namespace dspark
 
 TORCH_LIBRARY_IMPL(dspark_ops, CPU, m) {
-  m.impl("sample", &dspark::sample_cpu);
+  m.impl("sample", &dspark::sample_functional<&dspark::sample_out_cpu>);
   m.impl("sample.out", &dspark::sample_out_cpu);
 }

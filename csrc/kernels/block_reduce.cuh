@@ -33,6 +33,18 @@ __device__ __forceinline__ float warp_max(float v) {
   return v;
 }
 
+// Inclusive prefix sum over the lanes of a full warp (lane 0 first).
+template <typename T>
+__device__ __forceinline__ T warp_inclusive_sum(T v) {
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int off = 1; off < 32; off <<= 1) {
+    const T t = __shfl_up_sync(kFullMask, v, off);
+    if (lane >= off) v += t;
+  }
+  return v;
+}
+
 // Whole-block merge of a race and its flags; the result is valid in thread 0.
 template <int kBlock>
 __device__ __forceinline__ void block_race_merge(RaceBest& best, int32_t& flags) {

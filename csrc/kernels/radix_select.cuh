@@ -7,6 +7,7 @@
 #include <cstdint>
 
 #include "../core/filters.h"
+#include "block_reduce.cuh"
 
 namespace dspark {
 
@@ -65,12 +66,7 @@ __device__ uint32_t block_topk_key(XFn x_of, int64_t n, uint32_t k) {
         c[j] = counts[kRadixBins - 1 - (lane * 8 + j)];
         lane_sum += c[j];
       }
-      uint32_t incl = lane_sum;
-#pragma unroll
-      for (int off = 1; off < 32; off <<= 1) {
-        const uint32_t t = __shfl_up_sync(0xFFFFFFFFu, incl, off);
-        if (lane >= off) incl += t;
-      }
+      const uint32_t incl = warp_inclusive_sum(lane_sum);
       uint32_t cum = incl - lane_sum;  // count in higher bins
 #pragma unroll
       for (int j = 0; j < 8; ++j) {
@@ -127,12 +123,7 @@ __device__ uint32_t block_topp_key(XFn x_of, int64_t n, uint32_t min_key, float 
         m[j] = masses[b];
         lane_sum += m[j];
       }
-      uint64_t incl = lane_sum;
-#pragma unroll
-      for (int off = 1; off < 32; off <<= 1) {
-        const uint64_t t = __shfl_up_sync(0xFFFFFFFFu, incl, off);
-        if (lane >= off) incl += t;
-      }
+      const uint64_t incl = warp_inclusive_sum(lane_sum);
       // Z (all kept mass) is this first pass's total; later passes reuse it.
       const uint64_t pass_total = __shfl_sync(0xFFFFFFFFu, incl, 31);
       const uint64_t z = shift == 24 ? pass_total : total;
