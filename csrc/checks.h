@@ -69,6 +69,9 @@ inline void check_workspace(const char* op, const at::Tensor& ws, int64_t need,
   TORCH_CHECK_VALUE(ws.is_contiguous(), op, ": workspace must be contiguous");
   TORCH_CHECK_VALUE(ws.nbytes() >= static_cast<size_t>(need), op, ": workspace must hold at least ",
                     need, " bytes (dspark_ops.workspace_size), got ", ws.nbytes());
+  // Misaligned scratch would be a sticky CUDA error, not an exception.
+  TORCH_CHECK_VALUE(reinterpret_cast<uintptr_t>(ws.data_ptr()) % 16 == 0, op,
+                    ": workspace must be 16-byte aligned, got address ", ws.data_ptr());
 }
 
 }  // namespace dspark

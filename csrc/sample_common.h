@@ -40,8 +40,8 @@ inline void check_sample_args(const at::Tensor& logits, const at::Tensor& temper
   check_per_request(op, "seed", seed, R, at::kLong, logits);
   check_per_request(op, "position", position, R, at::kLong, logits);
   check_per_request(op, "slot", slot, R, at::kInt, logits);
-  TORCH_CHECK_VALUE(purpose >= 0 && purpose <= 0xFFFF, op, ": purpose must be in [0, 65535], got ",
-                    purpose);
+  TORCH_CHECK_VALUE(purpose >= kPurposeCoin && purpose <= kPurposeDraft, op,
+                    ": purpose must be 1 (COIN), 2 (EMIT) or 3 (DRAFT), got ", purpose);
 }
 
 template <typename T>
@@ -92,7 +92,7 @@ std::tuple<at::Tensor, at::Tensor> sample_functional(const at::Tensor& logits, c
                                                      const at::Tensor& seed, const at::Tensor& position,
                                                      int64_t purpose, const at::Tensor& slot,
                                                      const c10::optional<at::Tensor>& row_start) {
-  check_logits(kSampleOp, "logits", logits);
+  check_sample_args(logits, temperature, top_k, top_p, seed, position, purpose, slot, row_start);
   const int64_t R = sample_num_requests(logits, row_start);
   at::Tensor tokens = at::empty({R}, logits.options().dtype(at::kInt));
   at::Tensor status = at::empty({R}, logits.options().dtype(at::kInt));

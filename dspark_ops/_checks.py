@@ -74,6 +74,8 @@ def check_workspace(op: str, ws: torch.Tensor, need: int, ref: torch.Tensor) -> 
     if nbytes < need:
         raise ValueError(f"{op}: workspace must hold at least {need} bytes "
                          f"(dspark_ops.workspace_size), got {nbytes}")
+    if ws.device.type != "meta" and ws.data_ptr() % 16 != 0:
+        raise ValueError(f"{op}: workspace must be 16-byte aligned, got address {hex(ws.data_ptr())}")
 
 
 SAMPLE_OP = "dspark_ops.sample"
@@ -104,6 +106,6 @@ def check_sample_args(logits, temperature, top_k, top_p, seed, position, purpose
     check_per_request(op, "seed", seed, R, torch.int64, logits)
     check_per_request(op, "position", position, R, torch.int64, logits)
     check_per_request(op, "slot", slot, R, torch.int32, logits)
-    if not (0 <= purpose <= 0xFFFF):
-        raise ValueError(f"{op}: purpose must be in [0, 65535], got {purpose}")
+    if purpose not in (1, 2, 3):
+        raise ValueError(f"{op}: purpose must be 1 (COIN), 2 (EMIT) or 3 (DRAFT), got {purpose}")
     return R

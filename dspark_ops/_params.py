@@ -86,6 +86,6 @@ def slot_tensor(op: str, value: TensorOrInt, R: int, device) -> torch.Tensor:
 
 def check_purpose(op: str, purpose: int) -> int:
     purpose = int(purpose)
-    if not (0 <= purpose <= MAX_SLOT):
-        raise ValueError(f"{op}: purpose must be in [0, 65535], got {purpose}")
+    if purpose not in (1, 2, 3):
+        raise ValueError(f"{op}: purpose must be 1 (COIN), 2 (EMIT) or 3 (DRAFT), got {purpose}")
     return purpose

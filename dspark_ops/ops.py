@@ -104,7 +104,7 @@ def sample(
         Absolute position of the token being sampled (prompt included).
     purpose : int
         ``Purpose.DRAFT`` (drafters, default) or ``Purpose.EMIT`` (plain
-        decoding, slot 0); any value in [0, 65535].
+        decoding, slot 0) or ``Purpose.COIN``.
     slot : int or Tensor [R] or [1], int32
         Node index of the token (< 65536).
     row_start : Tensor [R], int32, optional

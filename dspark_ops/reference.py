@@ -10,7 +10,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ._enums import MAX_SLOT, Purpose, Status
+from ._enums import ABORT_MASK as ABORT, MAX_SLOT, Purpose, Status
 
 _M32 = 0xFFFFFFFF
 _PHILOX_M0, _PHILOX_M1 = 0xD2511F53, 0xCD9E8D57
@@ -135,7 +135,7 @@ def sample_row(l: torch.Tensor, *, temperature: float, top_k: int, top_p: float,
         scores = l.clone()
     else:
         x = l / torch.tensor(temperature, dtype=torch.float32)
-        if bool((x == float("inf")).any()):
+        if bool((x == float("inf")).any() | torch.isnan(x).any()):
             return -1, int(Status.NONFINITE_LOGITS), torch.full((V,), float("-inf"))
         keep = topp_keep(x, topk_keep(x, top_k), top_p) & (x > float("-inf"))
         bits = random_bits(seed, position, purpose, slot, V)
@@ -173,3 +173,159 @@ def sample(logits: torch.Tensor, *, temperature=1.0, top_k=0, top_p=1.0, seed=0,
             slot=s)
         tokens[r], status[r] = tok, st
     return tokens, status
+
+
+# -------------------------------------------------------------- verify_chunk
+
+_NEG_INF = float("-inf")
+
+
+def _nonfinite(row: torch.Tensor) -> bool:
+    return bool(torch.isnan(row).any() | (row == float("inf")).any())
+
+
+def target_distribution(l: torch.Tensor, temperature: float, top_k: int, top_p: float
+                        ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(x [V] float32 = l / T, p [V] float64): the processed distribution of
+    a stochastic row (DESIGN §2 order); p is 0 outside the keep set."""
+    x = l / torch.tensor(temperature, dtype=torch.float32)
+    keep = topp_keep(x, topk_keep(x, top_k), top_p) & (x > _NEG_INF)
+    xd = x.to(torch.float64)
+    w = torch.where(keep, torch.exp(xd - xd[keep].max()), torch.zeros((), dtype=torch.float64))
+    return x, w / w.sum()
+
+
+def race(dist: torch.Tensor, bits: torch.Tensor) -> Tuple[int, float]:
+    """Exponential race over a float64 distribution: (token, relative gap
+    between the best and second-best score — the margin of this decision)."""
+    scores = torch.where(dist > 0, torch.log(dist) - torch.log(exponential_from_bits(bits).double()),
+                         torch.tensor(_NEG_INF, dtype=torch.float64))
+    top = torch.topk(scores, min(2, scores.shape[0]))
+    gap = float("inf")
+    if top.values.shape[0] == 2 and top.values[1] > _NEG_INF:
+        gap = float(top.values[0] - top.values[1]) / max(1.0, abs(float(top.values[0])))
+    return int(torch.argmax(scores)), gap
+
+
+def verify_chunk(target_logits: torch.Tensor, draft_tokens: torch.Tensor, cu_num_draft: torch.Tensor, *,
+                 max_draft: Optional[int] = None, draft_probs: Optional[torch.Tensor] = None,
+                 draft_logits: Optional[torch.Tensor] = None, draft_temperature=1.0, temperature=1.0,
+                 top_k=0, top_p=1.0, seed=0, position=0, draft_row_start: Optional[torch.Tensor] = None,
+                 target_row_start: Optional[torch.Tensor] = None, margins: Optional[list] = None):
+    """Reference chain verification (DESIGN §3 verify_chunk).
+
+    Returns (tokens [R, max_draft+1] int32, accepted [R], emitted [R],
+    status [R]). If `margins` is a list, it receives per request the
+    smallest relative margin of any decision taken (a coin's |u q - p| / p,
+    a race's score gap, a top-p boundary): where an implementation differs
+    from this one, that margin must be below 1e-5 (DESIGN §2)."""
+    T, V = target_logits.shape
+    cu = cu_num_draft.cpu().to(torch.int64)
+    R = cu.shape[0] - 1
+    if max_draft is None:
+        max_draft = int((cu[1:] - cu[:-1]).max()) if R > 0 else 0
+    temps = _per_request(temperature, R, torch.float32)
+    ks = _per_request(top_k, R, torch.int64)
+    ps = _per_request(top_p, R, torch.float32)
+    seeds = _per_request(seed, R, torch.int64)
+    positions = _per_request(position, R, torch.int64)
+    dtemps = _per_request(draft_temperature, R, torch.float32)
+    toks = draft_tokens.cpu().to(torch.int64)
+    n_draft_rows = (draft_probs if draft_probs is not None else draft_logits)
+    n_draft_rows = n_draft_rows.shape[0] if n_draft_rows is not None else toks.shape[0]
+    tokens = torch.full((R, max_draft + 1), -1, dtype=torch.int32)
+    accepted = torch.zeros(R, dtype=torch.int32)
+    emitted = torch.zeros(R, dtype=torch.int32)
+    status = torch.zeros(R, dtype=torch.int32)
+    for r in range(R):
+        n = int(cu[r + 1] - cu[r])
+        d0 = int(draft_row_start[r]) if draft_row_start is not None else int(cu[r])
+        t0 = int(target_row_start[r]) if target_row_start is not None else int(cu[r]) + r
+        margin = float("inf")
+        if (n < 0 or n > max_draft or n > MAX_SLOT - 1 or d0 < 0 or d0 + n > toks.shape[0]
+                or d0 + n > n_draft_rows or t0 < 0 or t0 + n + 1 > T):
+            status[r] = int(Status.BAD_LENGTHS)
+            if margins is not None:
+                margins.append(margin)
+            continue
+        T_r, greedy = float(temps[r]), not float(temps[r]) > 0
+        point_mass = (draft_probs is None and draft_logits is None) or not float(dtemps[r]) > 0
+        s, pos, flags, out, emit = int(seeds[r]), int(positions[r]), 0, [], None
+        for j in range(n + 1):
+            l = target_logits[t0 + j].detach().cpu().float()
+            if _nonfinite(l) or (not greedy and _nonfinite(l / torch.tensor(T_r, dtype=torch.float32))):
+                flags |= int(Status.NONFINITE_LOGITS)
+                break
+            if greedy:
+                if not bool((l > _NEG_INF).any()):
+                    flags |= int(Status.ALL_MASKED)
+                    break
+                am = int(torch.argmax(l))
+                if j < n and int(toks[d0 + j]) == am:
+                    out.append(am)
+                    continue
+                if j < n and not 0 <= int(toks[d0 + j]) < V:
+                    flags |= int(Status.TOKEN_OUT_OF_RANGE)
+                emit = am
+                break
+            x, p = target_distribution(l, T_r, int(ks[r]), float(ps[r]))
+            if not bool((p > 0).any()):
+                flags |= int(Status.ALL_MASKED)
+                break
+            if float(ps[r]) < 1:
+                keep = topk_keep(x, int(ks[r]))
+                above, total = topp_mass_above(x, keep)
+                bound = float(torch.tensor(float(ps[r]), dtype=torch.float32)) * total
+                margin = min(margin, float(((above.double() - bound).abs() / total)[keep].min()))
+            emit_bits = random_bits(s, pos, Purpose.EMIT, j, V)
+            if j == n:  # every draft accepted: the bonus token from p_n
+                emit, gap = race(p, emit_bits)
+                margin = min(margin, gap)
+                break
+            tok = int(toks[d0 + j])
+            if not 0 <= tok < V:  # the draft row is not needed: emit from p_j itself
+                flags |= int(Status.TOKEN_OUT_OF_RANGE)
+                emit, gap = race(p, emit_bits)
+                margin = min(margin, gap)
+                break
+            q = None
+            if not point_mass:
+                if draft_probs is not None:
+                    q = draft_probs[d0 + j].detach().cpu().double()
+                else:
+                    dl = draft_logits[d0 + j].detach().cpu().float()
+                    dx = dl / torch.tensor(float(dtemps[r]), dtype=torch.float32)
+                    if _nonfinite(dl) or _nonfinite(dx):
+                        flags |= int(Status.NONFINITE_LOGITS)
+                        break
+                    q = torch.softmax(dx.double(), 0)
+                if not float(q[tok]) > 0:  # q is not what the draft was drawn from
+                    flags |= int(Status.DRAFT_PROB_ZERO)
+                    emit, gap = race(p, emit_bits)  # from p_j itself: stays lossless
+                    margin = min(margin, gap)
+                    break
+            u = float(uniform_from_bits(random_bits(s, pos, Purpose.COIN, j + 1, 1))[0])
+            qx = 1.0 if q is None else float(q[tok])
+            px = float(p[tok])
+            if px > 0:
+                margin = min(margin, abs(u * qx - px) / px)
+            if u * qx < px:
+                out.append(tok)
+                continue
+            if q is None:
+                resid = p.clone()
+                resid[tok] = 0.0
+            else:
+                resid = torch.clamp(p - q, min=0.0)
+            emit, gap = race(resid if bool((resid > 0).any()) else p, emit_bits)
+            margin = min(margin, gap)
+            break
+        if margins is not None:
+            margins.append(margin)
+        status[r] = flags
+        if flags & int(ABORT):
+            continue
+        out.append(emit)
+        tokens[r, :len(out)] = torch.tensor(out, dtype=torch.int32)
+        accepted[r], emitted[r] = len(out) - 1, len(out)
+    return tokens, accepted, emitted, status

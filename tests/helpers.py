@@ -23,23 +23,24 @@ def poisoned(R: int, device="cpu"):
 
 
 def explain_mismatch(logits_row: torch.Tensor, got: int, want: int, **params) -> bool:
-    """True when `got` differs from the reference's `want` only within the
-    margin rule: the two candidates' race scores are within a relative 1e-5,
-    or `got` sits at a top-p boundary within a relative 1e-5."""
-    tok, _, scores = ref.sample_row(logits_row.float(), **params)
-    assert tok == want
-    if got < 0 or got >= scores.shape[0]:
+    """True when two implementations' tokens `got` and `want` may differ under
+    the margin rule: their race scores (per the reference) are within a
+    relative 1e-5, or either token sits at a top-p boundary within a relative
+    1e-5 (so one backend's expf may keep it and the other's drop it)."""
+    _, _, scores = ref.sample_row(logits_row.float(), **params)
+    V = scores.shape[0]
+    if not (0 <= got < V and 0 <= want < V):
         return False
     a, b = float(scores[want]), float(scores[got])
-    if b != float("-inf") and abs(a - b) <= MARGIN * max(1.0, abs(a)):
+    if a != float("-inf") and b != float("-inf") and abs(a - b) <= MARGIN * max(1.0, abs(a)):
         return True
-    # A top-p boundary: S(got) vs top_p * Z within the margin.
     T, top_p, top_k = params["temperature"], params["top_p"], params["top_k"]
     if T > 0 and top_p < 1:
         x = logits_row.float() / torch.tensor(T, dtype=torch.float32)
         keep = ref.topk_keep(x, top_k)
         above, total = ref.topp_mass_above(x, keep)
-        return abs(float(above[got]) - top_p * total) <= MARGIN * total
+        bound = float(torch.tensor(top_p, dtype=torch.float32)) * total
+        return any(abs(float(above[t]) - bound) <= MARGIN * total for t in (got, want))
     return False
 
 

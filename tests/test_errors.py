@@ -36,7 +36,7 @@ BAD = {
     "position shape": (dict(position=torch.ones(5, dtype=torch.int64)), "position must have shape [4] or [1], got [5]"),
     "slot dtype": (dict(slot=torch.ones(R)), "slot must have dtype Int, got Float"),
     "row_start dtype": (dict(row_start=torch.zeros(R, dtype=torch.int64)), "row_start must have dtype Int, got Long"),
-    "purpose": (dict(purpose=70000), "purpose must be in [0, 65535], got 70000"),
+    "purpose": (dict(purpose=7), "purpose must be 1 (COIN), 2 (EMIT) or 3 (DRAFT), got 7"),
 }
 
 
@@ -74,7 +74,7 @@ def test_out_tensors_are_checked(name, value, message):
     (dict(slot=65536), "slot must be in [0, 65535], got 65536"),
     (dict(position=-1), "position must be in [0, 2^63), got -1"),
     (dict(seed=1 << 64), "seed must fit in 64 bits"),
-    (dict(purpose=-1), "purpose must be in [0, 65535], got -1"),
+    (dict(purpose=0), "purpose must be 1 (COIN), 2 (EMIT) or 3 (DRAFT), got 0"),
     (dict(temperature=torch.ones(R, 1)), "temperature must be a scalar or have shape [4] or [1], got [4, 1]"),
 ])
 def test_wrapper_rejects_bad_scalars(kwargs, message):

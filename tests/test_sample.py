@@ -215,3 +215,11 @@ def test_torch_compile_fullgraph():
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
     got, want = compiled(logits, position), step(logits, position)
     assert torch.equal(got.tokens, want.tokens) and torch.equal(got.status, want.status)
+
+
+def test_infinite_device_temperature_aborts_a_masked_row():
+    # -inf / inf is NaN: such a row is flagged, never silently sampled.
+    logits = torch.tensor([[0.0, float("-inf"), 1.0], [0.0, 2.0, 1.0]])
+    res = dspark_ops.sample(logits, temperature=torch.tensor([float("inf"), 1.0]))
+    want = ref.sample(logits, temperature=torch.tensor([float("inf"), 1.0]))
+    assert res.status.tolist() == want[1].tolist() == [Status.NONFINITE_LOGITS, 0]

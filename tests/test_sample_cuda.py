@@ -18,12 +18,14 @@ MODES = {
 }
 
 
-def compare_with_cpu(logits_cpu, row_start=None, **kw):
+def compare_with_cpu(logits_cpu, row_start=None, logits_cuda=None, **kw):
+    """logits_cuda: the same values on the GPU, e.g. a strided view there."""
     R = row_start.shape[0] if row_start is not None else logits_cpu.shape[0]
     want = dspark_ops.sample(logits_cpu, row_start=row_start, **kw)
     to_dev = lambda v: v.cuda() if isinstance(v, torch.Tensor) else v  # noqa: E731
     out = poisoned(R, device="cuda")
-    got = dspark_ops.sample(logits_cpu.cuda(), row_start=to_dev(row_start), out=out,
+    logits_cuda = logits_cpu.cuda() if logits_cuda is None else logits_cuda
+    got = dspark_ops.sample(logits_cuda, row_start=to_dev(row_start), out=out,
                             **{k: to_dev(v) for k, v in kw.items()})
     assert torch.equal(got.status.cpu(), want.status)
     params = {k: kw.get(k, d) for k, d in dict(temperature=1.0, top_k=0, top_p=1.0, seed=0, position=0,
@@ -64,7 +66,10 @@ def test_cuda_strided_rows_row_start_and_status():
     padded_bad = torch.full((8, 2048), 7.0, dtype=torch.bfloat16)
     padded_bad[:, :2001] = bad
     row_start = torch.tensor([0, 1, 2, 9, 3, 3], dtype=torch.int32)
-    got = compare_with_cpu(padded_bad[:, :2001], row_start=row_start, temperature=0.9, top_p=0.8, seed=4)
+    view_cuda = padded_bad.cuda()[:, :2001]  # strided on the GPU too: row stride 2048
+    assert view_cuda.stride(0) == 2048
+    got = compare_with_cpu(padded_bad[:, :2001], row_start=row_start, logits_cuda=view_cuda, temperature=0.9,
+                           top_p=0.8, seed=4)
     assert got.status.tolist() == [0, Status.NONFINITE_LOGITS, Status.ALL_MASKED, Status.BAD_LENGTHS, 0, 0]
 
 
@@ -131,3 +136,14 @@ def test_cuda_opcheck():
 def test_cuda_empty_batch():
     res = dspark_ops.sample(torch.zeros(0, 10, device="cuda"), temperature=1.0)
     assert res.tokens.shape == (0,)
+
+
+def test_cuda_misaligned_workspace_is_an_error():
+    logits = random_logits(4, 5000, device="cuda")
+    out = dspark_ops.empty_sample_result(4, device="cuda")
+    need = dspark_ops.workspace_size("sample", num_requests=4, vocab_size=5000)
+    buf = torch.empty(need + 16, dtype=torch.uint8, device="cuda")
+    with pytest.raises(ValueError, match="workspace must be 16-byte aligned"):
+        dspark_ops.sample(logits, out=out, workspace=buf[1:])
+    dspark_ops.sample(logits, out=out, workspace=buf[16:])  # aligned: fine
+    torch.cuda.synchronize()

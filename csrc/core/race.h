@@ -59,7 +59,7 @@ DSPARK_HD float race_value(int32_t& flags, const RaceRow& row, float l) {
   }
   if (row.greedy) return l;
   const float x = l / row.temperature;
-  if (x == INFINITY) {
+  if (x == INFINITY || x != x) {  // overflow; -inf / inf from a device-side T = inf
     flags |= kNonfiniteLogits;
     return -INFINITY;
   }

@@ -13,60 +13,17 @@
 #include <vector>
 
 #include "../sample_common.h"
+#include "keep_key.h"
 
 namespace dspark {
 namespace {
 
-// The smallest order key request r keeps under top-k then top-p (0 = all);
-// the same rule the radix descent of kernels/radix_select.cuh evaluates.
+// The smallest order key request r keeps under top-k then top-p (0 = all).
 template <typename T>
 uint32_t threshold_key(const SampleArgs<T>& a, int64_t r) {
   const int64_t row = sample_row(a, r);
   if (row < 0 || !sample_filtered(a, r)) return 0;
-  const T* logits = a.logits + row * a.row_stride;
-  const float temperature = a.temperature[r];
-  const int64_t n = a.vocab;
-  std::vector<float> x(n);
-  std::vector<uint32_t> keys(n);
-  for (int64_t i = 0; i < n; ++i) {
-    x[i] = static_cast<float>(logits[i]) / temperature;
-    keys[i] = float_key(x[i]);
-  }
-  uint32_t keep = 0;
-  const int32_t top_k = a.top_k[r];
-  if (topk_active(top_k, n)) {
-    std::vector<uint32_t> sorted(keys);
-    std::nth_element(sorted.begin(), sorted.begin() + (top_k - 1), sorted.end(), std::greater<uint32_t>());
-    keep = sorted[top_k - 1];
-  }
-  const float top_p = a.top_p[r];
-  if (!topp_active(top_p)) return keep;
-  float row_max = -INFINITY;
-  for (int64_t i = 0; i < n; ++i) {
-    if (x[i] != x[i] || x[i] == INFINITY) return keep;  // aborted by the race
-    row_max = std::max(row_max, x[i]);
-  }
-  if (row_max == -INFINITY) return keep;
-  std::vector<std::pair<uint32_t, uint64_t>> kept;  // (key, mass), key >= keep
-  kept.reserve(n);
-  uint64_t total = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    if (keys[i] < keep) continue;
-    const uint64_t m = mass_fixed(x[i], row_max);
-    kept.emplace_back(keys[i], m);
-    total += m;
-  }
-  std::sort(kept.begin(), kept.end(), [](const auto& p, const auto& q) { return p.first > q.first; });
-  uint64_t above = 0;  // mass of strictly larger keys
-  uint32_t result = kept.front().first;
-  for (size_t i = 0; i < kept.size();) {
-    if (!topp_keeps(above, total, top_p)) break;
-    result = kept[i].first;
-    size_t j = i;
-    while (j < kept.size() && kept[j].first == kept[i].first) above += kept[j++].second;
-    i = j;
-  }
-  return result;
+  return row_keep_key(a.logits + row * a.row_stride, a.vocab, a.temperature[r], a.top_k[r], a.top_p[r]);
 }
 
 template <typename T>
