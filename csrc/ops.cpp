@@ -6,6 +6,7 @@
 #include <string>
 
 #include "core/sample_args.h"
+#include "core/verify_args.h"
 
 // `import dspark_ops._C` runs the registrations below; the module itself is
 // empty (ops are reached as torch.ops.dspark_ops.*).
@@ -18,10 +19,12 @@ namespace dspark {
 
 // Scratch bytes an op's CUDA kernels need for the given sizes (0 on the CPU
 // is fine too: the CPU ops allocate their own).
-int64_t workspace_bytes(std::string op, int64_t num_requests, int64_t vocab) {
-  TORCH_CHECK_VALUE(num_requests >= 0 && vocab >= 1, "dspark_ops.workspace_size: need num_requests >= 0 and ",
-                    "vocab_size >= 1, got ", num_requests, " and ", vocab);
+int64_t workspace_bytes(std::string op, int64_t num_requests, int64_t vocab, int64_t max_draft) {
+  TORCH_CHECK_VALUE(num_requests >= 0 && vocab >= 1 && max_draft >= 0,
+                    "dspark_ops.workspace_size: need num_requests >= 0, vocab_size >= 1 and max_draft >= 0, got ",
+                    num_requests, ", ", vocab, " and ", max_draft);
   if (op == "sample") return sample_workspace_bytes(num_requests, vocab);
+  if (op == "verify_chunk") return verify_workspace(nullptr, num_requests, max_draft, vocab).bytes;
   TORCH_CHECK_VALUE(false, "dspark_ops.workspace_size: unknown op '", op, "'");
 }
 
@@ -35,5 +38,16 @@ TORCH_LIBRARY(dspark_ops, m) {
       "sample.out(Tensor logits, Tensor temperature, Tensor? top_k, Tensor? top_p, Tensor seed, "
       "Tensor position, int purpose, Tensor slot, Tensor? row_start, *, Tensor(a!) tokens, "
       "Tensor(b!) status, Tensor(w!)? workspace=None) -> ()");
-  m.def("workspace_bytes(str op, int num_requests, int vocab) -> int", &dspark::workspace_bytes);
+  m.def(
+      "verify_chunk(Tensor target_logits, Tensor draft_tokens, Tensor cu_num_draft, int max_draft, "
+      "Tensor? draft_probs, Tensor? draft_logits, Tensor draft_temperature, Tensor temperature, Tensor? top_k, "
+      "Tensor? top_p, Tensor seed, Tensor position, Tensor? draft_row_start, Tensor? target_row_start) "
+      "-> (Tensor tokens, Tensor accepted, Tensor emitted, Tensor status)");
+  m.def(
+      "verify_chunk.out(Tensor target_logits, Tensor draft_tokens, Tensor cu_num_draft, int max_draft, "
+      "Tensor? draft_probs, Tensor? draft_logits, Tensor draft_temperature, Tensor temperature, Tensor? top_k, "
+      "Tensor? top_p, Tensor seed, Tensor position, Tensor? draft_row_start, Tensor? target_row_start, *, "
+      "Tensor(a!) tokens, Tensor(b!) accepted, Tensor(c!) emitted, Tensor(d!) status, "
+      "Tensor(w!)? workspace=None) -> ()");
+  m.def("workspace_bytes(str op, int num_requests, int vocab, int max_draft) -> int", &dspark::workspace_bytes);
 }

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ._enums import ABORT_MASK, Purpose, Status
+from .chain import VerifyResult, empty_verify_result, verify_chunk
 from .ops import SampleResult, empty_sample_result, sample, workspace_size
 
 __version__ = "0.1.0"
@@ -16,5 +17,6 @@ def cuda_kernels_available() -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key("dspark_ops::sample", "CUDA")
 
 
-__all__ = ["ABORT_MASK", "Purpose", "SampleResult", "Status", "__version__", "cuda_kernels_available",
-           "empty_sample_result", "sample", "workspace_size"]
+__all__ = ["ABORT_MASK", "Purpose", "SampleResult", "Status", "VerifyResult", "__version__",
+           "cuda_kernels_available", "empty_sample_result", "empty_verify_result", "sample", "verify_chunk",
+           "workspace_size"]

@@ -109,3 +109,76 @@ def check_sample_args(logits, temperature, top_k, top_p, seed, position, purpose
     if purpose not in (1, 2, 3):
         raise ValueError(f"{op}: purpose must be 1 (COIN), 2 (EMIT) or 3 (DRAFT), got {purpose}")
     return R
+
+
+VERIFY_OP = "dspark_ops.verify_chunk"
+MAX_SLOT = 0xFFFF
+
+
+def check_int_vector(op, name, t, want, ref):
+    check_same_device(op, name, t, ref)
+    check_dtype(op, name, t, torch.int32)
+    if t.dim() != 1 or (want >= 0 and t.shape[0] != want):
+        raise ValueError(f"{op}: {name} must have shape [{'N' if want < 0 else want}], got {shape_str(t)}")
+    if not t.is_contiguous():
+        raise ValueError(f"{op}: {name} must be contiguous")
+
+
+def check_verify_args(target_logits, draft_tokens, cu_num_draft, max_draft, draft_probs, draft_logits,
+                      draft_temperature, temperature, top_k, top_p, seed, position, draft_row_start,
+                      target_row_start) -> int:
+    """csrc/verify_common.h check_verify_args; returns R."""
+    op = VERIFY_OP
+    check_logits(op, "target_logits", target_logits)
+    V = target_logits.shape[1]
+    if V > MAX_VOCAB:
+        raise ValueError(f"{op}: target_logits must have V <= {MAX_VOCAB}, got V = {V}")
+    check_int_vector(op, "draft_tokens", draft_tokens, -1, target_logits)
+    check_same_device(op, "cu_num_draft", cu_num_draft, target_logits)
+    check_dtype(op, "cu_num_draft", cu_num_draft, torch.int32)
+    if cu_num_draft.dim() != 1 or cu_num_draft.shape[0] < 1:
+        raise ValueError(f"{op}: cu_num_draft must have shape [R + 1], got {shape_str(cu_num_draft)}")
+    if not cu_num_draft.is_contiguous():
+        raise ValueError(f"{op}: cu_num_draft must be contiguous")
+    if not 0 <= max_draft < MAX_SLOT:
+        raise ValueError(f"{op}: max_draft must be in [0, {MAX_SLOT - 1}], got {max_draft}")
+    if draft_probs is not None and draft_logits is not None:
+        raise ValueError(f"{op}: pass draft_probs or draft_logits, not both")
+    draft = draft_probs if draft_probs is not None else draft_logits
+    if draft is not None:
+        name = "draft_probs" if draft_probs is not None else "draft_logits"
+        check_logits(op, name, draft)
+        check_same_device(op, name, draft, target_logits)
+        if draft.shape[1] != V:
+            raise ValueError(f"{op}: {name} must have V = {V} columns like target_logits, got {shape_str(draft)}")
+        if draft.dtype not in (target_logits.dtype, torch.float32):
+            raise ValueError(f"{op}: {name} must have the dtype of target_logits ({dtype_name(target_logits.dtype)}) "
+                             f"or Float, got {dtype_name(draft.dtype)}")
+    R = cu_num_draft.shape[0] - 1
+    check_per_request(op, "draft_temperature", draft_temperature, R, torch.float32, target_logits)
+    check_per_request(op, "temperature", temperature, R, torch.float32, target_logits)
+    if top_k is not None:
+        check_per_request(op, "top_k", top_k, R, torch.int32, target_logits)
+    if top_p is not None:
+        check_per_request(op, "top_p", top_p, R, torch.float32, target_logits)
+    check_per_request(op, "seed", seed, R, torch.int64, target_logits)
+    check_per_request(op, "position", position, R, torch.int64, target_logits)
+    if draft_row_start is not None:
+        check_int_vector(op, "draft_row_start", draft_row_start, R, target_logits)
+    if target_row_start is not None:
+        check_int_vector(op, "target_row_start", target_row_start, R, target_logits)
+    return R
+
+
+def check_verify_outputs(target_logits, cu_num_draft, max_draft, tokens, accepted, emitted, status) -> None:
+    op = VERIFY_OP
+    R = cu_num_draft.shape[0] - 1
+    check_same_device(op, "tokens", tokens, target_logits)
+    check_dtype(op, "tokens", tokens, torch.int32)
+    if tokens.dim() != 2 or tokens.shape[0] != R or tokens.shape[1] != max_draft + 1:
+        raise ValueError(f"{op}: tokens must have shape [{R}, {max_draft + 1}], got {shape_str(tokens)}")
+    if not tokens.is_contiguous():
+        raise ValueError(f"{op}: tokens must be contiguous")
+    check_output(op, "accepted", accepted, R, torch.int32, target_logits)
+    check_output(op, "emitted", emitted, R, torch.int32, target_logits)
+    check_output(op, "status", status, R, torch.int32, target_logits)

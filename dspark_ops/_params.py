@@ -28,12 +28,12 @@ def _as_per_request(op: str, name: str, value, R: int, dtype: torch.dtype,
     return torch.full((1,), value, dtype=dtype, device=device)
 
 
-def temperature_tensor(op: str, value: TensorOrFloat, R: int, device) -> torch.Tensor:
+def temperature_tensor(op: str, value: TensorOrFloat, R: int, device, name: str = "temperature") -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
         value = float(value)
         if not (value >= 0.0) or value == float("inf"):
-            raise ValueError(f"{op}: temperature must be finite and >= 0 (0 = greedy), got {value}")
-    return _as_per_request(op, "temperature", value, R, torch.float32, device)
+            raise ValueError(f"{op}: {name} must be finite and >= 0 (0 = greedy), got {value}")
+    return _as_per_request(op, name, value, R, torch.float32, device)
 
 
 def top_k_tensor(op: str, value: TensorOrInt, R: int, vocab: int, device) -> Optional[torch.Tensor]:

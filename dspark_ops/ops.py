@@ -23,7 +23,8 @@ def workspace_size(op_name: str, **sizes: int) -> int:
     op_name : str
         The op, e.g. ``"sample"``.
     **sizes : int
-        ``num_requests`` (R) and ``vocab_size`` (V).
+        ``num_requests`` (R), ``vocab_size`` (V) and, for ``"verify_chunk"``,
+        ``max_draft``.
 
     Returns
     -------
@@ -38,11 +39,11 @@ def workspace_size(op_name: str, **sizes: int) -> int:
     >>> dspark_ops.workspace_size("sample", num_requests=8, vocab_size=32000) > 0
     True
     """
-    unknown = set(sizes) - {"num_requests", "vocab_size"}
+    unknown = set(sizes) - {"num_requests", "vocab_size", "max_draft"}
     if unknown:
         raise ValueError(f"dspark_ops.workspace_size: unknown sizes {sorted(unknown)} for '{op_name}'")
     return int(_ops.workspace_bytes(op_name, int(sizes.get("num_requests", 0)),
-                                    int(sizes.get("vocab_size", 1))))
+                                    int(sizes.get("vocab_size", 1)), int(sizes.get("max_draft", 0))))
 
 
 # --------------------------------------------------------------------- sample

@@ -4,6 +4,7 @@
 #include <cstdint>
 
 #include "broadcast.h"
+#include "chunks.h"
 #include "filters.h"
 #include "macros.h"
 #include "race.h"
@@ -52,25 +53,6 @@ DSPARK_HD bool sample_filtered(const SampleArgs<T>& a, int64_t r) {
   return !sample_greedy(a, r) && (topk_active(a.top_k[r], a.vocab) || topp_active(a.top_p[r]));
 }
 
-// Vocabulary chunks per row in the split-vocabulary pass: enough blocks to
-// fill a large GPU at R = 1, never chunks under kSampleMinChunk entries.
-// Depends on (R, V) only, so workspace sizes are device-independent.
-constexpr int64_t kSampleMinChunk = 1024;
-constexpr int64_t kSampleTargetBlocks = 1024;
-
-inline int64_t sample_num_chunks(int64_t num_requests, int64_t vocab) {
-  const int64_t max_chunks = (vocab + kSampleMinChunk - 1) / kSampleMinChunk;
-  int64_t want = num_requests > 0 ? (kSampleTargetBlocks + num_requests - 1) / num_requests : 1;
-  if (want > max_chunks) want = max_chunks;
-  return want < 1 ? 1 : want;
-}
-
-// Chunk length, a multiple of 4 so Philox groups never straddle chunks.
-inline int64_t sample_chunk_len(int64_t vocab, int64_t num_chunks) {
-  const int64_t len = (vocab + num_chunks - 1) / num_chunks;
-  return (len + 3) / 4 * 4;
-}
-
 struct SamplePartial {
   float score;
   int32_t index;
@@ -78,11 +60,9 @@ struct SamplePartial {
   int32_t pad;
 };
 
-inline int64_t align_up(int64_t n, int64_t a) { return (n + a - 1) / a * a; }
-
 // Workspace bytes: thresholds [R] uint32, then partials [R, chunks].
 inline int64_t sample_workspace_bytes(int64_t num_requests, int64_t vocab) {
-  const int64_t chunks = sample_num_chunks(num_requests, vocab);
+  const int64_t chunks = split_chunks(num_requests, vocab);
   return align_up(num_requests * 4, 256) + num_requests * chunks * int64_t{sizeof(SamplePartial)};
 }
 

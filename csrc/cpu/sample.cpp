@@ -51,8 +51,8 @@ void sample_cpu_impl(const SampleArgs<T>& a) {
   at::parallel_for(0, R, 1, [&](int64_t b, int64_t e) {
     for (int64_t r = b; r < e; ++r) keep[r] = threshold_key(a, r);
   });
-  const int64_t chunks = sample_num_chunks(R, a.vocab);
-  const int64_t chunk_len = sample_chunk_len(a.vocab, chunks);
+  const int64_t chunks = split_chunks(R, a.vocab);
+  const int64_t chunk_len = split_chunk_len(a.vocab, chunks);
   std::vector<SamplePartial> partials(R * chunks);
   at::parallel_for(0, R * chunks, 1, [&](int64_t b, int64_t e) {
     for (int64_t t = b; t < e; ++t) {

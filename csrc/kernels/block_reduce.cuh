@@ -33,6 +33,44 @@ __device__ __forceinline__ float warp_max(float v) {
   return v;
 }
 
+// __shfl_xor_sync of any trivially copyable struct, word by word.
+template <typename T>
+__device__ __forceinline__ T shfl_xor_struct(const T& v, int lane_mask) {
+  static_assert(sizeof(T) % 4 == 0, "struct of 32-bit words");
+  constexpr int kWords = sizeof(T) / 4;
+  const uint32_t* in = reinterpret_cast<const uint32_t*>(&v);
+  T out;
+  uint32_t* o = reinterpret_cast<uint32_t*>(&out);
+#pragma unroll
+  for (int w = 0; w < kWords; ++w) o[w] = __shfl_xor_sync(kFullMask, in[w], lane_mask);
+  return out;
+}
+
+// Butterfly reduction of a full warp with `merge`; every lane gets the
+// result. A fixed tree: the same inputs always give the same bits.
+template <typename T, typename Merge>
+__device__ __forceinline__ T warp_reduce(T v, Merge merge) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v = merge(v, shfl_xor_struct(v, off));
+  return v;
+}
+
+// Whole-block reduction with `merge`; the result is valid in thread 0.
+// `scratch` holds kBlock / 32 values of T in shared memory.
+template <int kBlock, typename T, typename Merge>
+__device__ __forceinline__ T block_reduce(T v, Merge merge, T* scratch, const T& empty) {
+  constexpr int kWarps = kBlock / 32;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  v = warp_reduce(v, merge);
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    v = lane < kWarps ? scratch[lane] : empty;
+    v = warp_reduce(v, merge);
+  }
+  return v;
+}
+
 // Inclusive prefix sum over the lanes of a full warp (lane 0 first).
 template <typename T>
 __device__ __forceinline__ T warp_inclusive_sum(T v) {

@@ -8,6 +8,7 @@
 
 #include "../core/filters.h"
 #include "block_reduce.cuh"
+#include "dtype.cuh"
 
 namespace dspark {
 
@@ -156,6 +157,31 @@ __device__ uint32_t block_topp_key(XFn x_of, int64_t n, uint32_t min_key, float 
     __syncthreads();
   }
   return prefix;
+}
+
+// The keep key of one row of logits (x = logits / temperature) under top-k
+// then top-p, computed by the whole block: the smallest key a token may have
+// and be kept (0 = all). Passes over the row: 4 for top-k, 1 + 4 for top-p.
+template <int kBlock, typename T>
+__device__ uint32_t block_row_keep_key(const T* __restrict__ logits, int64_t n, float temperature, int32_t top_k,
+                                       float top_p) {
+  const auto x_of = [&](int64_t i) { return to_float(logits[i]) / temperature; };
+  uint32_t keep = 0;
+  if (topk_active(top_k, n)) keep = block_topk_key<kBlock>(x_of, n, static_cast<uint32_t>(top_k));
+  if (topp_active(top_p)) {
+    float local = -INFINITY;
+    bool bad = false;
+    for (int64_t i = threadIdx.x; i < n; i += kBlock) {
+      const float x = x_of(i);
+      bad |= (x != x) || x == INFINITY;
+      local = fmaxf(local, x);
+    }
+    const bool any_bad = __syncthreads_or(bad);
+    const float row_max = block_max<kBlock>(local);
+    // A non-finite row aborts later; an all -inf row has nothing to keep.
+    if (!any_bad && row_max > -INFINITY) keep = block_topp_key<kBlock>(x_of, n, keep, row_max, top_p);
+  }
+  return keep;
 }
 
 }  // namespace dspark

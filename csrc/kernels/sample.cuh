@@ -34,28 +34,8 @@ __global__ void __launch_bounds__(kSampleThresholdBlock)
     if (threadIdx.x == 0) keep_keys[r] = 0;
     return;
   }
-  const T* __restrict__ logits = a.logits + row * a.row_stride;
-  const float temperature = a.temperature[r];
-  const auto x_of = [&](int64_t i) { return to_float(logits[i]) / temperature; };
-  const int64_t n = a.vocab;
-  uint32_t keep = 0;
-  const int32_t top_k = a.top_k[r];
-  if (topk_active(top_k, n)) keep = block_topk_key<kSampleThresholdBlock>(x_of, n, top_k);
-  const float top_p = a.top_p[r];
-  if (topp_active(top_p)) {
-    float local = -INFINITY;
-    bool bad = false;
-    for (int64_t i = threadIdx.x; i < n; i += kSampleThresholdBlock) {
-      const float x = x_of(i);
-      bad |= (x != x) || x == INFINITY;
-      local = fmaxf(local, x);
-    }
-    const bool any_bad = __syncthreads_or(bad);
-    const float row_max = block_max<kSampleThresholdBlock>(local);
-    // A non-finite row aborts in the race; an all -inf row has nothing to keep.
-    if (!any_bad && row_max > -INFINITY)
-      keep = block_topp_key<kSampleThresholdBlock>(x_of, n, keep, row_max, top_p);
-  }
+  const uint32_t keep = block_row_keep_key<kSampleThresholdBlock>(a.logits + row * a.row_stride, a.vocab,
+                                                                  a.temperature[r], a.top_k[r], a.top_p[r]);
   if (threadIdx.x == 0) keep_keys[r] = keep;
 }
 
@@ -117,8 +97,8 @@ cudaError_t sample_launch(const SampleArgs<T>& a, void* workspace, bool may_filt
                           cudaStream_t stream) {
   const int64_t R = a.num_requests;
   if (R == 0) return cudaSuccess;
-  const int64_t chunks = sample_num_chunks(R, a.vocab);
-  const int64_t chunk_len = sample_chunk_len(a.vocab, chunks);
+  const int64_t chunks = split_chunks(R, a.vocab);
+  const int64_t chunk_len = split_chunk_len(a.vocab, chunks);
   char* ws = static_cast<char*>(workspace);
   uint32_t* keep_keys = may_filter ? reinterpret_cast<uint32_t*>(ws) : nullptr;
   auto* partials = reinterpret_cast<SamplePartial*>(ws + align_up(R * 4, 256));

@@ -1,0 +1,146 @@
+// The `verify_chunk` op's arguments as raw pointers, shared by the CPU op and
+// the CUDA kernels (csrc/kernels/verify_chunk.cuh).
+#pragma once
+#include <cstdint>
+
+#include "broadcast.h"
+#include "chunks.h"
+#include "macros.h"
+#include "race.h"
+#include "rng.h"
+#include "verify.h"
+
+namespace dspark {
+
+// T: target logits type; D: draft rows type (T or float).
+template <typename T, typename D>
+struct VerifyArgs {
+  const T* target;          // [target_rows, target_stride], rows of `vocab` values
+  int64_t target_stride;
+  int64_t target_rows;
+  int32_t vocab;
+  const int32_t* draft_tokens;  // [num_tokens]
+  int64_t num_tokens;
+  const D* draft;               // [draft_rows, draft_stride] probs or logits; nullptr: point masses
+  int64_t draft_stride;
+  int64_t draft_rows;
+  int32_t draft_mode;           // DraftMode
+  const int32_t* cu;            // [R + 1]
+  int32_t num_requests;         // R
+  int32_t max_draft;
+  const int32_t* draft_row_start;   // [R] or nullptr: cu[r]
+  const int32_t* target_row_start;  // [R] or nullptr: cu[r] + r
+  PerRequest<float> draft_temperature;
+  PerRequest<float> temperature;
+  PerRequest<int32_t> top_k;
+  PerRequest<float> top_p;
+  PerRequest<int64_t> seed;
+  PerRequest<int64_t> position;
+  int32_t* tokens;    // [R, max_draft + 1] out
+  int32_t* accepted;  // [R] out
+  int32_t* emitted;   // [R] out
+  int32_t* status;    // [R] out
+};
+
+// Where request r's rows are: n drafts, draft rows d0.., target rows t0..
+struct VerifyLayout {
+  int32_t n;
+  int64_t d0;
+  int64_t t0;
+  bool valid;  // false: kBadLengths
+};
+
+template <typename T, typename D>
+DSPARK_HD VerifyLayout verify_layout(const VerifyArgs<T, D>& a, int64_t r) {
+  VerifyLayout L;
+  const int64_t begin = a.cu[r], end = a.cu[r + 1];
+  L.n = static_cast<int32_t>(end - begin);
+  L.d0 = a.draft_row_start ? static_cast<int64_t>(a.draft_row_start[r]) : begin;
+  L.t0 = a.target_row_start ? static_cast<int64_t>(a.target_row_start[r]) : begin + r;
+  const int64_t n = end - begin;
+  L.valid = n >= 0 && n <= a.max_draft && n < static_cast<int64_t>(kMaxSlot) && L.d0 >= 0 &&
+            L.d0 + n <= a.num_tokens && (a.draft == nullptr || L.d0 + n <= a.draft_rows) && L.t0 >= 0 &&
+            L.t0 + n + 1 <= a.target_rows;
+  return L;
+}
+
+template <typename T, typename D>
+DSPARK_HD int32_t verify_draft_mode(const VerifyArgs<T, D>& a, int64_t r) {
+  return a.draft_mode == kDraftPointMass || !(a.draft_temperature[r] > 0.0f) ? kDraftPointMass : a.draft_mode;
+}
+
+template <typename T, typename D>
+DSPARK_HD RaceStream verify_stream(const VerifyArgs<T, D>& a, int64_t r, uint32_t purpose, uint32_t slot) {
+  return RaceStream{a.seed[r], a.position[r], purpose, slot};
+}
+
+// COIN draw of draft j (slot j + 1, vocabulary index 0).
+template <typename T, typename D>
+DSPARK_HD uint32_t verify_coin_bits(const VerifyArgs<T, D>& a, int64_t r, int32_t j) {
+  return philox_draw(a.seed[r], a.position[r], kPurposeCoin, static_cast<uint32_t>(j + 1), 0).x[0];
+}
+
+// Write request r's outputs: the accepted drafts, then `emit`, then -1s.
+// An abort writes -1 everywhere and 0 counts.
+template <typename T, typename D>
+DSPARK_HD void verify_write(const VerifyArgs<T, D>& a, int64_t r, const VerifyLayout& L, int32_t accepted,
+                            int32_t emit, int32_t flags) {
+  const bool abort = (flags & kAbortMask) != 0;
+  int32_t* row = a.tokens + r * (static_cast<int64_t>(a.max_draft) + 1);
+  for (int32_t i = 0; i <= a.max_draft; ++i) {
+    int32_t t = -1;
+    if (!abort && i < accepted) t = a.draft_tokens[L.d0 + i];
+    if (!abort && i == accepted) t = emit;
+    row[i] = t;
+  }
+  a.accepted[r] = abort ? 0 : accepted;
+  a.emitted[r] = abort ? 0 : accepted + 1;
+  a.status[r] = flags;
+}
+
+}  // namespace dspark
+
+namespace dspark {
+
+// What the decision kernel leaves for the residual pass of request r.
+struct VerifyPending {
+  int32_t j;         // the rejected position, or -1 (outputs already written)
+  int32_t accepted;
+  int32_t flags;
+  int32_t fallback;  // the token from p_j, if the residual has no mass
+  SoftmaxAcc target;
+  DraftRowStats draft;
+};
+
+inline int64_t verify_rows(int64_t num_requests, int64_t max_draft) { return num_requests * (max_draft + 1); }
+
+struct VerifyWorkspace {
+  uint32_t* keep_keys;              // [R, K + 1]
+  TargetRowStats* target_partials;  // [R, K + 1, chunks]
+  DraftRowStats* draft_partials;    // [R, K + 1, chunks]
+  VerifyPending* pending;           // [R]
+  RaceBest* residual_partials;      // [R, residual chunks]
+  int64_t bytes;
+};
+
+// Carves `base` (nullptr: only sizes it) for R requests, max_draft K, V.
+inline VerifyWorkspace verify_workspace(void* base, int64_t R, int64_t K, int64_t V) {
+  const int64_t rows = verify_rows(R, K), chunks = split_chunks(rows, V), rchunks = split_chunks(R, V);
+  char* p = static_cast<char*>(base);
+  int64_t off = 0;
+  auto take = [&](int64_t bytes) {
+    char* at = p ? p + off : nullptr;
+    off += align_up(bytes, 256);
+    return at;
+  };
+  VerifyWorkspace w;
+  w.keep_keys = reinterpret_cast<uint32_t*>(take(rows * 4));
+  w.target_partials = reinterpret_cast<TargetRowStats*>(take(rows * chunks * int64_t{sizeof(TargetRowStats)}));
+  w.draft_partials = reinterpret_cast<DraftRowStats*>(take(rows * chunks * int64_t{sizeof(DraftRowStats)}));
+  w.pending = reinterpret_cast<VerifyPending*>(take(R * int64_t{sizeof(VerifyPending)}));
+  w.residual_partials = reinterpret_cast<RaceBest*>(take(R * rchunks * int64_t{sizeof(RaceBest)}));
+  w.bytes = off;
+  return w;
+}
+
+}  // namespace dspark
