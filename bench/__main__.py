@@ -1,4 +1,4 @@
-"""python -m bench [--op sample] [--quick] [--device cuda|cpu] [--out FILE]
+"""python -m bench [--op sample|verify_chunk|all] [--quick] [--device cuda|cpu] [--out FILE]
 
 Times each op after a reference check, with CUDA events and medians over
 rotating buffers larger than L2, side by side with PyTorch (and FlashInfer
@@ -18,11 +18,22 @@ import torch
 
 import dspark_ops
 
-from . import sample_bench
+from . import sample_bench, verify_bench
 from .timing import copy_bandwidth_gbs
 
 GPU_GRID = [(R, V, dt) for V in (32000, 151936) for R in (1, 8, 64, 256) for dt in (torch.bfloat16, torch.float32)]
 CPU_GRID = [(1, 32000, torch.float32), (8, 32000, torch.bfloat16), (1, 151936, torch.bfloat16)]
+
+# verify_chunk: (R, n drafts, V, dtype), each run in every verify_bench.MODES mode.
+VERIFY_GPU_GRID = [(R, n, V, dt) for V in (32000, 152064) for n in (3, 7) for R in (1, 8, 64, 256)
+                   for dt in (torch.bfloat16, torch.float32)]
+VERIFY_GPU_QUICK = [(1, 7, 32000, torch.bfloat16), (64, 7, 32000, torch.bfloat16),
+                    (256, 7, 152064, torch.bfloat16), (64, 3, 152064, torch.float32)]
+# The first case is the acceptance target (C++ op >= 3x the reference, probs).
+VERIFY_CPU_GRID = [(8, 7, 32000, torch.float32), (1, 3, 32000, torch.bfloat16),
+                   (1, 7, 152064, torch.bfloat16), (8, 3, 152064, torch.bfloat16)]
+VERIFY_CPU_QUICK = VERIFY_CPU_GRID[:2]
+ACCEPTANCE_CASE = dict(R=8, n=7, V=32000, dtype="float32", mode="probs")
 
 
 def device_name(device: str) -> str:
@@ -31,23 +42,11 @@ def device_name(device: str) -> str:
     return f"CPU {platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench")
-    p.add_argument("--op", default="sample", choices=["sample"])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--quick", action="store_true", help="a small grid (CI-sized on the CPU)")
-    p.add_argument("--iters", type=int, default=None)
-    p.add_argument("--out", default=None, help="JSON path (default bench/results/<device>_<date>.json)")
-    args = p.parse_args(argv)
-    dev = args.device
-    grid = CPU_GRID if dev == "cpu" else (GPU_GRID[:4] if args.quick else GPU_GRID)
-    if dev == "cpu" and args.quick:
+def run_sample(dev: str, quick: bool, iters: int, copy_gbs: float) -> list:
+    """Time `sample` over its grid; print its table."""
+    grid = CPU_GRID if dev == "cpu" else (GPU_GRID[:4] if quick else GPU_GRID)
+    if dev == "cpu" and quick:
         grid = grid[:2]
-    iters = args.iters or (50 if dev == "cuda" else 5)
-    copy_gbs = copy_bandwidth_gbs(dev)
-    name = device_name(dev)
-    print(f"# {name}: measured copy bandwidth {copy_gbs:.0f} GB/s; repro: python -m bench "
-          + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])))
     rows = []
     for R, V, dtype in grid:
         for mode in sample_bench.MODES:
@@ -58,6 +57,70 @@ def main(argv=None) -> int:
         print(f"{r['impl']:34s} {r['mode']:12s} {r['R']:4d} {r['V']:7d} {r['dtype']:8s} {r['median_us']:10.1f} "
               f"{r['GBps_one_pass']:10.1f} {100 * r['frac_copy_bw_one_pass']:6.1f} {r['time_vs_dspark']:7.2f} "
               f"{r['check'] or ''}")
+    return rows
+
+
+def _fmt(x, spec: str) -> str:
+    """format(x, spec), or blanks of the same width for None (baseline rows)."""
+    return format(x, spec) if x is not None else " " * int(spec.split(".")[0])
+
+
+def run_verify(dev: str, quick: bool, iters: int, copy_gbs: float) -> list:
+    """Time `verify_chunk` over its grid; print its table and, on the CPU,
+    the acceptance ratio (reference time / ours on ACCEPTANCE_CASE)."""
+    if dev == "cpu":
+        grid = VERIFY_CPU_QUICK if quick else VERIFY_CPU_GRID
+    else:
+        grid = VERIFY_GPU_QUICK if quick else VERIFY_GPU_GRID
+    rows = []
+    for R, n, V, dtype in grid:
+        for mode in verify_bench.MODES:
+            rows += verify_bench.run_case(R, n, V, dtype, mode, dev, iters, copy_gbs)
+    print(f"{'impl':38s} {'mode':6s} {'R':>4s} {'n':>2s} {'V':>7s} {'dtype':8s} {'median us':>10s} "
+          f"{'GB/s 1pass':>10s} {'%copy':>6s} {'GB/s+rr':>8s} {'x ours':>7s} {'acc':>5s} {'E acc':>5s} check")
+    for r in rows:
+        print(f"{r['impl']:38s} {r['mode']:6s} {r['R']:4d} {r['n']:2d} {r['V']:7d} {r['dtype']:8s} "
+              f"{r['median_us']:10.1f} {r['GBps_one_pass']:10.1f} {100 * r['frac_copy_bw_one_pass']:6.1f} "
+              f"{_fmt(r['GBps_with_reread'], '8.1f')} {r['time_vs_dspark']:7.2f} {_fmt(r['accepted_mean'], '5.2f')} "
+              f"{_fmt(r['accepted_expected'], '5.2f')} {r['check'] or ''}")
+    print("# GB/s 1pass: every target logit + every draft row read once; GB/s+rr adds one target + draft row "
+          "re-read per rejected request (residual sampling); acc: mean drafts accepted by ours on buffer 0, "
+          "E acc: its expectation given the drafted tokens")
+    ratio = acceptance_ratio(rows)
+    if ratio is not None:
+        print(f"# acceptance: torch reference / dspark_ops.verify_chunk at R=8 n=7 V=32000 float32 probs = "
+              f"{ratio:.2f}x (target >= 3x): {'PASS' if ratio >= 3 else 'FAIL'}")
+    return rows
+
+
+def acceptance_ratio(rows: list):
+    """Reference median / our median on ACCEPTANCE_CASE, None if not run."""
+    t = {r["impl"]: r["median_us"] for r in rows
+         if all(r.get(k) == v for k, v in ACCEPTANCE_CASE.items())}
+    if "torch reference" not in t or "dspark_ops.verify_chunk" not in t:
+        return None
+    return t["torch reference"] / t["dspark_ops.verify_chunk"]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench")
+    p.add_argument("--op", default="sample", choices=["sample", "verify_chunk", "all"])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--quick", action="store_true", help="a small grid (CI-sized on the CPU)")
+    p.add_argument("--iters", type=int, default=None)
+    p.add_argument("--out", default=None, help="JSON path (default bench/results/<op>_<device>_<date>.json)")
+    args = p.parse_args(argv)
+    dev = args.device
+    iters = args.iters or (50 if dev == "cuda" else 5)
+    copy_gbs = copy_bandwidth_gbs(dev)
+    name = device_name(dev)
+    print(f"# {name}: measured copy bandwidth {copy_gbs:.0f} GB/s; repro: python -m bench "
+          + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])))
+    rows = []
+    if args.op in ("sample", "all"):
+        rows += run_sample(dev, args.quick, iters, copy_gbs)
+    if args.op in ("verify_chunk", "all"):
+        rows += run_verify(dev, args.quick, iters, copy_gbs)
     date = datetime.date.today().isoformat()
     out = Path(args.out) if args.out else Path(__file__).parent / "results" / (
         f"{args.op}_{name.replace(' ', '_').replace('/', '_')}_{date}.json")

@@ -3,6 +3,7 @@ margin rule for comparing sampled tokens across implementations."""
 from __future__ import annotations
 
 import torch
+from scipy import stats
 
 from dspark_ops import reference as ref
 
@@ -56,3 +57,11 @@ def assert_same_tokens(logits, got_tokens, want_tokens, *, row_start=None, **per
                       int(v[r]) if isinstance(v, torch.Tensor) else v) for k, v in per_request.items()}
         assert explain_mismatch(logits[row].cpu(), got[r], want[r], **params), (
             f"request {r}: token {got[r]} vs reference {want[r]} ({params})")
+
+
+def chi_square_pvalue(tokens, probs):
+    counts = torch.bincount(tokens, minlength=probs.shape[0]).double()
+    support = probs > 0
+    assert counts[~support].sum() == 0, "sampled a token of probability 0"
+    expected = probs[support] * tokens.shape[0]
+    return stats.chisquare(counts[support].numpy(), expected.numpy()).pvalue

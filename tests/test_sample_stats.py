@@ -4,10 +4,10 @@ seeds, with negative controls (deliberately wrong samplers) that the same
 test must reject, so a passing test means something."""
 import pytest
 import torch
-from scipy import stats
 
 import dspark_ops
 from dspark_ops import reference as ref
+from helpers import chi_square_pvalue
 
 N = 20000  # draws per test: positions 0..N-1 of one seed
 LOGITS = torch.tensor([2.0, 1.5, 1.5, 0.3, 0.0, -0.4, -1.0, -2.0, float("-inf"), 0.9])
@@ -30,14 +30,6 @@ def draw(temperature, top_k, top_p, seed=12345, device="cpu"):
                             row_start=torch.zeros(N, dtype=torch.int32, device=device))
     assert int(res.status.max()) == 0
     return res.tokens.cpu().long()
-
-
-def chi_square_pvalue(tokens, probs):
-    counts = torch.bincount(tokens, minlength=probs.shape[0]).double()
-    support = probs > 0
-    assert counts[~support].sum() == 0, "sampled a token of probability 0"
-    expected = probs[support] * tokens.shape[0]
-    return stats.chisquare(counts[support].numpy(), expected.numpy()).pvalue
 
 
 CASES = {

@@ -1,0 +1,134 @@
+"""verify_chunk on CUDA: identical to the CPU op within DESIGN §2's margin
+rule, at the big shapes; graph capture, no host sync, workspace."""
+import pytest
+import torch
+
+import dspark_ops
+from helpers import MARGIN
+from verify_helpers import ragged_batch, reference_with_margins
+
+pytestmark = pytest.mark.cuda
+
+MODES = {
+    "greedy": dict(temperature=0.0),
+    "point_mass": dict(temperature=0.9),
+    "probs": dict(temperature=1.0),
+    "logits": dict(temperature=0.8),
+    "logits_top_k_top_p": dict(temperature=1.1, top_k=50, top_p=0.9),
+}
+
+
+def draft_mode(mode):
+    return "probs" if mode.startswith("probs") else "logits" if mode.startswith("logits") else "none"
+
+
+def to_cuda(v):
+    return v.cuda() if isinstance(v, torch.Tensor) else v
+
+
+def compare_with_cpu(target, tokens, cu, max_draft, **kw):
+    want = dspark_ops.verify_chunk(target, tokens, cu, max_draft=max_draft, **kw)
+    R = cu.shape[0] - 1
+    out = dspark_ops.VerifyResult(torch.full((R, max_draft + 1), 0x5A5A, dtype=torch.int32, device="cuda"),
+                                  *(torch.full((R,), 0x5A5A, dtype=torch.int32, device="cuda") for _ in range(3)))
+    got = dspark_ops.verify_chunk(target.cuda(), tokens.cuda(), cu.cuda(), max_draft=max_draft, out=out,
+                                  **{k: to_cuda(v) for k, v in kw.items()})
+    for r in range(R):
+        if all(torch.equal(g[r].cpu(), w[r]) for g, w in zip(got, want)):
+            continue
+        # Explain the difference with the reference on this request alone.
+        d0, n = int(cu[r]), int(cu[r + 1] - cu[r])
+        one = {k: (v[r:r + 1] if isinstance(v, torch.Tensor) and v.dim() == 1 and v.shape[0] == R else v)
+               for k, v in kw.items()}
+        _, margins = reference_with_margins(target, tokens, torch.tensor([0, n], dtype=torch.int32),
+                                            max_draft=max_draft, draft_row_start=torch.tensor([d0], dtype=torch.int32),
+                                            target_row_start=torch.tensor([d0 + r], dtype=torch.int32), **one)
+        assert margins[0] < MARGIN, f"request {r}: CUDA {[g[r].tolist() for g in got]} vs CPU {[w[r].tolist() for w in want]}"
+    return got
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("V,lengths", [(7, [3, 0, 5, 1, 2]), (32001, [7, 0, 3]), (151936, [7]),
+                                       (151936, [7] * 8 + [0, 3, 5])])
+@pytest.mark.parametrize("mode", list(MODES))
+def test_cuda_matches_cpu(V, lengths, dtype, mode):
+    target, tokens, cu, kw = ragged_batch(lengths, V, dtype, mode=draft_mode(mode), seed=V + len(lengths), scale=4.0)
+    R = len(lengths)
+    compare_with_cpu(target, tokens, cu, max(lengths), seed=torch.arange(R) + 3, position=torch.arange(R) * 9,
+                     **kw, **MODES[mode])
+
+
+def test_cuda_float32_draft_probs_with_bf16_target():
+    target, tokens, cu, kw = ragged_batch([4, 2, 6], 5003, torch.bfloat16, mode="probs", seed=2)
+    compare_with_cpu(target, tokens, cu, 6, draft_probs=kw["draft_probs"].float(), seed=1)
+
+
+def test_cuda_large_batch_mixed():
+    R, V = 1024, 97
+    g = torch.Generator().manual_seed(1)
+    lengths = torch.randint(0, 8, (R,), generator=g).tolist()
+    target, tokens, cu, kw = ragged_batch(lengths, V, mode="logits", seed=4)
+    temperature = torch.rand(R, generator=g) + 0.2
+    temperature[::4] = 0.0
+    compare_with_cpu(target, tokens, cu, 7, temperature=temperature, top_k=torch.randint(0, 20, (R,), generator=g,
+                     dtype=torch.int32), top_p=torch.rand(R, generator=g) + 0.3, seed=torch.arange(R), position=5,
+                     **kw)
+
+
+def test_cuda_strided_rows_and_status():
+    target, tokens, cu, kw = ragged_batch([3, 2, 2], 3001, torch.bfloat16, mode="probs", seed=5)
+    target[0, 7] = float("nan")  # request 0, row 0: always needed
+    padded = torch.zeros(target.shape[0], 3072, dtype=torch.bfloat16, device="cuda")
+    padded[:, :3001] = target.cuda()
+    view = padded[:, :3001]
+    assert view.stride(0) == 3072
+    want = dspark_ops.verify_chunk(target, tokens, cu, seed=3, **kw)
+    got = dspark_ops.verify_chunk(view, tokens.cuda(), cu.cuda(), seed=3, draft_probs=kw["draft_probs"].cuda())
+    assert torch.equal(got.status.cpu(), want.status) and want.status[0] != 0
+
+
+def test_cuda_graph_replay_no_sync_no_allocation():
+    B, K, V = 8, 7, 32000
+    target = torch.randn(B, K + 1, V, device="cuda", dtype=torch.bfloat16)
+    drafts = torch.randint(0, V, (B, K), device="cuda", dtype=torch.int32)
+    probs = torch.softmax(torch.randn(B, K, V, device="cuda"), -1)
+    seed = torch.arange(B, device="cuda")
+    position = torch.zeros(B, dtype=torch.int64, device="cuda")
+    out = dspark_ops.empty_verify_result(B, K, device="cuda")
+    ws = torch.empty(dspark_ops.workspace_size("verify_chunk", num_requests=B, vocab_size=V, max_draft=K),
+                     dtype=torch.uint8, device="cuda")
+
+    def step():
+        dspark_ops.verify_chunk(target, drafts, draft_probs=probs, seed=seed, position=position, out=out,
+                                workspace=ws)
+
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for pos in (100, 101):
+        position.fill_(pos)
+        graph.replay()
+        want = dspark_ops.verify_chunk(target, drafts, draft_probs=probs, seed=seed, position=position)
+        assert all(torch.equal(a, b) for a, b in zip(out, want))
+
+
+def test_cuda_deterministic_run_to_run():
+    target, tokens, cu, kw = ragged_batch([7] * 16, 151936, torch.bfloat16, mode="logits", seed=8, device="cuda")
+    a = dspark_ops.verify_chunk(target, tokens, cu, seed=2, top_p=0.95, **kw)
+    b = dspark_ops.verify_chunk(target, tokens, cu, seed=2, top_p=0.95, **kw)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_cuda_opcheck():
+    target, tokens, cu, kw = ragged_batch([2, 0, 3], 300, mode="probs", seed=8, device="cuda")
+    t = lambda v, d: torch.full((3,), v, dtype=d, device="cuda")  # noqa: E731
+    args = (target, tokens, cu, 3, kw["draft_probs"], None, t(1.0, torch.float32), t(0.9, torch.float32),
+            t(10, torch.int32), None, t(1, torch.int64), t(2, torch.int64), None, None)
+    torch.library.opcheck(torch.ops.dspark_ops.verify_chunk.default, args)
