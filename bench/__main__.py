@@ -33,7 +33,7 @@ VERIFY_GPU_QUICK = [(1, 7, 32000, torch.bfloat16), (64, 7, 32000, torch.bfloat16
 VERIFY_CPU_GRID = [(8, 7, 32000, torch.float32), (1, 3, 32000, torch.bfloat16),
                    (1, 7, 152064, torch.bfloat16), (8, 3, 152064, torch.bfloat16)]
 VERIFY_CPU_QUICK = VERIFY_CPU_GRID[:2]
-ACCEPTANCE_CASE = dict(R=8, n=7, V=32000, dtype="float32", mode="probs")
+ACCEPTANCE_CASE = dict(R=8, n_draft=7, V=32000, dtype="float32", mode="probs")
 
 
 def device_name(device: str) -> str:
@@ -79,7 +79,7 @@ def run_verify(dev: str, quick: bool, iters: int, copy_gbs: float) -> list:
     print(f"{'impl':38s} {'mode':6s} {'R':>4s} {'n':>2s} {'V':>7s} {'dtype':8s} {'median us':>10s} "
           f"{'GB/s 1pass':>10s} {'%copy':>6s} {'GB/s+rr':>8s} {'x ours':>7s} {'acc':>5s} {'E acc':>5s} check")
     for r in rows:
-        print(f"{r['impl']:38s} {r['mode']:6s} {r['R']:4d} {r['n']:2d} {r['V']:7d} {r['dtype']:8s} "
+        print(f"{r['impl']:38s} {r['mode']:6s} {r['R']:4d} {r['n_draft']:2d} {r['V']:7d} {r['dtype']:8s} "
               f"{r['median_us']:10.1f} {r['GBps_one_pass']:10.1f} {100 * r['frac_copy_bw_one_pass']:6.1f} "
               f"{_fmt(r['GBps_with_reread'], '8.1f')} {r['time_vs_dspark']:7.2f} {_fmt(r['accepted_mean'], '5.2f')} "
               f"{_fmt(r['accepted_expected'], '5.2f')} {r['check'] or ''}")
