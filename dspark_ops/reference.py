@@ -123,6 +123,13 @@ def _per_request(value, R: int, dtype) -> torch.Tensor:
     return t.expand(R) if t.numel() == 1 else t
 
 
+def _sampling_params(R: int, temperature, top_k, top_p, seed, position):
+    """The per-request sampling parameters as CPU tensors [R]."""
+    return (_per_request(temperature, R, torch.float32), _per_request(top_k, R, torch.int64),
+            _per_request(top_p, R, torch.float32), _per_request(seed, R, torch.int64),
+            _per_request(position, R, torch.int64))
+
+
 def sample_row(l: torch.Tensor, *, temperature: float, top_k: int, top_p: float, seed: int,
                position: int, purpose: int, slot: int) -> Tuple[int, int, torch.Tensor]:
     """One request: (token, status, scores [V] float32 with -inf where not a
@@ -153,11 +160,7 @@ def sample(logits: torch.Tensor, *, temperature=1.0, top_k=0, top_p=1.0, seed=0,
     dspark_ops.sample (scalars or [R]/[1] tensors)."""
     T, V = logits.shape
     R = row_start.shape[0] if row_start is not None else T
-    temps = _per_request(temperature, R, torch.float32)
-    ks = _per_request(top_k, R, torch.int64)
-    ps = _per_request(top_p, R, torch.float32)
-    seeds = _per_request(seed, R, torch.int64)
-    positions = _per_request(position, R, torch.int64)
+    temps, ks, ps, seeds, positions = _sampling_params(R, temperature, top_k, top_p, seed, position)
     slots = _per_request(slot, R, torch.int64)
     starts = row_start.cpu().to(torch.int64) if row_start is not None else torch.arange(R)
     tokens = torch.full((R,), -1, dtype=torch.int32)
@@ -224,11 +227,7 @@ def verify_chunk(target_logits: torch.Tensor, draft_tokens: torch.Tensor, cu_num
     R = cu.shape[0] - 1
     if max_draft is None:
         max_draft = int((cu[1:] - cu[:-1]).max()) if R > 0 else 0
-    temps = _per_request(temperature, R, torch.float32)
-    ks = _per_request(top_k, R, torch.int64)
-    ps = _per_request(top_p, R, torch.float32)
-    seeds = _per_request(seed, R, torch.int64)
-    positions = _per_request(position, R, torch.int64)
+    temps, ks, ps, seeds, positions = _sampling_params(R, temperature, top_k, top_p, seed, position)
     dtemps = _per_request(draft_temperature, R, torch.float32)
     toks = draft_tokens.cpu().to(torch.int64)
     n_draft_rows = (draft_probs if draft_probs is not None else draft_logits)

@@ -65,3 +65,19 @@ def chi_square_pvalue(tokens, probs):
     assert counts[~support].sum() == 0, "sampled a token of probability 0"
     expected = probs[support] * tokens.shape[0]
     return stats.chisquare(counts[support].numpy(), expected.numpy()).pvalue
+
+
+def assert_cpp_and_fake_agree(call, args: dict, expected: str) -> None:
+    """call(args) raises ValueError(expected) from the C++ op, and the very
+    same message from its fake kernel under FakeTensorMode."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    import pytest
+    with pytest.raises(ValueError) as cpp:
+        call(args)
+    assert str(cpp.value).splitlines()[0] == expected
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fake_args = {k: mode.from_tensor(v) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+        with pytest.raises(ValueError) as fake:
+            call(fake_args)
+    assert str(fake.value) == expected

@@ -2,9 +2,9 @@
 kernel, naming the argument and the value; the wrapper's own checks."""
 import pytest
 import torch
-from torch._subclasses.fake_tensor import FakeTensorMode
 
 import dspark_ops
+from helpers import assert_cpp_and_fake_agree
 
 R, K, V = 3, 2, 20
 
@@ -48,15 +48,7 @@ BAD = {
 @pytest.mark.parametrize("case", list(BAD))
 def test_cpp_and_fake_raise_the_same_message(case):
     change, message = BAD[case]
-    args = {**good_args(), **change}
-    with pytest.raises(ValueError) as cpp:
-        call(args)
-    assert str(cpp.value).splitlines()[0] == f"dspark_ops.verify_chunk: {message}"
-    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
-        fake = {k: mode.from_tensor(v) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
-        with pytest.raises(ValueError) as err:
-            call(fake)
-    assert str(err.value) == str(cpp.value).splitlines()[0]
+    assert_cpp_and_fake_agree(call, {**good_args(), **change}, f"dspark_ops.verify_chunk: {message}")
 
 
 @pytest.mark.parametrize("name,value,message", [

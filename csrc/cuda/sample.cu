@@ -7,6 +7,7 @@
 
 #include "../kernels/sample.cuh"
 #include "../sample_common.h"
+#include "workspace.h"
 
 namespace dspark {
 namespace {
@@ -38,14 +39,7 @@ void sample_out_cuda(const at::Tensor& logits, const at::Tensor& temperature,
   const c10::cuda::CUDAGuard guard(logits.device());
   const int64_t need = sample_workspace_bytes(R, logits.size(1));
   at::Tensor scratch;
-  void* ws = nullptr;
-  if (workspace.has_value()) {
-    check_workspace(kSampleOp, *workspace, need, logits);
-    ws = workspace->data_ptr();
-  } else {
-    scratch = at::empty({need}, logits.options().dtype(at::kByte));
-    ws = scratch.data_ptr();
-  }
+  void* ws = workspace_ptr(kSampleOp, workspace, need, logits, scratch);
   switch (logits.scalar_type()) {
     case at::kFloat:
       launch<float>(logits, temperature, top_k, top_p, seed, position, purpose, slot, row_start, tokens, status, ws);

@@ -7,6 +7,7 @@
 
 #include "../kernels/verify_chunk.cuh"
 #include "../verify_common.h"
+#include "workspace.h"
 
 namespace dspark {
 namespace {
@@ -29,14 +30,7 @@ void verify_chunk_out_cuda(const at::Tensor& target_logits, const at::Tensor& dr
   const c10::cuda::CUDAGuard guard(target_logits.device());
   const int64_t need = verify_workspace(nullptr, R, max_draft, target_logits.size(1)).bytes;
   at::Tensor scratch;
-  void* ws = nullptr;
-  if (workspace.has_value()) {
-    check_workspace(kVerifyOp, *workspace, need, target_logits);
-    ws = workspace->data_ptr();
-  } else {
-    scratch = at::empty({need}, target_logits.options().dtype(at::kByte));
-    ws = scratch.data_ptr();
-  }
+  void* ws = workspace_ptr(kVerifyOp, workspace, need, target_logits, scratch);
   const bool may_filter = top_k.has_value() || top_p.has_value();
   const c10::optional<at::Tensor>& draft = draft_probs.has_value() ? draft_probs : draft_logits;
   dispatch_verify_types<float, __half, __nv_bfloat16>(target_logits, draft, [&]<typename T, typename D>() {
