@@ -49,5 +49,13 @@ TORCH_LIBRARY(dspark_ops, m) {
       "Tensor? top_p, Tensor seed, Tensor position, Tensor? draft_row_start, Tensor? target_row_start, *, "
       "Tensor(a!) tokens, Tensor(b!) accepted, Tensor(c!) emitted, Tensor(d!) status, "
       "Tensor(w!)? workspace=None) -> ()");
+  m.def(
+      "kv_compact(Tensor(a!)[] caches, Tensor base_len, Tensor num_appended, Tensor keep_index, Tensor num_keep, "
+      "Tensor(b!) new_len, Tensor(c!) status, Tensor? block_table, bool heads_first, Tensor? layout) -> ()");
+  m.def(
+      "commit_tokens(Tensor(a!) out_tokens, Tensor(b!) out_len, Tensor(c!) position, Tensor max_len, "
+      "Tensor(d!) finished, Tensor(e!) last_token, Tensor(f!) error, Tensor tokens, Tensor emitted, Tensor status, "
+      "Tensor? stop_tokens) -> ()");
+  m.def("kv_layout_table(Tensor[] caches, bool heads_first, bool paged) -> Tensor");
   m.def("workspace_bytes(str op, int num_requests, int vocab, int max_draft) -> int", &dspark::workspace_bytes);
 }

@@ -6,6 +6,7 @@ import torch
 
 from ._enums import ABORT_MASK, Purpose, Status
 from .chain import VerifyResult, empty_verify_result, verify_chunk
+from .kv import KVLayout, RequestState, commit_tokens, kv_compact, tree_to_keep
 from .ops import SampleResult, empty_sample_result, sample, workspace_size
 
 __version__ = "0.1.0"
@@ -17,6 +18,6 @@ def cuda_kernels_available() -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key("dspark_ops::sample", "CUDA")
 
 
-__all__ = ["ABORT_MASK", "Purpose", "SampleResult", "Status", "VerifyResult", "__version__",
-           "cuda_kernels_available", "empty_sample_result", "empty_verify_result", "sample", "verify_chunk",
-           "workspace_size"]
+__all__ = ["ABORT_MASK", "KVLayout", "Purpose", "RequestState", "SampleResult", "Status", "VerifyResult",
+           "__version__", "commit_tokens", "cuda_kernels_available", "empty_sample_result", "empty_verify_result",
+           "kv_compact", "sample", "tree_to_keep", "verify_chunk", "workspace_size"]

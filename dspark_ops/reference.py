@@ -328,3 +328,86 @@ def verify_chunk(target_logits: torch.Tensor, draft_tokens: torch.Tensor, cu_num
         tokens[r, :len(out)] = torch.tensor(out, dtype=torch.int32)
         accepted[r], emitted[r] = len(out) - 1, len(out)
     return tokens, accepted, emitted, status
+
+
+# ------------------------------------------------- kv_compact, commit_tokens
+
+
+def kv_compact(caches, base_len, num_appended, keep_index, num_keep, *, block_table=None, heads_first=False):
+    """Reference kv_compact, functional: (new caches (clones), new_len [R],
+    status [R]). Gathers every kept entry before writing any (no aliasing
+    question arises)."""
+    caches = [c.clone() for c in caches]
+    R, K = keep_index.shape
+    new_len = base_len.clone()
+    status = torch.zeros(R, dtype=torch.int32)
+    for r in range(R):
+        base, app, nk = int(base_len[r]), int(num_appended[r]), int(num_keep[r])
+        keep = [int(k) for k in keep_index[r, :max(nk, 0)]] if 0 <= nk <= K else []
+        if base < 0 or app < 0 or nk < 0 or nk > K or nk > app or (
+                block_table is None and base + app > min(c.shape[2 if heads_first else 1] for c in caches)):
+            status[r] = int(Status.BAD_LENGTHS)
+            continue
+
+        def slot(s):
+            b = s // caches[0].shape[1]
+            if b >= block_table.shape[1]:
+                return -1
+            blk = int(block_table[r, b])
+            return blk * caches[0].shape[1] + s % caches[0].shape[1] if 0 <= blk < caches[0].shape[0] else -1
+
+        ok = all(b > a for a, b in zip(keep, keep[1:])) and all(0 <= k < app for k in keep)
+        if ok and block_table is not None:
+            ok = all(slot(base + k) >= 0 and slot(base + i) >= 0 for i, k in enumerate(keep))
+        if not ok:
+            status[r] = int(Status.BAD_INDEX)
+            continue
+        new_len[r] = base + nk
+        for c in caches:
+            if block_table is not None:
+                flat = c.view(-1, *c.shape[2:])
+                src = torch.stack([flat[slot(base + k)] for k in keep]) if keep else None
+                for i in range(nk):
+                    flat[slot(base + i)] = src[i]
+            elif heads_first:
+                src = c[r, :, [base + k for k in keep]].clone()
+                c[r, :, base:base + nk] = src
+            else:
+                src = c[r, [base + k for k in keep]].clone()
+                c[r, base:base + nk] = src
+    return caches, new_len, status
+
+
+def commit_tokens(out_tokens, out_len, position, max_len, finished, last_token, error, tokens, emitted, status,
+                  stop_tokens=None):
+    """Reference commit_tokens, functional: returns the updated state fields
+    (clones) in the same order."""
+    out_tokens, out_len, position, finished, last_token, error = (
+        t.clone() for t in (out_tokens, out_len, position, finished, last_token, error))
+    stops = set(stop_tokens.tolist()) if stop_tokens is not None else set()
+    R, W = tokens.shape
+    for r in range(R):
+        if bool(finished[r]):
+            continue
+        st, n = int(status[r]), int(emitted[r])
+        if st & int(ABORT) or not 0 <= n <= W:
+            finished[r] = True
+            error[r] = st if st & int(ABORT) else int(Status.BAD_LENGTHS)
+            continue
+        limit = min(int(max_len[r]), out_tokens.shape[1])
+        appended = 0
+        for i in range(n):
+            if int(out_len[r]) >= limit:
+                break
+            t = int(tokens[r, i])
+            out_tokens[r, int(out_len[r])] = t
+            out_len[r] += 1
+            last_token[r] = t
+            appended += 1
+            if t in stops:
+                finished[r] = True
+                break
+        position[r] += appended
+        if int(out_len[r]) >= limit:
+            finished[r] = True
+    return out_tokens, out_len, position, finished, last_token, error

@@ -1,0 +1,215 @@
+"""kv_compact, tree_to_keep and commit_tokens on the CPU against the
+reference (DESIGN §3)."""
+import pytest
+import torch
+
+import dspark_ops
+from dspark_ops import Status
+from dspark_ops import reference as ref
+from kv_helpers import random_caches, random_keep
+
+
+def run_both(caches, base, app, keep, nk, **kw):
+    want_caches, want_len, want_status = ref.kv_compact(caches, base, app, keep, nk, **kw)
+    new_len = torch.full_like(base, 0x5A5A)
+    status = torch.full_like(base, 0x5A5A)
+    got_len, got_status = dspark_ops.kv_compact(caches, base, app, keep, nk, new_len, status=status, **kw)
+    assert torch.equal(got_len, want_len) and torch.equal(got_status, want_status)
+    for l, (c, w) in enumerate(zip(caches, want_caches)):  # nothing outside the kept ranges changes
+        assert torch.equal(c, w), f"layer {l}"
+    return got_status
+
+
+@pytest.mark.parametrize("dtype,H,D", [(torch.float16, 3, 5), (torch.float32, 2, 7), (torch.uint8, 1, 3),
+                                       (torch.bfloat16, 8, 128)])
+@pytest.mark.parametrize("heads_first", [False, True])
+def test_matches_reference(dtype, H, D, heads_first):
+    g = torch.Generator().manual_seed(H * D)
+    R, S, K, L = 6, 24, 8, 3
+    app, keep, nk = random_keep(R, K, 10, g)
+    base = torch.randint(0, S - 10, (R,), generator=g, dtype=torch.int32)
+    caches = random_caches(L, R, S, H, D, dtype, g, heads_first)
+    status = run_both(caches, base, app, keep, nk, heads_first=heads_first)
+    assert int(status.abs().sum()) == 0
+
+
+def test_many_layers_and_overlapping_keeps():
+    g = torch.Generator().manual_seed(1)
+    R, S, H, D, L = 4, 16, 2, 3, 80
+    caches = random_caches(L, R, S, H, D, torch.float16, g)
+    base = torch.tensor([0, 2, 5, 1], dtype=torch.int32)
+    app = torch.tensor([3, 6, 8, 4], dtype=torch.int32)
+    keep = torch.tensor([[1, 2, -1, -1], [1, 2, 3, 5], [0, 1, 2, 3], [3, -1, -1, -1]], dtype=torch.int32)
+    nk = torch.tensor([2, 4, 4, 1], dtype=torch.int32)
+    run_both(caches, base, app, keep, nk)
+
+
+def test_stacked_tensor_is_many_layers():
+    g = torch.Generator().manual_seed(2)
+    stacked = torch.randn(5, 3, 12, 2, 4, generator=g)
+    app, keep, nk = random_keep(3, 4, 6, g)
+    base = torch.tensor([1, 0, 4], dtype=torch.int32)
+    want, _, _ = ref.kv_compact(list(stacked.unbind(0)), base, app, keep, nk)
+    dspark_ops.kv_compact(stacked, base, app, keep, nk)
+    assert torch.equal(stacked, torch.stack(want))
+
+
+def test_paged_caches():
+    g = torch.Generator().manual_seed(3)
+    R, bs, H, D, L, max_blocks = 4, 4, 3, 6, 5, 6
+    num_blocks = R * max_blocks + 3
+    caches = [torch.randn(num_blocks, bs, H, D, generator=g).half() for _ in range(L)]
+    block_table = torch.randperm(num_blocks, generator=g)[:R * max_blocks].reshape(R, max_blocks).to(torch.int32)
+    app, keep, nk = random_keep(R, 8, 9, g)
+    base = torch.tensor([0, 5, 3, 10], dtype=torch.int32)
+    status = run_both(caches, base, app, keep, nk, block_table=block_table)
+    assert int(status.abs().sum()) == 0
+
+
+def test_chain_keep_moves_nothing_and_updates_lengths():
+    g = torch.Generator().manual_seed(4)
+    caches = random_caches(4, 3, 10, 2, 3, torch.float32, g)
+    before = [c.clone() for c in caches]
+    base = torch.tensor([2, 0, 5], dtype=torch.int32)
+    app = torch.tensor([5, 3, 4], dtype=torch.int32)
+    keep = torch.tensor([[0, 1, 2], [0, -1, -1], [0, 1, 2]], dtype=torch.int32)
+    nk = torch.tensor([3, 1, 3], dtype=torch.int32)
+    new_len, status = dspark_ops.kv_compact(caches, base, app, keep, nk)
+    assert new_len.tolist() == [5, 1, 8] and status.tolist() == [0, 0, 0]
+    assert all(torch.equal(a, b) for a, b in zip(before, caches))
+    assert base.tolist() == [2, 0, 5]  # read-only
+
+
+def test_bad_values_abort_only_their_request():
+    g = torch.Generator().manual_seed(5)
+    R, S = 6, 12
+    caches = random_caches(2, R, S, 2, 2, torch.float32, g)
+    base = torch.tensor([0, 0, 0, 0, 10, 0], dtype=torch.int32)
+    app = torch.tensor([4, 4, 4, 4, 4, 4], dtype=torch.int32)
+    keep = torch.tensor([[1, 4], [2, 1], [1, 2], [-1, 0], [0, 1], [1, 2]], dtype=torch.int32)
+    nk = torch.tensor([2, 2, 3, 1, 2, 2], dtype=torch.int32)
+    status = run_both(caches, base, app, keep, nk)
+    assert status.tolist() == [Status.BAD_INDEX, Status.BAD_INDEX, Status.BAD_LENGTHS, Status.BAD_INDEX,
+                               Status.BAD_LENGTHS, 0]
+
+
+def test_paged_block_table_out_of_range():
+    caches = [torch.randn(4, 2, 1, 2)]
+    block_table = torch.tensor([[0, 9], [1, 2]], dtype=torch.int32)
+    base = torch.tensor([0, 0], dtype=torch.int32)
+    app = torch.tensor([4, 4], dtype=torch.int32)
+    keep = torch.tensor([[1, 3], [1, 3]], dtype=torch.int32)
+    nk = torch.tensor([2, 2], dtype=torch.int32)
+    status = run_both(caches, base, app, keep, nk, block_table=block_table)
+    assert status.tolist() == [Status.BAD_INDEX, 0]
+
+
+def test_host_errors():
+    R = 2
+    base = torch.zeros(R, dtype=torch.int32)
+    idx = dict(num_appended=torch.ones(R, dtype=torch.int32), keep_index=torch.zeros(R, 1, dtype=torch.int32),
+               num_keep=torch.ones(R, dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"caches\[1\] must have R = 2 requests in dimension 0, got \[3, 4, 1, 1\]"):
+        dspark_ops.kv_compact([torch.zeros(2, 4, 1, 1), torch.zeros(3, 4, 1, 1)], base, **idx)
+    with pytest.raises(ValueError, match="new_len must not be base_len"):
+        dspark_ops.kv_compact([torch.zeros(2, 4, 1, 1)], base, new_len=base, **idx)
+    with pytest.raises(ValueError, match="keep_index must have dtype Int, got Long"):
+        dspark_ops.kv_compact([torch.zeros(2, 4, 1, 1)], base, **{**idx, "keep_index": torch.zeros(R, 1).long()})
+    with pytest.raises(ValueError, match=r"paged caches\[1\] must have num_blocks = 3"):
+        dspark_ops.kv_compact([torch.zeros(3, 4, 1, 1), torch.zeros(5, 4, 1, 1)], base,
+                              block_table=torch.zeros(R, 2, dtype=torch.int32), **idx)
+    with pytest.raises(ValueError, match=r"caches\[0\] must be contiguous"):
+        dspark_ops.kv_compact([torch.zeros(2, 3, 4, 1).transpose(1, 2)], base, **idx)
+
+
+def test_kv_layout_is_reusable_and_checked():
+    g = torch.Generator().manual_seed(6)
+    caches = random_caches(3, 2, 8, 1, 4, torch.float32, g, heads_first=True)
+    layout = dspark_ops.KVLayout(caches, heads_first=True)
+    assert layout.table.shape == (3, 8) and layout.matches(caches)
+    base = torch.tensor([1, 2], dtype=torch.int32)
+    app = torch.tensor([3, 3], dtype=torch.int32)
+    keep = torch.tensor([[2, -1], [0, 2]], dtype=torch.int32)
+    nk = torch.tensor([1, 2], dtype=torch.int32)
+    want, _, _ = ref.kv_compact(caches, base, app, keep, nk, heads_first=True)
+    dspark_ops.kv_compact(layout, base, app, keep, nk, heads_first=True)
+    assert all(torch.equal(a, b) for a, b in zip(caches, want))
+    with pytest.raises(ValueError, match="KVLayout was built with heads_first=True"):
+        dspark_ops.kv_compact(layout, base, app, keep, nk)
+
+
+def test_opcheck():
+    g = torch.Generator().manual_seed(7)
+    caches = random_caches(2, 3, 10, 2, 2, torch.float32, g)
+    app, keep, nk = random_keep(3, 4, 5, g)
+    base = torch.tensor([0, 1, 2], dtype=torch.int32)
+    args = (caches, base, app, keep, nk, torch.empty(3, dtype=torch.int32), torch.empty(3, dtype=torch.int32), None,
+            False, None)
+    torch.library.opcheck(torch.ops.dspark_ops.kv_compact.default, args)
+
+
+# ----------------------------------------------------------- tree_to_keep
+
+
+def test_tree_to_keep_chain_and_tree():
+    path = torch.tensor([[0, 1, 2, -1], [0, 3, 7, 9], [-1, -1, -1, -1]], dtype=torch.int32)
+    accepted = torch.tensor([2, 3, 0], dtype=torch.int32)
+    keep, nk = dspark_ops.tree_to_keep(path, accepted)
+    assert keep.tolist() == [[0, 1, 2, -1], [0, 3, 7, 9], [-1, -1, -1, -1]] and nk.tolist() == [3, 4, 0]
+    # Nodes appended in another order: node i of request r sits at node_offset[cu[r] + i].
+    cu = torch.tensor([0, 4, 14, 15], dtype=torch.int32)
+    node_offset = torch.arange(15, dtype=torch.int32).flip(0)
+    keep2, _ = dspark_ops.tree_to_keep(path, accepted, node_offset=node_offset, cu_num_nodes=cu)
+    assert keep2[0].tolist()[:3] == [14, 13, 12] and keep2[1].tolist() == [10, 7, 3, 1]
+
+
+# ----------------------------------------------------------- commit_tokens
+
+
+def random_state(R, max_total, g):
+    state = dspark_ops.RequestState.new(torch.randint(0, 50, (R,), generator=g, dtype=torch.int32),
+                                        torch.randint(1, 100, (R,), generator=g),
+                                        torch.randint(1, max_total + 3, (R,), generator=g, dtype=torch.int32),
+                                        max_total)
+    return state
+
+
+def test_commit_tokens_matches_reference_over_steps():
+    g = torch.Generator().manual_seed(8)
+    R, W, max_total = 40, 5, 16
+    state = random_state(R, max_total, g)
+    stops = torch.tensor([3, 7], dtype=torch.int32)
+    for step in range(8):
+        tokens = torch.randint(0, 12, (R, W), generator=g, dtype=torch.int32)
+        emitted = torch.randint(0, W + 1, (R,), generator=g, dtype=torch.int32)
+        status = torch.zeros(R, dtype=torch.int32)
+        status[torch.randint(0, R, (2,), generator=g)] = int(Status.NONFINITE_LOGITS)  # aborts
+        status[torch.randint(0, R, (2,), generator=g)] |= int(Status.TOKEN_OUT_OF_RANGE)  # a flag: not an error
+        fields = [state.out_tokens, state.out_len, state.position, state.max_len, state.finished, state.last_token,
+                  state.error]
+        want = ref.commit_tokens(*fields, tokens, emitted, status, stops)
+        dspark_ops.commit_tokens(state, tokens, emitted, status, stop_tokens=stops)
+        got = (state.out_tokens, state.out_len, state.position, state.finished, state.last_token, state.error)
+        for name, a, b in zip(("out_tokens", "out_len", "position", "finished", "last_token", "error"), got, want):
+            assert torch.equal(a, b), f"step {step}: {name}"
+    assert bool(state.finished.any()) and bool((state.error == int(Status.NONFINITE_LOGITS)).any())
+
+
+def test_commit_tokens_stop_and_max_len():
+    state = dspark_ops.RequestState.new(torch.tensor([1, 1, 1], dtype=torch.int32), torch.tensor([10, 10, 10]),
+                                        torch.tensor([8, 2, 8], dtype=torch.int32), 8)
+    tokens = torch.tensor([[5, 9, 6, -1], [5, 6, 7, -1], [5, 6, 7, 8]], dtype=torch.int32)
+    dspark_ops.commit_tokens(state, tokens, torch.tensor([3, 3, 4], dtype=torch.int32), torch.zeros(3, dtype=torch.int32),
+                             stop_tokens=torch.tensor([9], dtype=torch.int32))
+    assert state.out_len.tolist() == [2, 2, 4] and state.finished.tolist() == [True, True, False]
+    assert state.position.tolist() == [12, 12, 14] and state.last_token.tolist() == [9, 6, 8]
+    assert state.out_tokens[0, :3].tolist() == [5, 9, -1]
+
+
+def test_commit_tokens_opcheck():
+    g = torch.Generator().manual_seed(9)
+    s = random_state(4, 6, g)
+    args = (s.out_tokens, s.out_len, s.position, s.max_len, s.finished, s.last_token, s.error,
+            torch.randint(0, 5, (4, 3), generator=g, dtype=torch.int32), torch.tensor([1, 2, 3, 0], dtype=torch.int32),
+            torch.zeros(4, dtype=torch.int32), None)
+    torch.library.opcheck(torch.ops.dspark_ops.commit_tokens.default, args)
