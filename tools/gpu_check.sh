@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # Every check a GPU session owes, in one call on the device machine (torch
-# 2.11+cu130, Python 3.12, no registry), writing logs and JSON under $OUT:
+# 2.11+cu130, Python 3.12, no registry), writing logs and JSON under $OUT
+# (8 files at most come back):
 #   1. build for sm_90 only and run the whole suite with DSPARK_REQUIRE_CUDA=1
 #      (make test NO_VENV=1: cuda-check, CPU and GPU tests; no GPU test may skip)
-#   2. compute-sanitizer memcheck over the GPU tests (the small shapes)
-#   3. the benchmarks, side by side with PyTorch and FlashInfer when carried
-# Usage (device tool):  bash tools/gpu_check.sh   [carry .whl for FlashInfer]
+#   2. compute-sanitizer memcheck, racecheck and synccheck over the GPU tests
+#      at small shapes
+#   3. the benchmarks of every op, side by side with PyTorch (and FlashInfer
+#      when its wheel is carried in .whl/)
+# Usage (device tool):  bash tools/gpu_check.sh
 # Then commit $OUT/bench_*.json under bench/results/ with the device and date.
 set -uo pipefail
 OUT="${OUT:-/tmp/dspark_gpu_out}"
@@ -24,19 +27,25 @@ test_rc=${PIPESTATUS[0]}
 echo "gpu_check: make test rc=$test_rc in $(( $(date +%s) - start )) s"
 
 san_rc=0
-for tool in memcheck racecheck synccheck; do  # racecheck/synccheck: the shared-memory radix descent
+GPU_TESTS="tests/test_sample_cuda.py tests/test_verify_chunk_cuda.py tests/test_kv_compact_cuda.py"
+SMALL="not 151936 and not large_batch and not graph and not repeatedly"
+for tool in memcheck racecheck synccheck; do  # racecheck/synccheck: the shared-memory radix descent, staged moves
   start=$(date +%s)
   PYTHONPATH="$PWD:${PYTHONPATH:-}" timeout 150 compute-sanitizer --tool "$tool" --error-exitcode 99 \
-    python3 -m pytest -q -p no:cacheprovider tests/test_sample_cuda.py -k "not 151936 and not large_batch and not graph" \
-    2>&1 | tail -n 40 >> "$OUT/sanitizer.log"
+    python3 -m pytest -q -x -p no:cacheprovider $GPU_TESTS -k "$SMALL" 2>&1 | tail -n 30 >> "$OUT/sanitizer.log"
   rc=${PIPESTATUS[0]}
   [ "$rc" = 0 ] || san_rc=$rc
   echo "gpu_check: compute-sanitizer $tool rc=$rc in $(( $(date +%s) - start )) s" | tee -a "$OUT/sanitizer.log"
 done
 
-start=$(date +%s)
-PYTHONPATH="$PWD:${PYTHONPATH:-}" timeout 240 python3 -m bench --op sample --out "$OUT/bench_sample.json" 2>&1 | tee "$OUT/bench.log"
-bench_rc=${PIPESTATUS[0]}
-echo "gpu_check: bench rc=$bench_rc in $(( $(date +%s) - start )) s"
-echo "gpu_check: test=$test_rc sanitizer=$san_rc bench=$bench_rc" | tee "$OUT/summary.txt"
+bench_rc=0
+for op in sample verify_chunk kv_compact; do  # one JSON per op, so a timeout loses one op at most
+  start=$(date +%s)
+  PYTHONPATH="$PWD:${PYTHONPATH:-}" timeout 150 python3 -m bench --op "$op" --out "$OUT/bench_$op.json" \
+    2>&1 | tee -a "$OUT/bench.log"
+  rc=${PIPESTATUS[0]}
+  [ "$rc" = 0 ] || bench_rc=$rc
+  echo "gpu_check: bench $op rc=$rc in $(( $(date +%s) - start )) s" | tee -a "$OUT/bench.log"
+done
+echo "gpu_check: test=$test_rc sanitizer=$san_rc bench=$bench_rc"
 [ "$test_rc" = 0 ] && [ "$san_rc" = 0 ] && [ "$bench_rc" = 0 ]

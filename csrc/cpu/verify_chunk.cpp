@@ -34,6 +34,27 @@ TargetRowStats target_row_stats(const T* row_ptr, int64_t V, const RaceRow& row,
       target_stats_merge);
 }
 
+// Stochastic rows, first pass: the normaliser and flags only. The race for
+// a token from p is needed only where a step emits from p (its last row), so
+// the CPU draws it lazily (the CUDA kernels do it in the same single pass).
+template <typename T>
+TargetRowStats target_row_softmax(const T* row_ptr, int64_t V, const RaceRow& row) {
+  TargetRowStats st = chunked_reduce(
+      V, target_stats_empty(),
+      [&](int64_t begin, int64_t end) {
+        TargetRowStats acc = target_stats_empty();
+        for (int64_t i = begin; i < end; ++i) {
+          const float x = race_value(acc.flags, row, static_cast<float>(row_ptr[i]));
+          if (x > -INFINITY) softmax_add(acc.softmax, x);
+        }
+        return acc;
+      },
+      target_stats_merge);
+  // Stand-in winner: only "is there a candidate" is read before the real race.
+  if (st.softmax.m > -INFINITY) st.race.best = RaceBest{0.0f, 0};
+  return st;
+}
+
 template <typename D>
 DraftRowStats draft_row_stats(const D* row_ptr, int64_t V, float draft_temperature) {
   return chunked_reduce(
@@ -94,7 +115,7 @@ void verify_request(const VerifyArgs<T, D>& a, int64_t r) {
     const T* trow = a.target + (L.t0 + j) * a.target_stride;
     const RaceRow row{greedy, temperature, filtered ? row_keep_key(trow, V, temperature, top_k, top_p) : 0u};
     const RaceStream emit_stream = verify_stream(a, r, kPurposeEmit, static_cast<uint32_t>(j));
-    const TargetRowStats st = target_row_stats(trow, V, row, emit_stream);
+    TargetRowStats st = greedy ? target_row_stats(trow, V, row, emit_stream) : target_row_softmax(trow, V, row);
     const int32_t tok = j < L.n ? a.draft_tokens[L.d0 + j] : -1;
     const D* drow = a.draft != nullptr && j < L.n ? a.draft + (L.d0 + j) * a.draft_stride : nullptr;
     float p_tok = 0.0f, q_tok = 0.0f;
@@ -105,7 +126,14 @@ void verify_request(const VerifyArgs<T, D>& a, int64_t r) {
       if (mode != kDraftPointMass) q_tok = draft_q(mode, drow, tok, ds, draft_temperature);
     }
     const uint32_t coin = j < L.n ? verify_coin_bits(a, r, j) : 0u;
-    const VerifyStep step = verify_step(greedy, mode, j, L.n, st, tok, a.vocab, p_tok, q_tok, ds.flags, coin);
+    VerifyStep step = verify_step(greedy, mode, j, L.n, st, tok, a.vocab, p_tok, q_tok, ds.flags, coin);
+    const auto with_race = [&] {  // the real race for a token from p_j
+      if (!greedy) st = target_row_stats(trow, V, row, emit_stream);
+    };
+    if (step.action == kVerifyEmit) {
+      with_race();
+      step = verify_step(greedy, mode, j, L.n, st, tok, a.vocab, p_tok, q_tok, ds.flags, coin);
+    }
     flags |= step.flags;
     if (step.action == kVerifyAccept) {
       ++accepted;
@@ -114,7 +142,8 @@ void verify_request(const VerifyArgs<T, D>& a, int64_t r) {
     emit = step.token;
     if (step.action == kVerifyResidual) {
       const RaceBest b = residual_race(trow, drow, V, row, st.softmax, mode, ds, draft_temperature, emit_stream);
-      emit = b.index >= 0 ? b.index : st.race.best.index;  // residual mass 0: from p
+      if (b.index < 0) with_race();  // residual mass 0: from p
+      emit = b.index >= 0 ? b.index : st.race.best.index;
     }
     break;
   }
