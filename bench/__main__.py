@@ -1,4 +1,4 @@
-"""python -m bench [--op sample|verify_chunk|all] [--quick] [--device cuda|cpu] [--out FILE]
+"""python -m bench [--op sample|verify_chunk|kv_compact|all] [--quick] [--device cuda|cpu] [--out FILE]
 
 Times each op after a reference check, with CUDA events and medians over
 rotating buffers larger than L2, side by side with PyTorch (and FlashInfer
@@ -18,7 +18,7 @@ import torch
 
 import dspark_ops
 
-from . import sample_bench, verify_bench
+from . import kv_bench, sample_bench, verify_bench
 from .timing import copy_bandwidth_gbs
 
 GPU_GRID = [(R, V, dt) for V in (32000, 151936) for R in (1, 8, 64, 256) for dt in (torch.bfloat16, torch.float32)]
@@ -34,6 +34,16 @@ VERIFY_CPU_GRID = [(8, 7, 32000, torch.float32), (1, 3, 32000, torch.bfloat16),
                    (1, 7, 152064, torch.bfloat16), (8, 3, 152064, torch.bfloat16)]
 VERIFY_CPU_QUICK = VERIFY_CPU_GRID[:2]
 ACCEPTANCE_CASE = dict(R=8, n_draft=7, V=32000, dtype="float32", mode="probs")
+
+# kv_compact: (R, cache tensors = 2 x model layers (K and V), H, D, appended,
+# kept, layout, dtype, scenario). 16 appended, 5 kept: a tree verify pass.
+KV_GPU_GRID = [(64, 2 * layers, 8, 128, 16, 5, layout, torch.bfloat16, scen) for layers in (32, 80)
+               for layout in kv_bench.LAYOUTS for scen in kv_bench.SCENARIOS]
+KV_GPU_QUICK = [c for c in KV_GPU_GRID if c[1] == 64] + [(64, 160, 8, 128, 16, 5, "nhd", torch.bfloat16, "tree")]
+KV_CPU_GRID = [(8, 8, 8, 128, 16, 5, layout, torch.bfloat16, scen) for layout in kv_bench.LAYOUTS
+               for scen in kv_bench.SCENARIOS]
+KV_CPU_QUICK = [c for c in KV_CPU_GRID if c[-1] == "tree"]
+KV_CPU_ITERS = 25  # default --iters for kv_compact on the CPU: calls take microseconds
 
 
 def device_name(device: str) -> str:
@@ -93,6 +103,40 @@ def run_verify(dev: str, quick: bool, iters: int, copy_gbs: float) -> list:
     return rows
 
 
+def _launches(r: dict) -> str:
+    """GPU kernels per call, "+Nc" for memcpys/memsets (blank on the CPU)."""
+    if r["kernels"] is None:
+        return ""
+    return f"{r['kernels']}" + (f"+{r['device_copies']}c" if r["device_copies"] else "")
+
+
+def run_kv(dev: str, quick: bool, iters: int, copy_gbs: float) -> list:
+    """Time `kv_compact` over its grid; print its table."""
+    if dev == "cpu":
+        grid = KV_CPU_QUICK if quick else KV_CPU_GRID
+    else:
+        grid = KV_GPU_QUICK if quick else KV_GPU_GRID
+    rows = []
+    for case in grid:
+        rows += kv_bench.run_case(*case, device=dev, iters=iters, copy_gbs=copy_gbs)
+    print(f"{'impl':33s} {'layout':11s} {'scen':5s} {'R':>3s} {'L':>4s} {'HxD':>7s} {'dtype':8s} {'median us':>10s} "
+          f"{'moved':>5s} {'MB moved':>8s} {'GB/s':>7s} {'%copy':>6s} {'x ours':>7s} "
+          f"{'host us':>8s} {'kern':>6s} check")
+    for r in rows:
+        print(f"{r['impl']:33s} {r['layout']:11s} {r['scenario']:5s} {r['R']:3d} {r['tensors']:4d} "
+              f"{str(r['H']) + 'x' + str(r['D']):>7s} {r['dtype']:8s} {r['median_us']:10.1f} "
+              f"{r['moved_entries_per_tensor']:5d} {r['bytes_moved'] / 1e6:8.2f} {_fmt(r['GBps'], '7.1f')} "
+              f"{_fmt(r['frac_copy_bw'] and 100 * r['frac_copy_bw'], '6.1f')} {r['time_vs_dspark']:7.2f} "
+              f"{_fmt(r['host_issue_us'], '8.1f')} {_launches(r):>6s} {r['check'] or ''}")
+    print("# L: cache tensors (K and V of L/2 layers); moved: kept entries not already in place per tensor; "
+          "MB moved: 2 x moved x H x D x elem x L (read + write); kern: GPU kernels per call (+ memcpys, "
+          "from the profiler); host us: host time to issue one call on an idle GPU (near median us: "
+          "host-bound eager timing). torch per-layer copies every kept entry (in-place ones too), chain included")
+    if dev == "cpu":
+        print("# CPU: the caches fit in L2/L3 (no rotation on the CPU), so %copy (of a 128 MB DRAM copy) can pass 100")
+    return rows
+
+
 def acceptance_ratio(rows: list):
     """Reference median / our median on ACCEPTANCE_CASE, None if not run."""
     t = {r["impl"]: r["median_us"] for r in rows
@@ -104,7 +148,7 @@ def acceptance_ratio(rows: list):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench")
-    p.add_argument("--op", default="sample", choices=["sample", "verify_chunk", "all"])
+    p.add_argument("--op", default="sample", choices=["sample", "verify_chunk", "kv_compact", "all"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true", help="a small grid (CI-sized on the CPU)")
     p.add_argument("--iters", type=int, default=None)
@@ -121,6 +165,8 @@ def main(argv=None) -> int:
         rows += run_sample(dev, args.quick, iters, copy_gbs)
     if args.op in ("verify_chunk", "all"):
         rows += run_verify(dev, args.quick, iters, copy_gbs)
+    if args.op in ("kv_compact", "all"):
+        rows += run_kv(dev, args.quick, args.iters or (iters if dev == "cuda" else KV_CPU_ITERS), copy_gbs)
     date = datetime.date.today().isoformat()
     out = Path(args.out) if args.out else Path(__file__).parent / "results" / (
         f"{args.op}_{name.replace(' ', '_').replace('/', '_')}_{date}.json")

@@ -107,8 +107,10 @@ def kv_compact(
     -----
     Entries already in place are skipped: after chain verification (keep
     = 0..accepted) the op only writes the lengths. Overlapping moves (keep =
-    [1, 2]) are safe. No host synchronisation when given a KVLayout (a
-    list costs one small host-to-device copy of the layer table per call).
+    [1, 2]) are safe. No host synchronisation either way; a list costs one
+    small asynchronous host-to-device copy of the layer table per call (from
+    pinned memory), which a CUDA graph cannot capture: capture with a
+    KVLayout.
     """
     layout = None
     if isinstance(caches, KVLayout):
@@ -119,6 +121,8 @@ def kv_compact(
                              f"paged={layout.paged}; called with heads_first={heads_first}, "
                              f"paged={block_table is not None}")
     caches = _as_list(caches)
+    if layout is not None and not layout.matches(caches):
+        raise ValueError(f"{KV_OP}: the KVLayout no longer matches its caches (reallocated?): build a new one")
     if block_size is not None and (block_table is None or not caches or caches[0].shape[1] != block_size):
         raise ValueError(f"{KV_OP}: block_size={block_size} must go with block_table and equal the caches' "
                          f"dimension 1, got {list(caches[0].shape) if caches else []}")

@@ -3,9 +3,10 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/from_blob.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
+
+#include <cstring>
 
 #include "../kernels/kv_compact.cuh"
 #include "../kv_common.h"
@@ -30,9 +31,11 @@ void kv_compact_cuda(const at::TensorList caches, const at::Tensor& base_len, co
                       kKvOp, ": layout must be the contiguous [", layers.size(), ", 8] int64 table of KVLayout on ",
                       base_len.device(), ", got ", shape_str(*layout));
     table = *layout;
-  } else {  // one small host-to-device copy per call
-    table = at::from_blob(layers.data(), {static_cast<int64_t>(layers.size()), 8}, at::kLong)
-                .to(base_len.device(), /*non_blocking=*/false, /*copy=*/true);
+  } else {  // one small asynchronous host-to-device copy per call, from pinned memory
+    at::Tensor host = at::empty({static_cast<int64_t>(layers.size()), 8},
+                                at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+    std::memcpy(host.data_ptr(), layers.data(), layers.size() * sizeof(KVLayer));
+    table = host.to(base_len.device(), /*non_blocking=*/true, /*copy=*/true);
   }
   at::Tensor out_len = new_len, out_status = status;
   const KVArgs a = make_kv_args(caches, layers, static_cast<const KVLayer*>(table.const_data_ptr()), base_len,
