@@ -60,6 +60,16 @@ inline void check_logits(const char* op, const char* name, const at::Tensor& t) 
                     " must be contiguous in its last dimension, got strides ", t.strides());
 }
 
+// An output must not share memory with an input other blocks still read.
+inline void check_no_overlap(const char* op, const char* out_name, const at::Tensor& out, const char* in_name,
+                             const at::Tensor& in) {
+  const auto* o = static_cast<const char*>(out.data_ptr());
+  const auto* i = static_cast<const char*>(in.data_ptr());
+  const bool overlap = out.nbytes() > 0 && in.nbytes() > 0 && o < i + in.nbytes() && i < o + out.nbytes();
+  TORCH_CHECK_VALUE(!overlap, op, ": ", out_name, " must not share memory with ", in_name, " (", in_name,
+                    " is read-only; other blocks still read it)");
+}
+
 inline int64_t per_request_stride(const at::Tensor& t) { return t.size(0) == 1 ? 0 : 1; }
 
 // Workspace: enough bytes, on the device, contiguous.

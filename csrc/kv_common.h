@@ -4,6 +4,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <algorithm>
+#include <utility>
 #include <vector>
 
 #include "checks.h"
@@ -71,13 +72,22 @@ inline int64_t check_kv_args(const at::TensorList caches, const at::Tensor& base
   check_kv_vector("num_keep", num_keep, R, ref);
   check_kv_vector("new_len", new_len, R, ref);
   check_kv_vector("status", status, R, ref);
-  TORCH_CHECK_VALUE(new_len.data_ptr() != base_len.data_ptr() || R == 0, op,
-                    ": new_len must not be base_len (base_len is read-only; other blocks still read it)");
   check_same_device(op, "keep_index", keep_index, ref);
   check_dtype(op, "keep_index", keep_index, at::kInt);
   TORCH_CHECK_VALUE(keep_index.dim() == 2 && keep_index.size(0) == R && keep_index.is_contiguous(), op,
                     ": keep_index must be a contiguous [", R, ", K_max] tensor, got ", shape_str(keep_index));
+  for (const auto& [out_name, out] : {std::pair<const char*, const at::Tensor&>{"new_len", new_len},
+                                       std::pair<const char*, const at::Tensor&>{"status", status}}) {
+    check_no_overlap(op, out_name, out, "base_len", base_len);
+    check_no_overlap(op, out_name, out, "num_appended", num_appended);
+    check_no_overlap(op, out_name, out, "num_keep", num_keep);
+    check_no_overlap(op, out_name, out, "keep_index", keep_index);
+    if (block_table.has_value()) check_no_overlap(op, out_name, out, "block_table", *block_table);
+  }
+  check_no_overlap(op, "status", status, "new_len", new_len);
   if (block_table.has_value()) {
+    TORCH_CHECK_VALUE(ref.dim() == 4 && ref.size(1) >= 1, op, ": paged caches must have block_size >= 1, got ",
+                      shape_str(ref));
     TORCH_CHECK_VALUE(!heads_first, op, ": heads_first caches cannot be paged");
     check_same_device(op, "block_table", *block_table, ref);
     check_dtype(op, "block_table", *block_table, at::kInt);

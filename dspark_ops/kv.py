@@ -81,7 +81,10 @@ def kv_compact(
         Written: ``base_len + num_keep`` (``base_len`` for a rejected request).
     block_table : Tensor [R, max_blocks], int32, optional
         Paged caches: position s of request r lives in block
-        ``block_table[r, s // block_size]``.
+        ``block_table[r, s // block_size]``. The blocks holding the appended
+        positions must be the request's own (no two positions on one slot;
+        a shared prefix block below base_len is fine): the op does not
+        check it.
     status : Tensor [R], int32, optional
         Written: 0, ``Status.BAD_INDEX`` (a keep index not strictly
         increasing or >= num_appended, a block-table entry out of range) or

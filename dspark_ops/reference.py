@@ -198,15 +198,20 @@ def target_distribution(l: torch.Tensor, temperature: float, top_k: int, top_p: 
     return x, w / w.sum()
 
 
-def race(dist: torch.Tensor, bits: torch.Tensor) -> Tuple[int, float]:
+def race(dist: torch.Tensor, bits: torch.Tensor, p: Optional[torch.Tensor] = None) -> Tuple[int, float]:
     """Exponential race over a float64 distribution: (token, relative gap
-    between the best and second-best score — the margin of this decision)."""
+    between the best and second-best score — the margin of this decision).
+    For a residual dist = max(0, p - q), pass p: an implementation's
+    rounding of p (relative eps) moves log r by eps * p / r, so the gap is
+    scaled by r / p of the two contenders (cancellation where p ~ q)."""
     scores = torch.where(dist > 0, torch.log(dist) - torch.log(exponential_from_bits(bits).double()),
                          torch.tensor(_NEG_INF, dtype=torch.float64))
     top = torch.topk(scores, min(2, scores.shape[0]))
     gap = float("inf")
     if top.values.shape[0] == 2 and top.values[1] > _NEG_INF:
         gap = float(top.values[0] - top.values[1]) / max(1.0, abs(float(top.values[0])))
+        if p is not None:
+            gap *= min(float(dist[i] / p[i]) for i in top.indices.tolist())
     return int(torch.argmax(scores)), gap
 
 
@@ -316,7 +321,8 @@ def verify_chunk(target_logits: torch.Tensor, draft_tokens: torch.Tensor, cu_num
                 resid[tok] = 0.0
             else:
                 resid = torch.clamp(p - q, min=0.0)
-            emit, gap = race(resid if bool((resid > 0).any()) else p, emit_bits)
+            has_mass = bool((resid > 0).any())
+            emit, gap = race(resid, emit_bits, p) if has_mass else race(p, emit_bits)
             margin = min(margin, gap)
             break
         if margins is not None:
@@ -390,7 +396,7 @@ def commit_tokens(out_tokens, out_len, position, max_len, finished, last_token, 
         if bool(finished[r]):
             continue
         st, n = int(status[r]), int(emitted[r])
-        if st & int(ABORT) or not 0 <= n <= W:
+        if st & int(ABORT) or not 0 <= n <= W or int(out_len[r]) < 0:
             finished[r] = True
             error[r] = st if st & int(ABORT) else int(Status.BAD_LENGTHS)
             continue

@@ -111,8 +111,13 @@ def test_host_errors():
                num_keep=torch.ones(R, dtype=torch.int32))
     with pytest.raises(ValueError, match=r"caches\[1\] must have R = 2 requests in dimension 0, got \[3, 4, 1, 1\]"):
         dspark_ops.kv_compact([torch.zeros(2, 4, 1, 1), torch.zeros(3, 4, 1, 1)], base, **idx)
-    with pytest.raises(ValueError, match="new_len must not be base_len"):
+    with pytest.raises(ValueError, match="new_len must not share memory with base_len"):
         dspark_ops.kv_compact([torch.zeros(2, 4, 1, 1)], base, new_len=base, **idx)
+    with pytest.raises(ValueError, match="status must not share memory with num_keep"):
+        dspark_ops.kv_compact([torch.zeros(2, 4, 1, 1)], base, status=idx["num_keep"], **idx)
+    with pytest.raises(ValueError, match="paged caches must have block_size >= 1"):
+        dspark_ops.kv_compact([torch.zeros(3, 0, 1, 1)], base, block_table=torch.zeros(R, 2, dtype=torch.int32),
+                              **idx)
     with pytest.raises(ValueError, match="keep_index must have dtype Int, got Long"):
         dspark_ops.kv_compact([torch.zeros(2, 4, 1, 1)], base, **{**idx, "keep_index": torch.zeros(R, 1).long()})
     with pytest.raises(ValueError, match=r"paged caches\[1\] must have num_blocks = 3"):
@@ -213,3 +218,17 @@ def test_commit_tokens_opcheck():
             torch.randint(0, 5, (4, 3), generator=g, dtype=torch.int32), torch.tensor([1, 2, 3, 0], dtype=torch.int32),
             torch.zeros(4, dtype=torch.int32), None)
     torch.library.opcheck(torch.ops.dspark_ops.commit_tokens.default, args)
+
+
+def test_many_kept_entries_dense_overlap_heads_first_bytes():
+    # num_keep well above one CUDA block's 256 threads, byte-wise copies.
+    g = torch.Generator().manual_seed(10)
+    R, S, H, D = 2, 1300, 3, 5
+    caches = random_caches(2, R, S, H, D, torch.uint8, g, heads_first=True)
+    base = torch.tensor([3, 0], dtype=torch.int32)
+    app = torch.tensor([1200, 700], dtype=torch.int32)
+    keep = torch.full((R, 600), -1, dtype=torch.int32)
+    keep[0] = torch.arange(1, 1200, 2, dtype=torch.int32)[:600]      # odd offsets: every entry moves
+    keep[1, :450] = torch.arange(1, 451, dtype=torch.int32)          # shift by one: dense overlap
+    nk = torch.tensor([600, 450], dtype=torch.int32)
+    run_both(caches, base, app, keep, nk, heads_first=True)

@@ -95,3 +95,31 @@ def test_cuda_commit_tokens_matches_cpu():
         dspark_ops.commit_tokens(gpu, tokens.cuda(), emitted.cuda(), status.cuda(), stop_tokens=stops.cuda())
     for f in cpu.__dataclass_fields__:
         assert torch.equal(getattr(gpu, f).cpu(), getattr(cpu, f)), f
+
+
+def test_cuda_many_kept_entries_dense_overlap_heads_first_bytes():
+    g = torch.Generator().manual_seed(10)
+    R, S, H, D = 4, 1300, 3, 5
+    caches = random_caches(3, R, S, H, D, torch.uint8, g, heads_first=True)
+    base = torch.tensor([3, 0, 7, 1], dtype=torch.int32)
+    app = torch.tensor([1200, 700, 600, 900], dtype=torch.int32)
+    keep = torch.full((R, 600), -1, dtype=torch.int32)
+    keep[0] = torch.arange(1, 1200, 2, dtype=torch.int32)[:600]
+    keep[1, :450] = torch.arange(1, 451, dtype=torch.int32)
+    keep[2, :300] = torch.arange(0, 600, 2, dtype=torch.int32)
+    keep[3, :257] = torch.arange(3, 260, dtype=torch.int32)
+    nk = torch.tensor([600, 450, 300, 257], dtype=torch.int32)
+    compare(caches, base, app, keep, nk, heads_first=True)
+
+
+def test_cuda_paged_invalid_request_untouched_beside_valid_ones():
+    g = torch.Generator().manual_seed(11)
+    R, bs, H, D, max_blocks = 3, 4, 2, 8, 4
+    caches = [torch.randn(R * max_blocks, bs, H, D, generator=g).half() for _ in range(3)]
+    block_table = torch.arange(R * max_blocks, dtype=torch.int32).reshape(R, max_blocks)
+    block_table[1, 2] = 99  # request 1 reaches an out-of-range block
+    base = torch.tensor([2, 2, 2], dtype=torch.int32)
+    app = torch.tensor([8, 8, 8], dtype=torch.int32)
+    keep = torch.tensor([[1, 4, 7], [1, 4, 7], [0, 5, 6]], dtype=torch.int32)
+    nk = torch.tensor([3, 3, 3], dtype=torch.int32)
+    compare(caches, base, app, keep, nk, block_table=block_table)

@@ -1,7 +1,11 @@
-// How a row's vocabulary is split across CUDA blocks: enough blocks in all
-// (about kTargetBlocks) to fill a large GPU even for one row, never chunks of
-// fewer than kMinChunk entries. Depends on (rows, V) only, so workspace sizes
-// are device-independent and the results never depend on it.
+// How a row's vocabulary is split across CUDA blocks.
+// split_chunks: enough blocks in all (about kTargetBlocks) to fill a large
+// GPU even for one row, never chunks of fewer than kMinChunk entries; it
+// depends on the number of rows, so only ops whose per-row result is exact in
+// any order (an argmax under a total order: `sample`'s race) may use it.
+// fixed_chunks: chunks of kFixedChunk entries, a function of V alone, for
+// ops that sum floats over a row (verify_chunk's softmax normaliser): the
+// summation order, hence every decision, is then independent of the batch.
 #pragma once
 #include <cstdint>
 
@@ -22,6 +26,10 @@ inline int64_t split_chunk_len(int64_t vocab, int64_t num_chunks) {
   const int64_t len = (vocab + num_chunks - 1) / num_chunks;
   return (len + 3) / 4 * 4;
 }
+
+constexpr int64_t kFixedChunk = 2048;
+
+inline int64_t fixed_chunks(int64_t vocab) { return (vocab + kFixedChunk - 1) / kFixedChunk; }
 
 inline int64_t align_up(int64_t n, int64_t a) { return (n + a - 1) / a * a; }
 

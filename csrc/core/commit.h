@@ -39,7 +39,7 @@ DSPARK_HD void commit_request(const CommitArgs& a, int64_t r) {
   if (a.finished[r]) return;
   const int32_t st = a.status[r];
   const int64_t n = a.emitted[r];
-  if ((st & kAbortMask) || n < 0 || n > a.width) {
+  if ((st & kAbortMask) || n < 0 || n > a.width || a.out_len[r] < 0) {
     a.finished[r] = true;
     a.error[r] = (st & kAbortMask) ? st : static_cast<int32_t>(kBadLengths);
     return;

@@ -125,7 +125,7 @@ struct VerifyWorkspace {
 
 // Carves `base` (nullptr: only sizes it) for R requests, max_draft K, V.
 inline VerifyWorkspace verify_workspace(void* base, int64_t R, int64_t K, int64_t V) {
-  const int64_t rows = verify_rows(R, K), chunks = split_chunks(rows, V), rchunks = split_chunks(R, V);
+  const int64_t rows = verify_rows(R, K), chunks = fixed_chunks(V), rchunks = split_chunks(R, V);
   char* p = static_cast<char*>(base);
   int64_t off = 0;
   auto take = [&](int64_t bytes) {

@@ -9,6 +9,7 @@
 #pragma once
 #include <cuda_runtime.h>
 
+#include <climits>
 #include <cstdint>
 
 #include "../core/kv.h"
@@ -75,6 +76,7 @@ __global__ void __launch_bounds__(kKvBlock) kv_compact_kernel(KVArgs a) {
 inline cudaError_t kv_compact_launch(const KVArgs& a, cudaStream_t stream) {
   const int64_t blocks = static_cast<int64_t>(a.num_requests) * a.num_layers;
   if (blocks == 0) return cudaSuccess;
+  if (blocks > INT32_MAX) return cudaErrorInvalidConfiguration;
   kv_compact_kernel<<<static_cast<unsigned>(blocks), kKvBlock, 0, stream>>>(a);
   return cudaGetLastError();
 }

@@ -11,6 +11,7 @@
 #pragma once
 #include <cuda_runtime.h>
 
+#include <climits>
 #include <cstdint>
 
 #include "../core/sample_args.h"
@@ -97,7 +98,8 @@ cudaError_t sample_launch(const SampleArgs<T>& a, void* workspace, bool may_filt
                           cudaStream_t stream) {
   const int64_t R = a.num_requests;
   if (R == 0) return cudaSuccess;
-  const int64_t chunks = split_chunks(R, a.vocab);
+  const int64_t chunks = split_chunks(R, a.vocab);  // the race is an exact argmax: any split gives the same token
+  if (R * chunks > INT32_MAX) return cudaErrorInvalidConfiguration;
   const int64_t chunk_len = split_chunk_len(a.vocab, chunks);
   char* ws = static_cast<char*>(workspace);
   uint32_t* keep_keys = may_filter ? reinterpret_cast<uint32_t*>(ws) : nullptr;

@@ -15,6 +15,7 @@
 #pragma once
 #include <cuda_runtime.h>
 
+#include <climits>
 #include <cstdint>
 
 #include "../core/verify_args.h"
@@ -236,10 +237,12 @@ cudaError_t verify_chunk_launch(const VerifyArgs<T, D>& a, void* workspace, bool
   const int64_t K = a.max_draft;
   const VerifyWorkspace w = verify_workspace(workspace, R, K, a.vocab);
   const int64_t rows = verify_rows(R, K);
-  const int64_t chunks = split_chunks(rows, a.vocab), chunk_len = split_chunk_len(a.vocab, chunks);
+  // Row statistics sum floats: chunks depend on V alone (batch-invariant).
+  const int64_t chunks = fixed_chunks(a.vocab), chunk_len = kFixedChunk;
   const int64_t rchunks = split_chunks(R, a.vocab), rchunk_len = split_chunk_len(a.vocab, rchunks);
   const uint32_t* keep = may_filter ? w.keep_keys : nullptr;
   const unsigned warp_blocks = static_cast<unsigned>((R + kVerifyWarpsPerBlock - 1) / kVerifyWarpsPerBlock);
+  if (rows * chunks > INT32_MAX || rows > INT32_MAX || R * rchunks > INT32_MAX) return cudaErrorInvalidConfiguration;
   if (may_filter)
     verify_threshold_kernel<T, D><<<static_cast<unsigned>(rows), kVerifyThresholdBlock, 0, stream>>>(a, w.keep_keys);
   verify_stats_kernel<T, D><<<static_cast<unsigned>(rows * chunks), kVerifyBlock, 0, stream>>>(
