@@ -7,6 +7,7 @@
 
 #include "core/sample_args.h"
 #include "core/verify_args.h"
+#include "schedule_common.h"
 
 // `import dspark_ops._C` runs the registrations below; the module itself is
 // empty (ops are reached as torch.ops.dspark_ops.*).
@@ -25,6 +26,7 @@ int64_t workspace_bytes(std::string op, int64_t num_requests, int64_t vocab, int
                     num_requests, ", ", vocab, " and ", max_draft);
   if (op == "sample") return sample_workspace_bytes(num_requests, vocab);
   if (op == "verify_chunk") return verify_workspace(nullptr, num_requests, max_draft, vocab).bytes;
+  if (op == "schedule_verify") return schedule_workspace_bytes(num_requests, max_draft);  // max_draft = G
   TORCH_CHECK_VALUE(false, "dspark_ops.workspace_size: unknown op '", op, "'");
 }
 
@@ -56,6 +58,12 @@ TORCH_LIBRARY(dspark_ops, m) {
       "commit_tokens(Tensor(a!) out_tokens, Tensor(b!) out_len, Tensor(c!) position, Tensor max_len, "
       "Tensor(d!) finished, Tensor(e!) last_token, Tensor(f!) error, Tensor tokens, Tensor emitted, Tensor status, "
       "Tensor? stop_tokens) -> ()");
+  m.def(
+      "schedule_verify(Tensor confidence, Tensor num_draft, Tensor sps_table, str schedule_mode, float threshold, "
+      "Tensor? budget, Tensor? temperatures) -> Tensor verify_len");
+  m.def(
+      "schedule_verify.out(Tensor confidence, Tensor num_draft, Tensor sps_table, str schedule_mode, float threshold, "
+      "Tensor? budget, Tensor? temperatures, *, Tensor(a!) verify_len, Tensor(w!)? workspace=None) -> ()");
   m.def("kv_layout_table(Tensor[] caches, bool heads_first, bool paged) -> Tensor");
   m.def("workspace_bytes(str op, int num_requests, int vocab, int max_draft) -> int", &dspark::workspace_bytes);
 }

@@ -417,3 +417,68 @@ def commit_tokens(out_tokens, out_len, position, max_len, finished, last_token, 
         if int(out_len[r]) >= limit:
             finished[r] = True
     return out_tokens, out_len, position, finished, last_token, error
+
+
+# ----------------------------------------------------------- schedule_verify
+
+SCHEDULE_MODES = ("early_stop", "threshold", "budget", "global")
+
+
+def calibrated_confidence(confidence: torch.Tensor, temperatures: Optional[torch.Tensor]) -> torch.Tensor:
+    """c [R, G] float64 in [0, 1]: the confidences as given (NaN -> 0), or
+    sigmoid(logit / T_k) when per-position temperatures are given."""
+    c = confidence.detach().cpu().double()
+    if temperatures is not None:
+        c = torch.sigmoid(c / temperatures.detach().cpu().double().unsqueeze(0))
+    return torch.nan_to_num(c, nan=0.0).clamp(0.0, 1.0)
+
+
+def schedule_verify(confidence, num_draft, sps_table, *, mode="early_stop", threshold=None, budget=None,
+                    temperatures=None):
+    """Reference schedule_verify (DESIGN §3): verify_len [R] int32.
+
+    Survival a[r, j] = prod_{i <= j} c[r, i] (fp64, in order); candidates
+    (r, j < n_r) ranked by survival descending, ties by r then j; token
+    batch B = R + admitted; tau = R + sum of admitted survivals (fp64, in
+    admission order); SPS(B) = sps_table[B], 0 beyond its end."""
+    c = calibrated_confidence(confidence, temperatures)
+    R, G = c.shape
+    n = num_draft.detach().cpu().long().clamp(0, G)
+    sps = sps_table.detach().cpu().double()
+
+    def sps_at(B):
+        return float(sps[B]) if B < sps.shape[0] else 0.0
+
+    cands = []
+    for r in range(R):
+        a = 1.0
+        for j in range(int(n[r])):
+            a *= float(c[r, j])
+            cands.append((a, r, j))
+    cands.sort(key=lambda t: (-t[0], t[1], t[2]))
+    if mode == "threshold":
+        admitted = [t for t in cands if t[0] >= threshold]
+    elif mode == "budget":
+        admitted = cands[:max(0, min(int(budget), len(cands)))]
+    elif mode in ("early_stop", "global"):
+        B, tau = R, float(R)
+        best_f, best_k, f = tau * sps_at(B), 0, tau * sps_at(B)
+        k = 0
+        for a, r, j in cands:
+            B, tau = B + 1, tau + a
+            f_next = tau * sps_at(B)
+            if mode == "early_stop":
+                if not f_next > f:
+                    break
+                f, k = f_next, k + 1
+            else:
+                k += 1
+                if f_next > best_f:
+                    best_f, best_k = f_next, k
+        admitted = cands[:k if mode == "early_stop" else best_k]
+    else:
+        raise ValueError(f"unknown mode {mode}")
+    verify_len = torch.zeros(R, dtype=torch.int32)
+    for _, r, _ in admitted:
+        verify_len[r] += 1
+    return verify_len

@@ -1,0 +1,81 @@
+// schedule_verify (DESIGN §3): DSpark's confidence-scheduled verification.
+// Survival a[r, j] = prod_{i <= j} c[r, i] (fp64, in order); candidates ranked
+// by survival descending (ties: request, then position); the admission count
+// per mode from the ranked list with tau summed in fp64 in that order, so CPU
+// and CUDA agree exactly. Shared by the CPU op and the CUDA kernel.
+#pragma once
+#include <math.h>
+
+#include <cstdint>
+
+#include "macros.h"
+
+namespace dspark {
+
+enum ScheduleMode : int32_t { kEarlyStop = 0, kThreshold = 1, kBudget = 2, kGlobal = 3 };
+
+struct ScheduleArgs {
+  const float* confidence;     // [R, G]: calibrated probabilities, or logits with temperatures
+  int32_t num_requests;        // R
+  int32_t group;               // G
+  const int32_t* num_draft;    // [R]
+  const double* sps;           // [sps_len]: steps per second at token batch B
+  int64_t sps_len;
+  const float* temperatures;   // [G] or nullptr
+  int32_t mode;
+  double threshold;
+  const int64_t* budget;       // [1] or nullptr
+  int32_t* verify_len;         // [R] out
+};
+
+// c[r, j] as a probability in [0, 1] (NaN counts as 0).
+DSPARK_HD double schedule_confidence(const ScheduleArgs& a, int64_t r, int64_t j) {
+  double x = static_cast<double>(a.confidence[r * a.group + j]);
+  if (a.temperatures != nullptr) x = 1.0 / (1.0 + exp(-x / static_cast<double>(a.temperatures[j])));
+  if (!(x > 0.0)) return 0.0;
+  return x < 1.0 ? x : 1.0;
+}
+
+DSPARK_HD int32_t schedule_num_draft(const ScheduleArgs& a, int64_t r) {
+  const int32_t n = a.num_draft[r];
+  return n < 0 ? 0 : (n > a.group ? a.group : n);
+}
+
+// Ranking: higher survival first, then lower id = r * G + j.
+DSPARK_HD bool schedule_before(double key_a, int32_t id_a, double key_b, int32_t id_b) {
+  return key_a > key_b || (key_a == key_b && id_a < id_b);
+}
+
+DSPARK_HD double schedule_sps(const ScheduleArgs& a, int64_t B) { return B < a.sps_len ? a.sps[B] : 0.0; }
+
+// How many of the N ranked candidates (survivals `keys`, descending) to admit.
+DSPARK_HD int64_t schedule_admit_count(const ScheduleArgs& a, const double* keys, int64_t N) {
+  if (a.mode == kThreshold) {
+    int64_t k = 0;
+    while (k < N && keys[k] >= a.threshold) ++k;
+    return k;
+  }
+  if (a.mode == kBudget) {
+    const int64_t b = a.budget != nullptr ? a.budget[0] : 0;
+    return b < 0 ? 0 : (b < N ? b : N);
+  }
+  int64_t B = a.num_requests, k = 0, best_k = 0;
+  double tau = static_cast<double>(a.num_requests);
+  double f = tau * schedule_sps(a, B), best_f = f;
+  for (int64_t i = 0; i < N; ++i) {
+    ++B;
+    tau += keys[i];
+    const double next = tau * schedule_sps(a, B);
+    if (a.mode == kEarlyStop) {  // Algorithm 1: stop at the first admission that does not pay
+      if (!(next > f)) break;
+      f = next;
+      k = i + 1;
+    } else if (next > best_f) {  // kGlobal: the best prefix (lossy; for studies)
+      best_f = next;
+      best_k = i + 1;
+    }
+  }
+  return a.mode == kEarlyStop ? k : best_k;
+}
+
+}  // namespace dspark
