@@ -18,7 +18,7 @@ import torch
 
 import dspark_ops
 
-from . import kv_bench, sample_bench, verify_bench
+from . import kv_bench, sample_bench, schedule_bench, verify_bench
 from .timing import copy_bandwidth_gbs
 
 GPU_GRID = [(R, V, dt) for V in (32000, 151936) for R in (1, 8, 64, 256) for dt in (torch.bfloat16, torch.float32)]
@@ -137,6 +137,24 @@ def run_kv(dev: str, quick: bool, iters: int, copy_gbs: float) -> list:
     return rows
 
 
+SCHEDULE_GRID = [(256, 7), (4096, 16)]
+SCHEDULE_CPU_GRID = [(256, 7)]
+
+
+def run_schedule(dev: str, quick: bool, iters: int) -> list:
+    """Time `schedule_verify` (DSpark's scheduler) per mode; print its table."""
+    grid = SCHEDULE_CPU_GRID if (dev == "cpu" or quick) else SCHEDULE_GRID
+    rows = []
+    for R, G in grid:
+        for mode in schedule_bench.MODES:
+            rows += schedule_bench.run_case(R, G, mode, dev, iters)
+    print(f"{'impl':28s} {'mode':11s} {'R':>5s} {'G':>3s} {'median us':>10s} {'x ours':>7s} {'admitted':>8s} check")
+    for r in rows:
+        print(f"{r['impl']:28s} {r['mode']:11s} {r['R']:5d} {r['G']:3d} {r['median_us']:10.1f} "
+              f"{r['time_vs_dspark']:7.2f} {r['admitted']:8d} {r['check'] or ''}")
+    return rows
+
+
 def acceptance_ratio(rows: list):
     """Reference median / our median on ACCEPTANCE_CASE, None if not run."""
     t = {r["impl"]: r["median_us"] for r in rows
@@ -148,7 +166,7 @@ def acceptance_ratio(rows: list):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench")
-    p.add_argument("--op", default="sample", choices=["sample", "verify_chunk", "kv_compact", "all"])
+    p.add_argument("--op", default="sample", choices=["sample", "verify_chunk", "kv_compact", "schedule_verify", "all"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true", help="a small grid (CI-sized on the CPU)")
     p.add_argument("--iters", type=int, default=None)
@@ -167,6 +185,8 @@ def main(argv=None) -> int:
         rows += run_verify(dev, args.quick, iters, copy_gbs)
     if args.op in ("kv_compact", "all"):
         rows += run_kv(dev, args.quick, args.iters or (iters if dev == "cuda" else KV_CPU_ITERS), copy_gbs)
+    if args.op in ("schedule_verify", "all"):
+        rows += run_schedule(dev, args.quick, iters)
     date = datetime.date.today().isoformat()
     out = Path(args.out) if args.out else Path(__file__).parent / "results" / (
         f"{args.op}_{name.replace(' ', '_').replace('/', '_')}_{date}.json")
