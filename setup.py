@@ -30,7 +30,8 @@ if cuda_home:
 os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
 
 import torch  # noqa: E402
-from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+from torch.utils.cpp_extension import (BuildExtension, CppExtension, CUDAExtension,  # noqa: E402
+                                       is_ninja_available)
 
 with_cuda = force != "0" and torch.version.cuda is not None and cuda_home is not None
 if force == "1" and not with_cuda:
@@ -63,5 +64,6 @@ print(
 
 setup(
     ext_modules=[extension],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    # ninja builds the sources in parallel (MAX_JOBS); without it, serially.
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=is_ninja_available())},
 )
