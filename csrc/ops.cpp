@@ -65,5 +65,6 @@ TORCH_LIBRARY(dspark_ops, m) {
       "schedule_verify.out(Tensor confidence, Tensor num_draft, Tensor sps_table, str schedule_mode, float threshold, "
       "Tensor? budget, Tensor? temperatures, *, Tensor(a!) verify_len, Tensor(w!)? workspace=None) -> ()");
   m.def("kv_layout_table(Tensor[] caches, bool heads_first, bool paged) -> Tensor");
+  m.def("keep_key(Tensor logits, Tensor temperature, Tensor? top_k, Tensor? top_p) -> Tensor keys");
   m.def("workspace_bytes(str op, int num_requests, int vocab, int max_draft) -> int", &dspark::workspace_bytes);
 }

@@ -79,6 +79,38 @@ SampleArgs<Storage> make_sample_args(const at::Tensor& logits, const at::Tensor&
   return a;
 }
 
+// keep_key(logits [R, V], temperature, top_k, top_p) -> keys [R] int32 (the
+// uint32 bits): sample's checks with seed/position/slot absent.
+inline at::Tensor keep_key_output(const at::Tensor& logits, const at::Tensor& temperature,
+                                  const c10::optional<at::Tensor>& top_k, const c10::optional<at::Tensor>& top_p) {
+  check_logits("dspark_ops.keep_key", "logits", logits);
+  const int64_t R = logits.size(0);
+  check_per_request("dspark_ops.keep_key", "temperature", temperature, R, at::kFloat, logits);
+  if (top_k.has_value()) check_per_request("dspark_ops.keep_key", "top_k", *top_k, R, at::kInt, logits);
+  if (top_p.has_value()) check_per_request("dspark_ops.keep_key", "top_p", *top_p, R, at::kFloat, logits);
+  return at::empty({R}, logits.options().dtype(at::kInt));
+}
+
+template <typename Storage>
+SampleArgs<Storage> make_keep_key_args(const at::Tensor& logits, const at::Tensor& temperature,
+                                       const c10::optional<at::Tensor>& top_k, const c10::optional<at::Tensor>& top_p) {
+  SampleArgs<Storage> a{};
+  a.logits = static_cast<const Storage*>(logits.const_data_ptr());
+  a.row_stride = logits.stride(0);
+  a.num_rows = logits.size(0);
+  a.vocab = static_cast<int32_t>(logits.size(1));
+  a.num_requests = static_cast<int32_t>(logits.size(0));
+  a.row_start = nullptr;
+  a.temperature = per_request<float>(temperature, 1.0f);
+  a.top_k = per_request<int32_t>(top_k, 0);
+  a.top_p = per_request<float>(top_p, 1.0f);
+  a.seed = PerRequest<int64_t>{nullptr, 0, 0};
+  a.position = PerRequest<int64_t>{nullptr, 0, 0};
+  a.slot = PerRequest<int32_t>{nullptr, 0, 0};
+  a.purpose = kPurposeDraft;
+  return a;
+}
+
 // The functional form of `sample` over a backend's `.out` kernel.
 using SampleOutFn = void (*)(const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
                              const c10::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&, int64_t,

@@ -482,3 +482,49 @@ def schedule_verify(confidence, num_draft, sps_table, *, mode="early_stop", thre
     for _, r, _ in admitted:
         verify_len[r] += 1
     return verify_len
+
+
+# -------------------------------------------------------------- markov_draft
+
+
+def markov_draft(base_logits, anchor, w1, w2, *, temperature=1.0, top_k=0, top_p=1.0, seed=0, position=0,
+                 num_draft=None):
+    """Reference markov_draft (DESIGN §3): (tokens [R, G] int32,
+    draft_logits [R, G, V], status [R]); per request, step by step.
+    The corrected logits are computed in float64 and rounded to float32
+    (the op uses an fp32 GEMM: written values may differ in the last fp32
+    bit, decisions only within the margin rule)."""
+    R, G, V = base_logits.shape
+    dtype = base_logits.dtype
+    temps, ks, ps, seeds, positions = _sampling_params(R, temperature, top_k, top_p, seed, position)
+    n = (num_draft.cpu().long().clamp(0, G) if num_draft is not None else torch.full((R,), G))
+    tokens = torch.full((R, G), -1, dtype=torch.int32)
+    logits = torch.full((R, G, V), float("-inf"), dtype=dtype)
+    status = torch.zeros(R, dtype=torch.int32)
+    w1d, w2d = w1.detach().cpu().double(), w2.detach().cpu().double()
+    for r in range(R):
+        prev = int(anchor[r])
+        if not 0 <= prev < V:
+            status[r] = int(Status.TOKEN_OUT_OF_RANGE)
+            continue
+        T = float(temps[r])
+        for k in range(1, int(n[r]) + 1):
+            z = (base_logits[r, k - 1].detach().cpu().double() + w1d[prev] @ w2d).float()
+            if T > 0:
+                x = (z / torch.tensor(T, dtype=torch.float32)).to(dtype)
+                xf = x.float()
+                if not _nonfinite(xf):
+                    keep = topp_keep(xf, topk_keep(xf, int(ks[r])), float(ps[r]))
+                    x = torch.where(keep, x, torch.tensor(float("-inf"), dtype=dtype))
+            else:
+                x = z.to(dtype)
+            logits[r, k - 1] = x
+            tok, st, _ = sample_row(x.float(), temperature=1.0 if T > 0 else 0.0, top_k=0, top_p=1.0,
+                                    seed=int(seeds[r]), position=int(positions[r]), purpose=int(Purpose.DRAFT),
+                                    slot=k)
+            status[r] |= st
+            if st & int(ABORT):
+                break
+            tokens[r, k - 1] = tok
+            prev = tok
+    return tokens, logits, status

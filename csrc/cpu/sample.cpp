@@ -98,10 +98,30 @@ void sample_out_cpu(const at::Tensor& logits, const at::Tensor& temperature,
   }
 }
 
+at::Tensor keep_key_cpu(const at::Tensor& logits, const at::Tensor& temperature,
+                        const c10::optional<at::Tensor>& top_k, const c10::optional<at::Tensor>& top_p) {
+  at::Tensor keys = keep_key_output(logits, temperature, top_k, top_p);
+  auto run = [&](auto tag) {
+    using T = decltype(tag);
+    const auto a = make_keep_key_args<T>(logits, temperature, top_k, top_p);
+    auto* out = static_cast<uint32_t*>(keys.data_ptr());
+    at::parallel_for(0, a.num_requests, 1, [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r) out[r] = threshold_key(a, r);
+    });
+  };
+  switch (logits.scalar_type()) {
+    case at::kFloat: run(float{}); break;
+    case at::kHalf: run(c10::Half{}); break;
+    default: run(c10::BFloat16{});
+  }
+  return keys;
+}
+
 }  // namespace
 }  // namespace dspark
 
 TORCH_LIBRARY_IMPL(dspark_ops, CPU, m) {
+  m.impl("keep_key", &dspark::keep_key_cpu);
   m.impl("sample", &dspark::sample_functional<&dspark::sample_out_cpu>);
   m.impl("sample.out", &dspark::sample_out_cpu);
 }

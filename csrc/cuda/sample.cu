@@ -53,10 +53,28 @@ void sample_out_cuda(const at::Tensor& logits, const at::Tensor& temperature,
   }
 }
 
+at::Tensor keep_key_cuda(const at::Tensor& logits, const at::Tensor& temperature,
+                         const c10::optional<at::Tensor>& top_k, const c10::optional<at::Tensor>& top_p) {
+  at::Tensor keys = keep_key_output(logits, temperature, top_k, top_p);
+  if (logits.size(0) == 0) return keys;
+  const c10::cuda::CUDAGuard guard(logits.device());
+  auto* out = static_cast<uint32_t*>(keys.data_ptr());
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  cudaError_t err;
+  switch (logits.scalar_type()) {
+    case at::kFloat: err = sample_keep_keys_launch(make_keep_key_args<float>(logits, temperature, top_k, top_p), out, stream); break;
+    case at::kHalf: err = sample_keep_keys_launch(make_keep_key_args<__half>(logits, temperature, top_k, top_p), out, stream); break;
+    default: err = sample_keep_keys_launch(make_keep_key_args<__nv_bfloat16>(logits, temperature, top_k, top_p), out, stream);
+  }
+  TORCH_CHECK(err == cudaSuccess, "dspark_ops.keep_key: CUDA launch failed: ", cudaGetErrorString(err));
+  return keys;
+}
+
 }  // namespace
 }  // namespace dspark
 
 TORCH_LIBRARY_IMPL(dspark_ops, CUDA, m) {
+  m.impl("keep_key", &dspark::keep_key_cuda);
   m.impl("sample", &dspark::sample_functional<&dspark::sample_out_cuda>);
   m.impl("sample.out", &dspark::sample_out_cuda);
 }

@@ -91,6 +91,15 @@ __global__ void __launch_bounds__(kSampleFinalizeWarps * 32)
   if (lane == 0) race_finish(best, flags, a.tokens[r], a.status[r]);
 }
 
+// keep_keys [R]: the top-k/top-p keep key of each request's row alone (the
+// `keep_key` op: what markov_draft masks its written logits with).
+template <typename T>
+cudaError_t sample_keep_keys_launch(const SampleArgs<T>& a, uint32_t* keep_keys, cudaStream_t stream) {
+  if (a.num_requests == 0) return cudaSuccess;
+  sample_threshold_kernel<T><<<static_cast<unsigned>(a.num_requests), kSampleThresholdBlock, 0, stream>>>(a, keep_keys);
+  return cudaGetLastError();
+}
+
 // workspace: sample_workspace_bytes(R, V) bytes. `may_filter`: false when
 // top-k and top-p are off for every request (skips the threshold kernel).
 template <typename T>
@@ -121,4 +130,8 @@ template cudaError_t dspark::sample_launch<float>(const dspark::SampleArgs<float
 template cudaError_t dspark::sample_launch<__half>(const dspark::SampleArgs<__half>&, void*, bool, cudaStream_t);
 template cudaError_t dspark::sample_launch<__nv_bfloat16>(const dspark::SampleArgs<__nv_bfloat16>&, void*, bool,
                                                           cudaStream_t);
+template cudaError_t dspark::sample_keep_keys_launch<float>(const dspark::SampleArgs<float>&, uint32_t*, cudaStream_t);
+template cudaError_t dspark::sample_keep_keys_launch<__half>(const dspark::SampleArgs<__half>&, uint32_t*, cudaStream_t);
+template cudaError_t dspark::sample_keep_keys_launch<__nv_bfloat16>(const dspark::SampleArgs<__nv_bfloat16>&, uint32_t*,
+                                                                    cudaStream_t);
 #endif

@@ -1,0 +1,171 @@
+"""markov_draft: DSpark's Markov-head block sampler (DESIGN §3)."""
+import pytest
+import torch
+
+import dspark_ops
+from dspark_ops import Purpose, Status
+from dspark_ops import reference as ref
+from helpers import MARGIN, chi_square_pvalue
+
+MODES = {"greedy": dict(temperature=0.0), "temperature": dict(temperature=0.8),
+         "top_k_top_p": dict(temperature=1.2, top_k=7, top_p=0.8)}
+
+
+def head(R, G, V, r, dtype=torch.float32, seed=0, scale=2.0):
+    g = torch.Generator().manual_seed(seed)
+    return ((torch.randn(R, G, V, generator=g) * scale).to(dtype), torch.randint(0, V, (R,), generator=g),
+            torch.randn(V, r, generator=g) * 0.5, torch.randn(r, V, generator=g) * 0.5)
+
+
+def assert_matches_reference(got, want, kw, seed, position):
+    """Same tokens up to a first difference that the margin rule explains;
+    written logits equal up to the last bit of the output dtype before it."""
+    tokens, logits, status = want
+    R, G, V = logits.shape
+    for r in range(R):
+        for k in range(G):
+            a, b = int(got.tokens[r, k]), int(tokens[r, k])
+            x = logits[r, k].float()
+            ours = got.draft_logits[r, k].float()
+            finite = torch.isfinite(x) & torch.isfinite(ours)
+            assert torch.allclose(ours[finite], x[finite], rtol=2 ** -7 if logits.dtype != torch.float32 else 1e-5,
+                                  atol=1e-5)
+            if a == b:
+                continue
+            # A different draw must be a near-tie of the race on the reference's row.
+            T = float(torch.as_tensor(kw.get("temperature", 1.0)))
+            _, _, scores = ref.sample_row(x, temperature=1.0 if T > 0 else 0.0, top_k=0, top_p=1.0, seed=seed,
+                                          position=position, purpose=int(Purpose.DRAFT), slot=k + 1)
+            gap = abs(float(scores[a]) - float(scores[b])) if a >= 0 and b >= 0 else float("inf")
+            assert gap <= MARGIN * max(1.0, abs(float(scores[b]))), f"request {r} step {k + 1}: {a} vs {b}"
+            break  # later steps condition on a different token
+        else:
+            assert int(got.status[r]) == int(status[r])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mode", list(MODES))
+def test_matches_reference(dtype, mode):
+    U, anchor, w1, w2 = head(5, 4, 301, 16, dtype, seed=3)
+    n = torch.tensor([4, 0, 2, 4, 3], dtype=torch.int32)
+    got = dspark_ops.markov_draft(U, anchor, w1, w2, seed=9, position=40, num_draft=n, **MODES[mode])
+    want = ref.markov_draft(U, anchor, w1, w2, seed=9, position=40, num_draft=n, **MODES[mode])
+    assert_matches_reference(got, want, MODES[mode], 9, 40)
+    assert got.tokens[1].tolist() == [-1] * 4 and bool((got.draft_logits[1] == float("-inf")).all())
+
+
+def test_greedy_equals_the_obvious_loop():
+    U, anchor, w1, w2 = head(3, 5, 97, 8, seed=4)
+    res = dspark_ops.markov_draft(U, anchor, w1, w2, temperature=0.0)
+    prev = anchor.clone()
+    for k in range(5):
+        z = U[:, k] + w1[prev] @ w2
+        assert torch.equal(res.tokens[:, k].long(), z.argmax(-1))
+        assert torch.allclose(res.draft_logits[:, k], z, atol=1e-5)
+        prev = z.argmax(-1)
+
+
+def test_first_token_follows_the_processed_corrected_distribution():
+    N, V, r = 20000, 8, 4
+    U, _, w1, w2 = head(1, 2, V, r, seed=5, scale=1.0)
+    anchor = torch.full((N,), 2)
+    res = dspark_ops.markov_draft(U.expand(N, 2, V).contiguous(), anchor, w1, w2, temperature=0.9, top_k=5,
+                                  top_p=0.9, seed=3, position=torch.arange(N))
+    x = ((U[0, 0].double() + w1[2].double() @ w2.double()).float() / torch.tensor(0.9)).float()
+    keep = ref.topp_keep(x, ref.topk_keep(x, 5), 0.9)
+    p = torch.where(keep, torch.softmax(x.double(), 0), torch.zeros((), dtype=torch.float64))
+    p = p / p.sum()
+    assert chi_square_pvalue(res.tokens[:, 0].long(), p) > 1e-3
+
+
+def markov_then_verify(dtype, temperature, top_k=0, greedy_share=0.0, N=20000, V=6, G=2):
+    """Target rows fixed (they do not depend on the prefix in this synthetic
+    setup); drafts from markov_draft; verification of its draft_logits in
+    place. Returns the first two emitted tokens and accepted counts."""
+    g = torch.Generator().manual_seed(6)
+    target = torch.randn(G + 1, V, generator=g)
+    U = torch.randn(1, G, V, generator=g)
+    w1, w2 = torch.randn(V, 3, generator=g), torch.randn(3, V, generator=g)
+    temps = torch.full((N,), float(temperature))
+    temps[: int(N * greedy_share)] = 0.0
+    res = dspark_ops.markov_draft(U.expand(N, G, V).to(dtype).contiguous(), torch.full((N,), 1), w1, w2,
+                                  temperature=temps, top_k=top_k, seed=11, position=torch.arange(N))
+    cu = torch.arange(N + 1, dtype=torch.int32) * G
+    ver = dspark_ops.verify_chunk(target.to(dtype), res.tokens.reshape(-1), cu, max_draft=G,
+                                  draft_logits=res.draft_logits.reshape(N * G, V), draft_temperature=(temps > 0).float(),
+                                  target_row_start=torch.zeros(N, dtype=torch.int32), temperature=1.0, seed=12,
+                                  position=torch.arange(N))
+    assert int(ver.status.max()) == 0
+    p = [ref.target_distribution(target[j].to(dtype).float(), 1.0, 0, 1.0)[1] for j in range(2)]
+    return ver.tokens.long(), ver.accepted, p
+
+
+@pytest.mark.parametrize("dtype,temperature,top_k,greedy_share", [(torch.float32, 1.0, 0, 0.0),
+                                                                   (torch.bfloat16, 0.7, 0, 0.0),
+                                                                   (torch.float32, 1.0, 3, 0.0),
+                                                                   (torch.float32, 1.0, 0, 0.5)])
+def test_markov_draft_then_verify_chunk_is_lossless(dtype, temperature, top_k, greedy_share):
+    tokens, accepted, p = markov_then_verify(dtype, temperature, top_k, greedy_share)
+    assert chi_square_pvalue(tokens[:, 0], p[0]) > 1e-3
+    second = tokens[accepted >= 1, 1]
+    assert second.numel() > 1000 and chi_square_pvalue(second, p[1]) > 1e-3
+
+
+def test_negative_control_raw_logits_passed_as_the_draft_distribution():
+    # Verifying against the unprocessed corrected logits (not what was sampled
+    # from: top-k applied) must be caught.
+    N, V, G = 20000, 6, 1
+    g = torch.Generator().manual_seed(7)
+    target = torch.randn(2, V, generator=g)
+    U = torch.randn(1, G, V, generator=g) * 2
+    w1, w2 = torch.zeros(V, 2), torch.zeros(2, V)
+    res = dspark_ops.markov_draft(U.expand(N, G, V).contiguous(), torch.zeros(N, dtype=torch.int64), w1, w2,
+                                  temperature=1.0, top_k=2, seed=1, position=torch.arange(N))
+    raw = U.expand(N, G, V).reshape(N, V).contiguous()
+    ver = dspark_ops.verify_chunk(target, res.tokens.reshape(-1), torch.arange(N + 1, dtype=torch.int32),
+                                  max_draft=1, draft_logits=raw, target_row_start=torch.zeros(N, dtype=torch.int32),
+                                  seed=2, position=torch.arange(N))
+    p0 = ref.target_distribution(target[0], 1.0, 0, 1.0)[1]
+    assert chi_square_pvalue(ver.tokens[:, 0].long(), p0) < 1e-6
+
+
+def test_status_bits():
+    U, _, w1, w2 = head(3, 3, 20, 4, seed=8)
+    U = U.clone()
+    U[1, 1, 4] = float("nan")  # request 1 aborts at step 2
+    res = dspark_ops.markov_draft(U, torch.tensor([0, 1, 20]), w1, w2, temperature=1.0, seed=1)
+    assert res.status.tolist() == [0, Status.NONFINITE_LOGITS, Status.TOKEN_OUT_OF_RANGE]
+    assert res.tokens[1, 0] >= 0 and res.tokens[1, 1:].tolist() == [-1, -1] and res.tokens[2].tolist() == [-1] * 3
+
+
+def test_errors():
+    U, anchor, w1, w2 = head(2, 3, 10, 4)
+    with pytest.raises(ValueError, match=r"w1 must be \[V, r\] and w2 \[r, V\]"):
+        dspark_ops.markov_draft(U, anchor, w1[:, :3], w2)
+    with pytest.raises(ValueError, match=r"anchor must have shape \[2\]"):
+        dspark_ops.markov_draft(U, anchor[:1], w1, w2)
+    with pytest.raises(ValueError, match="temperature must be finite"):
+        dspark_ops.markov_draft(U, anchor, w1, w2, temperature=-1.0)
+
+
+def test_keep_key_opcheck_and_compile():
+    x = torch.randn(4, 40)
+    t = torch.ones(4)
+    torch.library.opcheck(torch.ops.dspark_ops.keep_key.default, (x, t, torch.full((4,), 5, dtype=torch.int32), None))
+    U, anchor, w1, w2 = head(2, 3, 40, 4)
+
+    def draft(u, a):
+        return dspark_ops.markov_draft(u, a, w1, w2, temperature=0.8, top_k=5, seed=1, position=3)
+
+    got = torch.compile(draft, fullgraph=True, backend="aot_eager")(U, anchor)
+    want = draft(U, anchor)
+    assert torch.equal(got.tokens, want.tokens) and torch.equal(got.draft_logits, want.draft_logits)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("mode", list(MODES))
+def test_cuda_matches_reference(mode):
+    U, anchor, w1, w2 = head(6, 5, 32001, 64, torch.bfloat16, seed=9)
+    got = dspark_ops.markov_draft(U.cuda(), anchor.cuda(), w1.cuda(), w2.cuda(), seed=5, position=7, **MODES[mode])
+    want = ref.markov_draft(U, anchor, w1, w2, seed=5, position=7, **MODES[mode])
+    assert_matches_reference(dspark_ops.MarkovResult(*(t.cpu() for t in got)), want, MODES[mode], 5, 7)
