@@ -18,7 +18,7 @@ import torch
 
 import dspark_ops
 
-from . import kv_bench, sample_bench, schedule_bench, verify_bench
+from . import kv_bench, markov_bench, sample_bench, schedule_bench, verify_bench
 from .timing import copy_bandwidth_gbs
 
 GPU_GRID = [(R, V, dt) for V in (32000, 151936) for R in (1, 8, 64, 256) for dt in (torch.bfloat16, torch.float32)]
@@ -137,6 +137,26 @@ def run_kv(dev: str, quick: bool, iters: int, copy_gbs: float) -> list:
     return rows
 
 
+MARKOV_GPU_GRID = [(R, 7, 152064, 256, torch.bfloat16) for R in (1, 32, 128)]
+MARKOV_CPU_GRID = [(1, 7, 32000, 64, torch.float32), (8, 7, 32000, 64, torch.bfloat16)]
+
+
+def run_markov(dev: str, quick: bool, iters: int, copy_gbs: float) -> list:
+    """Time `markov_draft` per step against its memory floor; print its table."""
+    grid = MARKOV_CPU_GRID[:1 if quick else 2] if dev == "cpu" else MARKOV_GPU_GRID[:2 if quick else 3]
+    rows = []
+    for case in grid:
+        rows += markov_bench.run_case(*case, device=dev, iters=iters, copy_gbs=copy_gbs)
+    print(f"{'impl':38s} {'R':>4s} {'G':>2s} {'V':>7s} {'r':>4s} {'dtype':8s} {'median us':>10s} {'us/step':>9s} "
+          f"{'floor':>8s} {'x floor':>8s} {'x ours':>7s}")
+    for r in rows:
+        print(f"{r['impl']:38s} {r['R']:4d} {r['G']:2d} {r['V']:7d} {r['r']:4d} {r['dtype']:8s} {r['median_us']:10.1f} "
+              f"{r['us_per_step']:9.1f} {r['floor_us_per_step']:8.2f} {r['x_floor']:8.1f} {r['time_vs_dspark']:7.2f}")
+    print("# floor: reading w2 once and one base row + writing one corrected row per request per step, at the "
+          "measured copy bandwidth")
+    return rows
+
+
 SCHEDULE_GRID = [(256, 7), (4096, 16)]
 SCHEDULE_CPU_GRID = [(256, 7)]
 
@@ -166,7 +186,7 @@ def acceptance_ratio(rows: list):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench")
-    p.add_argument("--op", default="sample", choices=["sample", "verify_chunk", "kv_compact", "schedule_verify", "all"])
+    p.add_argument("--op", default="sample", choices=["sample", "verify_chunk", "kv_compact", "schedule_verify", "markov_draft", "all"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true", help="a small grid (CI-sized on the CPU)")
     p.add_argument("--iters", type=int, default=None)
@@ -187,6 +207,8 @@ def main(argv=None) -> int:
         rows += run_kv(dev, args.quick, args.iters or (iters if dev == "cuda" else KV_CPU_ITERS), copy_gbs)
     if args.op in ("schedule_verify", "all"):
         rows += run_schedule(dev, args.quick, iters)
+    if args.op in ("markov_draft", "all"):
+        rows += run_markov(dev, args.quick, iters, copy_gbs)
     date = datetime.date.today().isoformat()
     out = Path(args.out) if args.out else Path(__file__).parent / "results" / (
         f"{args.op}_{name.replace(' ', '_').replace('/', '_')}_{date}.json")

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Every check a GPU session owes, in one call on the device machine (torch
 # 2.11+cu130, Python 3.12, no registry), writing logs and JSON under $OUT
-# (8 files at most come back: test.log, junit.xml, sanitizer.log, bench.log and
-# one bench_<op>.json per op):
+# (8 files at most come back: test.log, sanitizer.log, bench.log and one
+# bench_<op>.json per op):
 #   1. build for sm_90 only and run the whole suite with DSPARK_REQUIRE_CUDA=1
 #      (make test NO_VENV=1: cuda-check, CPU and GPU tests; no GPU test may skip)
 #   2. compute-sanitizer memcheck, racecheck and synccheck over the GPU tests
@@ -23,12 +23,12 @@ fi
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,clocks.max.mem --format=csv > "$OUT/test.log" 2>&1
 
 start=$(date +%s)
-make test NO_VENV=1 PYTHON=python3 PYTEST_ARGS="-rs -p no:cacheprovider --junitxml=$OUT/junit.xml" 2>&1 | tee -a "$OUT/test.log"
+make test NO_VENV=1 PYTHON=python3 PYTEST_ARGS="-rs -p no:cacheprovider" 2>&1 | tee -a "$OUT/test.log"
 test_rc=${PIPESTATUS[0]}
 echo "gpu_check: make test rc=$test_rc in $(( $(date +%s) - start )) s"
 
 san_rc=0
-GPU_TESTS="tests/test_sample_cuda.py tests/test_verify_chunk_cuda.py tests/test_kv_compact_cuda.py tests/test_schedule_verify.py"
+GPU_TESTS="tests/test_sample_cuda.py tests/test_verify_chunk_cuda.py tests/test_kv_compact_cuda.py tests/test_schedule_verify.py tests/test_markov_draft.py"
 SMALL="(cuda) and not 151936 and not large_batch and not graph and not repeatedly and not 4096"
 for tool in memcheck racecheck synccheck; do  # racecheck/synccheck: the shared-memory radix descent, staged moves
   start=$(date +%s)
@@ -40,7 +40,7 @@ for tool in memcheck racecheck synccheck; do  # racecheck/synccheck: the shared-
 done
 
 bench_rc=0
-for op in sample verify_chunk kv_compact schedule_verify; do  # one JSON per op, so a timeout loses one op at most
+for op in sample verify_chunk kv_compact schedule_verify markov_draft; do  # one JSON per op, so a timeout loses one op at most
   start=$(date +%s)
   quick=""; [ "$op" = verify_chunk ] && quick="--quick"  # its full grid checks 64 requests on the CPU per case
   PYTHONPATH="$PWD:${PYTHONPATH:-}" timeout 150 python3 -m bench --op "$op" $quick --out "$OUT/bench_$op.json" \

@@ -1,0 +1,59 @@
+"""Time per step of `markov_draft` (DSpark's Markov head) against its floor:
+reading w2 [r, V] and one base-logit row per request, and writing one
+corrected row per request, once per step, at the measured copy bandwidth;
+next to the obvious PyTorch loop (bias GEMM + softmax + torch.multinomial)."""
+from __future__ import annotations
+
+import torch
+
+import dspark_ops
+
+from .timing import time_fn
+
+
+def elem(dtype: torch.dtype) -> int:
+    return torch.tensor([], dtype=dtype).element_size()
+
+
+def torch_loop(U, anchor, w1, w2, temperature, gen):
+    """What an engine writes without our ops: per step a bias GEMM, a softmax
+    and torch.multinomial (no top-k/top-p, not our RNG)."""
+    prev = anchor
+    out = []
+    for k in range(U.shape[1]):
+        z = (U[:, k].float() + w1[prev].float() @ w2.float()) / temperature
+        prev = torch.multinomial(torch.softmax(z, -1), 1, generator=gen).squeeze(1)
+        out.append(prev)
+    return torch.stack(out, 1)
+
+
+def run_case(R: int, G: int, V: int, r: int, dtype: torch.dtype, device: str, iters: int, copy_gbs: float) -> list:
+    gen = torch.Generator(device=device).manual_seed(0)
+    U = (torch.randn(R, G, V, device=device, generator=gen) * 2).to(dtype)
+    anchor = torch.randint(0, V, (R,), device=device, generator=gen)
+    w1 = (torch.randn(V, r, device=device, generator=gen) * 0.05).to(dtype)
+    w2 = (torch.randn(r, V, device=device, generator=gen) * 0.05).to(dtype)
+    out = dspark_ops.MarkovResult(torch.empty(R, G, dtype=torch.int32, device=device),
+                                  torch.empty(R, G, V, dtype=dtype, device=device),
+                                  torch.empty(R, dtype=torch.int32, device=device))
+    seed, position = torch.arange(R, device=device), torch.full((R,), 100, device=device)
+    # Floor per step: w2 once, a base row and a written row per request.
+    floor_bytes = r * V * elem(dtype) + 2 * R * V * elem(dtype)
+    floor_us = floor_bytes / (copy_gbs * 1e9) * 1e6
+    impls = {
+        "dspark_ops.markov_draft": lambda i: dspark_ops.markov_draft(U, anchor, w1, w2, temperature=0.8, seed=seed,
+                                                                     position=position, out=out),
+        "dspark_ops.markov_draft top-k/top-p": lambda i: dspark_ops.markov_draft(
+            U, anchor, w1, w2, temperature=0.8, top_k=50, top_p=0.9, seed=seed, position=position, out=out),
+        "torch loop (multinomial)": lambda i: torch_loop(U, anchor, w1, w2, 0.8, gen),
+    }
+    rows, base = [], None
+    for name, fn in impls.items():
+        stats = time_fn(fn, device, iters)
+        base = base or stats["median_us"]
+        per_step = stats["median_us"] / G
+        rows.append({"op": "markov_draft", "impl": name, "R": R, "G": G, "V": V, "r": r,
+                     "dtype": str(dtype).split(".")[-1], **stats, "us_per_step": per_step,
+                     "floor_us_per_step": floor_us, "x_floor": per_step / floor_us,
+                     "time_vs_dspark": stats["median_us"] / base})
+    return rows
