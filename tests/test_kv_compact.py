@@ -232,3 +232,29 @@ def test_many_kept_entries_dense_overlap_heads_first_bytes():
     keep[1, :450] = torch.arange(1, 451, dtype=torch.int32)          # shift by one: dense overlap
     nk = torch.tensor([600, 450], dtype=torch.int32)
     run_both(caches, base, app, keep, nk, heads_first=True)
+
+
+def test_commit_tokens_host_errors():
+    s = dspark_ops.RequestState.new(torch.zeros(2, dtype=torch.int32), torch.zeros(2), 4, 4)
+    ok = dict(tokens=torch.zeros(2, 3, dtype=torch.int32), emitted=torch.ones(2, dtype=torch.int32),
+              status=torch.zeros(2, dtype=torch.int32))
+    with pytest.raises(ValueError, match="tokens must have dtype Int, got Long"):
+        dspark_ops.commit_tokens(s, **{**ok, "tokens": torch.zeros(2, 3, dtype=torch.int64)})
+    with pytest.raises(ValueError, match=r"emitted must have shape \[2\], got \[3\]"):
+        dspark_ops.commit_tokens(s, **{**ok, "emitted": torch.ones(3, dtype=torch.int32)})
+    with pytest.raises(ValueError, match="stop_tokens must have dtype Int"):
+        dspark_ops.commit_tokens(s, **ok, stop_tokens=torch.tensor([1.0]))
+    bad = dspark_ops.RequestState(*(getattr(s, f) for f in s.__dataclass_fields__))
+    bad.position = s.position.int()
+    with pytest.raises(ValueError, match="position must have dtype Long, got Int"):
+        dspark_ops.commit_tokens(bad, **ok)
+
+
+def test_commit_tokens_bad_device_values_finish_with_an_error():
+    s = dspark_ops.RequestState.new(torch.zeros(3, dtype=torch.int32), torch.zeros(3), 8, 8)
+    s.out_len[2] = -5  # corrupted state: never a write before the row
+    dspark_ops.commit_tokens(s, torch.ones(3, 2, dtype=torch.int32), torch.tensor([1, 7, 1], dtype=torch.int32),
+                             torch.zeros(3, dtype=torch.int32))
+    assert s.finished.tolist() == [False, True, True] and s.error.tolist() == [0, Status.BAD_LENGTHS,
+                                                                               Status.BAD_LENGTHS]
+    assert s.out_len.tolist() == [1, 0, -5]
