@@ -84,6 +84,8 @@ SampleArgs<Storage> make_sample_args(const at::Tensor& logits, const at::Tensor&
 inline at::Tensor keep_key_output(const at::Tensor& logits, const at::Tensor& temperature,
                                   const c10::optional<at::Tensor>& top_k, const c10::optional<at::Tensor>& top_p) {
   check_logits("dspark_ops.keep_key", "logits", logits);
+  TORCH_CHECK_VALUE(logits.size(1) <= kMaxVocab, "dspark_ops.keep_key: logits must have V <= ", kMaxVocab,
+                    ", got V = ", logits.size(1));
   const int64_t R = logits.size(0);
   check_per_request("dspark_ops.keep_key", "temperature", temperature, R, at::kFloat, logits);
   if (top_k.has_value()) check_per_request("dspark_ops.keep_key", "top_k", *top_k, R, at::kInt, logits);

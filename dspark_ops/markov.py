@@ -102,7 +102,10 @@ def markov_draft(
     -----
     Each step runs a few kernels (the fp32 bias GEMM, elementwise ops,
     ``keep_key`` when top-k/top-p are on, and ``sample``); fusing them into
-    one kernel per step is planned. No host synchronisation.
+    one kernel per step is planned (and so is a bf16 GEMM with fp32
+    accumulation: today ``w2`` is converted to fp32 once per call). No host
+    synchronisation. fp16 logits divided by a small temperature can overflow
+    to +inf and abort the request (``NONFINITE_LOGITS``): use bf16 or fp32.
     """
     if base_logits.dim() != 3:
         raise ValueError(f"{OP}: base_logits must have shape [R, G, V], got {list(base_logits.shape)}")
@@ -131,7 +134,7 @@ def markov_draft(
     out.status.copy_(torch.where(in_range, 0, int(Status.TOKEN_OUT_OF_RANGE)).to(torch.int32))
     live = in_range
     w2f = w2.float()
-    neg_inf = torch.tensor(float("-inf"), dtype=dtype, device=dev)
+    neg_inf = torch.full((), float("-inf"), dtype=dtype, device=dev)  # a device fill: no host copy, no sync
     for k in range(1, G + 1):
         live_k = live & (limit >= k)
         bias = w1[prev.clamp(0, V - 1)].float() @ w2f  # [R, V]

@@ -33,7 +33,10 @@ def schedule_verify(
     Survival ``a[r, j] = prod_{i <= j} c[r, i]`` is the probability that
     draft j survives verification; the token batch is ``B = sum(1 + l_r)``
     and the expected emitted tokens ``tau = sum(1 + sum_{j < l_r} a[r, j])``
-    (fp64, in admission order: CPU and CUDA agree exactly). Candidates are
+    (fp64, in admission order: CPU and CUDA agree exactly; with
+    ``temperatures`` the sigmoid's exp may differ in the last bit between
+    backends, so a candidate exactly at a boundary may differ — DESIGN §2's
+    margin rule). Candidates are
     admitted in descending survival (ties: request, then position), so each
     request's admitted drafts are a prefix.
 
@@ -168,7 +171,7 @@ def measure_sps(step_fn: Callable[[int], object], batch_sizes: Sequence[int], *,
     sizes = sorted(set(int(b) for b in batch_sizes))
     if not sizes or sizes[0] < 1:
         raise ValueError(f"dspark_ops.measure_sps: batch_sizes must be positive, got {list(batch_sizes)}")
-    cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda"
+    cuda = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")).type == "cuda"
     sps = []
     for B in sizes:
         for _ in range(warmup):
@@ -182,9 +185,13 @@ def measure_sps(step_fn: Callable[[int], object], batch_sizes: Sequence[int], *,
                 end.record()
                 end.synchronize()
                 times.append(start.elapsed_time(end) / 1e3)
-            else:
+            else:  # wall clock: the CPU (or a GPU the caller times this way) must be idle at both ends
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
                 t0 = time.perf_counter()
                 step_fn(B)
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
                 times.append(time.perf_counter() - t0)
         sps.append(1.0 / max(statistics.median(times), 1e-12))
     table = torch.empty(sizes[-1] + 1, dtype=torch.float64)

@@ -169,3 +169,17 @@ def test_cuda_matches_reference(mode):
     got = dspark_ops.markov_draft(U.cuda(), anchor.cuda(), w1.cuda(), w2.cuda(), seed=5, position=7, **MODES[mode])
     want = ref.markov_draft(U, anchor, w1, w2, seed=5, position=7, **MODES[mode])
     assert_matches_reference(dspark_ops.MarkovResult(*(t.cpu() for t in got)), want, MODES[mode], 5, 7)
+
+
+@pytest.mark.cuda
+def test_cuda_markov_draft_never_synchronises():
+    U, anchor, w1, w2 = (t.cuda() for t in head(4, 3, 5003, 32, torch.bfloat16, seed=10))
+    kw = dict(temperature=torch.full((4,), 0.9, device="cuda"), top_k=20, top_p=0.9,
+              seed=torch.arange(4, device="cuda"), position=torch.full((4,), 3, device="cuda"))
+    dspark_ops.markov_draft(U, anchor, w1, w2, **kw)  # warm-up (allocator, cuBLAS handles)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        dspark_ops.markov_draft(U, anchor, w1, w2, **kw)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -2,7 +2,8 @@
 // Survival a[r, j] = prod_{i <= j} c[r, i] (fp64, in order); candidates ranked
 // by survival descending (ties: request, then position); the admission count
 // per mode from the ranked list with tau summed in fp64 in that order, so CPU
-// and CUDA agree exactly. Shared by the CPU op and the CUDA kernel.
+// and CUDA agree exactly (with temperatures, exp's last bit may differ
+// between libm and CUDA: the margin rule). Shared by the CPU op and the CUDA kernel.
 #pragma once
 #include <math.h>
 
