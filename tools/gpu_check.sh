@@ -6,7 +6,8 @@
 #   1. build for sm_90 only and run the whole suite with DSPARK_REQUIRE_CUDA=1
 #      (make test NO_VENV=1: cuda-check, CPU and GPU tests; no GPU test may skip)
 #   2. compute-sanitizer memcheck, racecheck and synccheck over the GPU tests
-#      at small shapes
+#      at small shapes (seen working on the H100 kind; refused on the H200
+#      kind, "Device not supported": then sanitizer.log says so and the rest runs)
 #   3. the benchmarks of every op, side by side with PyTorch (and FlashInfer
 #      when its wheel is carried in .whl/)
 # Usage (device tool):  bash tools/gpu_check.sh
