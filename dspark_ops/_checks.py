@@ -78,6 +78,17 @@ def check_workspace(op: str, ws: torch.Tensor, need: int, ref: torch.Tensor) -> 
         raise ValueError(f"{op}: workspace must be 16-byte aligned, got address {hex(ws.data_ptr())}")
 
 
+def raise_first_invalid(op: str, name: str, values: torch.Tensor, ok: torch.Tensor,
+                        index: Optional[torch.Tensor] = None) -> None:
+    """validate=True: raise naming the first value with ok False (host
+    tensors), as name[i] = value; `index` maps positions to the index shown."""
+    bad = (~ok).nonzero()
+    if bad.numel():
+        i = int(bad[0, 0])
+        shown = int(index[i]) if index is not None else i
+        raise ValueError(f"{op}: {name}[{shown}] = {values[i].item()} is invalid")
+
+
 SAMPLE_OP = "dspark_ops.sample"
 
 

@@ -185,11 +185,8 @@ def _validate_verify(target_logits, draft_tokens, cu, max_draft, draft_probs, dr
                                   target_row_start)
     T, V = target_logits.shape
 
-    def bad(name, t, ok):
-        idx = (~ok).nonzero()
-        if idx.numel():
-            i = int(idx[0, 0])
-            raise ValueError(f"{OP}: {name}[{i}] = {t[i].item()} is invalid")
+    def bad(name, t, ok, index=None):
+        _checks.raise_first_invalid(OP, name, t, ok, index)
 
     cu = cu.cpu().long()
     n = cu[1:] - cu[:-1]
@@ -208,13 +205,17 @@ def _validate_verify(target_logits, draft_tokens, cu, max_draft, draft_probs, dr
     if top_p is not None:
         bad("top_p", top_p, top_p > 0)
     bad("position", position, position >= 0)
-    used = torch.cat([torch.arange(int(d), int(d) + int(k)) for d, k in zip(d0, n)]) if R else torch.zeros(0)
-    toks = draft_tokens.cpu().long()[used.long()]
-    bad("draft_tokens", toks, (toks >= 0) & (toks < V))
-    rows_t = target_logits[torch.cat([torch.arange(int(t), int(t) + int(k) + 1) for t, k in zip(t0, n)]).to(
-        target_logits.device)] if R else target_logits[:0]
-    finite = ~(torch.isnan(rows_t) | (rows_t == float("inf")))
-    bad("target_logits row", finite.all(1).cpu().long(), finite.all(1).cpu())
+    def spans(starts, counts):  # the indices a request uses, all requests together
+        return torch.cat([torch.arange(int(s), int(s) + int(c)) for s, c in zip(starts, counts)] +
+                         [torch.zeros(0, dtype=torch.int64)])
+
+    used = spans(d0, n)
+    toks = draft_tokens.cpu().long()[used]
+    bad("draft_tokens", toks, (toks >= 0) & (toks < V), used)
+    rows = spans(t0, n + 1)
+    block = target_logits[rows.to(target_logits.device)]
+    finite = (~(torch.isnan(block) | (block == float("inf")))).all(1).cpu()
+    bad("target_logits row", rows, finite, rows)
 
 
 @torch.library.register_fake("dspark_ops::verify_chunk")

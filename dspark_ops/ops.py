@@ -183,10 +183,7 @@ def _validate_sample(logits, temperature, top_k, top_p, seed, position, purpose,
     _checks.check_sample_args(logits, temperature, top_k, top_p, seed, position, purpose, slot, row_start)
 
     def bad(name, t, ok):
-        idx = (~ok).nonzero()
-        if idx.numel():
-            i = int(idx[0, 0])
-            raise ValueError(f"{op}: {name}[{i}] = {t[i].item()} is invalid")
+        _checks.raise_first_invalid(op, name, t, ok)
 
     bad("temperature", temperature, (temperature >= 0) & torch.isfinite(temperature))
     if top_k is not None:

@@ -227,9 +227,15 @@ def test_validate_raises_with_a_message():
         dspark_ops.verify_chunk(target, tokens, cu, max_draft=1, validate=True, **kw)
     nan = target.clone()
     nan[4, 0] = float("nan")
-    with pytest.raises(ValueError, match=r"target_logits row\[4\]"):
+    with pytest.raises(ValueError, match=r"target_logits row\[4\] = 4 is invalid"):
         dspark_ops.verify_chunk(nan, tokens, cu, validate=True, **kw)
     dspark_ops.verify_chunk(target, tokens, cu, validate=True, **kw)
+    # The index named is the draft token's own, through row starts too.
+    toks = torch.tensor([0, 1, 2, 3, -7], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"draft_tokens\[4\] = -7 is invalid"):
+        dspark_ops.verify_chunk(torch.randn(4, 9), toks, torch.tensor([0, 0, 2], dtype=torch.int32), max_draft=2,
+                                draft_row_start=torch.tensor([0, 3], dtype=torch.int32),
+                                target_row_start=torch.tensor([0, 1], dtype=torch.int32), validate=True)
 
 
 def test_inputs_are_not_modified():
