@@ -7,6 +7,8 @@ from typing import Optional
 
 import torch
 
+from ._enums import MAX_SLOT
+
 _C10_NAMES = {
     torch.float32: "Float", torch.float64: "Double", torch.float16: "Half",
     torch.bfloat16: "BFloat16", torch.int32: "Int", torch.int64: "Long",
@@ -123,7 +125,6 @@ def check_sample_args(logits, temperature, top_k, top_p, seed, position, purpose
 
 
 VERIFY_OP = "dspark_ops.verify_chunk"
-MAX_SLOT = 0xFFFF
 
 
 def check_int_vector(op, name, t, want, ref):

@@ -166,6 +166,12 @@ struct VerifyStep {
 // How the draft distribution q of a request is given.
 enum DraftMode : int32_t { kDraftPointMass = 0, kDraftProbs = 1, kDraftLogits = 2 };
 
+// q of one draft-row entry with stored value v: the value itself for
+// probabilities, its softmax share for logits.
+DSPARK_HD float draft_q_value(int32_t mode, float v, const DraftRowStats& st, float draft_temperature) {
+  return mode == kDraftProbs ? v : draft_prob(st, v, draft_temperature);
+}
+
 // The decision at position j (0 <= j <= n) of a request with merged target
 // row stats `st`. tok: the drafted token (ignored at j == n); p_tok / q_tok:
 // its target and draft probabilities (q ignored for point masses);

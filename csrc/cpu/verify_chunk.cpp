@@ -70,8 +70,7 @@ DraftRowStats draft_row_stats(const D* row_ptr, int64_t V, float draft_temperatu
 // q(i) of a draft row as the residual needs it.
 template <typename D>
 float draft_q(int32_t mode, const D* drow, int64_t i, const DraftRowStats& ds, float draft_temperature) {
-  const float v = static_cast<float>(drow[i]);
-  return mode == kDraftProbs ? v : draft_prob(ds, v, draft_temperature);
+  return draft_q_value(mode, static_cast<float>(drow[i]), ds, draft_temperature);
 }
 
 template <typename T, typename D>

@@ -97,12 +97,6 @@ __global__ void __launch_bounds__(kVerifyBlock, 1)
   if (threadIdx.x == 0) draft_partials[blockIdx.x] = ds;
 }
 
-// q(i) of the draft row as the residual needs it.
-template <typename D>
-__device__ __forceinline__ float verify_draft_q(int32_t mode, float v, const DraftRowStats& ds, float dtemp) {
-  return mode == kDraftProbs ? v : draft_prob(ds, v, dtemp);
-}
-
 template <typename T, typename D>
 __global__ void __launch_bounds__(kVerifyWarpsPerBlock * 32)
     verify_decide_kernel(VerifyArgs<T, D> a, const uint32_t* __restrict__ keep_keys,
@@ -147,7 +141,7 @@ __global__ void __launch_bounds__(kVerifyWarpsPerBlock * 32)
       if (!greedy && j < L.n && tok >= 0 && tok < V) {
         p_tok = st.softmax.s > 0.0f ? target_prob(row, st.softmax, to_float(trow[tok])) : 0.0f;
         if (mode != kDraftPointMass)
-          q_tok = verify_draft_q<D>(mode, to_float(a.draft[(L.d0 + j) * a.draft_stride + tok]), ds, draft_temperature);
+          q_tok = draft_q_value(mode, to_float(a.draft[(L.d0 + j) * a.draft_stride + tok]), ds, draft_temperature);
       }
       const uint32_t coin = j < L.n ? verify_coin_bits(a, r, j) : 0u;
       const VerifyStep step = verify_step(greedy, mode, j, L.n, st, tok, a.vocab, p_tok, q_tok, ds.flags, coin);
@@ -203,7 +197,7 @@ __global__ void __launch_bounds__(kVerifyBlock, 1)
     load4(trow + i, count, t_aligned, l);
     load4(drow + i, count, d_aligned, q);
 #pragma unroll
-    for (int k = 0; k < 4; ++k) q[k] = k < count ? verify_draft_q<D>(mode, q[k], p.draft, draft_temperature) : 0.0f;
+    for (int k = 0; k < 4; ++k) q[k] = k < count ? draft_q_value(mode, q[k], p.draft, draft_temperature) : 0.0f;
     residual_offer_group(best, row, p.target, log_s, stream, i >> 2, l, q, count);
   }
   best = block_reduce<kVerifyBlock>(best, race_merge, s_best, race_empty());
