@@ -5,50 +5,57 @@
 # bench_<op>.json per op):
 #   1. build for sm_90 only and run the whole suite with DSPARK_REQUIRE_CUDA=1
 #      (make test NO_VENV=1: cuda-check, CPU and GPU tests; no GPU test may skip)
-#   2. compute-sanitizer memcheck, racecheck and synccheck over the GPU tests
-#      at small shapes (seen working on the H100 kind; refused on the H200
-#      kind, "Device not supported": then sanitizer.log says so and the rest runs)
-#   3. the benchmarks of every op, side by side with PyTorch (and FlashInfer
+#   2. the benchmarks of every op, side by side with PyTorch (and FlashInfer
 #      when its wheel is carried in .whl/)
-# Usage (device tool):  bash tools/gpu_check.sh
+#   3. compute-sanitizer memcheck, racecheck and synccheck over the GPU tests
+#      at small shapes (seen working on the H100 kind; refused on the H200
+#      kind, "Device not supported": then sanitizer.log says so)
+# Each phase runs under `timeout`, inside GPU_CHECK_BUDGET seconds in all
+# (default 540), so a hang or a slow phase costs that phase, not the call.
+# Usage (device tool):  bash tools/gpu_check.sh   [GPU_CHECK_OPS="sample verify_chunk"]
 # Then commit $OUT/bench_*.json under bench/results/ with the device and date.
 set -uo pipefail
 OUT="${OUT:-/tmp/dspark_gpu_out}"
 mkdir -p "$OUT"
 export TORCH_CUDA_ARCH_LIST="9.0" DSPARK_CHECK_ARCHS="90" DSPARK_FORCE_CUDA=1 DSPARK_REQUIRE_CUDA=1
 export PYTHONUNBUFFERED=1 MAX_JOBS="${MAX_JOBS:-16}"
+deadline=$(( $(date +%s) + ${GPU_CHECK_BUDGET:-540} ))
+# seconds a phase may take: its cap, or what is left of the budget
+allow() { local left=$(( deadline - $(date +%s) - 5 )); (( left < $1 )) && echo $(( left > 1 ? left : 1 )) || echo "$1"; }
 if ls .whl/*.whl >/dev/null 2>&1; then  # optional peers (flashinfer-python), see README
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
 fi
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,clocks.max.mem --format=csv > "$OUT/test.log" 2>&1
+python3 -c "import sys, torch; print('python', sys.version.split()[0], 'torch', torch.__version__)" >> "$OUT/test.log" 2>&1
 
 start=$(date +%s)
-make test NO_VENV=1 PYTHON=python3 PYTEST_ARGS="-rs -p no:cacheprovider" 2>&1 | tee -a "$OUT/test.log"
+timeout "$(allow 330)" make test NO_VENV=1 PYTHON=python3 \
+  PYTEST_ARGS="-rs -p no:cacheprovider --tb=short --durations=15 ${GPU_CHECK_PYTEST:-}" 2>&1 | tee -a "$OUT/test.log"
 test_rc=${PIPESTATUS[0]}
-echo "gpu_check: make test rc=$test_rc in $(( $(date +%s) - start )) s"
+echo "gpu_check: make test rc=$test_rc in $(( $(date +%s) - start )) s" | tee -a "$OUT/test.log"
+
+bench_rc=0
+for op in ${GPU_CHECK_OPS:-sample verify_chunk kv_compact schedule_verify markov_draft}; do  # one JSON per op
+  start=$(date +%s)
+  quick=""; [ "$op" = verify_chunk ] && quick="--quick"  # its full grid checks 64 requests on the CPU per case
+  PYTHONPATH="$PWD:${PYTHONPATH:-}" timeout "$(allow 90)" python3 -m bench --op "$op" $quick --out "$OUT/bench_$op.json" \
+    2>&1 | tee -a "$OUT/bench.log"
+  rc=${PIPESTATUS[0]}
+  [ "$rc" = 0 ] || bench_rc=$rc
+  echo "gpu_check: bench $op rc=$rc in $(( $(date +%s) - start )) s" | tee -a "$OUT/bench.log"
+done
 
 san_rc=0
 GPU_TESTS="tests/test_sample_cuda.py tests/test_verify_chunk_cuda.py tests/test_kv_compact_cuda.py tests/test_schedule_verify.py tests/test_markov_draft.py"
 SMALL="(cuda) and not 151936 and not large_batch and not graph and not repeatedly and not 4096"
 for tool in memcheck racecheck synccheck; do  # racecheck/synccheck: the shared-memory radix descent, staged moves
   start=$(date +%s)
-  PYTHONPATH="$PWD:${PYTHONPATH:-}" timeout 150 compute-sanitizer --tool "$tool" --error-exitcode 99 \
-    python3 -m pytest -q -x -p no:cacheprovider $GPU_TESTS -k "$SMALL" 2>&1 | tail -n 30 >> "$OUT/sanitizer.log"
+  PYTHONPATH="$PWD:${PYTHONPATH:-}" timeout "$(allow 120)" compute-sanitizer --tool "$tool" --error-exitcode 99 \
+    python3 -m pytest -q -p no:cacheprovider $GPU_TESTS -k "$SMALL" 2>&1 | tail -n 40 >> "$OUT/sanitizer.log"
   rc=${PIPESTATUS[0]}
   [ "$rc" = 0 ] || san_rc=$rc
   echo "gpu_check: compute-sanitizer $tool rc=$rc in $(( $(date +%s) - start )) s" | tee -a "$OUT/sanitizer.log"
-done
-
-bench_rc=0
-for op in sample verify_chunk kv_compact schedule_verify markov_draft; do  # one JSON per op, so a timeout loses one op at most
-  start=$(date +%s)
-  quick=""; [ "$op" = verify_chunk ] && quick="--quick"  # its full grid checks 64 requests on the CPU per case
-  PYTHONPATH="$PWD:${PYTHONPATH:-}" timeout 150 python3 -m bench --op "$op" $quick --out "$OUT/bench_$op.json" \
-    2>&1 | tee -a "$OUT/bench.log"
-  rc=${PIPESTATUS[0]}
-  [ "$rc" = 0 ] || bench_rc=$rc
-  echo "gpu_check: bench $op rc=$rc in $(( $(date +%s) - start )) s" | tee -a "$OUT/bench.log"
 done
 echo "gpu_check: test=$test_rc sanitizer=$san_rc bench=$bench_rc"
 [ "$test_rc" = 0 ] && [ "$san_rc" = 0 ] && [ "$bench_rc" = 0 ]
