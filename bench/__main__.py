@@ -22,6 +22,8 @@ from . import kv_bench, markov_bench, sample_bench, schedule_bench, verify_bench
 from .timing import copy_bandwidth_gbs
 
 GPU_GRID = [(R, V, dt) for V in (32000, 151936) for R in (1, 8, 64, 256) for dt in (torch.bfloat16, torch.float32)]
+GPU_QUICK = [(1, 32000, torch.bfloat16), (64, 32000, torch.bfloat16), (256, 151936, torch.bfloat16),
+             (8, 151936, torch.float32)]
 CPU_GRID = [(1, 32000, torch.float32), (8, 32000, torch.bfloat16), (1, 151936, torch.bfloat16)]
 
 # verify_chunk: (R, n drafts, V, dtype), each run in every verify_bench.MODES mode.
@@ -54,7 +56,7 @@ def device_name(device: str) -> str:
 
 def run_sample(dev: str, quick: bool, iters: int, copy_gbs: float) -> list:
     """Time `sample` over its grid; print its table."""
-    grid = CPU_GRID if dev == "cpu" else (GPU_GRID[:4] if quick else GPU_GRID)
+    grid = CPU_GRID if dev == "cpu" else (GPU_QUICK if quick else GPU_GRID)
     if dev == "cpu" and quick:
         grid = grid[:2]
     rows = []

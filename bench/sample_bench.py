@@ -59,7 +59,7 @@ def check_against_cpu(logits, mode, seed, position) -> str:
     """The device's tokens equal the CPU op's (margin rule aside)."""
     kw = MODES[mode]
     dev = dspark_ops.sample(logits, seed=seed, position=position, **kw).tokens.cpu()
-    cpu = dspark_ops.sample(logits.cpu(), seed=seed, position=position, **kw).tokens
+    cpu = dspark_ops.sample(logits.cpu(), seed=seed.cpu(), position=position.cpu(), **kw).tokens
     mismatches = int((dev != cpu).sum())
     return "ok" if mismatches == 0 else f"{mismatches} of {dev.numel()} differ (check the margin rule)"
 
