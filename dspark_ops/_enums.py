@@ -29,3 +29,16 @@ class Purpose(IntEnum):
 
 
 MAX_SLOT = 0xFFFF
+
+
+class SiblingMode(IntEnum):
+    """How verify_tree updates p (and q) after a rejected sibling (DESIGN §3
+    verify_tree); each is lossless for the drafting it names."""
+
+    IID = 0  # siblings drawn i.i.d. from q: p <- norm(max(0, p - q))
+    WITHOUT_REPLACEMENT = 1  # drawn without replacement: also q <- norm(q without x)
+    DETERMINISTIC = 2  # q a point mass (top-k trees, any drafting): p <- norm(p without x)
+
+
+SIBLING_MODES = {"iid": SiblingMode.IID, "without_replacement": SiblingMode.WITHOUT_REPLACEMENT,
+                 "deterministic": SiblingMode.DETERMINISTIC}

@@ -10,7 +10,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ._enums import ABORT_MASK as ABORT, MAX_SLOT, Purpose, Status
+from ._enums import ABORT_MASK as ABORT, MAX_SLOT, SIBLING_MODES, Purpose, SiblingMode, Status
 
 _M32 = 0xFFFFFFFF
 _PHILOX_M0, _PHILOX_M1 = 0xD2511F53, 0xCD9E8D57
@@ -334,6 +334,192 @@ def verify_chunk(target_logits: torch.Tensor, draft_tokens: torch.Tensor, cu_num
         tokens[r, :len(out)] = torch.tensor(out, dtype=torch.int32)
         accepted[r], emitted[r] = len(out) - 1, len(out)
     return tokens, accepted, emitted, status
+
+
+# --------------------------------------------------------------- verify_tree
+
+
+def tree_depths(parents: torch.Tensor) -> Optional[list]:
+    """Depth of every node of one request's local `parents` (root 0 has
+    parent -1, every other node a smaller index), or None if malformed."""
+    par = parents.tolist()
+    if not par or par[0] != -1:
+        return None
+    depth = [0] * len(par)
+    for i in range(1, len(par)):
+        if not 0 <= par[i] < i:
+            return None
+        depth[i] = depth[par[i]] + 1
+    return depth
+
+
+def sibling_codes(sibling_mode, R: int, has_draft: bool) -> torch.Tensor:
+    """Per-request sibling-mode codes [R] (int64) from a string, a tensor of
+    codes or None (iid with draft rows, deterministic without)."""
+    if sibling_mode is None:
+        code = SiblingMode.IID if has_draft else SiblingMode.DETERMINISTIC
+        return torch.full((R,), int(code), dtype=torch.int64)
+    if isinstance(sibling_mode, str):
+        return torch.full((R,), int(SIBLING_MODES[sibling_mode]), dtype=torch.int64)
+    return _per_request(sibling_mode, R, torch.int64)
+
+
+def _normalised(w: torch.Tensor) -> Optional[torch.Tensor]:
+    total = float(w.sum())
+    return w / total if total > 0 else None
+
+
+def verify_tree(target_logits: torch.Tensor, node_tokens: torch.Tensor, parents: torch.Tensor,
+                cu_num_nodes: torch.Tensor, *, max_depth: Optional[int] = None,
+                draft_probs: Optional[torch.Tensor] = None, draft_logits: Optional[torch.Tensor] = None,
+                draft_temperature=1.0, sibling_mode=None, temperature=1.0, top_k=0, top_p=1.0, seed=0,
+                position=0, margins: Optional[list] = None):
+    """Reference tree verification (DESIGN §3 verify_tree).
+
+    Request r owns nodes (rows of every [M, ...] input) cu[r]..cu[r+1]-1;
+    local node 0 is the root. Target row i: the target's distribution after
+    node i; draft row i: the distribution node i's children were drawn from.
+    Returns (tokens [R, D+1], accepted [R], emitted [R], path [R, D+1],
+    status [R]), all int32, D = max_depth. `margins` as in verify_chunk."""
+    M, V = target_logits.shape
+    cu = cu_num_nodes.cpu().to(torch.int64)
+    R = cu.shape[0] - 1
+    toks = node_tokens.cpu().to(torch.int64)
+    par_all = parents.cpu().to(torch.int64)
+    if max_depth is None:
+        depths = [tree_depths(par_all[int(cu[r]):int(cu[r + 1])]) if 0 <= cu[r] <= cu[r + 1] <= M else None
+                  for r in range(R)]
+        max_depth = max([max(d) for d in depths if d] or [0])
+    temps, ks, ps, seeds, positions = _sampling_params(R, temperature, top_k, top_p, seed, position)
+    dtemps = _per_request(draft_temperature, R, torch.float32)
+    has_draft = draft_probs is not None or draft_logits is not None
+    modes = sibling_codes(sibling_mode, R, has_draft)
+    W = max_depth + 1
+    tokens = torch.full((R, W), -1, dtype=torch.int32)
+    path = torch.full((R, W), -1, dtype=torch.int32)
+    accepted = torch.zeros(R, dtype=torch.int32)
+    emitted = torch.zeros(R, dtype=torch.int32)
+    status = torch.zeros(R, dtype=torch.int32)
+    for r in range(R):
+        c0, n = int(cu[r]), int(cu[r + 1] - cu[r])
+        margin = float("inf")
+
+        def done(flags):
+            status[r] = flags
+            if margins is not None:
+                margins.append(margin)
+
+        if c0 < 0 or n < 1 or n > MAX_SLOT or c0 + n > M or c0 + n > toks.shape[0] or c0 + n > par_all.shape[0]:
+            done(int(Status.BAD_LENGTHS))
+            continue
+        par = par_all[c0:c0 + n]
+        depth = tree_depths(par)
+        mode = int(modes[r])
+        if depth is None or max(depth) > max_depth or mode not in (0, 1, 2):
+            done(int(Status.BAD_TREE))
+            continue
+        T_r, greedy = float(temps[r]), not float(temps[r]) > 0
+        point_mass = not has_draft or not float(dtemps[r]) > 0
+        if point_mass:
+            mode = int(SiblingMode.DETERMINISTIC)
+        children = [[] for _ in range(n)]
+        for i in range(1, n):
+            children[int(par[i])].append(i)
+        s, pos, flags, out, nodes, emit = int(seeds[r]), int(positions[r]), 0, [], [0], None
+        cur = 0
+        while True:
+            l = target_logits[c0 + cur].detach().cpu().float()
+            if _nonfinite(l) or (not greedy and _nonfinite(l / torch.tensor(T_r, dtype=torch.float32))):
+                flags |= int(Status.NONFINITE_LOGITS)
+                break
+            if greedy:
+                if not bool((l > _NEG_INF).any()):
+                    flags |= int(Status.ALL_MASKED)
+                    break
+                am = int(torch.argmax(l))
+                nxt = None
+                for c in children[cur]:
+                    tok = int(toks[c0 + c])
+                    if not 0 <= tok < V:
+                        flags |= int(Status.TOKEN_OUT_OF_RANGE)
+                    elif tok == am:
+                        nxt = c
+                        break
+                if nxt is None:
+                    emit = am
+                    break
+                out.append(am)
+                nodes.append(nxt)
+                cur = nxt
+                continue
+            x, p = target_distribution(l, T_r, int(ks[r]), float(ps[r]))
+            if not bool((p > 0).any()):
+                flags |= int(Status.ALL_MASKED)
+                break
+            if float(ps[r]) < 1:
+                keep = topk_keep(x, int(ks[r]))
+                above, total = topp_mass_above(x, keep)
+                bound = float(torch.tensor(float(ps[r]), dtype=torch.float32)) * total
+                margin = min(margin, float(((above.double() - bound).abs() / total)[keep].min()))
+            # race_dist: p up to a factor, as the last update left it unnormalised
+            # (the chain races on max(0, p - q) itself; the argmax is the same)
+            p0, race_dist, q, nxt, aborted = p, p, None, None, False
+            for c in children[cur]:
+                tok = int(toks[c0 + c])
+                if not 0 <= tok < V:  # skipped: no coin, no update, subtree not visited
+                    flags |= int(Status.TOKEN_OUT_OF_RANGE)
+                    continue
+                if mode != SiblingMode.DETERMINISTIC and q is None:
+                    if draft_probs is not None:
+                        q = draft_probs[c0 + cur].detach().cpu().double()
+                    else:
+                        dl = draft_logits[c0 + cur].detach().cpu().float()
+                        dx = dl / torch.tensor(float(dtemps[r]), dtype=torch.float32)
+                        if _nonfinite(dl) or _nonfinite(dx):
+                            flags |= int(Status.NONFINITE_LOGITS)
+                            aborted = True
+                            break
+                        q = torch.softmax(dx.double(), 0)
+                qx = 1.0 if mode == SiblingMode.DETERMINISTIC else float(q[tok])
+                if not qx > 0:  # q is not what this sibling was drawn from
+                    flags |= int(Status.DRAFT_PROB_ZERO)
+                    continue
+                u = float(uniform_from_bits(random_bits(s, pos, Purpose.COIN, c, 1))[0])
+                px = float(p[tok])
+                if px > 0:  # the implementations' p after updates carries rounding of p0 and q
+                    margin = min(margin, abs(u * qx - px) / max(px, float(p0[tok]) + qx))
+                if u * qx < px:
+                    nxt = c
+                    break
+                if mode == SiblingMode.DETERMINISTIC:
+                    resid = p.clone()
+                    resid[tok] = 0.0
+                else:
+                    resid = torch.clamp(p - q, min=0.0)
+                if _normalised(resid) is not None:  # mass 0 (p == q up to rounding): p unchanged
+                    p, race_dist = _normalised(resid), resid
+                if mode == SiblingMode.WITHOUT_REPLACEMENT:
+                    qz = q.clone()
+                    qz[tok] = 0.0
+                    q = _normalised(qz) if _normalised(qz) is not None else torch.zeros_like(q)
+            if aborted:
+                break
+            if nxt is None:
+                emit, gap = race(race_dist, random_bits(s, pos, Purpose.EMIT, cur, V),
+                                 p0 if race_dist is not p0 else None)
+                margin = min(margin, gap)
+                break
+            out.append(int(toks[c0 + nxt]))
+            nodes.append(nxt)
+            cur = nxt
+        done(flags)
+        if flags & int(ABORT):
+            continue
+        out.append(emit)
+        tokens[r, :len(out)] = torch.tensor(out, dtype=torch.int32)
+        path[r, :len(nodes)] = torch.tensor(nodes, dtype=torch.int32)
+        accepted[r], emitted[r] = len(out) - 1, len(out)
+    return tokens, accepted, emitted, path, status
 
 
 # ------------------------------------------------- kv_compact, commit_tokens
