@@ -6,6 +6,7 @@
 #include <string>
 
 #include "core/sample_args.h"
+#include "core/tree.h"
 #include "core/verify_args.h"
 #include "schedule_common.h"
 
@@ -26,6 +27,7 @@ int64_t workspace_bytes(std::string op, int64_t num_requests, int64_t vocab, int
                     num_requests, ", ", vocab, " and ", max_draft);
   if (op == "sample") return sample_workspace_bytes(num_requests, vocab);
   if (op == "verify_chunk") return verify_workspace(nullptr, num_requests, max_draft, vocab).bytes;
+  if (op == "verify_tree") return tree_workspace(nullptr, num_requests, max_draft, vocab).bytes;  // max_draft = M
   if (op == "schedule_verify") return schedule_workspace_bytes(num_requests, max_draft);  // max_draft = G
   TORCH_CHECK_VALUE(false, "dspark_ops.workspace_size: unknown op '", op, "'");
 }
@@ -51,6 +53,16 @@ TORCH_LIBRARY(dspark_ops, m) {
       "Tensor? top_p, Tensor seed, Tensor position, Tensor? draft_row_start, Tensor? target_row_start, *, "
       "Tensor(a!) tokens, Tensor(b!) accepted, Tensor(c!) emitted, Tensor(d!) status, "
       "Tensor(w!)? workspace=None) -> ()");
+  m.def(
+      "verify_tree(Tensor target_logits, Tensor node_tokens, Tensor parents, Tensor cu_num_nodes, int max_depth, "
+      "Tensor? draft_probs, Tensor? draft_logits, Tensor draft_temperature, Tensor? sibling_mode, Tensor temperature, "
+      "Tensor? top_k, Tensor? top_p, Tensor seed, Tensor position) "
+      "-> (Tensor tokens, Tensor accepted, Tensor emitted, Tensor path, Tensor status)");
+  m.def(
+      "verify_tree.out(Tensor target_logits, Tensor node_tokens, Tensor parents, Tensor cu_num_nodes, int max_depth, "
+      "Tensor? draft_probs, Tensor? draft_logits, Tensor draft_temperature, Tensor? sibling_mode, Tensor temperature, "
+      "Tensor? top_k, Tensor? top_p, Tensor seed, Tensor position, *, Tensor(a!) tokens, Tensor(b!) accepted, "
+      "Tensor(c!) emitted, Tensor(d!) path, Tensor(e!) status, Tensor(w!)? workspace=None) -> ()");
   m.def(
       "kv_compact(Tensor(a!)[] caches, Tensor base_len, Tensor num_appended, Tensor keep_index, Tensor num_keep, "
       "Tensor(b!) new_len, Tensor(c!) status, Tensor? block_table, bool heads_first, Tensor? layout) -> ()");

@@ -120,6 +120,7 @@ VerifyArgs<T, D> make_verify_args(const at::Tensor& target_logits, const at::Ten
   a.top_p = per_request<float>(top_p, 1.0f);
   a.seed = per_request<int64_t>(seed, 0);
   a.position = per_request<int64_t>(position, 0);
+  a.tree_rows = 0;
   a.tokens = tokens.data_ptr<int32_t>();
   a.accepted = accepted.data_ptr<int32_t>();
   a.emitted = emitted.data_ptr<int32_t>();

@@ -194,3 +194,65 @@ def check_verify_outputs(target_logits, cu_num_draft, max_draft, tokens, accepte
     check_output(op, "accepted", accepted, R, torch.int32, target_logits)
     check_output(op, "emitted", emitted, R, torch.int32, target_logits)
     check_output(op, "status", status, R, torch.int32, target_logits)
+
+
+TREE_OP = "dspark_ops.verify_tree"
+
+
+def check_tree_args(target_logits, node_tokens, parents, cu_num_nodes, max_depth, draft_probs, draft_logits,
+                    draft_temperature, sibling_mode, temperature, top_k, top_p, seed, position) -> int:
+    """csrc/tree_common.h check_tree_args; returns R."""
+    op = TREE_OP
+    check_logits(op, "target_logits", target_logits)
+    V = target_logits.shape[1]
+    if V > MAX_VOCAB:
+        raise ValueError(f"{op}: target_logits must have V <= {MAX_VOCAB}, got V = {V}")
+    check_int_vector(op, "node_tokens", node_tokens, -1, target_logits)
+    check_int_vector(op, "parents", parents, node_tokens.shape[0], target_logits)
+    check_same_device(op, "cu_num_nodes", cu_num_nodes, target_logits)
+    check_dtype(op, "cu_num_nodes", cu_num_nodes, torch.int32)
+    if cu_num_nodes.dim() != 1 or cu_num_nodes.shape[0] < 1:
+        raise ValueError(f"{op}: cu_num_nodes must have shape [R + 1], got {shape_str(cu_num_nodes)}")
+    if not cu_num_nodes.is_contiguous():
+        raise ValueError(f"{op}: cu_num_nodes must be contiguous")
+    if not 0 <= max_depth < MAX_SLOT:
+        raise ValueError(f"{op}: max_depth must be in [0, {MAX_SLOT - 1}], got {max_depth}")
+    if draft_probs is not None and draft_logits is not None:
+        raise ValueError(f"{op}: pass draft_probs or draft_logits, not both")
+    draft = draft_probs if draft_probs is not None else draft_logits
+    if draft is not None:
+        name = "draft_probs" if draft_probs is not None else "draft_logits"
+        check_logits(op, name, draft)
+        check_same_device(op, name, draft, target_logits)
+        if draft.shape[1] != V:
+            raise ValueError(f"{op}: {name} must have V = {V} columns like target_logits, got {shape_str(draft)}")
+        if draft.dtype not in (target_logits.dtype, torch.float32):
+            raise ValueError(f"{op}: {name} must have the dtype of target_logits ({dtype_name(target_logits.dtype)}) "
+                             f"or Float, got {dtype_name(draft.dtype)}")
+    R = cu_num_nodes.shape[0] - 1
+    check_per_request(op, "draft_temperature", draft_temperature, R, torch.float32, target_logits)
+    if sibling_mode is not None:
+        check_per_request(op, "sibling_mode", sibling_mode, R, torch.int8, target_logits)
+    check_per_request(op, "temperature", temperature, R, torch.float32, target_logits)
+    if top_k is not None:
+        check_per_request(op, "top_k", top_k, R, torch.int32, target_logits)
+    if top_p is not None:
+        check_per_request(op, "top_p", top_p, R, torch.float32, target_logits)
+    check_per_request(op, "seed", seed, R, torch.int64, target_logits)
+    check_per_request(op, "position", position, R, torch.int64, target_logits)
+    return R
+
+
+def check_tree_outputs(target_logits, cu_num_nodes, max_depth, tokens, accepted, emitted, path, status) -> None:
+    op = TREE_OP
+    R = cu_num_nodes.shape[0] - 1
+    for name, t in (("tokens", tokens), ("path", path)):
+        check_same_device(op, name, t, target_logits)
+        check_dtype(op, name, t, torch.int32)
+        if t.dim() != 2 or t.shape[0] != R or t.shape[1] != max_depth + 1:
+            raise ValueError(f"{op}: {name} must have shape [{R}, {max_depth + 1}], got {shape_str(t)}")
+        if not t.is_contiguous():
+            raise ValueError(f"{op}: {name} must be contiguous")
+    check_output(op, "accepted", accepted, R, torch.int32, target_logits)
+    check_output(op, "emitted", emitted, R, torch.int32, target_logits)
+    check_output(op, "status", status, R, torch.int32, target_logits)

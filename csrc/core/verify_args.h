@@ -36,6 +36,8 @@ struct VerifyArgs {
   PerRequest<float> top_p;
   PerRequest<int64_t> seed;
   PerRequest<int64_t> position;
+  int32_t tree_rows;  // 0: a chain (above); 1: verify_tree's rows, one per node
+                      // (cu counts nodes; target and draft rows both start at cu[r])
   int32_t* tokens;    // [R, max_draft + 1] out
   int32_t* accepted;  // [R] out
   int32_t* emitted;   // [R] out
@@ -54,6 +56,14 @@ template <typename T, typename D>
 DSPARK_HD VerifyLayout verify_layout(const VerifyArgs<T, D>& a, int64_t r) {
   VerifyLayout L;
   const int64_t begin = a.cu[r], end = a.cu[r + 1];
+  if (a.tree_rows) {  // n + 1 nodes; node i's rows at begin + i (max_draft is not a bound here)
+    const int64_t nodes = end - begin;
+    L.n = static_cast<int32_t>(nodes - 1);
+    L.d0 = L.t0 = begin;
+    L.valid = begin >= 0 && nodes >= 1 && nodes <= static_cast<int64_t>(kMaxSlot) && begin + nodes <= a.num_tokens &&
+              (a.draft == nullptr || begin + nodes <= a.draft_rows) && begin + nodes <= a.target_rows;
+    return L;
+  }
   L.n = static_cast<int32_t>(end - begin);
   L.d0 = a.draft_row_start ? static_cast<int64_t>(a.draft_row_start[r]) : begin;
   L.t0 = a.target_row_start ? static_cast<int64_t>(a.target_row_start[r]) : begin + r;

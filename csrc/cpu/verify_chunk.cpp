@@ -11,89 +11,11 @@
 #include <algorithm>
 
 #include "../verify_common.h"
-#include "chunked.h"
 #include "keep_key.h"
+#include "verify_rows.h"
 
 namespace dspark {
 namespace {
-
-template <typename T>
-TargetRowStats target_row_stats(const T* row_ptr, int64_t V, const RaceRow& row, const RaceStream& stream) {
-  return chunked_reduce(
-      V, target_stats_empty(),
-      [&](int64_t begin, int64_t end) {
-        TargetRowStats st = target_stats_empty();
-        for (int64_t i = begin; i < end; i += 4) {
-          float l[4];
-          const int count = static_cast<int>(std::min<int64_t>(4, end - i));
-          for (int j = 0; j < 4; ++j) l[j] = j < count ? static_cast<float>(row_ptr[i + j]) : 0.0f;
-          target_offer_group(st, row, stream, i >> 2, l, count);
-        }
-        return st;
-      },
-      target_stats_merge);
-}
-
-// Stochastic rows, first pass: the normaliser and flags only. The race for
-// a token from p is needed only where a step emits from p (its last row), so
-// the CPU draws it lazily (the CUDA kernels do it in the same single pass).
-template <typename T>
-TargetRowStats target_row_softmax(const T* row_ptr, int64_t V, const RaceRow& row) {
-  TargetRowStats st = chunked_reduce(
-      V, target_stats_empty(),
-      [&](int64_t begin, int64_t end) {
-        TargetRowStats acc = target_stats_empty();
-        for (int64_t i = begin; i < end; ++i) {
-          const float x = race_value(acc.flags, row, static_cast<float>(row_ptr[i]));
-          if (x > -INFINITY) softmax_add(acc.softmax, x);
-        }
-        return acc;
-      },
-      target_stats_merge);
-  // Stand-in winner: only "is there a candidate" is read before the real race.
-  if (st.softmax.m > -INFINITY) st.race.best = RaceBest{0.0f, 0};
-  return st;
-}
-
-template <typename D>
-DraftRowStats draft_row_stats(const D* row_ptr, int64_t V, float draft_temperature) {
-  return chunked_reduce(
-      V, draft_stats_empty(),
-      [&](int64_t begin, int64_t end) {
-        DraftRowStats st = draft_stats_empty();
-        for (int64_t i = begin; i < end; ++i) draft_offer(st, static_cast<float>(row_ptr[i]), draft_temperature);
-        return st;
-      },
-      draft_stats_merge);
-}
-
-// q(i) of a draft row as the residual needs it.
-template <typename D>
-float draft_q(int32_t mode, const D* drow, int64_t i, const DraftRowStats& ds, float draft_temperature) {
-  return draft_q_value(mode, static_cast<float>(drow[i]), ds, draft_temperature);
-}
-
-template <typename T, typename D>
-RaceBest residual_race(const T* trow, const D* drow, int64_t V, const RaceRow& row, const SoftmaxAcc& sm,
-                       int32_t mode, const DraftRowStats& ds, float draft_temperature, const RaceStream& stream) {
-  const float log_s = logf(sm.s);
-  return chunked_reduce(
-      V, race_empty(),
-      [&](int64_t begin, int64_t end) {
-        RaceBest best = race_empty();
-        for (int64_t i = begin; i < end; i += 4) {
-          float l[4], q[4];
-          const int count = static_cast<int>(std::min<int64_t>(4, end - i));
-          for (int j = 0; j < 4; ++j) {
-            l[j] = j < count ? static_cast<float>(trow[i + j]) : 0.0f;
-            q[j] = j < count ? draft_q(mode, drow, i + j, ds, draft_temperature) : 0.0f;
-          }
-          residual_offer_group(best, row, sm, log_s, stream, i >> 2, l, q, count);
-        }
-        return best;
-      },
-      race_merge);
-}
 
 template <typename T, typename D>
 void verify_request(const VerifyArgs<T, D>& a, int64_t r) {

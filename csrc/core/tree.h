@@ -1,0 +1,119 @@
+// Tree verification (DESIGN §3 verify_tree): the op's arguments as raw
+// pointers and the decisions both backends take while walking a request's
+// tree. The row statistics and the first residual are verify_chunk's own
+// (core/verify.h), so a path-shaped tree gives the chain's results bit for bit.
+#pragma once
+#include <math.h>
+
+#include <cstdint>
+
+#include "broadcast.h"
+#include "chunks.h"
+#include "macros.h"
+#include "status.h"
+#include "verify.h"
+#include "verify_args.h"
+
+namespace dspark {
+
+// How p (and q) change after a rejected sibling (dspark_ops.SiblingMode).
+enum SiblingMode : int32_t { kSiblingIid = 0, kSiblingWithoutReplacement = 1, kSiblingDeterministic = 2 };
+
+// T: target logits type; D: draft rows type (T or float). `v` holds the rows,
+// sampling parameters and tokens/accepted/emitted/status outputs with
+// v.tree_rows = 1 (cu counts nodes, node i's rows at cu[r] + i, node tokens
+// as v.draft_tokens) and v.max_draft = max_depth (token rows of max_depth + 1).
+template <typename T, typename D>
+struct TreeArgs {
+  VerifyArgs<T, D> v;
+  const int32_t* parents;          // [M] request-local parent indices, -1 for each root
+  PerRequest<int8_t> sibling_mode;  // codes; fallback -1: iid with draft rows, deterministic without
+  int32_t* path;                   // [R, max_depth + 1] out: accepted node indices, root first, then -1
+};
+
+// The request's sibling mode, or -1 for an unknown code (kBadTree). A point
+// mass draft (no draft rows, or draft temperature 0) is always deterministic.
+template <typename T, typename D>
+DSPARK_HD int32_t tree_mode(const TreeArgs<T, D>& a, int64_t r) {
+  const bool given = a.sibling_mode.ptr != nullptr;
+  const int32_t code = given ? a.sibling_mode[r] : kSiblingIid;
+  if (code < kSiblingIid || code > kSiblingDeterministic) return -1;
+  return verify_draft_mode(a.v, r) == kDraftPointMass ? kSiblingDeterministic : code;
+}
+
+// Whether node i (local, i >= 1) of a request whose rows start at c0 has a
+// valid parent: 0 <= parent < i. The root's parent must be -1.
+template <typename T, typename D>
+DSPARK_HD bool tree_parent_ok(const TreeArgs<T, D>& a, int64_t c0, int32_t i) {
+  const int32_t p = a.parents[c0 + i];
+  return i == 0 ? p == -1 : (p >= 0 && p < i);
+}
+
+// The walk's view of p at the current node after rejected siblings.
+enum TreeDist : int32_t {
+  kTreePristine = 0,  // p itself: exp(x - m) / s over the kept set
+  kTreeZeroed = 1,    // deterministic: p without the rejected tokens, / (s - removed) (w[] flags from 2 on)
+  kTreeWeights = 2,   // iid / without replacement: w[] / wsum, materialised
+};
+
+struct TreeState {
+  int32_t dist;      // TreeDist
+  int32_t zeroed;    // tokens zeroed (kTreeZeroed)
+  int32_t first_zero;  // the first one (the chain's single rejection: the race's runner-up)
+  float removed;     // sum of exp(x - m) over zeroed tokens
+  float wsum;        // sum of w[] (kTreeWeights)
+  bool q_ready;      // the draft row's normaliser is known (draft logits)
+  bool q_mat;        // q materialised in qv[] / qsum (without replacement, after a rejection)
+  float qsum;
+};
+
+DSPARK_HD TreeState tree_state_fresh() { return TreeState{kTreePristine, 0, -1, 0.0f, 0.0f, false, false, 0.0f}; }
+
+// p(tok) at the current node: `p0` is the pristine p(tok) (target_prob),
+// e0 = exp(x_tok - m) (the same value before division), w_tok the
+// materialised entry (kTreeWeights) or the live flag (kTreeZeroed, >= 2 zeroed).
+DSPARK_HD float tree_p(const TreeState& s, const SoftmaxAcc& sm, float p0, float e0, float w_tok, int32_t tok) {
+  switch (s.dist) {
+    case kTreeWeights:
+      return w_tok / s.wsum;
+    case kTreeZeroed:
+      if (s.zeroed == 1 ? tok == s.first_zero : w_tok == 0.0f) return 0.0f;
+      return e0 / (sm.s - s.removed);
+    default:
+      return p0;
+  }
+}
+
+// The coin of child `slot`: accept iff u * q < p (q = 1 for point masses).
+DSPARK_HD bool tree_coin(uint32_t bits, float q, float p) { return uniform_from_bits(bits) * q < p; }
+
+struct TreeWorkspace {
+  uint32_t* keep_keys;              // [M]
+  TargetRowStats* target_partials;  // [M, chunks]
+  DraftRowStats* draft_partials;    // [M, chunks]
+  float* w;                         // [R, V] p after rejections (or live flags)
+  float* qv;                        // [R, V] q after rejections (without replacement)
+  int64_t bytes;
+};
+
+// Carves `base` (nullptr: only sizes it) for R requests, M node rows, V.
+inline TreeWorkspace tree_workspace(void* base, int64_t R, int64_t M, int64_t V) {
+  const int64_t chunks = fixed_chunks(V);
+  char* p = static_cast<char*>(base);
+  int64_t off = 0;
+  auto take = [&](int64_t bytes) {
+    char* at = p ? p + off : nullptr;
+    off += align_up(bytes, 256);
+    return at;
+  };
+  TreeWorkspace w;
+  w.keep_keys = reinterpret_cast<uint32_t*>(take(M * 4));
+  w.target_partials = reinterpret_cast<TargetRowStats*>(take(M * chunks * int64_t{sizeof(TargetRowStats)}));
+  w.draft_partials = reinterpret_cast<DraftRowStats*>(take(M * chunks * int64_t{sizeof(DraftRowStats)}));
+  w.w = reinterpret_cast<float*>(take(R * V * 4));
+  w.qv = reinterpret_cast<float*>(take(R * V * 4));
+  w.bytes = off;
+  return w;
+}
+
+}  // namespace dspark

@@ -1,0 +1,123 @@
+// The `verify_tree` op's host-side half shared by the CPU and CUDA bindings:
+// argument checks, translation into TreeArgs, and the functional form over a
+// backend's `.out` kernel.
+#pragma once
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+
+#include <tuple>
+
+#include "checks.h"
+#include "core/tree.h"
+#include "verify_common.h"
+
+namespace dspark {
+
+constexpr const char* kTreeOp = "dspark_ops.verify_tree";
+
+inline void check_tree_args(const at::Tensor& target_logits, const at::Tensor& node_tokens, const at::Tensor& parents,
+                            const at::Tensor& cu_num_nodes, int64_t max_depth,
+                            const c10::optional<at::Tensor>& draft_probs,
+                            const c10::optional<at::Tensor>& draft_logits, const at::Tensor& draft_temperature,
+                            const c10::optional<at::Tensor>& sibling_mode, const at::Tensor& temperature,
+                            const c10::optional<at::Tensor>& top_k, const c10::optional<at::Tensor>& top_p,
+                            const at::Tensor& seed, const at::Tensor& position) {
+  const char* op = kTreeOp;
+  check_logits(op, "target_logits", target_logits);
+  const int64_t V = target_logits.size(1);
+  TORCH_CHECK_VALUE(V <= kMaxVocab, op, ": target_logits must have V <= ", kMaxVocab, ", got V = ", V);
+  check_int_vector(op, "node_tokens", node_tokens, -1, target_logits);
+  check_int_vector(op, "parents", parents, node_tokens.size(0), target_logits);
+  check_same_device(op, "cu_num_nodes", cu_num_nodes, target_logits);
+  check_dtype(op, "cu_num_nodes", cu_num_nodes, at::kInt);
+  TORCH_CHECK_VALUE(cu_num_nodes.dim() == 1 && cu_num_nodes.size(0) >= 1, op,
+                    ": cu_num_nodes must have shape [R + 1], got ", shape_str(cu_num_nodes));
+  TORCH_CHECK_VALUE(cu_num_nodes.is_contiguous(), op, ": cu_num_nodes must be contiguous");
+  TORCH_CHECK_VALUE(max_depth >= 0 && max_depth < static_cast<int64_t>(kMaxSlot), op,
+                    ": max_depth must be in [0, ", kMaxSlot - 1, "], got ", max_depth);
+  TORCH_CHECK_VALUE(!(draft_probs.has_value() && draft_logits.has_value()), op,
+                    ": pass draft_probs or draft_logits, not both");
+  const c10::optional<at::Tensor>& draft = draft_probs.has_value() ? draft_probs : draft_logits;
+  if (draft.has_value()) {
+    const char* name = draft_probs.has_value() ? "draft_probs" : "draft_logits";
+    check_logits(op, name, *draft);
+    check_same_device(op, name, *draft, target_logits);
+    TORCH_CHECK_VALUE(draft->size(1) == V, op, ": ", name, " must have V = ", V, " columns like target_logits, got ",
+                      shape_str(*draft));
+    TORCH_CHECK_VALUE(draft->scalar_type() == target_logits.scalar_type() || draft->scalar_type() == at::kFloat, op,
+                      ": ", name, " must have the dtype of target_logits (", c10::toString(target_logits.scalar_type()),
+                      ") or Float, got ", c10::toString(draft->scalar_type()));
+  }
+  const int64_t R = verify_num_requests(cu_num_nodes);
+  check_per_request(op, "draft_temperature", draft_temperature, R, at::kFloat, target_logits);
+  if (sibling_mode.has_value()) check_per_request(op, "sibling_mode", *sibling_mode, R, at::kChar, target_logits);
+  check_per_request(op, "temperature", temperature, R, at::kFloat, target_logits);
+  if (top_k.has_value()) check_per_request(op, "top_k", *top_k, R, at::kInt, target_logits);
+  if (top_p.has_value()) check_per_request(op, "top_p", *top_p, R, at::kFloat, target_logits);
+  check_per_request(op, "seed", seed, R, at::kLong, target_logits);
+  check_per_request(op, "position", position, R, at::kLong, target_logits);
+}
+
+inline void check_tree_outputs(const at::Tensor& target_logits, const at::Tensor& cu_num_nodes, int64_t max_depth,
+                               const at::Tensor& tokens, const at::Tensor& accepted, const at::Tensor& emitted,
+                               const at::Tensor& path, const at::Tensor& status) {
+  const char* op = kTreeOp;
+  const int64_t R = verify_num_requests(cu_num_nodes);
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"tokens", tokens}, {"path", path}}) {
+    check_same_device(op, name, t, target_logits);
+    check_dtype(op, name, t, at::kInt);
+    TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == R && t.size(1) == max_depth + 1, op, ": ", name,
+                      " must have shape [", R, ", ", max_depth + 1, "], got ", shape_str(t));
+    TORCH_CHECK_VALUE(t.is_contiguous(), op, ": ", name, " must be contiguous");
+  }
+  check_output(op, "accepted", accepted, R, at::kInt, target_logits);
+  check_output(op, "emitted", emitted, R, at::kInt, target_logits);
+  check_output(op, "status", status, R, at::kInt, target_logits);
+}
+
+template <typename T, typename D>
+TreeArgs<T, D> make_tree_args(const at::Tensor& target_logits, const at::Tensor& node_tokens, const at::Tensor& parents,
+                              const at::Tensor& cu_num_nodes, int64_t max_depth,
+                              const c10::optional<at::Tensor>& draft_probs,
+                              const c10::optional<at::Tensor>& draft_logits, const at::Tensor& draft_temperature,
+                              const c10::optional<at::Tensor>& sibling_mode, const at::Tensor& temperature,
+                              const c10::optional<at::Tensor>& top_k, const c10::optional<at::Tensor>& top_p,
+                              const at::Tensor& seed, const at::Tensor& position, at::Tensor& tokens,
+                              at::Tensor& accepted, at::Tensor& emitted, at::Tensor& path, at::Tensor& status) {
+  TreeArgs<T, D> a;
+  a.v = make_verify_args<T, D>(target_logits, node_tokens, cu_num_nodes, max_depth, draft_probs, draft_logits,
+                               draft_temperature, temperature, top_k, top_p, seed, position, c10::nullopt,
+                               c10::nullopt, tokens, accepted, emitted, status);
+  a.v.tree_rows = 1;
+  a.parents = parents.const_data_ptr<int32_t>();
+  a.sibling_mode = per_request<int8_t>(sibling_mode, -1);
+  a.path = path.data_ptr<int32_t>();
+  return a;
+}
+
+using TreeOutFn = void (*)(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
+                           const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&, const at::Tensor&,
+                           const c10::optional<at::Tensor>&, const at::Tensor&, const c10::optional<at::Tensor>&,
+                           const c10::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&, at::Tensor&,
+                           at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&, const c10::optional<at::Tensor>&);
+
+template <TreeOutFn kOut>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> tree_functional(
+    const at::Tensor& target_logits, const at::Tensor& node_tokens, const at::Tensor& parents,
+    const at::Tensor& cu_num_nodes, int64_t max_depth, const c10::optional<at::Tensor>& draft_probs,
+    const c10::optional<at::Tensor>& draft_logits, const at::Tensor& draft_temperature,
+    const c10::optional<at::Tensor>& sibling_mode, const at::Tensor& temperature,
+    const c10::optional<at::Tensor>& top_k, const c10::optional<at::Tensor>& top_p, const at::Tensor& seed,
+    const at::Tensor& position) {
+  check_tree_args(target_logits, node_tokens, parents, cu_num_nodes, max_depth, draft_probs, draft_logits,
+                  draft_temperature, sibling_mode, temperature, top_k, top_p, seed, position);
+  const int64_t R = verify_num_requests(cu_num_nodes);
+  const auto opts = target_logits.options().dtype(at::kInt);
+  at::Tensor tokens = at::empty({R, max_depth + 1}, opts), path = at::empty({R, max_depth + 1}, opts);
+  at::Tensor accepted = at::empty({R}, opts), emitted = at::empty({R}, opts), status = at::empty({R}, opts);
+  kOut(target_logits, node_tokens, parents, cu_num_nodes, max_depth, draft_probs, draft_logits, draft_temperature,
+       sibling_mode, temperature, top_k, top_p, seed, position, tokens, accepted, emitted, path, status, c10::nullopt);
+  return {tokens, accepted, emitted, path, status};
+}
+
+}  // namespace dspark

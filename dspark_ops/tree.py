@@ -1,0 +1,238 @@
+"""verify_tree: lossless multi-draft tree verification (DESIGN §3), the
+typed wrapper beside its fake kernels."""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Union
+
+import torch
+
+from . import _checks
+from ._enums import SIBLING_MODES
+from ._params import (TensorOrFloat, TensorOrInt, position_tensor, seed_tensor, temperature_tensor,
+                      top_k_tensor, top_p_tensor)
+from .ops import _ops
+
+OP = _checks.TREE_OP
+
+
+class TreeResult(NamedTuple):
+    """What :func:`verify_tree` returns (R requests, D = max_depth)."""
+
+    tokens: torch.Tensor  # [R, D+1] int32: accepted node tokens root to leaf, the emitted token, then -1
+    accepted: torch.Tensor  # [R] int32: nodes accepted (the path's length minus the root)
+    emitted: torch.Tensor  # [R] int32: accepted + 1 (0 when aborted)
+    path: torch.Tensor  # [R, D+1] int32: accepted local node indices, root (0) first, then -1
+    status: torch.Tensor  # [R] int32: Status bits
+
+
+def empty_tree_result(num_requests: int, max_depth: int, *, device=None) -> TreeResult:
+    """Preallocated outputs for ``verify_tree(..., out=...)``."""
+    def vec():
+        return torch.empty(num_requests, dtype=torch.int32, device=device)
+
+    def rows():
+        return torch.empty(num_requests, max_depth + 1, dtype=torch.int32, device=device)
+    return TreeResult(rows(), vec(), vec(), rows(), vec())
+
+
+def tree_max_depth(parents: torch.Tensor, cu_num_nodes: torch.Tensor) -> int:
+    """The deepest node of a batch of trees (one host sync): pointer jumping
+    over request-local parents. Malformed trees count as shallow here; the
+    op flags them."""
+    par, cu = parents.cpu().long(), cu_num_nodes.cpu().long()
+    n = cu[1:] - cu[:-1]
+    if par.numel() == 0 or bool((n < 0).any()) or int(cu[0]) < 0 or int(cu[-1]) > par.numel():
+        return 0
+    owner = torch.repeat_interleave(torch.arange(n.numel()), n)
+    local = par[int(cu[0]):int(cu[-1])]
+    ok = (local >= 0) & (local < torch.arange(local.numel()) - (cu[:-1][owner] - int(cu[0])))
+    jump = torch.where(ok, local + cu[:-1][owner] - int(cu[0]), torch.full_like(local, -1))
+    depth = ok.long()
+    for _ in range(17):  # 2^17 > 65535 nodes: every chain of ancestors is covered
+        has = jump >= 0
+        if not bool(has.any()):
+            break
+        safe = jump.clamp(min=0)
+        depth = depth + torch.where(has, depth[safe], torch.zeros_like(depth))
+        jump = torch.where(has, jump[safe], jump)
+    return int(depth.max())
+
+
+def _sibling_tensor(value, R: int, device) -> Optional[torch.Tensor]:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        if value not in SIBLING_MODES:
+            raise ValueError(f"{OP}: sibling_mode must be one of {sorted(SIBLING_MODES)} or int8 codes, got {value!r}")
+        return torch.full((1,), int(SIBLING_MODES[value]), dtype=torch.int8, device=device)
+    if isinstance(value, torch.Tensor):
+        return value
+    raise ValueError(f"{OP}: sibling_mode must be a string, an int8 tensor [R] or None, got {type(value).__name__}")
+
+
+def verify_tree(
+    target_logits: torch.Tensor,
+    node_tokens: torch.Tensor,
+    parents: torch.Tensor,
+    cu_num_nodes: torch.Tensor,
+    *,
+    max_depth: Optional[int] = None,
+    draft_probs: Optional[torch.Tensor] = None,
+    draft_logits: Optional[torch.Tensor] = None,
+    draft_temperature: TensorOrFloat = 1.0,
+    sibling_mode: Union[str, torch.Tensor, None] = None,
+    temperature: TensorOrFloat = 1.0,
+    top_k: TensorOrInt = 0,
+    top_p: TensorOrFloat = 1.0,
+    seed: TensorOrInt = 0,
+    position: TensorOrInt = 0,
+    validate: bool = False,
+    out: Optional[TreeResult] = None,
+    workspace: Optional[torch.Tensor] = None,
+) -> TreeResult:
+    """Verify drafted trees against the target and emit what survives,
+    losslessly (DESIGN §3): walking from the root, each node's children are
+    tried in index order; an accepted child becomes the node; when none is
+    accepted, a token is sampled from the (updated) target distribution.
+
+    Parameters
+    ----------
+    target_logits : Tensor [M, V]; float32 / float16 / bfloat16
+        Row i: the target's logits after node i's path (M nodes of all
+        requests). Rows may be strided; the last dimension contiguous.
+    node_tokens : Tensor [M], int32
+        Each node's token (the root's is ignored). Out of [0, V): the child
+        is skipped with ``Status.TOKEN_OUT_OF_RANGE``.
+    parents : Tensor [M], int32
+        Request-local parent index: -1 for the root (local node 0), else
+        smaller than the node's own index. Otherwise ``Status.BAD_TREE``.
+    cu_num_nodes : Tensor [R+1], int32
+        Offsets: request r owns nodes ``cu[r]:cu[r+1]`` (1 to 65535 nodes).
+    max_depth : int, optional
+        Host bound on any node's depth (root 0); sets the outputs' width
+        D+1. None: read from ``parents`` (one host sync). A deeper node:
+        ``Status.BAD_TREE``.
+    draft_probs, draft_logits : Tensor [M, V], optional
+        Row i: the distribution node i's children were drawn from, as
+        probabilities or as logits (softmax at ``draft_temperature``, taken
+        as given). Neither, or draft temperature 0: point masses
+        (deterministic mode).
+    draft_temperature : float or Tensor [R] / [1]
+    sibling_mode : "iid" | "without_replacement" | "deterministic" | Tensor [R] / [1] int8, optional
+        The update after a rejected sibling (``SiblingMode`` codes 0/1/2);
+        None: iid with draft rows, deterministic without. Each is lossless
+        for the drafting it names; deterministic for any drafting.
+    temperature, top_k, top_p, seed, position : scalar or Tensor [R] / [1]
+        As in :func:`verify_chunk`. COIN slot = the child's node index; EMIT
+        slot = the node whose row the emitted token is sampled from.
+    validate : bool
+        Check tensor values on the host first (one sync); raise ValueError
+        naming the first bad value.
+    out : TreeResult, optional
+        Preallocated outputs (``empty_tree_result``): the ``.out`` overload.
+    workspace : Tensor, optional
+        ``workspace_size("verify_tree", num_requests=R, vocab_size=V,
+        num_nodes=M)`` bytes on the device: no allocation.
+
+    Returns
+    -------
+    TreeResult
+        ``tokens [R, D+1]``, ``accepted [R]``, ``emitted [R]``, ``path [R,
+        D+1]`` (accepted nodes root first: the keep set of ``tree_to_keep``)
+        and ``status [R]``.
+
+    Example
+    -------
+    >>> import torch, dspark_ops
+    >>> V = 8                                   # root 0 -> children 1, 2; node 1 -> child 3
+    >>> parents = torch.tensor([-1, 0, 0, 1], dtype=torch.int32)
+    >>> tokens = torch.tensor([0, 5, 6, 2], dtype=torch.int32)
+    >>> target = torch.full((4, V), -5.0); target[0, 6] = 5; target[2, 2] = 5
+    >>> cu = torch.tensor([0, 4], dtype=torch.int32)
+    >>> res = dspark_ops.verify_tree(target, tokens, parents, cu, temperature=0.0)   # greedy
+    >>> res.path.tolist(), res.tokens.tolist()
+    ([[0, 2, -1]], [[6, 2, -1]])
+    """
+    if cu_num_nodes.dim() != 1 or cu_num_nodes.shape[0] < 1:
+        raise ValueError(f"{OP}: cu_num_nodes must have shape [R + 1], got {list(cu_num_nodes.shape)}")
+    if max_depth is None:
+        max_depth = tree_max_depth(parents, cu_num_nodes)
+    R, dev = cu_num_nodes.shape[0] - 1, target_logits.device
+    V = target_logits.shape[1] if target_logits.dim() == 2 else 0
+    args = (
+        target_logits, node_tokens, parents, cu_num_nodes, int(max_depth), draft_probs, draft_logits,
+        temperature_tensor(OP, draft_temperature, R, dev, name="draft_temperature"),
+        _sibling_tensor(sibling_mode, R, dev),
+        temperature_tensor(OP, temperature, R, dev),
+        top_k_tensor(OP, top_k, R, V, dev),
+        top_p_tensor(OP, top_p, R, dev),
+        seed_tensor(OP, seed, R, dev),
+        position_tensor(OP, position, R, dev),
+    )
+    if validate:
+        _validate_tree(*args)
+    if out is None:
+        return TreeResult(*_ops.verify_tree(*args))
+    _ops.verify_tree.out(*args, tokens=out.tokens, accepted=out.accepted, emitted=out.emitted, path=out.path,
+                         status=out.status, workspace=workspace)
+    return out
+
+
+def _validate_tree(target_logits, node_tokens, parents, cu, max_depth, draft_probs, draft_logits, draft_temperature,
+                   sibling_mode, temperature, top_k, top_p, seed, position) -> None:
+    """Host-side value checks (one synchronisation), first bad value named."""
+    _checks.check_tree_args(target_logits, node_tokens, parents, cu, max_depth, draft_probs, draft_logits,
+                            draft_temperature, sibling_mode, temperature, top_k, top_p, seed, position)
+    M, V = target_logits.shape
+
+    def bad(name, t, ok, index=None):
+        _checks.raise_first_invalid(OP, name, t, ok, index)
+
+    cu = cu.cpu().long()
+    n = cu[1:] - cu[:-1]
+    bad("cu_num_nodes", cu, (cu >= 0) & (cu <= M))
+    bad("cu_num_nodes", cu[1:], (n >= 1) & (n <= 0xFFFF))
+    if sibling_mode is not None:
+        sm = sibling_mode.cpu()
+        bad("sibling_mode", sm, (sm >= 0) & (sm <= 2))
+    for name, t in (("temperature", temperature), ("draft_temperature", draft_temperature)):
+        bad(name, t, (t >= 0) & torch.isfinite(t))
+    if top_k is not None:
+        bad("top_k", top_k, top_k >= 0)
+    if top_p is not None:
+        bad("top_p", top_p, top_p > 0)
+    bad("position", position, position >= 0)
+    par = parents.cpu().long()
+    owner = torch.repeat_interleave(torch.arange(n.numel()), n)
+    nodes = torch.arange(int(cu[0]), int(cu[-1]))
+    local = nodes - cu[:-1][owner]
+    p = par[nodes]
+    bad("parents", p, torch.where(local == 0, p == -1, (p >= 0) & (p < local)), nodes)
+    depth = tree_max_depth(parents, torch.as_tensor(cu, dtype=torch.int32))
+    if depth > max_depth:
+        raise ValueError(f"{OP}: a node has depth {depth} > max_depth = {max_depth}")
+    toks = node_tokens.cpu().long()[nodes[local > 0]]
+    bad("node_tokens", toks, (toks >= 0) & (toks < V), nodes[local > 0])
+    block = target_logits[nodes.to(target_logits.device)]
+    finite = (~(torch.isnan(block) | (block == float("inf")))).all(1).cpu()
+    bad("target_logits row", nodes, finite, nodes)
+
+
+@torch.library.register_fake("dspark_ops::verify_tree")
+def _verify_tree_fake(target_logits, node_tokens, parents, cu_num_nodes, max_depth, draft_probs, draft_logits,
+                      draft_temperature, sibling_mode, temperature, top_k, top_p, seed, position):
+    R = _checks.check_tree_args(target_logits, node_tokens, parents, cu_num_nodes, max_depth, draft_probs,
+                                draft_logits, draft_temperature, sibling_mode, temperature, top_k, top_p, seed,
+                                position)
+    vec = lambda: target_logits.new_empty((R,), dtype=torch.int32)  # noqa: E731
+    rows = lambda: target_logits.new_empty((R, max_depth + 1), dtype=torch.int32)  # noqa: E731
+    return rows(), vec(), vec(), rows(), vec()
+
+
+@torch.library.register_fake("dspark_ops::verify_tree.out")
+def _verify_tree_out_fake(target_logits, node_tokens, parents, cu_num_nodes, max_depth, draft_probs, draft_logits,
+                          draft_temperature, sibling_mode, temperature, top_k, top_p, seed, position, *, tokens,
+                          accepted, emitted, path, status, workspace=None):
+    _checks.check_tree_args(target_logits, node_tokens, parents, cu_num_nodes, max_depth, draft_probs, draft_logits,
+                            draft_temperature, sibling_mode, temperature, top_k, top_p, seed, position)
+    _checks.check_tree_outputs(target_logits, cu_num_nodes, max_depth, tokens, accepted, emitted, path, status)
