@@ -33,7 +33,7 @@ def empty_verify_result(num_requests: int, max_draft: int, *, device=None) -> Ve
 
 def _flatten_padded(t: torch.Tensor, name: str) -> torch.Tensor:
     """[B, K, ...] -> [B*K, ...] as a view (never a silent copy)."""
-    if t.dim() >= 2 and t.shape[0] > 1 and t.stride(0) != t.shape[1] * t.stride(1):
+    if t.dim() >= 2 and t.shape[0] > 1 and t.shape[1] > 1 and t.stride(0) != t.shape[1] * t.stride(1):
         raise ValueError(f"{OP}: padded {name} must be contiguous in its first two dimensions to be read in place, "
                          f"got strides {list(t.stride())}")
     return t.flatten(0, 1)

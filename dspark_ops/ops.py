@@ -25,7 +25,7 @@ def workspace_size(op_name: str, **sizes: int) -> int:
     **sizes : int
         ``num_requests`` (R), ``vocab_size`` (V) and, for ``"verify_chunk"``,
         ``max_draft``; for ``"schedule_verify"``, R and ``group`` (G); for
-        ``"verify_tree"``, R, V and ``num_nodes`` (M, node rows in the batch).
+        ``"verify_tree"``, R and V (2 x R x V floats: p and q after rejections).
 
     Returns
     -------
@@ -40,12 +40,12 @@ def workspace_size(op_name: str, **sizes: int) -> int:
     >>> dspark_ops.workspace_size("sample", num_requests=8, vocab_size=32000) > 0
     True
     """
-    unknown = set(sizes) - {"num_requests", "vocab_size", "max_draft", "group", "num_nodes"}
+    unknown = set(sizes) - {"num_requests", "vocab_size", "max_draft", "group"}
     if unknown:
         raise ValueError(f"dspark_ops.workspace_size: unknown sizes {sorted(unknown)} for '{op_name}'")
     return int(_ops.workspace_bytes(op_name, int(sizes.get("num_requests", 0)),
                                     int(sizes.get("vocab_size", 1)),
-                                    int(sizes.get("max_draft", sizes.get("group", sizes.get("num_nodes", 0))))))
+                                    int(sizes.get("max_draft", sizes.get("group", 0)))))
 
 
 # --------------------------------------------------------------------- sample

@@ -194,6 +194,8 @@ def target_distribution(l: torch.Tensor, temperature: float, top_k: int, top_p: 
     x = l / torch.tensor(temperature, dtype=torch.float32)
     keep = topp_keep(x, topk_keep(x, top_k), top_p) & (x > _NEG_INF)
     xd = x.to(torch.float64)
+    if not bool(keep.any()):  # everything masked: p = 0 (ALL_MASKED for the caller)
+        return x, torch.zeros_like(xd)
     w = torch.where(keep, torch.exp(xd - xd[keep].max()), torch.zeros((), dtype=torch.float64))
     return x, w / w.sum()
 
@@ -505,8 +507,10 @@ def verify_tree(target_logits: torch.Tensor, node_tokens: torch.Tensor, parents:
             if aborted:
                 break
             if nxt is None:
+                # a residual's rounding scales with p0 / r (cancellation); a
+                # zeroed p is p0 itself, up to a factor
                 emit, gap = race(race_dist, random_bits(s, pos, Purpose.EMIT, cur, V),
-                                 p0 if race_dist is not p0 else None)
+                                 p0 if race_dist is not p0 and mode != SiblingMode.DETERMINISTIC else None)
                 margin = min(margin, gap)
                 break
             out.append(int(toks[c0 + nxt]))

@@ -131,8 +131,8 @@ def verify_tree(
     out : TreeResult, optional
         Preallocated outputs (``empty_tree_result``): the ``.out`` overload.
     workspace : Tensor, optional
-        ``workspace_size("verify_tree", num_requests=R, vocab_size=V,
-        num_nodes=M)`` bytes on the device: no allocation.
+        ``workspace_size("verify_tree", num_requests=R, vocab_size=V)``
+        bytes on the device: no allocation.
 
     Returns
     -------

@@ -294,3 +294,9 @@ def test_torch_compile_fullgraph():
     got = torch.compile(step, fullgraph=True, backend="aot_eager")(target, drafts, probs, pos)
     want = step(target, drafts, probs, pos)
     assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+def test_padded_form_with_no_drafts_samples_the_bonus_row():
+    target = torch.randn(3, 1, 50)
+    res = dspark_ops.verify_chunk(target, torch.zeros(3, 0, dtype=torch.int32), temperature=0.0)
+    assert res.tokens[:, 0].tolist() == target[:, 0].argmax(-1).tolist() and res.accepted.tolist() == [0, 0, 0]

@@ -60,6 +60,7 @@ struct TreeState {
   int32_t dist;      // TreeDist
   int32_t zeroed;    // tokens zeroed (kTreeZeroed)
   int32_t first_zero;  // the first one (the chain's single rejection: the race's runner-up)
+  int32_t last_zero;   // the latest one
   float removed;     // sum of exp(x - m) over zeroed tokens
   float wsum;        // sum of w[] (kTreeWeights)
   bool q_ready;      // the draft row's normaliser is known (draft logits)
@@ -67,7 +68,7 @@ struct TreeState {
   float qsum;
 };
 
-DSPARK_HD TreeState tree_state_fresh() { return TreeState{kTreePristine, 0, -1, 0.0f, 0.0f, false, false, 0.0f}; }
+DSPARK_HD TreeState tree_state_fresh() { return TreeState{kTreePristine, 0, -1, -1, 0.0f, 0.0f, false, false, 0.0f}; }
 
 // p(tok) at the current node: `p0` is the pristine p(tok) (target_prob),
 // e0 = exp(x_tok - m) (the same value before division), w_tok the
@@ -88,16 +89,16 @@ DSPARK_HD float tree_p(const TreeState& s, const SoftmaxAcc& sm, float p0, float
 DSPARK_HD bool tree_coin(uint32_t bits, float q, float p) { return uniform_from_bits(bits) * q < p; }
 
 struct TreeWorkspace {
-  uint32_t* keep_keys;              // [M]
-  TargetRowStats* target_partials;  // [M, chunks]
-  DraftRowStats* draft_partials;    // [M, chunks]
+  TargetRowStats* target_partials;  // [R, chunks] the visited row's chunk partials
+  DraftRowStats* draft_partials;    // [R, chunks]
   float* w;                         // [R, V] p after rejections (or live flags)
   float* qv;                        // [R, V] q after rejections (without replacement)
   int64_t bytes;
 };
 
-// Carves `base` (nullptr: only sizes it) for R requests, M node rows, V.
-inline TreeWorkspace tree_workspace(void* base, int64_t R, int64_t M, int64_t V) {
+// Carves `base` (nullptr: only sizes it) for R requests and V; qv only
+// with draft rows (workspace_size counts it always).
+inline TreeWorkspace tree_workspace(void* base, int64_t R, int64_t V, bool with_q) {
   const int64_t chunks = fixed_chunks(V);
   char* p = static_cast<char*>(base);
   int64_t off = 0;
@@ -107,11 +108,10 @@ inline TreeWorkspace tree_workspace(void* base, int64_t R, int64_t M, int64_t V)
     return at;
   };
   TreeWorkspace w;
-  w.keep_keys = reinterpret_cast<uint32_t*>(take(M * 4));
-  w.target_partials = reinterpret_cast<TargetRowStats*>(take(M * chunks * int64_t{sizeof(TargetRowStats)}));
-  w.draft_partials = reinterpret_cast<DraftRowStats*>(take(M * chunks * int64_t{sizeof(DraftRowStats)}));
+  w.target_partials = reinterpret_cast<TargetRowStats*>(take(R * chunks * int64_t{sizeof(TargetRowStats)}));
+  w.draft_partials = reinterpret_cast<DraftRowStats*>(take(R * chunks * int64_t{sizeof(DraftRowStats)}));
   w.w = reinterpret_cast<float*>(take(R * V * 4));
-  w.qv = reinterpret_cast<float*>(take(R * V * 4));
+  w.qv = with_q ? reinterpret_cast<float*>(take(R * V * 4)) : nullptr;
   w.bytes = off;
   return w;
 }

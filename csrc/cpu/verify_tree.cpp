@@ -199,6 +199,7 @@ void tree_request(const TreeArgs<T, D>& a, int64_t r, std::vector<int32_t>& dept
           }
           if (s.zeroed >= 1) w[tok] = 0.0f;
           if (s.zeroed == 0) s.first_zero = tok;
+          s.last_zero = tok;
           s.removed += e;
           ++s.zeroed;
           s.dist = kTreeZeroed;
@@ -233,7 +234,9 @@ void tree_request(const TreeArgs<T, D>& a, int64_t r, std::vector<int32_t>& dept
           else if (s.zeroed == 1) b = full.race.best.index != s.first_zero ? full.race.best : full.race.second;
           else b = zeroed_race(trow, w.data(), V, row, emit_stream);
         }
-        emit = b.index;
+        // Every kept token zeroed (rounding let the last coin fail where
+        // exact p was 1): p before that zeroing, a point mass on it.
+        emit = b.index >= 0 ? b.index : s.last_zero;
         break;
       }
     }
