@@ -1,0 +1,10 @@
+"""dspark_ops.decoding: the thin orchestrator of DESIGN §3 — speculative
+decoding loops (draft -> verify -> rollback -> commit) on our ops, with the
+built-in model, prompt-lookup and draft-model drafters."""
+from .drafters import Draft, DraftModelDrafter, Drafter, NGramDrafter, Sampling
+from .loop import GenerateResult, SpeculativeDecoder, request_seed
+from .model import BuiltinModel, KVCache, ModelConfig
+from .targets import BuiltinTarget, Target
+
+__all__ = ["BuiltinModel", "BuiltinTarget", "Draft", "DraftModelDrafter", "Drafter", "GenerateResult", "KVCache",
+           "ModelConfig", "NGramDrafter", "Sampling", "SpeculativeDecoder", "Target", "request_seed"]

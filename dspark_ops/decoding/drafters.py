@@ -1,0 +1,124 @@
+"""Drafters: what proposes the tokens a speculative step verifies. Every
+drafter samples through our ops with purpose DRAFT (slot = node index: draft
+j is node j+1), never with the verifier's counters (DESIGN §2)."""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+
+from .._enums import Purpose
+from ..kv import RequestState
+from ..ops import sample
+
+
+@dataclass
+class Draft:
+    """One step's proposals for R requests (n = the drafter's num_draft)."""
+
+    tokens: torch.Tensor  # [R, n] int32; -1 where a request has fewer proposals
+    draft_logits: Optional[torch.Tensor] = None  # [R, n, V]: q = softmax(logits / draft_temperature); None: point masses
+    draft_temperature: Optional[torch.Tensor] = None  # [R] float32
+    confidence: Optional[torch.Tensor] = None  # [R, n]: per-position confidence for schedule_verify
+
+
+@dataclass
+class Sampling:
+    """The requests' sampling parameters, as device tensors [R]."""
+
+    temperature: torch.Tensor
+    seed: torch.Tensor
+
+
+class Drafter(ABC):
+    """The interface every drafter implements (DraftModelDrafter, NGramDrafter,
+    and DSpark's block drafter, which also fills Draft.confidence)."""
+
+    num_draft: int
+
+    def start(self, num_requests: int, max_len: int, device: torch.device) -> None:
+        """A new generate() call with these requests."""
+
+    @abstractmethod
+    def propose(self, seqs: List[List[int]], state: RequestState, sampling: Sampling) -> Draft:
+        """Drafts after each request's sequence (prompt + accepted tokens;
+        its last token is state.last_token, its length state.position)."""
+
+    def commit(self, accepted: List[int], finished_before: List[bool]) -> None:
+        """After verification: request r accepted `accepted[r]` drafts
+        (ignored where it had finished before the step)."""
+
+
+class NGramDrafter(Drafter):
+    """Prompt lookup: the tokens that followed the latest earlier occurrence
+    of the sequence's last k tokens (k = max_ngram down to 1). Deterministic
+    drafts (point masses); host-side lists, no model."""
+
+    def __init__(self, max_ngram: int = 3, num_draft: int = 7):
+        if max_ngram < 1 or num_draft < 1:
+            raise ValueError(f"NGramDrafter: need max_ngram >= 1 and num_draft >= 1, got {max_ngram}, {num_draft}")
+        self.max_ngram, self.num_draft = max_ngram, num_draft
+
+    def lookup(self, seq: List[int]) -> List[int]:
+        for k in range(min(self.max_ngram, len(seq) - 1), 0, -1):
+            tail = seq[-k:]
+            for start in range(len(seq) - k - 1, -1, -1):  # latest earlier occurrence first
+                if seq[start:start + k] == tail:
+                    return seq[start + k:start + k + self.num_draft]
+        return []
+
+    def propose(self, seqs, state, sampling) -> Draft:
+        rows = [(self.lookup(s) + [-1] * self.num_draft)[: self.num_draft] for s in seqs]
+        return Draft(torch.tensor(rows, dtype=torch.int32, device=state.last_token.device))
+
+
+class DraftModelDrafter(Drafter):
+    """A small model drafting a chain autoregressively: num_draft single-token
+    steps per verification, sampled with the request's temperature (no
+    top-k/top-p, so q = softmax(logits / T) is exactly what was sampled)."""
+
+    def __init__(self, target, num_draft: int = 5):
+        if num_draft < 1:
+            raise ValueError(f"DraftModelDrafter: num_draft must be >= 1, got {num_draft}")
+        self.model, self.num_draft = target, num_draft
+
+    def start(self, num_requests, max_len, device) -> None:
+        self.cache = self.model.new_cache(num_requests, max_len + self.num_draft + 1)
+        self.fed = [0] * num_requests  # tokens of each sequence in the draft cache
+
+    def propose(self, seqs, state, sampling) -> Draft:
+        R, n, dev = len(seqs), self.num_draft, state.last_token.device
+        catch = [s[f:] for s, f in zip(seqs, self.fed)]  # what the cache has not seen (1 or 2 tokens, or the prompt)
+        ids = torch.tensor([t for c in catch for t in c], dtype=torch.int64, device=dev)
+        positions = torch.tensor([f + i for c, f in zip(catch, self.fed) for i in range(len(c))], dtype=torch.int64,
+                                 device=dev)
+        cu = [0]
+        for c in catch:
+            cu.append(cu[-1] + len(c))
+        logits, _ = self.model.forward(ids, positions, torch.tensor(cu, dtype=torch.int32), self.cache)
+        last = torch.tensor([max(cu[r + 1] - 1, 0) for r in range(R)], device=dev)
+        rows = [logits[last].float()]
+        self.fed = [len(s) for s in seqs]
+        self.base = self.model.lengths(self.cache).clone()
+        toks = []
+        one = torch.arange(R + 1, dtype=torch.int32)
+        for k in range(1, n + 1):
+            tok = sample(rows[-1], temperature=sampling.temperature, seed=sampling.seed, position=state.position,
+                         purpose=Purpose.DRAFT, slot=k).tokens
+            toks.append(tok)
+            if k == n:
+                break
+            step_logits, _ = self.model.forward(tok.clamp(min=0).long(), state.position + (k - 1), one, self.cache)
+            rows.append(step_logits.float())
+        return Draft(torch.stack(toks, 1), torch.stack(rows, 1), sampling.temperature)
+
+    def commit(self, accepted, finished_before) -> None:
+        n, dev = self.num_draft, self.base.device
+        keep = [0 if f else min(a, n - 1) for a, f in zip(accepted, finished_before)]
+        R = len(keep)
+        self.model.rollback(self.cache, self.base, torch.full((R,), n - 1, dtype=torch.int32, device=dev),
+                            torch.arange(max(n - 1, 1), dtype=torch.int32, device=dev).expand(R, -1).contiguous(),
+                            torch.tensor(keep, dtype=torch.int32, device=dev))
+        self.fed = [f + k for f, k in zip(self.fed, keep)]

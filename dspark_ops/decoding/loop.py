@@ -1,0 +1,139 @@
+"""SpeculativeDecoder: batched draft -> verify -> rollback -> commit loops on
+our ops (DESIGN §3 orchestrator). Per step: one drafter proposal, one target
+pass over every request's [last token, drafts], verify_chunk, kv_compact of
+the rejected entries, commit_tokens; then the step's one host
+synchronisation, which checks for finished requests."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence, Union
+
+import torch
+
+from ..chain import verify_chunk
+from ..kv import RequestState, commit_tokens
+from .drafters import Drafter, Sampling
+
+_M64 = (1 << 64) - 1
+
+
+def request_seed(base: int, index: int) -> int:
+    """A distinct 64-bit seed per request (splitmix64 of base + index), as int64."""
+    z = (base + (index + 1) * 0x9E3779B97F4A7C15) & _M64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+    z ^= z >> 31
+    return z - (1 << 64) if z >= 1 << 63 else z
+
+
+@dataclass
+class GenerateResult:
+    tokens: List[List[int]]  # each prompt's new tokens (prompt excluded), cut after a stop token
+    stats: dict = field(default_factory=dict)  # mean_accepted, accepted_per_step, tokens_per_s, target_passes, ...
+    errors: List[int] = field(default_factory=list)  # per request: the Status that aborted it, or 0
+
+
+def _per_request(value, R: int, dtype, device) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype=dtype, device=device).expand(R).contiguous()
+    if isinstance(value, (list, tuple)):
+        if len(value) != R:
+            raise ValueError(f"SpeculativeDecoder.generate: a per-prompt list must have {R} entries, got {len(value)}")
+        return torch.tensor(value, dtype=dtype, device=device)
+    return torch.full((R,), value, dtype=dtype, device=device)
+
+
+class SpeculativeDecoder:
+    """Speculative decoding of a target with a drafter (None: plain decoding,
+    one token per target pass, through the same verify op with no drafts)."""
+
+    def __init__(self, target, drafter: Optional[Drafter] = None):
+        self.target, self.drafter = target, drafter
+
+    def generate(self, prompts: Union[Sequence[Sequence[int]], torch.Tensor], max_new_tokens: int = 64, *,
+                 temperature=0.0, top_k=0, top_p=1.0, seed=0, stop_tokens: Sequence[int] = ()) -> GenerateResult:
+        """prompts: token-id lists of any lengths >= 1 (or a [B, L] tensor);
+        temperature, top_k, top_p and seed each a scalar or a per-prompt list
+        (a scalar seed is the base of a distinct seed per request)."""
+        seqs = [list(map(int, p)) for p in (prompts.tolist() if isinstance(prompts, torch.Tensor) else prompts)]
+        if not seqs or any(len(s) == 0 for s in seqs):
+            raise ValueError("SpeculativeDecoder.generate: every prompt needs at least one token")
+        if max_new_tokens < 1:
+            raise ValueError(f"SpeculativeDecoder.generate: max_new_tokens must be >= 1, got {max_new_tokens}")
+        t0 = time.perf_counter()
+        R, dev, target = len(seqs), self.target.device, self.target
+        n = self.drafter.num_draft if self.drafter is not None else 0
+        max_len = max(len(s) for s in seqs) + max_new_tokens + n + 2
+        cache = target.new_cache(R, max_len)
+        if self.drafter is not None:
+            self.drafter.start(R, max_len, dev)
+        # Prefill every prompt but its last token (the first step's root).
+        pre = [s[:-1] for s in seqs]
+        cu = [0]
+        for p in pre:
+            cu.append(cu[-1] + len(p))
+        if cu[-1]:
+            target.forward(torch.tensor([t for p in pre for t in p], dtype=torch.int64, device=dev),
+                           torch.tensor([i for p in pre for i in range(len(p))], dtype=torch.int64, device=dev),
+                           torch.tensor(cu, dtype=torch.int32), cache)
+        state = RequestState.new(torch.tensor([s[-1] for s in seqs], dtype=torch.int32, device=dev),
+                                 torch.tensor([len(s) for s in seqs], dtype=torch.int64, device=dev),
+                                 max_new_tokens, max_new_tokens)
+        seeds = seed if isinstance(seed, (list, tuple, torch.Tensor)) else [request_seed(int(seed), r)
+                                                                               for r in range(R)]
+        sampling = Sampling(_per_request(temperature, R, torch.float32, dev), _per_request(seeds, R, torch.int64, dev))
+        top_k_t, top_p_t = _per_request(top_k, R, torch.int32, dev), _per_request(top_p, R, torch.float32, dev)
+        stop = torch.tensor(list(stop_tokens), dtype=torch.int32, device=dev) if stop_tokens else None
+        out = [[] for _ in range(R)]
+        finished = [False] * R
+        chain_cu = torch.arange(R + 1, dtype=torch.int32) * (n + 1)
+        keep_index = torch.arange(n + 1, dtype=torch.int32, device=dev).expand(R, -1).contiguous()
+        appended = torch.full((R,), n + 1, dtype=torch.int32, device=dev)
+        steps, accepted_per_step = 0, []
+        while True:
+            steps += 1
+            draft = self.drafter.propose(seqs, state, sampling) if n else None
+            toks = draft.tokens if draft is not None else torch.zeros(R, 0, dtype=torch.int32, device=dev)
+            ids = torch.cat([state.last_token.unsqueeze(1), toks.clamp(min=0)], 1).reshape(-1).long()
+            positions = ((state.position - 1).unsqueeze(1) + torch.arange(n + 1, device=dev)).reshape(-1)
+            base = target.lengths(cache).clone()
+            logits, _ = target.forward(ids, positions, chain_cu, cache)
+            if logits.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+                logits = logits.float()  # e.g. float64 test models: the ops take fp32/fp16/bf16
+            V = logits.shape[-1]
+            res = verify_chunk(logits.view(R, n + 1, V), toks,
+                               draft_logits=draft.draft_logits if draft is not None else None,
+                               draft_temperature=(draft.draft_temperature if draft is not None
+                                                  and draft.draft_temperature is not None else 1.0),
+                               temperature=sampling.temperature, top_k=top_k_t, top_p=top_p_t, seed=sampling.seed,
+                               position=state.position)
+            was_finished = state.finished.clone()
+            num_keep = torch.where(was_finished | (res.emitted == 0), 0, res.accepted + 1).to(torch.int32)
+            target.rollback(cache, base, appended, keep_index, num_keep)
+            old_len = state.out_len.clone()
+            commit_tokens(state, res.tokens, res.emitted, res.status, stop_tokens=stop)
+            # The step's one host synchronisation: what was appended, and who finished.
+            host = torch.cat([res.tokens, old_len.unsqueeze(1), state.out_len.unsqueeze(1), res.accepted.unsqueeze(1),
+                              state.finished.int().unsqueeze(1), was_finished.int().unsqueeze(1)], 1).tolist()
+            acc_step = []
+            for r, row in enumerate(host):
+                *tok, old, new, acc, fin, was = row
+                if was:
+                    continue
+                out[r] += tok[: new - old]
+                seqs[r] += tok[: new - old]
+                finished[r] = bool(fin)
+                acc_step.append(acc)
+            accepted_per_step.append(sum(acc_step) / max(len(acc_step), 1))
+            if self.drafter is not None:
+                self.drafter.commit([row[-3] for row in host], [bool(row[-1]) for row in host])
+            if all(finished):
+                break
+        elapsed = time.perf_counter() - t0
+        total = sum(len(o) for o in out)
+        stats = {"steps": steps, "target_passes": steps + (1 if cu[-1] else 0),
+                 "mean_accepted": sum(accepted_per_step) / len(accepted_per_step),
+                 "accepted_per_step": accepted_per_step, "new_tokens": total,
+                 "tokens_per_s": total / elapsed if elapsed > 0 else float("inf"), "seconds": elapsed}
+        return GenerateResult(out, stats, state.error.tolist())

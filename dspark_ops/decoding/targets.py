@@ -1,0 +1,55 @@
+"""Targets: the pinned protocol (DESIGN §3) and the built-in model's target.
+
+    forward(ids [T] int64, positions [T] int64, cu_tokens [R+1] int32, cache,
+            *, hidden_layers=()) -> (logits [T, V], hidden [T, k, d] | None)
+
+`cache` is the target's own handle (`new_cache`), holding each request's
+cached length; new tokens are appended after it. `rollback` keeps a subset of
+what a step appended (kv_compact) — the speculative loop's only cache edit."""
+from __future__ import annotations
+
+from typing import Optional, Protocol, Sequence, Tuple
+
+import torch
+
+from .model import BuiltinModel, KVCache
+
+
+class Target(Protocol):
+    vocab_size: int
+
+    def new_cache(self, num_requests: int, max_len: int): ...
+
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, cu_tokens: torch.Tensor, cache, *,
+                hidden_layers: Sequence[int] = ()) -> Tuple[torch.Tensor, Optional[torch.Tensor]]: ...
+
+    def lengths(self, cache) -> torch.Tensor: ...
+
+    def rollback(self, cache, base_len: torch.Tensor, num_appended: torch.Tensor, keep_index: torch.Tensor,
+                 num_keep: torch.Tensor) -> None: ...
+
+
+class BuiltinTarget:
+    """The built-in model as a target: batched and ragged, KV caches
+    [R, S, H, D] compacted in place by kv_compact."""
+
+    def __init__(self, model: BuiltinModel):
+        self.model = model.eval()
+        self.vocab_size = model.cfg.vocab_size
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def new_cache(self, num_requests: int, max_len: int) -> KVCache:
+        return self.model.new_cache(num_requests, max_len)
+
+    @torch.inference_mode()
+    def forward(self, ids, positions, cu_tokens, cache: KVCache, *, hidden_layers=()):
+        return self.model(ids, positions, cu_tokens, cache, hidden_layers=hidden_layers)
+
+    def lengths(self, cache: KVCache) -> torch.Tensor:
+        return cache.lengths
+
+    def rollback(self, cache: KVCache, base_len, num_appended, keep_index, num_keep) -> None:
+        cache.rollback(base_len, num_appended, keep_index, num_keep)
