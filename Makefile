@@ -34,6 +34,7 @@ endif
 $(VENV)/.deps-installed: Makefile pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet "$(TORCH_PIN)" numpy scipy pytest ninja "setuptools>=64" wheel
+	$(VENV)/bin/pip install --quiet transformers safetensors tqdm matplotlib  # optional extras: HF adapter tests, weights, demo, plots
 	touch $@
 
 build: $(ENV_STAMP)
