@@ -62,11 +62,18 @@ class NGramDrafter(Drafter):
         self.max_ngram, self.num_draft = max_ngram, num_draft
 
     def lookup(self, seq: List[int]) -> List[int]:
+        """The continuation of the latest earlier match of the longest tail
+        that has num_draft tokens after it (else of the latest match)."""
         for k in range(min(self.max_ngram, len(seq) - 1), 0, -1):
-            tail = seq[-k:]
+            tail, found = seq[-k:], None
             for start in range(len(seq) - k - 1, -1, -1):  # latest earlier occurrence first
                 if seq[start:start + k] == tail:
-                    return seq[start + k:start + k + self.num_draft]
+                    cont = seq[start + k:start + k + self.num_draft]
+                    if len(cont) == self.num_draft:
+                        return cont
+                    found = found or cont
+            if found:
+                return found
         return []
 
     def propose(self, seqs, state, sampling) -> Draft:

@@ -36,7 +36,10 @@ class GenerateResult:
 
 def _per_request(value, R: int, dtype, device) -> torch.Tensor:
     if isinstance(value, torch.Tensor):
-        return value.to(dtype=dtype, device=device).expand(R).contiguous()
+        if value.numel() not in (1, R):
+            raise ValueError(f"SpeculativeDecoder.generate: a per-prompt tensor must have {R} entries, "
+                             f"got {value.numel()}")
+        return value.to(dtype=dtype, device=device).reshape(-1).expand(R).contiguous()
     if isinstance(value, (list, tuple)):
         if len(value) != R:
             raise ValueError(f"SpeculativeDecoder.generate: a per-prompt list must have {R} entries, got {len(value)}")
@@ -51,16 +54,21 @@ class SpeculativeDecoder:
     def __init__(self, target, drafter: Optional[Drafter] = None):
         self.target, self.drafter = target, drafter
 
-    def generate(self, prompts: Union[Sequence[Sequence[int]], torch.Tensor], max_new_tokens: int = 64, *,
+    def generate(self, prompts: Union[Sequence[Sequence[int]], torch.Tensor],
+                 max_new_tokens: Union[int, Sequence[int]] = 64, *,
                  temperature=0.0, top_k=0, top_p=1.0, seed=0, stop_tokens: Sequence[int] = ()) -> GenerateResult:
         """prompts: token-id lists of any lengths >= 1 (or a [B, L] tensor);
-        temperature, top_k, top_p and seed each a scalar or a per-prompt list
-        (a scalar seed is the base of a distinct seed per request)."""
+        max_new_tokens, temperature, top_k, top_p and seed each a scalar or a
+        per-prompt list (a scalar seed is the base of a distinct seed per
+        request, `request_seed(seed, r)`)."""
         seqs = [list(map(int, p)) for p in (prompts.tolist() if isinstance(prompts, torch.Tensor) else prompts)]
         if not seqs or any(len(s) == 0 for s in seqs):
             raise ValueError("SpeculativeDecoder.generate: every prompt needs at least one token")
-        if max_new_tokens < 1:
-            raise ValueError(f"SpeculativeDecoder.generate: max_new_tokens must be >= 1, got {max_new_tokens}")
+        limits = list(max_new_tokens) if isinstance(max_new_tokens, (list, tuple)) else [max_new_tokens] * len(seqs)
+        if len(limits) != len(seqs) or any(int(m) < 1 for m in limits):
+            raise ValueError(f"SpeculativeDecoder.generate: max_new_tokens must be >= 1 (a scalar or one per prompt), "
+                             f"got {max_new_tokens}")
+        max_new_tokens = max(int(m) for m in limits)
         t0 = time.perf_counter()
         R, dev, target = len(seqs), self.target.device, self.target
         n = self.drafter.num_draft if self.drafter is not None else 0
@@ -79,9 +87,9 @@ class SpeculativeDecoder:
                            torch.tensor(cu, dtype=torch.int32), cache)
         state = RequestState.new(torch.tensor([s[-1] for s in seqs], dtype=torch.int32, device=dev),
                                  torch.tensor([len(s) for s in seqs], dtype=torch.int64, device=dev),
-                                 max_new_tokens, max_new_tokens)
-        seeds = seed if isinstance(seed, (list, tuple, torch.Tensor)) else [request_seed(int(seed), r)
-                                                                               for r in range(R)]
+                                 torch.tensor(limits, dtype=torch.int32, device=dev), max_new_tokens)
+        per_prompt_seed = isinstance(seed, (list, tuple)) or (isinstance(seed, torch.Tensor) and seed.dim() > 0)
+        seeds = seed if per_prompt_seed else [request_seed(int(seed), r) for r in range(R)]
         sampling = Sampling(_per_request(temperature, R, torch.float32, dev), _per_request(seeds, R, torch.int64, dev))
         top_k_t, top_p_t = _per_request(top_k, R, torch.int32, dev), _per_request(top_p, R, torch.float32, dev)
         stop = torch.tensor(list(stop_tokens), dtype=torch.int32, device=dev) if stop_tokens else None
@@ -109,10 +117,12 @@ class SpeculativeDecoder:
                                temperature=sampling.temperature, top_k=top_k_t, top_p=top_p_t, seed=sampling.seed,
                                position=state.position)
             was_finished = state.finished.clone()
-            num_keep = torch.where(was_finished | (res.emitted == 0), 0, res.accepted + 1).to(torch.int32)
-            target.rollback(cache, base, appended, keep_index, num_keep)
             old_len = state.out_len.clone()
             commit_tokens(state, res.tokens, res.emitted, res.status, stop_tokens=stop)
+            # Keep in the cache exactly what was committed: [last, accepted drafts]
+            # cut at a stop token or max_new_tokens; nothing for finished or aborted requests.
+            num_keep = torch.where(was_finished, 0, state.out_len - old_len).to(torch.int32)
+            target.rollback(cache, base, appended, keep_index, num_keep)
             # The step's one host synchronisation: what was appended, and who finished.
             host = torch.cat([res.tokens, old_len.unsqueeze(1), state.out_len.unsqueeze(1), res.accepted.unsqueeze(1),
                               state.finished.int().unsqueeze(1), was_finished.int().unsqueeze(1)], 1).tolist()

@@ -1,0 +1,684 @@
+"""dspark_ops.decoding (DESIGN §3 orchestrator) on tiny random BuiltinModels:
+
+1. greedy speculative output == greedy target-only output token for token
+   (plain, n-gram, a different draft model, the target as its own drafter),
+   and both == a naive no-cache loop over an independent reference forward;
+2. the target's and the draft model's KV caches after every rollback equal a
+   fresh prefill of the same tokens (checked before every step through a
+   wrapping drafter, and after the last step for finished requests too);
+3. sampled output has the target's distribution (chi-square on the first two
+   tokens, exact probabilities enumerated), and a drafter that shares the
+   verifier's EMIT counters measurably does not (DESIGN §2);
+4. drafters sample with purpose DRAFT, slots 1..n;
+5. stats, errors and argument checks;
+6. a request finishing early changes no other request's output.
+
+Everything runs on the CPU in a few seconds. torch is pinned to one thread
+here: these models are tiny, and on a busy 2-core machine two OpenMP threads
+spin-waiting on each other made one tiny float64 forward take ~0.4 s instead
+of ~3 ms (measured; one 30-token generate took 52 s instead of 0.4 s)."""
+from __future__ import annotations
+
+import math
+from typing import List, Optional
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from scipy import stats
+
+import dspark_ops.decoding.drafters as drafters_mod
+import dspark_ops.decoding.loop as loop_mod
+from dspark_ops import Purpose
+from dspark_ops.decoding import (BuiltinModel, BuiltinTarget, Drafter, DraftModelDrafter, ModelConfig, NGramDrafter,
+                                 SpeculativeDecoder, request_seed)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+# ---------------------------------------------------------------------------
+# Tiny models and helpers
+
+GREEDY_CFG = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden=64)
+STATS_CFG = dict(dim=16, n_layers=1, n_heads=2, n_kv_heads=1, hidden=32)
+
+
+def make_model(vocab: int, seed: int, *, head_scale: float = 2.0, dtype=torch.float64, cfg=GREEDY_CFG,
+               perturb_of: Optional[BuiltinModel] = None, perturb: float = 0.0) -> BuiltinModel:
+    """A random BuiltinModel whose outputs depend on the context (unit-variance
+    embeddings, 1/sqrt(fan_in) weights; the default 0.02 init gives almost
+    uniform, context-free logits). perturb_of: that model's weights plus
+    `perturb` x their std of noise (a draft model that agrees with it often)."""
+    m = BuiltinModel(ModelConfig(vocab_size=vocab, **cfg))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        if perturb_of is not None:
+            m.load_state_dict(perturb_of.state_dict())
+            for p in m.parameters():
+                if p.dim() == 2:
+                    p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * perturb * p.std())
+        else:
+            for name, p in m.named_parameters():
+                if p.dim() == 2:
+                    std = 1.0 if name == "embed.weight" else 1.0 / math.sqrt(p.shape[1])
+                    p.copy_(torch.randn(p.shape, generator=g) * std)
+            m.head.weight.mul_(head_scale)
+    return m.to(dtype).eval()
+
+
+class CapturingTarget(BuiltinTarget):
+    """A BuiltinTarget that keeps the last cache it created (the loop does
+    not expose its cache)."""
+
+    def new_cache(self, num_requests, max_len):
+        self.cache = super().new_cache(num_requests, max_len)
+        return self.cache
+
+
+def ragged_forward(target, seqs: List[List[int]], cache=None):
+    """Prefill each sequence from position 0 into a fresh (or given, empty) cache."""
+    cache = cache if cache is not None else target.new_cache(len(seqs), max(max(map(len, seqs)), 1))
+    cu = [0]
+    for s in seqs:
+        cu.append(cu[-1] + len(s))
+    logits, _ = target.forward(torch.tensor([t for s in seqs for t in s], dtype=torch.int64),
+                               torch.tensor([i for s in seqs for i in range(len(s))], dtype=torch.int64),
+                               torch.tensor(cu, dtype=torch.int32), cache)
+    return logits, cache, cu
+
+
+def _rope_ref(x, pos, theta):
+    D = x.shape[-1]
+    inv = theta ** (-torch.arange(0, D, 2, dtype=torch.float64) / D)
+    ang = pos.double()[:, None] * inv[None, :]
+    c, s = ang.cos().to(x.dtype)[:, None, :], ang.sin().to(x.dtype)[:, None, :]
+    x1, x2 = x[..., : D // 2], x[..., D // 2:]
+    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], -1)
+
+
+@torch.no_grad()
+def reference_logits(model: BuiltinModel, seq: List[int]) -> torch.Tensor:
+    """One sequence through the model's weights with plain causal attention:
+    no cache, no ragged batching, no padding masks."""
+    cfg = model.cfg
+    T, hd, rep = len(seq), cfg.head_dim, cfg.n_heads // cfg.n_kv_heads
+    pos = torch.arange(T)
+    h = model.embed(torch.tensor(seq))
+    for blk in model.blocks:
+        x = blk.attn_norm(h)
+        q = _rope_ref(blk.wq(x).view(T, cfg.n_heads, hd), pos, cfg.rope_theta)
+        k = _rope_ref(blk.wk(x).view(T, cfg.n_kv_heads, hd), pos, cfg.rope_theta).repeat_interleave(rep, 1)
+        v = blk.wv(x).view(T, cfg.n_kv_heads, hd).repeat_interleave(rep, 1)
+        att = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=True)
+        h = h + blk.wo(att.transpose(0, 1).reshape(T, -1))
+        x = blk.mlp_norm(h)
+        h = h + blk.w2(F.silu(blk.w1(x)) * blk.w3(x))
+    return model.head(model.norm(h))
+
+
+def naive_greedy(model: BuiltinModel, prompt: List[int], max_new: int, stop=()) -> List[int]:
+    seq, out = list(prompt), []
+    while len(out) < max_new:
+        tok = int(torch.argmax(reference_logits(model, seq)[-1].float()))  # the ops see fp32 logits
+        out.append(tok)
+        seq.append(tok)
+        if tok in stop:
+            break
+    return out
+
+
+def cut_at_stop(out: List[int], stop) -> List[int]:
+    for i, t in enumerate(out):
+        if t in stop:
+            return out[: i + 1]
+    return list(out)
+
+
+def make_prompts(vocab: int, lengths, seed: int) -> List[List[int]]:
+    """Ragged prompts; every other one a repeated motif (prompt lookup hits)."""
+    g = torch.Generator().manual_seed(seed)
+    prompts = []
+    for i, L in enumerate(lengths):
+        if i % 2 and L >= 4:
+            motif = torch.randint(0, vocab, (int(torch.randint(2, 5, (1,), generator=g)),), generator=g).tolist()
+            prompts.append((motif * L)[:L])
+        else:
+            prompts.append(torch.randint(0, vocab, (L,), generator=g).tolist())
+    return prompts
+
+
+def pick_stops(outs: List[List[int]], max_new: int):
+    """Two stop tokens under which >= 2 requests stop early at different
+    lengths and >= 2 run to max_new (deterministic: the outputs are)."""
+    cands = sorted({t for o in outs for t in o})
+    for i, a in enumerate(cands):
+        for b in cands[i:]:
+            lens = [len(cut_at_stop(o, (a, b))) for o in outs]
+            early = {L for L in lens if 2 <= L < max_new}
+            if len(early) >= 2 and lens.count(max_new) >= 2 and min(lens) >= 2:
+                return (a, b)
+    raise AssertionError("no stop tokens found that finish requests at different steps")
+
+
+class Recorder(Drafter):
+    """Wraps a drafter; records each step's finished flags and, with a
+    CapturingTarget, checks before every proposal that the target's cache
+    (and a DraftModelDrafter's own cache) equals a fresh prefill of the
+    tokens it should hold."""
+
+    def __init__(self, inner: Drafter, target: Optional[CapturingTarget] = None, check_caches: bool = False):
+        self.inner, self.target, self.check = inner, target, check_caches
+        self.num_draft = inner.num_draft
+        self.finished_per_step: List[List[bool]] = []
+        self.checked = 0
+
+    def start(self, num_requests, max_len, device):
+        self.inner.start(num_requests, max_len, device)
+
+    def propose(self, seqs, state, sampling):
+        fin = state.finished.tolist()
+        self.finished_per_step.append(fin)
+        if self.check:
+            pos = state.position.tolist()
+            for r, s in enumerate(seqs):
+                if fin[r]:
+                    continue
+                assert pos[r] == len(s)
+                assert state.last_token[r].item() == s[-1]
+                assert_cache_holds(self.target, self.target.cache, r, s[:-1])
+                if isinstance(self.inner, DraftModelDrafter) and hasattr(self.inner, "fed"):
+                    assert_cache_holds(self.inner.model, self.inner.cache, r, s[: self.inner.fed[r]])
+                self.checked += 1
+        return self.inner.propose(seqs, state, sampling)
+
+    def commit(self, accepted, finished_before):
+        self.inner.commit(accepted, finished_before)
+
+
+def assert_cache_holds(target, cache, r: int, tokens: List[int], *, exact_length: bool = True):
+    """cache request r == a fresh single-request prefill of `tokens`."""
+    L = len(tokens)
+    got_len = int(cache.lengths[r])
+    if exact_length:
+        assert got_len == L, f"request {r}: cache length {got_len}, expected {L}"
+    else:
+        assert got_len >= L, f"request {r}: cache length {got_len} < {L}"
+    if L == 0:
+        return
+    _, fresh, _ = ragged_forward(BuiltinTarget(target.model), [tokens])  # (not the capturing target's new_cache)
+    for layer in range(len(cache.k)):
+        for got, want in ((cache.k[layer], fresh.k[layer]), (cache.v[layer], fresh.v[layer])):
+            torch.testing.assert_close(got[r, :L], want[0, :L], rtol=1e-9, atol=1e-11,
+                                       msg=lambda m: f"request {r} layer {layer}: {m}")
+
+
+# ---------------------------------------------------------------------------
+# 0. The model and its cache against an independent reference forward
+
+def test_model_ragged_and_incremental_match_reference():
+    model = make_model(97, 0)
+    target = BuiltinTarget(model)
+    seqs = make_prompts(97, [1, 20, 7, 3, 13], seed=1)
+    logits, _, cu = ragged_forward(target, seqs)
+    for r, s in enumerate(seqs):
+        torch.testing.assert_close(logits[cu[r]:cu[r + 1]], reference_logits(model, s), rtol=1e-9, atol=1e-10)
+    # incremental: ragged chunks of 1..4 new tokens per request per call, one cache
+    cache = target.new_cache(len(seqs), 24)
+    done = [0] * len(seqs)
+    got = [[] for _ in seqs]
+    step = 0
+    while any(d < len(s) for d, s in zip(done, seqs)):
+        step += 1
+        chunks = [s[d:d + 1 + (r + step) % 4] for r, (d, s) in enumerate(zip(done, seqs))]
+        cu = [0]
+        for c in chunks:
+            cu.append(cu[-1] + len(c))
+        out, _ = target.forward(torch.tensor([t for c in chunks for t in c], dtype=torch.int64),
+                                torch.tensor([d + i for c, d in zip(chunks, done) for i in range(len(c))]),
+                                torch.tensor(cu, dtype=torch.int32), cache)
+        for r, c in enumerate(chunks):
+            got[r].append(out[cu[r]:cu[r + 1]])
+            done[r] += len(c)
+    assert cache.lengths.tolist() == [len(s) for s in seqs]
+    for r, s in enumerate(seqs):
+        torch.testing.assert_close(torch.cat(got[r]), reference_logits(model, s), rtol=1e-9, atol=1e-10)
+
+
+# ---------------------------------------------------------------------------
+# 1. Greedy: speculative == target-only == naive no-cache loop
+
+V_GREEDY, MAX_NEW = 97, 24
+LENGTHS = [1, 20, 7, 3, 13, 2, 17, 9]
+
+
+@pytest.fixture(scope="module")
+def greedy_setup():
+    model = make_model(V_GREEDY, 0)
+    draft_model = make_model(V_GREEDY, 1)
+    prompts = make_prompts(V_GREEDY, LENGTHS, seed=2)
+    nostop = [naive_greedy(model, p, MAX_NEW) for p in prompts]
+    stops = pick_stops(nostop, MAX_NEW)
+    expected = [cut_at_stop(o, stops) for o in nostop]
+    return model, draft_model, prompts, nostop, stops, expected
+
+
+def test_plain_greedy_matches_naive_loop(greedy_setup):
+    model, _, prompts, nostop, stops, expected = greedy_setup
+    target = BuiltinTarget(model)
+    res = SpeculativeDecoder(target).generate(prompts, MAX_NEW)
+    assert res.tokens == nostop
+    assert res.stats["steps"] == MAX_NEW and res.stats["mean_accepted"] == 0
+    res = SpeculativeDecoder(target).generate(prompts, MAX_NEW, stop_tokens=stops)
+    assert res.tokens == expected
+    lens = [len(o) for o in expected]
+    assert len({L for L in lens if L < MAX_NEW}) >= 2 and lens.count(MAX_NEW) >= 2
+    # a request that stops finishes at its stop token, and only there
+    for o in res.tokens:
+        assert all(t not in stops for t in o[:-1])
+        assert o[-1] in stops or len(o) == MAX_NEW
+    # the naive loop with stop tokens agrees with cutting
+    assert naive_greedy(model, prompts[0], MAX_NEW, stops) == expected[0]
+
+
+@pytest.mark.parametrize("kind", ["ngram", "draft_model", "self"])
+def test_speculative_greedy_equals_target_greedy(greedy_setup, kind):
+    model, draft_model, prompts, nostop, stops, expected = greedy_setup
+    target = BuiltinTarget(model)
+    n = {"ngram": 5, "draft_model": 3, "self": 4}[kind]
+    inner = {"ngram": lambda: NGramDrafter(max_ngram=3, num_draft=n),
+             "draft_model": lambda: DraftModelDrafter(BuiltinTarget(draft_model), num_draft=n),
+             "self": lambda: DraftModelDrafter(BuiltinTarget(model), num_draft=n)}[kind]()
+    rec = Recorder(inner)
+    res = SpeculativeDecoder(target, rec).generate(prompts, MAX_NEW, stop_tokens=stops)
+    assert res.tokens == expected
+    assert res.errors == [0] * len(prompts)
+    st = res.stats
+    if kind == "self":
+        assert st["mean_accepted"] == n and all(a == n for a in st["accepted_per_step"])
+    elif kind == "ngram":
+        assert st["mean_accepted"] > 0.3, st  # repetitive prompts and looping greedy text: lookups hit
+    assert st["steps"] <= MAX_NEW
+    # requests finished at different steps (stop tokens, ragged acceptance)
+    fin_step = [next((i for i, f in enumerate(rec.finished_per_step) if f[r]), st["steps"])
+                for r in range(len(prompts))]
+    assert len(set(fin_step)) >= 2
+    # without stop tokens the whole no-stop outputs agree too
+    res = SpeculativeDecoder(target, inner).generate(prompts, MAX_NEW)
+    assert res.tokens == nostop
+
+
+def test_greedy_requests_mixed_with_sampled_ones(greedy_setup):
+    """temperature 0 and > 0 in one batch: the greedy requests are unchanged."""
+    model, draft_model, prompts, nostop, _, _ = greedy_setup
+    temps = [0.0 if r % 2 == 0 else 1.0 for r in range(len(prompts))]
+    res = SpeculativeDecoder(BuiltinTarget(model), DraftModelDrafter(BuiltinTarget(draft_model), 3)).generate(
+        prompts, MAX_NEW, temperature=temps, seed=11)
+    for r in range(0, len(prompts), 2):
+        assert res.tokens[r] == nostop[r]
+    assert all(len(o) == MAX_NEW for o in res.tokens)
+
+
+def test_tensor_prompts_equal_list_prompts(greedy_setup):
+    model, _, _, _, _, _ = greedy_setup
+    prompts = torch.randint(0, V_GREEDY, (3, 6), generator=torch.Generator().manual_seed(3))
+    dec = SpeculativeDecoder(BuiltinTarget(model), NGramDrafter(2, 3))
+    assert dec.generate(prompts, 8).tokens == dec.generate(prompts.tolist(), 8).tokens
+
+
+def test_per_prompt_max_new_tokens(greedy_setup):
+    model, _, prompts, nostop, _, _ = greedy_setup
+    limits = [3 + 2 * r for r in range(len(prompts))]
+    res = SpeculativeDecoder(BuiltinTarget(model), NGramDrafter(3, 4)).generate(prompts, limits)
+    assert res.tokens == [o[:L] for o, L in zip(nostop, limits)]
+
+
+# ---------------------------------------------------------------------------
+# 2. KV caches after rollback == a fresh prefill of the same tokens
+
+@pytest.mark.parametrize("kind,temperature", [("ngram", 0.0), ("draft_model", 1.0), ("draft_model", 0.0),
+                                              ("self", 0.0), ("self", 1.0)])
+def test_caches_after_rollback_equal_plain_prefill(kind, temperature):
+    V = 61
+    model = make_model(V, 10)
+    draft_model = make_model(V, 11, perturb_of=model, perturb=0.5)
+    target = CapturingTarget(model)
+    prompts = make_prompts(V, [1, 12, 5, 2, 9], seed=12)
+    inner = {"ngram": lambda: NGramDrafter(3, 4),
+             "draft_model": lambda: DraftModelDrafter(BuiltinTarget(draft_model), 4),
+             "self": lambda: DraftModelDrafter(BuiltinTarget(model), 4)}[kind]()
+    rec = Recorder(inner, target, check_caches=True)
+    max_new = 16
+    res = SpeculativeDecoder(target, rec).generate(prompts, max_new, temperature=temperature, seed=5)
+    assert res.errors == [0] * len(prompts)
+    assert rec.checked >= res.stats["steps"]  # every step checked the unfinished requests
+    if kind == "self":  # q == p: every draft accepted, sampled too
+        assert res.stats["mean_accepted"] == 4
+    else:
+        assert 0 < res.stats["mean_accepted"] < 4  # rollbacks of rejected drafts happened
+    # after the last step, finished requests included: exactly prompt + output minus its last token (a request
+    # cut by max_new_tokens mid-chain keeps no accepted drafts past its end: they are not its tokens)
+    for r, (p, o) in enumerate(zip(prompts, res.tokens)):
+        assert len(o) == max_new
+        assert_cache_holds(target, target.cache, r, (p + o)[:-1])
+
+
+def test_plain_decoding_cache_equals_prefill():
+    V = 61
+    model = make_model(V, 10)
+    target = CapturingTarget(model)
+    prompts = make_prompts(V, [1, 12, 5], seed=13)
+    res = SpeculativeDecoder(target).generate(prompts, 7, temperature=1.0, seed=3)
+    for r, (p, o) in enumerate(zip(prompts, res.tokens)):
+        assert_cache_holds(target, target.cache, r, (p + o)[:-1])
+
+
+# ---------------------------------------------------------------------------
+# 3. Sampled output follows the target distribution
+
+V_STATS, N_STATS = 8, 10000
+# The n-gram drafter proposes [2, 4] after it; p(2 | 4 2 4) = 0.64 at T = 1 (the 2nd best [x, y, x]). The
+# negative control's power depends on the prompt (measured at N = 10^4: p = 1e-15 here, 4e-3 after [1, 6, 1]).
+STATS_PROMPT = [4, 2, 4]
+
+
+def process(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """DESIGN §2's processing in float64 on the fp32 logits the ops see."""
+    x = logits.float() / torch.tensor(temperature, dtype=torch.float32)
+    if 0 < top_k < x.shape[-1]:
+        larger = (x.unsqueeze(-1) < x.unsqueeze(-2)).sum(-1)
+        x = x.masked_fill(larger >= top_k, float("-inf"))
+    p = torch.softmax(x.double(), -1)
+    if top_p < 1:
+        above = ((p.unsqueeze(-1) < p.unsqueeze(-2)) * p.unsqueeze(-2)).sum(-1)
+        p = torch.where(above < top_p, p, torch.zeros_like(p))
+        p = p / p.sum(-1, keepdim=True)
+    return p
+
+
+def exact_joint(target, prompt, temperature, top_k, top_p) -> np.ndarray:
+    """P(t1, t2) = p(t1 | prompt) p(t2 | prompt, t1), [V, V]."""
+    V = target.vocab_size
+    seqs = [prompt] + [prompt + [t] for t in range(V)]
+    logits, _, cu = ragged_forward(target, seqs)
+    p = process(logits[torch.tensor(cu[1:]) - 1], temperature, top_k, top_p)
+    return (p[0].unsqueeze(1) * p[1:]).numpy()
+
+
+def goodness_of_fit(joint: np.ndarray, outputs: List[List[int]]):
+    """(chi-square p-value, TV) of the observed (t1, t2) pairs; cells with an
+    expected count < 5 pooled. Tokens of probability 0 must never appear."""
+    N, V = len(outputs), joint.shape[0]
+    obs = np.zeros(V * V)
+    for o in outputs:
+        assert len(o) == 2
+        obs[o[0] * V + o[1]] += 1
+    exp = joint.reshape(-1) * N
+    assert obs[exp == 0].sum() == 0, "a token of probability 0 was emitted"
+    small = exp < 5
+    o = np.append(obs[~small], obs[small].sum())
+    e = np.append(exp[~small], exp[small].sum())
+    if e[-1] == 0:
+        o, e = o[:-1], e[:-1]
+    pvalue = stats.chisquare(o, e * o.sum() / e.sum()).pvalue
+    return pvalue, 0.5 * np.abs(obs - exp).sum() / N
+
+
+@pytest.fixture(scope="module")
+def stats_models():
+    target_model = make_model(V_STATS, 20, cfg=STATS_CFG, dtype=torch.float32)
+    near = make_model(V_STATS, 21, cfg=STATS_CFG, dtype=torch.float32, perturb_of=target_model, perturb=0.5)
+    far = make_model(V_STATS, 22, cfg=STATS_CFG, dtype=torch.float32)
+    return BuiltinTarget(target_model), BuiltinTarget(near), BuiltinTarget(far)
+
+
+class SharedCountersDrafter(DraftModelDrafter):
+    """NEGATIVE CONTROL (DESIGN §2): draft j sampled with the verifier's EMIT
+    counter of row j (purpose EMIT, slot j = k - 1) instead of DRAFT slot
+    j + 1 — the draft and the token emitted after its rejection then race the
+    same exponentials."""
+
+    def propose(self, seqs, state, sampling):
+        real = drafters_mod.sample
+
+        def shared(logits, **kw):
+            assert kw["purpose"] == Purpose.DRAFT
+            return real(logits, **{**kw, "purpose": Purpose.EMIT, "slot": kw["slot"] - 1})
+
+        drafters_mod.sample = shared
+        try:
+            return super().propose(seqs, state, sampling)
+        finally:
+            drafters_mod.sample = real
+
+
+def run_distribution(stats_models, drafter_kind, temperature, top_k=0, top_p=1.0, seed=1234):
+    target, near, far = stats_models
+    drafter = {"near": lambda: DraftModelDrafter(near, 3), "far": lambda: DraftModelDrafter(far, 3),
+               "ngram": lambda: NGramDrafter(2, 3), "plain": lambda: None,
+               "shared": lambda: SharedCountersDrafter(near, 3)}[drafter_kind]()
+    res = SpeculativeDecoder(target, drafter).generate([STATS_PROMPT] * N_STATS, 2, temperature=temperature,
+                                                       top_k=top_k, top_p=top_p, seed=seed)
+    assert res.errors == [0] * N_STATS
+    joint = exact_joint(target, STATS_PROMPT, temperature, top_k, top_p)
+    pvalue, tv = goodness_of_fit(joint, res.tokens)
+    return pvalue, tv, res.stats
+
+
+@pytest.mark.parametrize("drafter_kind,temperature,top_k,top_p", [
+    ("near", 1.0, 0, 1.0),   # a perturbed copy of the target: accepts ~2 of 3
+    ("near", 0.7, 3, 1.0),   # draft sampled without top-k: tokens outside it are always rejected
+    ("far", 1.0, 0, 1.0),    # an unrelated model: mostly rejections and residual sampling
+    ("ngram", 1.0, 0, 1.0),  # point-mass drafts
+    ("ngram", 0.7, 0, 0.8),
+    ("plain", 1.0, 0, 1.0),
+])
+def test_sampled_output_follows_target_distribution(stats_models, drafter_kind, temperature, top_k, top_p):
+    pvalue, tv, st = run_distribution(stats_models, drafter_kind, temperature, top_k, top_p)
+    assert pvalue > 1e-3, (pvalue, tv, st["mean_accepted"])
+    if drafter_kind in ("near", "ngram"):
+        assert st["mean_accepted"] > 0.2  # drafts were accepted, not only rejected
+
+
+@pytest.mark.parametrize("temperature,top_k", [(1.0, 0), (0.7, 3)])
+def test_drafter_sharing_verifier_counters_is_detected(stats_models, temperature, top_k):
+    """Same test, same size: the shared-counter drafter fails it (measured
+    p = 1e-15 and 5e-25, TV 0.053 and 0.055, against p = 0.07 and 0.39, TV
+    0.021 and 0.011 for the same drafter on its own DRAFT counters)."""
+    pvalue, tv, st = run_distribution(stats_models, "shared", temperature, top_k)
+    assert pvalue < 1e-6, (pvalue, tv)
+    assert st["mean_accepted"] > 0.2
+
+
+# ---------------------------------------------------------------------------
+# 4. Drafters never share counters with verification
+
+def test_draft_model_drafter_samples_with_draft_purpose(monkeypatch):
+    V, n = 40, 4
+    model = make_model(V, 30, dtype=torch.float32)
+    draft = make_model(V, 31, dtype=torch.float32, perturb_of=model, perturb=0.5)
+    draft_calls, verify_calls = [], []
+    real_sample, real_verify = drafters_mod.sample, loop_mod.verify_chunk
+
+    def rec_sample(logits, **kw):
+        draft_calls.append({k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()})
+        return real_sample(logits, **kw)
+
+    def rec_verify(*args, **kw):
+        verify_calls.append({k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()})
+        return real_verify(*args, **kw)
+
+    monkeypatch.setattr(drafters_mod, "sample", rec_sample)
+    monkeypatch.setattr(loop_mod, "verify_chunk", rec_verify)
+    prompts = make_prompts(V, [3, 8, 1], seed=32)
+    res = SpeculativeDecoder(BuiltinTarget(model), DraftModelDrafter(BuiltinTarget(draft), n)).generate(
+        prompts, 10, temperature=0.9, seed=77)
+    steps = res.stats["steps"]
+    assert len(draft_calls) == steps * n and len(verify_calls) == steps
+    seeds = torch.tensor([request_seed(77, r) for r in range(len(prompts))])
+    for i, kw in enumerate(draft_calls):
+        assert kw["purpose"] == Purpose.DRAFT, kw["purpose"]
+        assert int(torch.as_tensor(kw["slot"]).max()) == int(torch.as_tensor(kw["slot"]).min()) == i % n + 1
+        # the same (seed, position) as this step's verification: only purpose/slot keep them apart,
+        # and DRAFT slots 1..n never coincide with COIN slots 1..n or EMIT slots 0..n
+        assert torch.equal(kw["seed"], seeds)
+        assert torch.equal(kw["position"], verify_calls[i // n]["position"])
+    positions = torch.stack([v["position"] for v in verify_calls])
+    assert bool((positions[1:] >= positions[:-1]).all())  # counters never repeat: positions only grow
+    assert bool((positions[-1] > positions[0]).all())
+    assert torch.equal(verify_calls[0]["seed"], seeds)
+
+
+def test_ngram_drafter_draws_no_random_numbers(monkeypatch):
+    calls = []
+    monkeypatch.setattr(drafters_mod, "sample", lambda *a, **k: calls.append(k))
+    model = make_model(40, 33, dtype=torch.float32)
+    SpeculativeDecoder(BuiltinTarget(model), NGramDrafter(2, 3)).generate([[1, 2, 1, 2]], 6, temperature=1.0)
+    assert calls == []
+
+
+def test_ngram_lookup():
+    d = NGramDrafter(max_ngram=3, num_draft=3)
+    assert d.lookup([5, 6, 7, 8, 5, 6, 7]) == [8, 5, 6]
+    assert d.lookup([1, 2, 3, 9, 2, 3, 4, 2, 3]) == [4, 2, 3]  # latest earlier occurrence
+    assert d.lookup([1, 2, 3]) == []
+    assert d.lookup([4]) == []
+    assert d.lookup([7, 7]) == [7]
+    with pytest.raises(ValueError):
+        NGramDrafter(max_ngram=0)
+    with pytest.raises(ValueError):
+        NGramDrafter(num_draft=0)
+    with pytest.raises(ValueError):
+        DraftModelDrafter(None, num_draft=0)
+
+
+def test_request_seed():
+    seeds = [request_seed(0, r) for r in range(1000)] + [request_seed(1, r) for r in range(1000)]
+    assert all(-(1 << 63) <= s < (1 << 63) for s in seeds)
+    assert len(set(seeds)) == len(seeds)
+    assert request_seed(-5, 3) == request_seed(-5, 3)
+
+
+def test_scalar_seed_is_a_base_of_distinct_request_seeds():
+    model = make_model(40, 34, dtype=torch.float32)
+    dec = SpeculativeDecoder(BuiltinTarget(model), NGramDrafter(2, 3))
+    prompts = [[1, 2, 3]] * 6
+    a = dec.generate(prompts, 12, temperature=1.0, seed=9)
+    b = dec.generate(prompts, 12, temperature=1.0, seed=[request_seed(9, r) for r in range(6)])
+    c = dec.generate(prompts, 12, temperature=1.0, seed=10)
+    assert a.tokens == b.tokens
+    assert a.tokens != c.tokens
+    assert len({tuple(o) for o in a.tokens}) > 1  # the same prompt, distinct streams
+
+
+# ---------------------------------------------------------------------------
+# 5. Stats, errors and bad arguments
+
+@pytest.mark.parametrize("kind", ["plain", "ngram", "draft_model"])
+def test_stats(kind):
+    V = 53
+    model = make_model(V, 40)
+    n = {"plain": 0, "ngram": 4, "draft_model": 3}[kind]
+    drafter = {"plain": None, "ngram": NGramDrafter(3, 4),
+               "draft_model": DraftModelDrafter(BuiltinTarget(make_model(V, 41, perturb_of=model, perturb=0.3)), 3)
+               }[kind]
+    prompts = make_prompts(V, [1, 9, 4, 14], seed=42)
+    res = SpeculativeDecoder(BuiltinTarget(model), drafter).generate(prompts, 12, temperature=0.8, seed=1)
+    st = res.stats
+    for key in ("steps", "target_passes", "mean_accepted", "accepted_per_step", "tokens_per_s", "new_tokens"):
+        assert key in st, key
+    assert res.errors == [0] * len(prompts)
+    assert all(len(o) == 12 for o in res.tokens)
+    assert st["new_tokens"] == sum(map(len, res.tokens)) == 48
+    assert math.ceil(12 / (n + 1)) <= st["steps"] <= 12
+    assert st["target_passes"] == st["steps"] + 1  # one prefill (some prompt is longer than 1) + one per step
+    assert len(st["accepted_per_step"]) == st["steps"]
+    assert all(0 <= a <= n for a in st["accepted_per_step"])
+    assert st["mean_accepted"] == pytest.approx(sum(st["accepted_per_step"]) / st["steps"])
+    assert 0 < st["tokens_per_s"] < float("inf")
+    if kind == "plain":
+        assert st["steps"] == 12 and st["mean_accepted"] == 0
+    else:
+        assert st["mean_accepted"] > 0
+    # prompts of one token: no prefill pass
+    res = SpeculativeDecoder(BuiltinTarget(model), None).generate([[3], [4]], 2)
+    assert res.stats["target_passes"] == res.stats["steps"] == 2
+
+
+def test_finished_request_cache_stays_in_bounds():
+    """Regression: a request cut by max_new_tokens after accepting all n
+    drafts committed 1 token but kept root + n drafts in the cache; each later
+    step (other requests still running) appends n + 1 entries after that, so
+    its cache needed prompt + max_new + 2n entries and the loop allocates
+    prompt + max_new + n + 2 -> IndexError in the model's cache write."""
+    model = make_model(50, 45)
+    target = BuiltinTarget(model)
+    dec = SpeculativeDecoder(target, DraftModelDrafter(target, num_draft=4))  # q == p for request 0: all accepted
+    # request 0 (greedy, longest prompt): 5 tokens a step, cut at 6 on step 2; request 1 (top_k=1 target vs an
+    # untruncated draft: mostly rejected) keeps the loop going for several more steps
+    res = dec.generate([[1, 2, 3, 4, 5], [6]], 6, temperature=[0.0, 1.0], top_k=[0, 1], seed=0)
+    assert [len(o) for o in res.tokens] == [6, 6]
+    assert res.stats["steps"] > 2
+
+
+def test_ngram_padding_is_a_flag_not_an_error():
+    """-1 padding (no lookup hit) flags TOKEN_OUT_OF_RANGE inside
+    verify_chunk, which must not abort the request."""
+    model = make_model(50, 43)
+    prompts = [[1, 2, 3, 4, 5], [6], [7, 7, 7, 7]]
+    res = SpeculativeDecoder(BuiltinTarget(model), NGramDrafter(3, 5)).generate(prompts, 10, temperature=1.0)
+    assert res.errors == [0, 0, 0]
+    assert all(len(o) == 10 for o in res.tokens)
+
+
+def test_bad_arguments():
+    model = make_model(30, 44, dtype=torch.float32)
+    dec = SpeculativeDecoder(BuiltinTarget(model), NGramDrafter(2, 2))
+    prompts = [[1, 2], [3]]
+    with pytest.raises(ValueError, match="at least one token"):
+        dec.generate([[1, 2], []], 4)
+    with pytest.raises(ValueError, match="at least one token"):
+        dec.generate([], 4)
+    for bad in (0, -3):
+        with pytest.raises(ValueError, match="max_new_tokens"):
+            dec.generate(prompts, bad)
+    for kw in ({"temperature": [1.0]}, {"top_k": [1, 2, 3]}, {"top_p": [0.9, 0.9, 0.9]}, {"seed": [1, 2, 3]}):
+        with pytest.raises(ValueError, match="2 entries"):
+            dec.generate(prompts, 4, **kw)
+    # good per-prompt lists are accepted
+    res = dec.generate(prompts, 3, temperature=[0.0, 1.0], top_k=[0, 5], top_p=[1.0, 0.9], seed=[1, 2])
+    assert [len(o) for o in res.tokens] == [3, 3]
+
+
+# ---------------------------------------------------------------------------
+# 6. A request finishing early does not change the others
+
+@pytest.mark.parametrize("kind,temperature", [("plain", 0.0), ("ngram", 0.0), ("draft_model", 0.0),
+                                              ("draft_model", 1.0), ("ngram", 0.8)])
+def test_early_finish_does_not_change_other_requests(kind, temperature):
+    V, max_new = 71, 14
+    model = make_model(V, 50)
+    draft_model = make_model(V, 51, perturb_of=model, perturb=0.5)
+
+    def decoder():
+        drafter = {"plain": None, "ngram": NGramDrafter(3, 4),
+                   "draft_model": DraftModelDrafter(BuiltinTarget(draft_model), 3)}[kind]
+        return SpeculativeDecoder(BuiltinTarget(model), drafter)
+
+    prompts = make_prompts(V, [6, 11, 1, 15], seed=52)
+    seeds = [request_seed(123, r) for r in range(len(prompts))]
+    alone0 = decoder().generate([prompts[0]], max_new, temperature=temperature, seed=[seeds[0]]).tokens[0]
+    stops = (alone0[1],)  # request 0 stops at its 2nd token (or 1st, if it equals it)
+    batched = decoder().generate(prompts, max_new, temperature=temperature, seed=seeds, stop_tokens=stops)
+    alone = [decoder().generate([p], max_new, temperature=temperature, seed=[s], stop_tokens=stops).tokens[0]
+             for p, s in zip(prompts, seeds)]
+    assert batched.tokens == alone
+    assert len(batched.tokens[0]) <= 2 and batched.tokens[0][-1] in stops
+    assert max(len(o) for o in batched.tokens[1:]) == max_new  # others ran on after request 0 finished
+    assert batched.errors == [0] * len(prompts)
