@@ -22,6 +22,7 @@ class Draft:
     draft_logits: Optional[torch.Tensor] = None  # [R, n, V]: q = softmax(logits / draft_temperature); None: point masses
     draft_temperature: Optional[torch.Tensor] = None  # [R] float32
     confidence: Optional[torch.Tensor] = None  # [R, n]: per-position confidence for schedule_verify
+    width: Optional[int] = None  # host-known proposals of the longest row (< n): the target pass is trimmed to it
 
 
 @dataclass
@@ -77,8 +78,11 @@ class NGramDrafter(Drafter):
         return []
 
     def propose(self, seqs, state, sampling) -> Draft:
-        rows = [(self.lookup(s) + [-1] * self.num_draft)[: self.num_draft] for s in seqs]
-        return Draft(torch.tensor(rows, dtype=torch.int32, device=state.last_token.device))
+        found = [self.lookup(s) for s in seqs]
+        width = max(len(f) for f in found)  # no padded rows through the target (host lists: no sync)
+        rows = [f + [-1] * (width - len(f)) for f in found]
+        return Draft(torch.tensor(rows, dtype=torch.int32, device=state.last_token.device).view(len(seqs), width),
+                     width=width)
 
 
 class DraftModelDrafter(Drafter):

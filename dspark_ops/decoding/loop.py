@@ -95,23 +95,24 @@ class SpeculativeDecoder:
         stop = torch.tensor(list(stop_tokens), dtype=torch.int32, device=dev) if stop_tokens else None
         out = [[] for _ in range(R)]
         finished = [False] * R
-        chain_cu = torch.arange(R + 1, dtype=torch.int32) * (n + 1)
+        chain_cus = [torch.arange(R + 1, dtype=torch.int32) * (m + 1) for m in range(n + 1)]  # host, per width
         keep_index = torch.arange(n + 1, dtype=torch.int32, device=dev).expand(R, -1).contiguous()
-        appended = torch.full((R,), n + 1, dtype=torch.int32, device=dev)
+        appended = [torch.full((R,), m + 1, dtype=torch.int32, device=dev) for m in range(n + 1)]
         steps, accepted_per_step = 0, []
         while True:
             steps += 1
             draft = self.drafter.propose(seqs, state, sampling) if n else None
             toks = draft.tokens if draft is not None else torch.zeros(R, 0, dtype=torch.int32, device=dev)
+            m = toks.shape[1]  # this step's drafts per request (<= n: a drafter may propose fewer)
+            draft_logits = draft.draft_logits[:, :m] if draft is not None and draft.draft_logits is not None else None
             ids = torch.cat([state.last_token.unsqueeze(1), toks.clamp(min=0)], 1).reshape(-1).long()
-            positions = ((state.position - 1).unsqueeze(1) + torch.arange(n + 1, device=dev)).reshape(-1)
+            positions = ((state.position - 1).unsqueeze(1) + torch.arange(m + 1, device=dev)).reshape(-1)
             base = target.lengths(cache).clone()
-            logits, _ = target.forward(ids, positions, chain_cu, cache)
+            logits, _ = target.forward(ids, positions, chain_cus[m], cache)
             if logits.dtype not in (torch.float32, torch.float16, torch.bfloat16):
                 logits = logits.float()  # e.g. float64 test models: the ops take fp32/fp16/bf16
             V = logits.shape[-1]
-            res = verify_chunk(logits.view(R, n + 1, V), toks,
-                               draft_logits=draft.draft_logits if draft is not None else None,
+            res = verify_chunk(logits.view(R, m + 1, V), toks, draft_logits=draft_logits,
                                draft_temperature=(draft.draft_temperature if draft is not None
                                                   and draft.draft_temperature is not None else 1.0),
                                temperature=sampling.temperature, top_k=top_k_t, top_p=top_p_t, seed=sampling.seed,
@@ -122,7 +123,7 @@ class SpeculativeDecoder:
             # Keep in the cache exactly what was committed: [last, accepted drafts]
             # cut at a stop token or max_new_tokens; nothing for finished or aborted requests.
             num_keep = torch.where(was_finished, 0, state.out_len - old_len).to(torch.int32)
-            target.rollback(cache, base, appended, keep_index, num_keep)
+            target.rollback(cache, base, appended[m], keep_index[:, : m + 1].contiguous(), num_keep)
             # The step's one host synchronisation: what was appended, and who finished.
             host = torch.cat([res.tokens, old_len.unsqueeze(1), state.out_len.unsqueeze(1), res.accepted.unsqueeze(1),
                               state.finished.int().unsqueeze(1), was_finished.int().unsqueeze(1)], 1).tolist()
