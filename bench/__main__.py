@@ -1,4 +1,5 @@
-"""python -m bench [--op sample|verify_chunk|kv_compact|all] [--quick] [--device cuda|cpu] [--out FILE]
+"""python -m bench [--op sample|verify_chunk|verify_tree|kv_compact|schedule_verify|markov_draft|all]
+                   [--quick] [--device cuda|cpu] [--out FILE]
 
 Times each op after a reference check, with CUDA events and medians over
 rotating buffers larger than L2, side by side with PyTorch (and FlashInfer
@@ -18,7 +19,7 @@ import torch
 
 import dspark_ops
 
-from . import kv_bench, markov_bench, sample_bench, schedule_bench, verify_bench
+from . import kv_bench, markov_bench, sample_bench, schedule_bench, tree_bench, verify_bench
 from .timing import copy_bandwidth_gbs
 
 GPU_GRID = [(R, V, dt) for V in (32000, 151936) for R in (1, 8, 64, 256) for dt in (torch.bfloat16, torch.float32)]
@@ -36,6 +37,18 @@ VERIFY_CPU_GRID = [(8, 7, 32000, torch.float32), (1, 3, 32000, torch.bfloat16),
                    (1, 7, 152064, torch.bfloat16), (8, 3, 152064, torch.bfloat16)]
 VERIFY_CPU_QUICK = VERIFY_CPU_GRID[:2]
 ACCEPTANCE_CASE = dict(R=8, n_draft=7, V=32000, dtype="float32", mode="probs")
+
+# verify_tree: (R, nodes per request, V, dtype), each run in every
+# tree_bench.MODES mode on EAGLE-like top-k trees (tree_bench.eagle_parents).
+TREE_GPU_GRID = [(R, nodes, V, torch.bfloat16) for V in (32000, 128256, 152064) for nodes in (16, 64)
+                 for R in (1, 8, 64)]
+TREE_GPU_QUICK = [(1, 16, 32000, torch.bfloat16), (64, 16, 32000, torch.bfloat16),
+                  (8, 64, 128256, torch.bfloat16), (64, 64, 152064, torch.bfloat16)]
+# The first two cases are the acceptance target (C++ op >= 3x the reference).
+TREE_CPU_GRID = [(8, 16, 32000, torch.float32), (8, 16, 32000, torch.bfloat16),
+                 (1, 16, 32000, torch.float32), (1, 16, 32000, torch.bfloat16)]
+TREE_CPU_QUICK = [TREE_CPU_GRID[0], TREE_CPU_GRID[3]]
+TREE_ACCEPTANCE_CASE = dict(R=8, nodes=16, V=32000)
 
 # kv_compact: (R, cache tensors = 2 x model layers (K and V), H, D, appended,
 # kept, layout, dtype, scenario). 16 appended, 5 kept: a tree verify pass.
@@ -101,6 +114,43 @@ def run_verify(dev: str, quick: bool, iters: int, copy_gbs: float) -> list:
     ratio = acceptance_ratio(rows)
     if ratio is not None:
         print(f"# acceptance: torch reference / dspark_ops.verify_chunk at R=8 n=7 V=32000 float32 probs = "
+              f"{ratio:.2f}x (target >= 3x): {'PASS' if ratio >= 3 else 'FAIL'}")
+    return rows
+
+
+def tree_acceptance_ratios(rows: list) -> list:
+    """[(dtype, mode, reference median / our median)] on TREE_ACCEPTANCE_CASE."""
+    t = {(r["dtype"], r["mode"], r["impl"]): r["median_us"] for r in rows
+         if all(r.get(k) == v for k, v in TREE_ACCEPTANCE_CASE.items())}
+    return [(dt, mode, t[(dt, mode, "torch reference")] / us) for (dt, mode, impl), us in t.items()
+            if impl == "dspark_ops.verify_tree" and (dt, mode, "torch reference") in t]
+
+
+def run_tree(dev: str, quick: bool, iters: int, copy_gbs: float) -> list:
+    """Time `verify_tree` over its grid; print its table and, on the CPU,
+    the acceptance ratios (reference time / ours on TREE_ACCEPTANCE_CASE)."""
+    if dev == "cpu":
+        grid = TREE_CPU_QUICK if quick else TREE_CPU_GRID
+    else:
+        grid = TREE_GPU_QUICK if quick else TREE_GPU_GRID
+    rows = []
+    for R, nodes, V, dtype in grid:
+        for mode in tree_bench.MODES:
+            rows += tree_bench.run_case(R, nodes, V, dtype, mode, dev, iters, copy_gbs)
+    print(f"{'impl':24s} {'mode':13s} {'R':>3s} {'nodes':>5s} {'D':>2s} {'V':>7s} {'dtype':8s} {'median us':>10s} "
+          f"{'GB/s all':>9s} {'%copy':>6s} {'GB/s path':>9s} {'x ours':>7s} {'acc':>5s} check")
+    for r in rows:
+        print(f"{r['impl']:24s} {r['mode']:13s} {r['R']:3d} {r['nodes']:5d} {r['max_depth']:2d} {r['V']:7d} "
+              f"{r['dtype']:8s} {r['median_us']:10.1f} {r['GBps_one_pass']:9.1f} "
+              f"{100 * r['frac_copy_bw_one_pass']:6.1f} {_fmt(r['GBps_path'], '9.1f')} {r['time_vs_dspark']:7.2f} "
+              f"{_fmt(r['accepted_mean'], '5.2f')} {r['check'] or ''}")
+    print("# GB/s all: every target row of the batch (R x nodes x V x elem) read once, draft rows not counted -- "
+          "a walk needs only the path's rows, so %copy can pass 100; GB/s path: the rows on our accepted path, "
+          "root included (target + iid's fp32 draft row), once; D: tree depth; acc: mean nodes accepted on "
+          "buffer 0 (ours; torch vectorised: its own coins, so equal only in expectation); "
+          f"trees: top-{tree_bench.TOPK} EAGLE-like (tree_bench.eagle_parents), temperature 1")
+    for dt, mode, ratio in tree_acceptance_ratios(rows):
+        print(f"# acceptance: torch reference / dspark_ops.verify_tree at R=8 nodes=16 V=32000 {dt} {mode} = "
               f"{ratio:.2f}x (target >= 3x): {'PASS' if ratio >= 3 else 'FAIL'}")
     return rows
 
@@ -188,7 +238,8 @@ def acceptance_ratio(rows: list):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench")
-    p.add_argument("--op", default="sample", choices=["sample", "verify_chunk", "kv_compact", "schedule_verify", "markov_draft", "all"])
+    p.add_argument("--op", default="sample", choices=["sample", "verify_chunk", "verify_tree", "kv_compact",
+                                                      "schedule_verify", "markov_draft", "all"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true", help="a small grid (CI-sized on the CPU)")
     p.add_argument("--iters", type=int, default=None)
@@ -205,6 +256,8 @@ def main(argv=None) -> int:
         rows += run_sample(dev, args.quick, iters, copy_gbs)
     if args.op in ("verify_chunk", "all"):
         rows += run_verify(dev, args.quick, iters, copy_gbs)
+    if args.op in ("verify_tree", "all"):
+        rows += run_tree(dev, args.quick, iters, copy_gbs)
     if args.op in ("kv_compact", "all"):
         rows += run_kv(dev, args.quick, args.iters or (iters if dev == "cuda" else KV_CPU_ITERS), copy_gbs)
     if args.op in ("schedule_verify", "all"):

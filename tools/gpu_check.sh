@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Every check a GPU session owes, in one call on the device machine (torch
 # 2.11+cu130, Python 3.12, no registry), writing logs and JSON under $OUT
-# (8 files at most come back: test.log, sanitizer.log, bench.log and one
-# bench_<op>.json per op):
+# (8 files at most come back: test.log, with the bench output appended,
+# sanitizer.log and one bench_<op>.json per op -- six ops by default):
 #   1. build for sm_90 only and run the whole suite with DSPARK_REQUIRE_CUDA=1
 #      (make test NO_VENV=1: cuda-check, CPU and GPU tests; no GPU test may skip)
 #   2. the benchmarks of every op, side by side with PyTorch (and FlashInfer
@@ -12,7 +12,7 @@
 #      kind, "Device not supported": then sanitizer.log says so)
 # Each phase runs under `timeout`, inside GPU_CHECK_BUDGET seconds in all
 # (default 540), so a hang or a slow phase costs that phase, not the call.
-# Usage (device tool):  bash tools/gpu_check.sh   [GPU_CHECK_OPS="sample verify_chunk"]
+# Usage (device tool):  bash tools/gpu_check.sh   [GPU_CHECK_OPS="sample verify_chunk verify_tree"]
 # Then commit $OUT/bench_*.json under bench/results/ with the device and date.
 set -uo pipefail
 OUT="${OUT:-/tmp/dspark_gpu_out}"
@@ -41,18 +41,18 @@ test_rc=${PIPESTATUS[0]}
 echo "gpu_check: make test rc=$test_rc in $(( $(date +%s) - start )) s" | tee -a "$OUT/test.log"
 
 bench_rc=0
-for op in ${GPU_CHECK_OPS:-sample verify_chunk kv_compact schedule_verify markov_draft}; do  # one JSON per op
+for op in ${GPU_CHECK_OPS:-sample verify_chunk verify_tree kv_compact schedule_verify markov_draft}; do  # one JSON per op
   start=$(date +%s)
   quick="--quick"; [ "$op" = schedule_verify ] || [ "$op" = markov_draft ] && quick=""  # full grids: minutes
   PYTHONPATH="$PWD:${PYTHONPATH:-}" timeout "$(allow 90)" python3 -m bench --op "$op" $quick --out "$OUT/bench_$op.json" \
-    2>&1 | tee -a "$OUT/bench.log"
+    2>&1 | tee -a "$OUT/test.log"
   rc=${PIPESTATUS[0]}
   [ "$rc" = 0 ] || bench_rc=$rc
-  echo "gpu_check: bench $op rc=$rc in $(( $(date +%s) - start )) s" | tee -a "$OUT/bench.log"
+  echo "gpu_check: bench $op rc=$rc in $(( $(date +%s) - start )) s" | tee -a "$OUT/test.log"
 done
 
 san_rc=0
-GPU_TESTS="tests/test_sample_cuda.py tests/test_verify_chunk_cuda.py tests/test_kv_compact_cuda.py tests/test_schedule_verify.py tests/test_markov_draft.py"
+GPU_TESTS="tests/test_sample_cuda.py tests/test_verify_chunk_cuda.py tests/test_verify_tree_cuda.py tests/test_kv_compact_cuda.py tests/test_schedule_verify.py tests/test_markov_draft.py"
 SMALL="(cuda) and not 151936 and not large_batch and not graph and not repeatedly and not 4096"
 SMALL="$SMALL and not error"  # argument checks run on the host
 for tool in memcheck racecheck synccheck; do  # racecheck/synccheck: the shared-memory radix descent, staged moves
