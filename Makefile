@@ -3,7 +3,8 @@ SHELL := /bin/bash
 #
 #   make test                              venv + build + cuda-check + pytest
 #   make test NO_VENV=1 PYTHON=python3     against an existing torch (GPU machine)
-#   make demo                              a short demo of the ops
+#   make demo                              speculative decoding on the embedded default model
+#   make ops-demo                          the ops demo (verify_chunk on a realistic draft batch)
 #   make bench                             microbenchmarks (JSON under bench/results/)
 #   make cuda-check                        nvcc compile check of csrc/kernels/*.cuh
 #
@@ -29,7 +30,7 @@ PY := $(VENV)/bin/python
 ENV_STAMP := $(VENV)/.deps-installed
 endif
 
-.PHONY: test demo bench build cuda-check clean
+.PHONY: test demo ops-demo bench build cuda-check clean
 
 $(VENV)/.deps-installed: Makefile pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -52,7 +53,10 @@ test: build cuda-check
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests
 
 demo: build
-	$(PY) -m dspark_ops.demo
+	$(PY) -m dspark_ops demo
+
+ops-demo: build
+	$(PY) -m dspark_ops ops-demo
 
 bench: build
 	$(PY) -m bench --quick

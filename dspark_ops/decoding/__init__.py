@@ -2,10 +2,11 @@
 decoding loops (draft -> verify -> rollback -> commit) on our ops, with the
 built-in model, prompt-lookup and draft-model drafters."""
 from .drafters import Draft, DraftModelDrafter, Drafter, NGramDrafter, Sampling
+from .default import load_default
 from .hf import HFCache, HFTarget
 from .loop import GenerateResult, SpeculativeDecoder, request_seed
 from .model import BuiltinModel, KVCache, ModelConfig
 from .targets import BuiltinTarget, Target
 
 __all__ = ["BuiltinModel", "BuiltinTarget", "Draft", "DraftModelDrafter", "Drafter", "GenerateResult", "HFCache", "HFTarget", "KVCache",
-           "ModelConfig", "NGramDrafter", "Sampling", "SpeculativeDecoder", "Target", "request_seed"]
+           "ModelConfig", "NGramDrafter", "load_default", "Sampling", "SpeculativeDecoder", "Target", "request_seed"]

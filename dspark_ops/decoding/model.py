@@ -162,3 +162,24 @@ class BuiltinModel(nn.Module):
         cache.lengths += torch.tensor(counts, device=dev, dtype=torch.int32)
         logits = self.head(self.norm(h))
         return logits, (torch.stack(hidden, 1) if hidden else None)
+
+    def train_forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """Plain causal forward over ids [B, L] at positions 0..L-1 (no
+        cache), for training: logits [B, L, V], the same modules and maths
+        as forward()."""
+        cfg, hd = self.cfg, self.cfg.head_dim
+        B, L = ids.shape
+        positions = torch.arange(L, device=ids.device)
+        h = self.embed(ids)
+        for blk in self.blocks:
+            x = blk.attn_norm(h)
+            q = _rope(blk.wq(x).view(B, L, cfg.n_heads, hd), positions, cfg.rope_theta)
+            k = _rope(blk.wk(x).view(B, L, cfg.n_kv_heads, hd), positions, cfg.rope_theta)
+            v = blk.wv(x).view(B, L, cfg.n_kv_heads, hd)
+            rep = cfg.n_heads // cfg.n_kv_heads
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.repeat_interleave(rep, dim=2).transpose(1, 2),
+                                                 v.repeat_interleave(rep, dim=2).transpose(1, 2), is_causal=True)
+            h = h + blk.wo(out.transpose(1, 2).reshape(B, L, cfg.n_heads * hd))
+            x = blk.mlp_norm(h)
+            h = h + blk.w2(F.silu(blk.w1(x)) * blk.w3(x))
+        return self.head(self.norm(h))

@@ -1,0 +1,72 @@
+"""The embedded default pair (dspark_ops/decoding/weights): checksums, loading,
+and greedy speculative decoding on it equal to plain greedy decoding. Skipped
+when the weights (or safetensors) are absent: CI never depends on them."""
+import shutil
+
+import pytest
+import torch
+
+from dspark_ops.decoding import DraftModelDrafter, NGramDrafter, SpeculativeDecoder, tokenizer
+from dspark_ops.decoding.default import (WEIGHTS_DIR, DefaultWeightsError, default_record, load_default,
+                                         verify_default)
+
+pytest.importorskip("safetensors")
+FILES = ("default.json", "default_target.safetensors", "default_draft.safetensors")
+pytestmark = pytest.mark.skipif(not all((WEIGHTS_DIR / f).is_file() for f in FILES),
+                                reason="the embedded default weights are not present (tools/train_default.py)")
+
+
+@pytest.fixture(scope="module")
+def pair():
+    return load_default()
+
+
+def test_record_and_checksums():
+    rec = verify_default()
+    for role in ("target", "draft"):
+        assert len(rec[role]["sha256"]) == 64
+        assert (WEIGHTS_DIR / rec[role]["file"]).stat().st_size == rec[role]["bytes"]
+    assert rec["total_bytes"] <= 5_000_000
+    assert rec["cost_ratio_flops_per_token"] >= 8
+    assert rec["target"]["cost"]["flops_per_token"] >= 8 * rec["draft"]["cost"]["flops_per_token"]
+
+
+def test_altered_or_missing_file_is_a_clear_error(tmp_path):
+    for f in FILES:
+        shutil.copy(WEIGHTS_DIR / f, tmp_path / f)
+    path = tmp_path / "default_draft.safetensors"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(DefaultWeightsError, match="altered"):
+        load_default(weights_dir=tmp_path)
+    (tmp_path / "default_target.safetensors").unlink()
+    with pytest.raises(DefaultWeightsError, match="missing"):
+        verify_default(tmp_path)
+    with pytest.raises(DefaultWeightsError, match="missing"):
+        default_record(tmp_path / "nowhere")
+
+
+def test_load_default(pair):
+    target, draft = pair
+    rec = default_record()
+    assert target.vocab_size == draft.vocab_size == tokenizer.VOCAB_SIZE
+    for m, role in ((target, "target"), (draft, "draft")):
+        assert m.model.cfg.to_dict() == rec[role]["config"]
+        assert all(p.dtype == torch.float32 for p in m.model.parameters())
+        assert sum(p.numel() for p in m.model.parameters()) == rec[role]["cost"]["params"]
+    # trained, not random: the target predicts Python far better than uniform (8.0 bits/byte)
+    assert rec["target"]["training"]["final_val_bpb"] < 4.0
+
+
+def test_greedy_speculative_equals_plain(pair):
+    target, draft = pair
+    prompts = [tokenizer.encode("def add(a, b):\n    return a + b\n\n\ndef sub(a, b):\n    "),
+               tokenizer.encode("import os\n")]
+    plain = SpeculativeDecoder(target).generate(prompts, max_new_tokens=24)
+    ngram = SpeculativeDecoder(target, NGramDrafter(max_ngram=3, num_draft=5)).generate(prompts, max_new_tokens=24)
+    model = SpeculativeDecoder(target, DraftModelDrafter(draft, num_draft=3)).generate(prompts, max_new_tokens=24)
+    assert [len(t) for t in plain.tokens] == [24, 24]
+    assert ngram.tokens == plain.tokens
+    assert model.tokens == plain.tokens
+    assert ngram.stats["target_passes"] <= plain.stats["target_passes"]
