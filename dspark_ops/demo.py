@@ -1,6 +1,6 @@
-"""`make demo`: a realistic verification batch through `verify_chunk` (and a
+"""`make ops-demo`: a realistic verification batch through `verify_chunk` (and a
 glance at `sample`), with the op's speed against the PyTorch reference.
-(`make ops-demo`, `python -m dspark_ops ops-demo`; `make demo` is the decoding demo.)"""
+(Also `python -m dspark_ops ops-demo`; `make demo` is the decoding demo.)"""
 import time
 
 import torch
