@@ -58,13 +58,21 @@ class KVCache:
         self.lengths.copy_(new_len)
 
 
-def _rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
-    """Rotary embedding of x [T, H, D] at positions [T] (rotate-half form)."""
-    D = x.shape[-1]
-    inv = 1.0 / (theta ** (torch.arange(0, D, 2, device=x.device, dtype=torch.float64) / D))
+def rope_tables(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
+                ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin) [T, 1, head_dim] of the rotary embedding at positions [T],
+    computed in float64 once per forward and shared by every layer."""
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float64) / head_dim))
     ang = positions.to(torch.float64).unsqueeze(-1) * inv  # [T, D/2]
-    cos = torch.cat([ang.cos(), ang.cos()], -1).to(x.dtype).unsqueeze(1)
-    sin = torch.cat([ang.sin(), ang.sin()], -1).to(x.dtype).unsqueeze(1)
+    cos = torch.cat([ang.cos(), ang.cos()], -1).to(dtype).unsqueeze(-2)
+    sin = torch.cat([ang.sin(), ang.sin()], -1).to(dtype).unsqueeze(-2)
+    return cos, sin
+
+
+def _rope(x: torch.Tensor, positions: torch.Tensor, theta: float, tables=None) -> torch.Tensor:
+    """Rotary embedding of x [..., T, H, D] at positions [T] (rotate-half form)."""
+    D = x.shape[-1]
+    cos, sin = tables if tables is not None else rope_tables(positions, D, theta, x.dtype)
     x1, x2 = x[..., : D // 2], x[..., D // 2:]
     return x * cos + torch.cat([-x2, x1], -1) * sin
 
@@ -85,13 +93,13 @@ class _Block(nn.Module):
         self.w2 = nn.Linear(cfg.hidden, cfg.dim, bias=False)
 
     def forward(self, h: torch.Tensor, positions: torch.Tensor, layer: int, cache: KVCache, owner: torch.Tensor,
-                slot: torch.Tensor, pad_index: torch.Tensor, pad_valid: torch.Tensor, mask: torch.Tensor
-                ) -> torch.Tensor:
+                slot: torch.Tensor, pad_index: torch.Tensor, pad_valid: torch.Tensor, mask: torch.Tensor,
+                tables: Tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         cfg, hd = self.cfg, self.cfg.head_dim
         T = h.shape[0]
         x = self.attn_norm(h)
-        q = _rope(self.wq(x).view(T, cfg.n_heads, hd), positions, cfg.rope_theta)
-        k = _rope(self.wk(x).view(T, cfg.n_kv_heads, hd), positions, cfg.rope_theta)
+        q = _rope(self.wq(x).view(T, cfg.n_heads, hd), positions, cfg.rope_theta, tables)
+        k = _rope(self.wk(x).view(T, cfg.n_kv_heads, hd), positions, cfg.rope_theta, tables)
         v = self.wv(x).view(T, cfg.n_kv_heads, hd)
         cache.k[layer][owner, slot] = k.to(cache.k[layer].dtype)
         cache.v[layer][owner, slot] = v.to(cache.v[layer].dtype)
@@ -99,10 +107,10 @@ class _Block(nn.Module):
         R, Tq = pad_index.shape
         qp = q[pad_index.clamp(min=0)].masked_fill(~pad_valid[..., None, None], 0.0)
         S = mask.shape[-1]
-        kk = cache.k[layer][:, :S].to(q.dtype).repeat_interleave(cfg.n_heads // cfg.n_kv_heads, dim=2)
-        vv = cache.v[layer][:, :S].to(q.dtype).repeat_interleave(cfg.n_heads // cfg.n_kv_heads, dim=2)
+        kk = cache.k[layer][:, :S].to(q.dtype)
+        vv = cache.v[layer][:, :S].to(q.dtype)
         out = F.scaled_dot_product_attention(qp.transpose(1, 2), kk.transpose(1, 2), vv.transpose(1, 2),
-                                             attn_mask=mask.unsqueeze(1))  # [R, H, Tq, D]
+                                             attn_mask=mask.unsqueeze(1), enable_gqa=True)  # [R, H, Tq, D]
         out = out.transpose(1, 2)[pad_valid]  # [T, H, D] in ragged order
         h = h + self.wo(out.reshape(T, cfg.n_heads * hd))
         x = self.mlp_norm(h)
@@ -154,9 +162,10 @@ class BuiltinModel(nn.Module):
         mask = key.view(1, 1, S) <= (base.view(R, 1, 1) + col.view(1, Tq, 1))
         mask = mask | ~pad_valid.unsqueeze(-1)  # padded queries: any row without NaN
         h = self.embed(ids)
+        tables = rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta, h.dtype)
         hidden = []
         for layer, blk in enumerate(self.blocks):
-            h = blk(h, positions, layer, cache, owner, slot, pad_index, pad_valid, mask)
+            h = blk(h, positions, layer, cache, owner, slot, pad_index, pad_valid, mask, tables)
             if layer in hidden_layers:
                 hidden.append(h)
         cache.lengths += torch.tensor(counts, device=dev, dtype=torch.int32)
