@@ -6,7 +6,7 @@
 #   1. build for sm_90 only and run the whole suite with DSPARK_REQUIRE_CUDA=1
 #      (make test NO_VENV=1: cuda-check, CPU and GPU tests; no GPU test may skip)
 #   2. the benchmarks of every op, side by side with PyTorch (and FlashInfer
-#      when its wheel is carried in .whl/)
+#      when its wheel is carried in .whl/), then the decoding demo on the GPU
 #   3. compute-sanitizer memcheck, racecheck and synccheck over the GPU tests
 #      at small shapes (seen working on the H100 kind; refused on the H200
 #      kind, "Device not supported": then sanitizer.log says so)
@@ -50,6 +50,13 @@ for op in ${GPU_CHECK_OPS:-sample verify_chunk verify_tree kv_compact schedule_v
   [ "$rc" = 0 ] || bench_rc=$rc
   echo "gpu_check: bench $op rc=$rc in $(( $(date +%s) - start )) s" | tee -a "$OUT/test.log"
 done
+
+# The decoding loop end to end on the GPU (the embedded default pair; greedy outputs must match plain decoding).
+start=$(date +%s)
+PYTHONPATH="$PWD:${PYTHONPATH:-}" timeout "$(allow 90)" python3 -m dspark_ops demo --device cuda 2>&1 | tee -a "$OUT/test.log"
+demo_rc=${PIPESTATUS[0]}
+[ "$demo_rc" = 0 ] || bench_rc=$demo_rc
+echo "gpu_check: decoding demo rc=$demo_rc in $(( $(date +%s) - start )) s" | tee -a "$OUT/test.log"
 
 san_rc=0
 GPU_TESTS="tests/test_sample_cuda.py tests/test_verify_chunk_cuda.py tests/test_verify_tree_cuda.py tests/test_kv_compact_cuda.py tests/test_schedule_verify.py tests/test_markov_draft.py"
