@@ -35,19 +35,7 @@ inline void check_tree_args(const at::Tensor& target_logits, const at::Tensor& n
   TORCH_CHECK_VALUE(cu_num_nodes.is_contiguous(), op, ": cu_num_nodes must be contiguous");
   TORCH_CHECK_VALUE(max_depth >= 0 && max_depth < static_cast<int64_t>(kMaxSlot), op,
                     ": max_depth must be in [0, ", kMaxSlot - 1, "], got ", max_depth);
-  TORCH_CHECK_VALUE(!(draft_probs.has_value() && draft_logits.has_value()), op,
-                    ": pass draft_probs or draft_logits, not both");
-  const c10::optional<at::Tensor>& draft = draft_probs.has_value() ? draft_probs : draft_logits;
-  if (draft.has_value()) {
-    const char* name = draft_probs.has_value() ? "draft_probs" : "draft_logits";
-    check_logits(op, name, *draft);
-    check_same_device(op, name, *draft, target_logits);
-    TORCH_CHECK_VALUE(draft->size(1) == V, op, ": ", name, " must have V = ", V, " columns like target_logits, got ",
-                      shape_str(*draft));
-    TORCH_CHECK_VALUE(draft->scalar_type() == target_logits.scalar_type() || draft->scalar_type() == at::kFloat, op,
-                      ": ", name, " must have the dtype of target_logits (", c10::toString(target_logits.scalar_type()),
-                      ") or Float, got ", c10::toString(draft->scalar_type()));
-  }
+  check_draft_rows(op, draft_probs, draft_logits, target_logits);
   const int64_t R = verify_num_requests(cu_num_nodes);
   check_per_request(op, "draft_temperature", draft_temperature, R, at::kFloat, target_logits);
   if (sibling_mode.has_value()) check_per_request(op, "sibling_mode", *sibling_mode, R, at::kChar, target_logits);

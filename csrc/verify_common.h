@@ -27,6 +27,26 @@ inline void check_int_vector(const char* op, const char* name, const at::Tensor&
   TORCH_CHECK_VALUE(t.is_contiguous(), op, ": ", name, " must be contiguous");
 }
 
+// The draft distribution rows (verify_chunk, verify_tree): at most one of
+// draft_probs / draft_logits, [rows, V] like the target, its dtype or Float.
+inline void check_draft_rows(const char* op, const c10::optional<at::Tensor>& draft_probs,
+                             const c10::optional<at::Tensor>& draft_logits, const at::Tensor& target_logits) {
+  const int64_t V = target_logits.size(1);
+  TORCH_CHECK_VALUE(!(draft_probs.has_value() && draft_logits.has_value()), op,
+                    ": pass draft_probs or draft_logits, not both");
+  const c10::optional<at::Tensor>& draft = draft_probs.has_value() ? draft_probs : draft_logits;
+  if (draft.has_value()) {
+    const char* name = draft_probs.has_value() ? "draft_probs" : "draft_logits";
+    check_logits(op, name, *draft);
+    check_same_device(op, name, *draft, target_logits);
+    TORCH_CHECK_VALUE(draft->size(1) == V, op, ": ", name, " must have V = ", V, " columns like target_logits, got ",
+                      shape_str(*draft));
+    TORCH_CHECK_VALUE(draft->scalar_type() == target_logits.scalar_type() || draft->scalar_type() == at::kFloat, op,
+                      ": ", name, " must have the dtype of target_logits (", c10::toString(target_logits.scalar_type()),
+                      ") or Float, got ", c10::toString(draft->scalar_type()));
+  }
+}
+
 inline void check_verify_args(const at::Tensor& target_logits, const at::Tensor& draft_tokens,
                               const at::Tensor& cu_num_draft, int64_t max_draft,
                               const c10::optional<at::Tensor>& draft_probs,
@@ -47,19 +67,7 @@ inline void check_verify_args(const at::Tensor& target_logits, const at::Tensor&
   TORCH_CHECK_VALUE(cu_num_draft.is_contiguous(), op, ": cu_num_draft must be contiguous");
   TORCH_CHECK_VALUE(max_draft >= 0 && max_draft < static_cast<int64_t>(kMaxSlot), op,
                     ": max_draft must be in [0, ", kMaxSlot - 1, "], got ", max_draft);
-  TORCH_CHECK_VALUE(!(draft_probs.has_value() && draft_logits.has_value()), op,
-                    ": pass draft_probs or draft_logits, not both");
-  const c10::optional<at::Tensor>& draft = draft_probs.has_value() ? draft_probs : draft_logits;
-  if (draft.has_value()) {
-    const char* name = draft_probs.has_value() ? "draft_probs" : "draft_logits";
-    check_logits(op, name, *draft);
-    check_same_device(op, name, *draft, target_logits);
-    TORCH_CHECK_VALUE(draft->size(1) == V, op, ": ", name, " must have V = ", V, " columns like target_logits, got ",
-                      shape_str(*draft));
-    TORCH_CHECK_VALUE(draft->scalar_type() == target_logits.scalar_type() || draft->scalar_type() == at::kFloat, op,
-                      ": ", name, " must have the dtype of target_logits (", c10::toString(target_logits.scalar_type()),
-                      ") or Float, got ", c10::toString(draft->scalar_type()));
-  }
+  check_draft_rows(op, draft_probs, draft_logits, target_logits);
   const int64_t R = verify_num_requests(cu_num_draft);
   check_per_request(op, "draft_temperature", draft_temperature, R, at::kFloat, target_logits);
   check_per_request(op, "temperature", temperature, R, at::kFloat, target_logits);

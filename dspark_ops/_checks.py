@@ -91,6 +91,24 @@ def raise_first_invalid(op: str, name: str, values: torch.Tensor, ok: torch.Tens
         raise ValueError(f"{op}: {name}[{shown}] = {values[i].item()} is invalid")
 
 
+def validate_sampling_values(op: str, temperature, draft_temperature, top_k, top_p, position) -> None:
+    """validate=True for the verify ops' per-request sampling tensors."""
+    for name, t in (("temperature", temperature), ("draft_temperature", draft_temperature)):
+        raise_first_invalid(op, name, t, (t >= 0) & torch.isfinite(t))
+    if top_k is not None:
+        raise_first_invalid(op, "top_k", top_k, top_k >= 0)
+    if top_p is not None:
+        raise_first_invalid(op, "top_p", top_p, top_p > 0)
+    raise_first_invalid(op, "position", position, position >= 0)
+
+
+def validate_finite_rows(op: str, target_logits: torch.Tensor, rows: torch.Tensor) -> None:
+    """validate=True: no NaN / +inf in the target rows `rows` (host int64)."""
+    block = target_logits[rows.to(target_logits.device)]
+    finite = (~(torch.isnan(block) | (block == float("inf")))).all(1).cpu()
+    raise_first_invalid(op, "target_logits row", rows, finite, rows)
+
+
 SAMPLE_OP = "dspark_ops.sample"
 
 
@@ -136,6 +154,24 @@ def check_int_vector(op, name, t, want, ref):
         raise ValueError(f"{op}: {name} must be contiguous")
 
 
+def check_draft_rows(op, draft_probs, draft_logits, target_logits) -> None:
+    """csrc/verify_common.h check_draft_rows: at most one of draft_probs /
+    draft_logits, [rows, V] like the target, its dtype or Float."""
+    V = target_logits.shape[1]
+    if draft_probs is not None and draft_logits is not None:
+        raise ValueError(f"{op}: pass draft_probs or draft_logits, not both")
+    draft = draft_probs if draft_probs is not None else draft_logits
+    if draft is not None:
+        name = "draft_probs" if draft_probs is not None else "draft_logits"
+        check_logits(op, name, draft)
+        check_same_device(op, name, draft, target_logits)
+        if draft.shape[1] != V:
+            raise ValueError(f"{op}: {name} must have V = {V} columns like target_logits, got {shape_str(draft)}")
+        if draft.dtype not in (target_logits.dtype, torch.float32):
+            raise ValueError(f"{op}: {name} must have the dtype of target_logits ({dtype_name(target_logits.dtype)}) "
+                             f"or Float, got {dtype_name(draft.dtype)}")
+
+
 def check_verify_args(target_logits, draft_tokens, cu_num_draft, max_draft, draft_probs, draft_logits,
                       draft_temperature, temperature, top_k, top_p, seed, position, draft_row_start,
                       target_row_start) -> int:
@@ -154,18 +190,7 @@ def check_verify_args(target_logits, draft_tokens, cu_num_draft, max_draft, draf
         raise ValueError(f"{op}: cu_num_draft must be contiguous")
     if not 0 <= max_draft < MAX_SLOT:
         raise ValueError(f"{op}: max_draft must be in [0, {MAX_SLOT - 1}], got {max_draft}")
-    if draft_probs is not None and draft_logits is not None:
-        raise ValueError(f"{op}: pass draft_probs or draft_logits, not both")
-    draft = draft_probs if draft_probs is not None else draft_logits
-    if draft is not None:
-        name = "draft_probs" if draft_probs is not None else "draft_logits"
-        check_logits(op, name, draft)
-        check_same_device(op, name, draft, target_logits)
-        if draft.shape[1] != V:
-            raise ValueError(f"{op}: {name} must have V = {V} columns like target_logits, got {shape_str(draft)}")
-        if draft.dtype not in (target_logits.dtype, torch.float32):
-            raise ValueError(f"{op}: {name} must have the dtype of target_logits ({dtype_name(target_logits.dtype)}) "
-                             f"or Float, got {dtype_name(draft.dtype)}")
+    check_draft_rows(op, draft_probs, draft_logits, target_logits)
     R = cu_num_draft.shape[0] - 1
     check_per_request(op, "draft_temperature", draft_temperature, R, torch.float32, target_logits)
     check_per_request(op, "temperature", temperature, R, torch.float32, target_logits)
@@ -217,18 +242,7 @@ def check_tree_args(target_logits, node_tokens, parents, cu_num_nodes, max_depth
         raise ValueError(f"{op}: cu_num_nodes must be contiguous")
     if not 0 <= max_depth < MAX_SLOT:
         raise ValueError(f"{op}: max_depth must be in [0, {MAX_SLOT - 1}], got {max_depth}")
-    if draft_probs is not None and draft_logits is not None:
-        raise ValueError(f"{op}: pass draft_probs or draft_logits, not both")
-    draft = draft_probs if draft_probs is not None else draft_logits
-    if draft is not None:
-        name = "draft_probs" if draft_probs is not None else "draft_logits"
-        check_logits(op, name, draft)
-        check_same_device(op, name, draft, target_logits)
-        if draft.shape[1] != V:
-            raise ValueError(f"{op}: {name} must have V = {V} columns like target_logits, got {shape_str(draft)}")
-        if draft.dtype not in (target_logits.dtype, torch.float32):
-            raise ValueError(f"{op}: {name} must have the dtype of target_logits ({dtype_name(target_logits.dtype)}) "
-                             f"or Float, got {dtype_name(draft.dtype)}")
+    check_draft_rows(op, draft_probs, draft_logits, target_logits)
     R = cu_num_nodes.shape[0] - 1
     check_per_request(op, "draft_temperature", draft_temperature, R, torch.float32, target_logits)
     if sibling_mode is not None:
