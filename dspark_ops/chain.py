@@ -198,13 +198,7 @@ def _validate_verify(target_logits, draft_tokens, cu, max_draft, draft_probs, dr
     rows = min(draft_tokens.shape[0], draft.shape[0]) if draft is not None else draft_tokens.shape[0]
     bad("draft_row_start" if draft_row_start is not None else "cu_num_draft", d0, (d0 >= 0) & (d0 + n <= rows))
     bad("target_row_start" if target_row_start is not None else "cu_num_draft", t0, (t0 >= 0) & (t0 + n + 1 <= T))
-    for name, t in (("temperature", temperature), ("draft_temperature", draft_temperature)):
-        bad(name, t, (t >= 0) & torch.isfinite(t))
-    if top_k is not None:
-        bad("top_k", top_k, top_k >= 0)
-    if top_p is not None:
-        bad("top_p", top_p, top_p > 0)
-    bad("position", position, position >= 0)
+    _checks.validate_sampling_values(OP, temperature, draft_temperature, top_k, top_p, position)
     def spans(starts, counts):  # the indices a request uses, all requests together
         return torch.cat([torch.arange(int(s), int(s) + int(c)) for s, c in zip(starts, counts)] +
                          [torch.zeros(0, dtype=torch.int64)])
@@ -212,10 +206,7 @@ def _validate_verify(target_logits, draft_tokens, cu, max_draft, draft_probs, dr
     used = spans(d0, n)
     toks = draft_tokens.cpu().long()[used]
     bad("draft_tokens", toks, (toks >= 0) & (toks < V), used)
-    rows = spans(t0, n + 1)
-    block = target_logits[rows.to(target_logits.device)]
-    finite = (~(torch.isnan(block) | (block == float("inf")))).all(1).cpu()
-    bad("target_logits row", rows, finite, rows)
+    _checks.validate_finite_rows(OP, target_logits, spans(t0, n + 1))
 
 
 @torch.library.register_fake("dspark_ops::verify_chunk")

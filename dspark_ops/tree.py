@@ -195,13 +195,7 @@ def _validate_tree(target_logits, node_tokens, parents, cu, max_depth, draft_pro
     if sibling_mode is not None:
         sm = sibling_mode.cpu()
         bad("sibling_mode", sm, (sm >= 0) & (sm <= 2))
-    for name, t in (("temperature", temperature), ("draft_temperature", draft_temperature)):
-        bad(name, t, (t >= 0) & torch.isfinite(t))
-    if top_k is not None:
-        bad("top_k", top_k, top_k >= 0)
-    if top_p is not None:
-        bad("top_p", top_p, top_p > 0)
-    bad("position", position, position >= 0)
+    _checks.validate_sampling_values(OP, temperature, draft_temperature, top_k, top_p, position)
     par = parents.cpu().long()
     owner = torch.repeat_interleave(torch.arange(n.numel()), n)
     nodes = torch.arange(int(cu[0]), int(cu[-1]))
@@ -213,9 +207,7 @@ def _validate_tree(target_logits, node_tokens, parents, cu, max_depth, draft_pro
         raise ValueError(f"{OP}: a node has depth {depth} > max_depth = {max_depth}")
     toks = node_tokens.cpu().long()[nodes[local > 0]]
     bad("node_tokens", toks, (toks >= 0) & (toks < V), nodes[local > 0])
-    block = target_logits[nodes.to(target_logits.device)]
-    finite = (~(torch.isnan(block) | (block == float("inf")))).all(1).cpu()
-    bad("target_logits row", nodes, finite, nodes)
+    _checks.validate_finite_rows(OP, target_logits, nodes)
 
 
 @torch.library.register_fake("dspark_ops::verify_tree")
