@@ -33,4 +33,17 @@ inline int64_t fixed_chunks(int64_t vocab) { return (vocab + kFixedChunk - 1) / 
 
 inline int64_t align_up(int64_t n, int64_t a) { return (n + a - 1) / a * a; }
 
+// Carves consecutive 256-byte-aligned pieces out of a workspace; with a null
+// base it only counts the bytes (workspace_size).
+struct WorkspaceCarve {
+  char* base;
+  int64_t bytes = 0;
+  template <typename T>
+  T* take(int64_t count) {
+    T* at = base ? reinterpret_cast<T*>(base + bytes) : nullptr;
+    bytes += align_up(count * int64_t{sizeof(T)}, 256);
+    return at;
+  }
+};
+
 }  // namespace dspark

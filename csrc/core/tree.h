@@ -100,19 +100,13 @@ struct TreeWorkspace {
 // with draft rows (workspace_size counts it always).
 inline TreeWorkspace tree_workspace(void* base, int64_t R, int64_t V, bool with_q) {
   const int64_t chunks = fixed_chunks(V);
-  char* p = static_cast<char*>(base);
-  int64_t off = 0;
-  auto take = [&](int64_t bytes) {
-    char* at = p ? p + off : nullptr;
-    off += align_up(bytes, 256);
-    return at;
-  };
+  WorkspaceCarve c{static_cast<char*>(base)};
   TreeWorkspace w;
-  w.target_partials = reinterpret_cast<TargetRowStats*>(take(R * chunks * int64_t{sizeof(TargetRowStats)}));
-  w.draft_partials = reinterpret_cast<DraftRowStats*>(take(R * chunks * int64_t{sizeof(DraftRowStats)}));
-  w.w = reinterpret_cast<float*>(take(R * V * 4));
-  w.qv = with_q ? reinterpret_cast<float*>(take(R * V * 4)) : nullptr;
-  w.bytes = off;
+  w.target_partials = c.take<TargetRowStats>(R * chunks);
+  w.draft_partials = c.take<DraftRowStats>(R * chunks);
+  w.w = c.take<float>(R * V);
+  w.qv = with_q ? c.take<float>(R * V) : nullptr;
+  w.bytes = c.bytes;
   return w;
 }
 

@@ -136,20 +136,14 @@ struct VerifyWorkspace {
 // Carves `base` (nullptr: only sizes it) for R requests, max_draft K, V.
 inline VerifyWorkspace verify_workspace(void* base, int64_t R, int64_t K, int64_t V) {
   const int64_t rows = verify_rows(R, K), chunks = fixed_chunks(V), rchunks = split_chunks(R, V);
-  char* p = static_cast<char*>(base);
-  int64_t off = 0;
-  auto take = [&](int64_t bytes) {
-    char* at = p ? p + off : nullptr;
-    off += align_up(bytes, 256);
-    return at;
-  };
+  WorkspaceCarve c{static_cast<char*>(base)};
   VerifyWorkspace w;
-  w.keep_keys = reinterpret_cast<uint32_t*>(take(rows * 4));
-  w.target_partials = reinterpret_cast<TargetRowStats*>(take(rows * chunks * int64_t{sizeof(TargetRowStats)}));
-  w.draft_partials = reinterpret_cast<DraftRowStats*>(take(rows * chunks * int64_t{sizeof(DraftRowStats)}));
-  w.pending = reinterpret_cast<VerifyPending*>(take(R * int64_t{sizeof(VerifyPending)}));
-  w.residual_partials = reinterpret_cast<RaceBest*>(take(R * rchunks * int64_t{sizeof(RaceBest)}));
-  w.bytes = off;
+  w.keep_keys = c.take<uint32_t>(rows);
+  w.target_partials = c.take<TargetRowStats>(rows * chunks);
+  w.draft_partials = c.take<DraftRowStats>(rows * chunks);
+  w.pending = c.take<VerifyPending>(R);
+  w.residual_partials = c.take<RaceBest>(R * rchunks);
+  w.bytes = c.bytes;
   return w;
 }
 
