@@ -50,9 +50,12 @@ float vocab_sum(int64_t V, F f) {
       [](float x, float y) { return x + y; });
 }
 
-// The exponential race over weights w (log w as the race value, EMIT stream):
-// the residual's token, as verify_chunk's residual race draws it.
-inline RaceBest weights_race(const float* w, int64_t V, const RaceStream& stream) {
+// The exponential race on the EMIT stream over race values value(i) (-inf:
+// not a candidate): log w for materialised weights (the residual's token, as
+// verify_chunk's residual race draws it), or p's race value without the
+// zeroed tokens.
+template <typename F>
+RaceBest race_over(int64_t V, const RaceStream& stream, F value) {
   return chunked_reduce(
       V, race_empty(),
       [&](int64_t begin, int64_t end) {
@@ -61,30 +64,8 @@ inline RaceBest weights_race(const float* w, int64_t V, const RaceStream& stream
           const PhiloxBlock bits =
               philox_draw(stream.seed, stream.position, stream.purpose, stream.slot, static_cast<uint32_t>(i >> 2));
           for (int j = 0; j < 4 && i + j < end; ++j) {
-            if (!(w[i + j] > 0.0f)) continue;
-            const float s = race_score(logf(w[i + j]), bits.x[j]);
-            if (race_better(s, static_cast<int32_t>(i + j), best)) best = RaceBest{s, static_cast<int32_t>(i + j)};
-          }
-        }
-        return best;
-      },
-      race_merge);
-}
-
-// The race over p's kept set without the tokens whose live flag is 0.
-template <typename T>
-RaceBest zeroed_race(const T* trow, const float* live, int64_t V, const RaceRow& row, const RaceStream& stream) {
-  return chunked_reduce(
-      V, race_empty(),
-      [&](int64_t begin, int64_t end) {
-        RaceBest best = race_empty();
-        for (int64_t i = begin; i < end; i += 4) {
-          const PhiloxBlock bits =
-              philox_draw(stream.seed, stream.position, stream.purpose, stream.slot, static_cast<uint32_t>(i >> 2));
-          for (int j = 0; j < 4 && i + j < end; ++j) {
-            int32_t ignored = 0;
-            const float x = race_value(ignored, row, static_cast<float>(trow[i + j]));
-            if (!(x > -INFINITY) || live[i + j] == 0.0f) continue;
+            const float x = value(i + j);
+            if (!(x > -INFINITY)) continue;
             const float s = race_score(x, bits.x[j]);
             if (race_better(s, static_cast<int32_t>(i + j), best)) best = RaceBest{s, static_cast<int32_t>(i + j)};
           }
@@ -227,12 +208,16 @@ void tree_request(const TreeArgs<T, D>& a, int64_t r, std::vector<int32_t>& dept
       if (next < 0) {  // no child accepted: a token from the current p
         RaceBest b;
         if (s.dist == kTreeWeights) {
-          b = weights_race(w.data(), V, emit_stream);
+          b = race_over(V, emit_stream, [&](int64_t i) { return w[i] > 0.0f ? logf(w[i]) : -INFINITY; });
         } else {
           const TargetRowStats full = target_row_stats(trow, V, row, emit_stream);
           if (s.dist == kTreePristine) b = full.race.best;
           else if (s.zeroed == 1) b = full.race.best.index != s.first_zero ? full.race.best : full.race.second;
-          else b = zeroed_race(trow, w.data(), V, row, emit_stream);
+          else
+            b = race_over(V, emit_stream, [&](int64_t i) {
+              int32_t ignored = 0;
+              return w[i] == 0.0f ? -INFINITY : race_value(ignored, row, static_cast<float>(trow[i]));
+            });
         }
         // Every kept token zeroed (rounding let the last coin fail where
         // exact p was 1): p before that zeroing, a point mass on it.
