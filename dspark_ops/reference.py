@@ -200,6 +200,15 @@ def target_distribution(l: torch.Tensor, temperature: float, top_k: int, top_p: 
     return x, w / w.sum()
 
 
+def topp_margin(x: torch.Tensor, top_k: int, top_p: float) -> float:
+    """The smallest relative distance of a kept token's top-p mass from its
+    bound: where an implementation's keep set differs, it must be < 1e-5."""
+    keep = topk_keep(x, top_k)
+    above, total = topp_mass_above(x, keep)
+    bound = float(torch.tensor(top_p, dtype=torch.float32)) * total
+    return float(((above.double() - bound).abs() / total)[keep].min())
+
+
 def race(dist: torch.Tensor, bits: torch.Tensor, p: Optional[torch.Tensor] = None) -> Tuple[int, float]:
     """Exponential race over a float64 distribution: (token, relative gap
     between the best and second-best score — the margin of this decision).
@@ -279,10 +288,7 @@ def verify_chunk(target_logits: torch.Tensor, draft_tokens: torch.Tensor, cu_num
                 flags |= int(Status.ALL_MASKED)
                 break
             if float(ps[r]) < 1:
-                keep = topk_keep(x, int(ks[r]))
-                above, total = topp_mass_above(x, keep)
-                bound = float(torch.tensor(float(ps[r]), dtype=torch.float32)) * total
-                margin = min(margin, float(((above.double() - bound).abs() / total)[keep].min()))
+                margin = min(margin, topp_margin(x, int(ks[r]), float(ps[r])))
             emit_bits = random_bits(s, pos, Purpose.EMIT, j, V)
             if j == n:  # every draft accepted: the bonus token from p_n
                 emit, gap = race(p, emit_bits)
@@ -459,10 +465,7 @@ def verify_tree(target_logits: torch.Tensor, node_tokens: torch.Tensor, parents:
                 flags |= int(Status.ALL_MASKED)
                 break
             if float(ps[r]) < 1:
-                keep = topk_keep(x, int(ks[r]))
-                above, total = topp_mass_above(x, keep)
-                bound = float(torch.tensor(float(ps[r]), dtype=torch.float32)) * total
-                margin = min(margin, float(((above.double() - bound).abs() / total)[keep].min()))
+                margin = min(margin, topp_margin(x, int(ks[r]), float(ps[r])))
             # race_dist: p up to a factor, as the last update left it unnormalised
             # (the chain races on max(0, p - q) itself; the argmax is the same)
             p0, race_dist, q, nxt, aborted = p, p, None, None, False
