@@ -4,31 +4,18 @@ Medians of repeated calls in ms (CUDA: synchronised wall time)."""
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
+from bench.timing import median_ms
 from dspark_ops.chain import verify_chunk
 from dspark_ops.compat import flashinfer as fi
 from dspark_ops.compat import vllm as vl
 from dspark_ops.compat._streams import coin_uniforms
 
 
-def _median_ms(fn, device: torch.device, reps: int = 21, warmup: int = 3) -> float:
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+def _median_ms(fn, device: torch.device) -> float:
+    return median_ms(fn, device, reps=21, warmup=3)
 
 
 def bench_flashinfer(B: int, n: int, V: int, dtype: torch.dtype, device: torch.device) -> dict:

@@ -3,12 +3,12 @@
 Medians of repeated calls in ms (CUDA: synchronised wall time)."""
 from __future__ import annotations
 
-import statistics
 import time
 from typing import Union
 
 import torch
 
+from bench.timing import median_ms
 from dspark_ops.compat.sglang import (eagle_lists, tree_from_linked_lists, tree_speculative_sampling_target_only,
                                       verify_tree_greedy)
 from dspark_ops.tree import verify_tree
@@ -16,20 +16,8 @@ from dspark_ops.tree import verify_tree
 _CLOCK = time.perf_counter  # main(--cpu-time): time.process_time, robust to a contended machine
 
 
-def _median_ms(fn, device: torch.device, reps: int = 51, warmup: int = 5) -> float:
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        sync()
-        t0 = _CLOCK()
-        fn()
-        sync()
-        times.append(_CLOCK() - t0)
-    return statistics.median(times) * 1e3
+def _median_ms(fn, device: torch.device) -> float:
+    return median_ms(fn, device, reps=51, warmup=5, clock=_CLOCK)
 
 
 def bench(bs: int, depth: int, topk: int, N: int, V: int, device: Union[str, torch.device] = "cpu") -> dict:

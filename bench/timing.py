@@ -39,6 +39,26 @@ def time_fn(fn: Callable[[int], object], device: str, iters: int, warmup: int = 
     return median_and_spread(samples)
 
 
+def median_ms(fn: Callable[[], object], device: torch.device, reps: int, warmup: int,
+              clock: Callable[[], float] = time.perf_counter) -> float:
+    """Median ms of fn() timed one call at a time by `clock` (wall time, or
+    time.process_time on a contended CPU), synchronised on CUDA: the shims'
+    cost benchmarks, whose calls mix host work and kernels."""
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        sync()
+        t0 = clock()
+        fn()
+        sync()
+        times.append(clock() - t0)
+    return statistics.median(times) * 1e3
+
+
 def copy_bandwidth_gbs(device: str, nbytes: int = 1 << 30) -> float:
     """Measured device-to-device copy bandwidth: (read + write) bytes / time."""
     if device != "cuda":
