@@ -36,7 +36,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     ap.add_argument("--max-new-tokens", type=int, default=96)
     ap.add_argument("--ngram-drafts", type=int, default=7)
-    ap.add_argument("--model-drafts", type=int, default=3)
+    ap.add_argument("--model-drafts", type=int, default=5)
     ap.add_argument("--weights-dir", default=None, help="another copy of the default pair (default: the embedded one)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = ap.parse_args(argv)

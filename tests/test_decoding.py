@@ -287,13 +287,14 @@ def test_plain_greedy_matches_naive_loop(greedy_setup):
     assert naive_greedy(model, prompts[0], MAX_NEW, stops) == expected[0]
 
 
-@pytest.mark.parametrize("kind", ["ngram", "draft_model", "self"])
+@pytest.mark.parametrize("kind", ["ngram", "draft_model", "draft_model_stop", "self"])
 def test_speculative_greedy_equals_target_greedy(greedy_setup, kind):
     model, draft_model, prompts, nostop, stops, expected = greedy_setup
     target = BuiltinTarget(model)
-    n = {"ngram": 5, "draft_model": 3, "self": 4}[kind]
+    n = {"ngram": 5, "draft_model": 3, "draft_model_stop": 6, "self": 4}[kind]
     inner = {"ngram": lambda: NGramDrafter(max_ngram=3, num_draft=n),
              "draft_model": lambda: DraftModelDrafter(BuiltinTarget(draft_model), num_draft=n),
+             "draft_model_stop": lambda: StopCounting(BuiltinTarget(draft_model), num_draft=n, stop_below=0.3),
              "self": lambda: DraftModelDrafter(BuiltinTarget(model), num_draft=n)}[kind]()
     rec = Recorder(inner)
     res = SpeculativeDecoder(target, rec).generate(prompts, MAX_NEW, stop_tokens=stops)
@@ -309,9 +310,26 @@ def test_speculative_greedy_equals_target_greedy(greedy_setup, kind):
     fin_step = [next((i for i, f in enumerate(rec.finished_per_step) if f[r]), st["steps"])
                 for r in range(len(prompts))]
     assert len(set(fin_step)) >= 2
+    if kind == "draft_model_stop":  # confidence cut proposals short, yet drafts were proposed
+        assert inner.short_steps > 0 and inner.drafted > 0, (inner.short_steps, inner.drafted)
     # without stop tokens the whole no-stop outputs agree too
     res = SpeculativeDecoder(target, inner).generate(prompts, MAX_NEW)
     assert res.tokens == nostop
+
+
+class StopCounting(DraftModelDrafter):
+    """A DraftModelDrafter with stop_below that counts the steps whose
+    proposal the confidence cut short (fewer than num_draft positions, or a
+    request padded with -1)."""
+
+    short_steps = drafted = 0
+
+    def propose(self, seqs, state, sampling):
+        d = super().propose(seqs, state, sampling)
+        if d.tokens.shape[1] < self.num_draft or bool((d.tokens < 0).any()):
+            self.short_steps += 1
+        self.drafted += int((d.tokens >= 0).sum())
+        return d
 
 
 def test_greedy_requests_mixed_with_sampled_ones(greedy_setup):
@@ -343,7 +361,7 @@ def test_per_prompt_max_new_tokens(greedy_setup):
 # 2. KV caches after rollback == a fresh prefill of the same tokens
 
 @pytest.mark.parametrize("kind,temperature", [("ngram", 0.0), ("draft_model", 1.0), ("draft_model", 0.0),
-                                              ("self", 0.0), ("self", 1.0)])
+                                              ("draft_model_stop", 1.0), ("self", 0.0), ("self", 1.0)])
 def test_caches_after_rollback_equal_plain_prefill(kind, temperature):
     V = 61
     model = make_model(V, 10)
@@ -352,6 +370,7 @@ def test_caches_after_rollback_equal_plain_prefill(kind, temperature):
     prompts = make_prompts(V, [1, 12, 5, 2, 9], seed=12)
     inner = {"ngram": lambda: NGramDrafter(3, 4),
              "draft_model": lambda: DraftModelDrafter(BuiltinTarget(draft_model), 4),
+             "draft_model_stop": lambda: DraftModelDrafter(BuiltinTarget(draft_model), 4, stop_below=0.2),
              "self": lambda: DraftModelDrafter(BuiltinTarget(model), 4)}[kind]()
     rec = Recorder(inner, target, check_caches=True)
     max_new = 16
@@ -461,6 +480,7 @@ class SharedCountersDrafter(DraftModelDrafter):
 def run_distribution(stats_models, drafter_kind, temperature, top_k=0, top_p=1.0, seed=1234):
     target, near, far = stats_models
     drafter = {"near": lambda: DraftModelDrafter(near, 3), "far": lambda: DraftModelDrafter(far, 3),
+               "near_stop": lambda: DraftModelDrafter(near, 4, stop_below=0.25),
                "ngram": lambda: NGramDrafter(2, 3), "plain": lambda: None,
                "shared": lambda: SharedCountersDrafter(near, 3)}[drafter_kind]()
     res = SpeculativeDecoder(target, drafter).generate([STATS_PROMPT] * N_STATS, 2, temperature=temperature,
@@ -475,6 +495,8 @@ def run_distribution(stats_models, drafter_kind, temperature, top_k=0, top_p=1.0
     ("near", 1.0, 0, 1.0),   # a perturbed copy of the target: accepts ~2 of 3
     ("near", 0.7, 3, 1.0),   # draft sampled without top-k: tokens outside it are always rejected
     ("far", 1.0, 0, 1.0),    # an unrelated model: mostly rejections and residual sampling
+    ("near_stop", 1.0, 0, 1.0),  # confidence early stop: -1 padded positions are sampled from the target
+    ("near_stop", 0.7, 3, 1.0),
     ("ngram", 1.0, 0, 1.0),  # point-mass drafts
     ("ngram", 0.7, 0, 0.8),
     ("plain", 1.0, 0, 1.0),
@@ -482,7 +504,7 @@ def run_distribution(stats_models, drafter_kind, temperature, top_k=0, top_p=1.0
 def test_sampled_output_follows_target_distribution(stats_models, drafter_kind, temperature, top_k, top_p):
     pvalue, tv, st = run_distribution(stats_models, drafter_kind, temperature, top_k, top_p)
     assert pvalue > 1e-3, (pvalue, tv, st["mean_accepted"])
-    if drafter_kind in ("near", "ngram"):
+    if drafter_kind in ("near", "near_stop", "ngram"):
         assert st["mean_accepted"] > 0.2  # drafts were accepted, not only rejected
 
 

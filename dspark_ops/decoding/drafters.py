@@ -86,18 +86,31 @@ class NGramDrafter(Drafter):
 
 
 class DraftModelDrafter(Drafter):
-    """A small model drafting a chain autoregressively: num_draft single-token
-    steps per verification, sampled with the request's temperature (no
-    top-k/top-p, so q = softmax(logits / T) is exactly what was sampled)."""
+    """A small model drafting a chain autoregressively: up to num_draft
+    single-token steps per verification, sampled with the request's
+    temperature (no top-k/top-p, so q = softmax(logits / T) is exactly what
+    was sampled).
 
-    def __init__(self, target, num_draft: int = 5):
+    stop_below: a request stops drafting at position k when the draft's top
+    probability there (softmax of its logits at temperature 1) is below this
+    value, before x_k is sampled; drafting ends when every request has
+    stopped (one host read per draft step). Lossless: whether x_k is
+    proposed depends only on x_1..x_{k-1}, and a stopped position is padded
+    with -1, which verify_chunk answers by sampling from the target itself
+    (DESIGN §3). 0 (default) drafts num_draft tokens always."""
+
+    def __init__(self, target, num_draft: int = 5, *, stop_below: float = 0.0):
         if num_draft < 1:
             raise ValueError(f"DraftModelDrafter: num_draft must be >= 1, got {num_draft}")
-        self.model, self.num_draft = target, num_draft
+        if not 0.0 <= stop_below < 1.0:
+            raise ValueError(f"DraftModelDrafter: stop_below must be in [0, 1), got {stop_below}")
+        self.model, self.num_draft, self.stop_below = target, num_draft, stop_below
 
     def start(self, num_requests, max_len, device) -> None:
         self.cache = self.model.new_cache(num_requests, max_len + self.num_draft + 1)
         self.fed = [0] * num_requests  # tokens of each sequence in the draft cache
+        self._one = torch.arange(num_requests + 1, dtype=torch.int32)  # cu_tokens of one token per request
+        self._slots = [torch.full((1,), k, dtype=torch.int32, device=device) for k in range(self.num_draft + 1)]
 
     def propose(self, seqs, state, sampling) -> Draft:
         R, n, dev = len(seqs), self.num_draft, state.last_token.device
@@ -109,27 +122,40 @@ class DraftModelDrafter(Drafter):
         for c in catch:
             cu.append(cu[-1] + len(c))
         logits, _ = self.model.forward(ids, positions, torch.tensor(cu, dtype=torch.int32), self.cache)
-        last = torch.tensor([max(cu[r + 1] - 1, 0) for r in range(R)], device=dev)
-        rows = [logits[last].float()]
+        one_each = all(len(c) == 1 for c in catch)
+        rows = [(logits if one_each else logits[[max(c - 1, 0) for c in cu[1:]]]).float()]  # each request's last
         self.fed = [len(s) for s in seqs]
         self.base = self.model.lengths(self.cache).clone()
+        self.forwarded = 0  # draft tokens appended to the draft cache after base
         toks = []
-        one = torch.arange(R + 1, dtype=torch.int32)
+        live = None
         for k in range(1, n + 1):
+            if self.stop_below > 0:
+                confident = torch.softmax(rows[-1], -1).amax(-1) >= self.stop_below
+                live = confident if live is None else live & confident
+                if not bool(live.any()):  # every request stopped: the step's drafts end here
+                    break
             tok = sample(rows[-1], temperature=sampling.temperature, seed=sampling.seed, position=state.position,
-                         purpose=Purpose.DRAFT, slot=k).tokens
-            toks.append(tok)
+                         purpose=Purpose.DRAFT, slot=self._slots[k]).tokens
+            toks.append(tok if live is None else torch.where(live, tok, -1))
             if k == n:
                 break
-            step_logits, _ = self.model.forward(tok.clamp(min=0).long(), state.position + (k - 1), one, self.cache)
+            step_logits, _ = self.model.forward(tok.clamp(min=0).long(), state.position + (k - 1), self._one,
+                                                self.cache)
+            self.forwarded += 1
             rows.append(step_logits.float())
-        return Draft(torch.stack(toks, 1), torch.stack(rows, 1), sampling.temperature)
+        width = len(toks)
+        if width == 0:
+            return Draft(torch.empty(R, 0, dtype=torch.int32, device=dev), width=0)
+        return Draft(torch.stack(toks, 1), torch.stack(rows[:width], 1), sampling.temperature,
+                     width=width if width < n else None)
 
     def commit(self, accepted, finished_before) -> None:
-        n, dev = self.num_draft, self.base.device
-        keep = [0 if f else min(a, n - 1) for a, f in zip(accepted, finished_before)]
+        m, dev = self.forwarded, self.base.device
+        keep = [0 if f else min(a, m) for a, f in zip(accepted, finished_before)]
         R = len(keep)
-        self.model.rollback(self.cache, self.base, torch.full((R,), n - 1, dtype=torch.int32, device=dev),
-                            torch.arange(max(n - 1, 1), dtype=torch.int32, device=dev).expand(R, -1).contiguous(),
-                            torch.tensor(keep, dtype=torch.int32, device=dev))
+        if m:
+            self.model.rollback(self.cache, self.base, torch.full((R,), m, dtype=torch.int32, device=dev),
+                                torch.arange(m, dtype=torch.int32, device=dev).expand(R, -1).contiguous(),
+                                torch.tensor(keep, dtype=torch.int32, device=dev))
         self.fed = [f + k for f, k in zip(self.fed, keep)]

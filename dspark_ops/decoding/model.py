@@ -48,6 +48,7 @@ class KVCache:
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
         self.lengths = torch.zeros(num_requests, dtype=torch.int32, device=device)
         self.max_len = max_len
+        self.row_offsets = torch.arange(num_requests, dtype=torch.int64, device=device) * max_len
         self.layout = KVLayout(self.k + self.v)
 
     def rollback(self, base_len: torch.Tensor, num_appended: torch.Tensor, keep_index: torch.Tensor,
@@ -77,6 +78,42 @@ def _rope(x: torch.Tensor, positions: torch.Tensor, theta: float, tables=None) -
     return x * cos + torch.cat([-x2, x1], -1) * sin
 
 
+def _normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """x [T, dim] / sqrt(mean(x^2) + eps): RMSNorm without its weight, which
+    the fused weights carry (_Block.fused). Four ops, no Python scalars in
+    in-place ops (each would cost a host-side tensor conversion)."""
+    D = x.shape[-1]
+    col = _inv_dim_column(D, x.dtype, x.device)
+    ss = torch.addmm(_eps_tensor(eps, x.dtype, x.device), x * x, col)  # [T, 1]: mean(x^2) + eps
+    return x * ss.rsqrt_()
+
+
+_CONST: dict = {}
+
+
+def _inv_dim_column(D: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    key = ("col", D, dtype, device)
+    if key not in _CONST:
+        with torch.inference_mode(False):
+            _CONST[key] = torch.full((D, 1), 1.0 / D, dtype=dtype, device=device)
+    return _CONST[key]
+
+
+def _eps_tensor(eps: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    key = ("eps", eps, dtype, device)
+    if key not in _CONST:
+        with torch.inference_mode(False):
+            _CONST[key] = torch.tensor(eps, dtype=dtype, device=device)
+    return _CONST[key]
+
+
+def _rotate_half_rows(w: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """The rows of a projection [n * head_dim, dim] whose output is
+    rotate_half of the original's per head: (-x2, x1)."""
+    w = w.view(-1, head_dim, w.shape[-1])
+    return torch.cat([-w[:, head_dim // 2:], w[:, : head_dim // 2]], 1).reshape(-1, w.shape[-1])
+
+
 class _Block(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -91,30 +128,108 @@ class _Block(nn.Module):
         self.w1 = nn.Linear(cfg.dim, cfg.hidden, bias=False)
         self.w3 = nn.Linear(cfg.dim, cfg.hidden, bias=False)
         self.w2 = nn.Linear(cfg.hidden, cfg.dim, bias=False)
+        self._fused: Optional[tuple] = None
 
-    def forward(self, h: torch.Tensor, positions: torch.Tensor, layer: int, cache: KVCache, owner: torch.Tensor,
-                slot: torch.Tensor, pad_index: torch.Tensor, pad_valid: torch.Tensor, mask: torch.Tensor,
-                tables: Tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def fused(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The inference path's weights: wqkv [(2H+3Hkv)D, dim] = q, k, v,
+        rotate_half(q), rotate_half(k) in one GEMM (RoPE then needs no
+        shuffle), w13 [2 hidden, dim] (the SwiGLU's two inputs), both with
+        their RMSNorm's weight folded in; wo^T and w2^T for addmm. Rebuilt
+        whenever a weight changes (version counters), so training stays
+        correct; differentiable and uncached while autograd records."""
+        hd = self.cfg.head_dim
+        ws = (self.wq.weight, self.wk.weight, self.wv.weight, self.w1.weight, self.w3.weight, self.wo.weight,
+              self.w2.weight, self.attn_norm.weight, self.mlp_norm.weight)
+        if torch.is_grad_enabled() and any(w.requires_grad for w in ws):
+            return self._build(ws, hd)
+        key = tuple((w.data_ptr(), w._version) for w in ws)
+        if self._fused is None or self._fused[0] != key:
+            with torch.inference_mode(False), torch.no_grad():  # plain tensors, usable outside inference mode
+                self._fused = (key, tuple(w.contiguous() for w in self._build(ws, hd)))
+        return self._fused[1]
+
+    @staticmethod
+    def _build(ws, hd: int):
+        wq, wk, wv, w1, w3, wo, w2, g_attn, g_mlp = ws
+        wqkv = torch.cat([wq, wk, wv, _rotate_half_rows(wq, hd), _rotate_half_rows(wk, hd)]) * g_attn
+        return wqkv, torch.cat([w1, w3]) * g_mlp, wo.t(), w2.t()
+
+    def forward(self, h: torch.Tensor, layer: int, cache: KVCache, plan: "_Plan") -> torch.Tensor:
         cfg, hd = self.cfg, self.cfg.head_dim
-        T = h.shape[0]
-        x = self.attn_norm(h)
-        q = _rope(self.wq(x).view(T, cfg.n_heads, hd), positions, cfg.rope_theta, tables)
-        k = _rope(self.wk(x).view(T, cfg.n_kv_heads, hd), positions, cfg.rope_theta, tables)
-        v = self.wv(x).view(T, cfg.n_kv_heads, hd)
-        cache.k[layer][owner, slot] = k.to(cache.k[layer].dtype)
-        cache.v[layer][owner, slot] = v.to(cache.v[layer].dtype)
-        # Queries padded per request [R, Tq, H, D]; keys the request's whole cache.
-        R, Tq = pad_index.shape
-        qp = q[pad_index.clamp(min=0)].masked_fill(~pad_valid[..., None, None], 0.0)
-        S = mask.shape[-1]
-        kk = cache.k[layer][:, :S].to(q.dtype)
-        vv = cache.v[layer][:, :S].to(q.dtype)
-        out = F.scaled_dot_product_attention(qp.transpose(1, 2), kk.transpose(1, 2), vv.transpose(1, 2),
-                                             attn_mask=mask.unsqueeze(1), enable_gqa=True)  # [R, H, Tq, D]
-        out = out.transpose(1, 2)[pad_valid]  # [T, H, D] in ragged order
-        h = h + self.wo(out.reshape(T, cfg.n_heads * hd))
-        x = self.mlp_norm(h)
-        return h + self.w2(F.silu(self.w1(x)) * self.w3(x))
+        T, H, Hkv = h.shape[0], cfg.n_heads, cfg.n_kv_heads
+        wqkv, w13, wo_t, w2_t = self.fused()
+        qkv = F.linear(_normalize(h, cfg.norm_eps), wqkv).view(T, 2 * H + 3 * Hkv, hd)
+        n = H + Hkv
+        qk = torch.addcmul(qkv[:, :n] * plan.cos, qkv[:, n + Hkv:], plan.sin)  # RoPE of q and k together
+        q, k, v = qk[:, :H], qk[:, H:], qkv[:, n: n + Hkv]
+        ck, cv = cache.k[layer], cache.v[layer]
+        ck.view(-1, Hkv, hd).index_copy_(0, plan.flat_slot, k if k.dtype == ck.dtype else k.to(ck.dtype))
+        cv.view(-1, Hkv, hd).index_copy_(0, plan.flat_slot, v if v.dtype == cv.dtype else v.to(cv.dtype))
+        kk, vv = ck[:, : plan.S], cv[:, : plan.S]
+        if kk.dtype != q.dtype:
+            kk, vv = kk.to(q.dtype), vv.to(q.dtype)
+        R, Tq, rep = plan.R, plan.Tq, H // Hkv
+        if plan.pad_index is None:  # every request appends Tq tokens: batched matmuls, queries grouped by KV head
+            qg = q.view(R, Tq, Hkv, rep, hd).permute(0, 2, 3, 1, 4).reshape(R * Hkv, rep * Tq, hd)
+            scores = torch.baddbmm(plan.bias, qg, kk.permute(0, 2, 3, 1).reshape(R * Hkv, hd, plan.S),
+                                   beta=1.0 if plan.bias.dim() else 0.0, alpha=hd ** -0.5).softmax(-1)
+            out = torch.bmm(scores, vv.transpose(1, 2).reshape(R * Hkv, plan.S, hd))  # [R Hkv, rep Tq, D]
+            out = out.view(R, Hkv, rep, Tq, hd).permute(0, 3, 1, 2, 4).reshape(T, H * hd)
+        else:  # ragged: queries padded per request [R, Tq, H, D]
+            qp = q[plan.pad_index.clamp(min=0)].masked_fill(~plan.pad_valid[..., None, None], 0.0)
+            out = F.scaled_dot_product_attention(qp.transpose(1, 2), kk.transpose(1, 2), vv.transpose(1, 2),
+                                                 attn_mask=plan.mask, enable_gqa=True).transpose(1, 2)
+            out = out[plan.pad_valid].reshape(T, H * hd)
+        h = torch.addmm(h, out, wo_t)
+        gate, up = F.linear(_normalize(h, cfg.norm_eps), w13).chunk(2, -1)
+        return torch.addmm(h, F.silu(gate).mul_(up), w2_t)
+
+
+class _Plan:
+    """The index tensors one forward's layers share: where each new token's
+    K/V goes (flat_slot: entry r * max_len + s of a cache viewed as
+    [R * max_len, H, D]), the attention's additive bias [R Hkv, rep Tq, S]
+    (uniform batches; ignored for one request appending one token) or
+    boolean mask [R, 1, Tq, S] with the query padding (ragged batches), the
+    longest cache S after the forward and the rotary tables at the new
+    tokens' positions."""
+
+    def __init__(self, positions: torch.Tensor, cu: List[int], cache: KVCache, rope: Tuple[torch.Tensor, ...],
+                 cfg: ModelConfig, dtype: torch.dtype):
+        dev = positions.device
+        R, T = len(cu) - 1, positions.shape[0]
+        self.cos, self.sin = rope[0][positions], rope[1][positions]  # [T, 1, D] each
+        counts = [cu[r + 1] - cu[r] for r in range(R)]
+        self.R, self.Tq = R, (max(counts) if counts else 0)
+        self.uniform = all(c == self.Tq for c in counts)
+        base = cache.lengths.to(torch.int64)
+        col = torch.arange(self.Tq, device=dev)
+        row_start = base + cache.row_offsets  # [R]: request r's entry 0 in the flat view, plus its length
+        if self.uniform:
+            self.flat_slot = (row_start.unsqueeze(1) + col).reshape(-1)
+            self.pad_index = self.pad_valid = None
+        else:
+            count_t = torch.tensor(counts, device=dev)
+            starts = torch.tensor(cu[:-1], device=dev, dtype=torch.int64)
+            owner = torch.repeat_interleave(torch.arange(R, device=dev), count_t)
+            self.flat_slot = row_start[owner] + torch.arange(T, device=dev) - starts[owner]
+            self.pad_valid = col.unsqueeze(0) < count_t.unsqueeze(1)  # [R, Tq]
+            self.pad_index = torch.where(self.pad_valid, starts.unsqueeze(1) + col, -1)
+        # The longest cache after this forward: the one device-to-host read.
+        self.S = min(cache.max_len, int(cache.lengths.max()) + self.Tq) if R else 0
+        if R == 1 and self.Tq == 1:  # one request, one token: it sees all; baddbmm with beta 0 ignores the bias
+            self.bias = torch.empty((), dtype=dtype, device=dev)
+            return
+        key = torch.arange(self.S, device=dev)
+        # query (r, i) sees cache entries 0 .. base[r] + i (itself included)
+        visible = key.view(1, 1, self.S) <= (base.view(R, 1, 1) + col.view(1, self.Tq, 1))  # [R, Tq, S]
+        if self.pad_valid is not None:
+            self.mask = (visible | ~self.pad_valid.unsqueeze(-1)).unsqueeze(1)  # padded queries: any row without NaN
+        else:  # additive bias [R Hkv, rep Tq, S], in the grouped query order of _Block.forward
+            bias = torch.zeros(visible.shape, dtype=dtype, device=dev).masked_fill_(~visible, float("-inf"))
+            Hkv, rep = cfg.n_kv_heads, cfg.n_heads // cfg.n_kv_heads
+            self.bias = bias.unsqueeze(1).unsqueeze(1).expand(R, Hkv, rep, self.Tq, self.S).reshape(
+                R * Hkv, rep * self.Tq, self.S)
 
 
 class BuiltinModel(nn.Module):
@@ -144,33 +259,46 @@ class BuiltinModel(nn.Module):
         """ids [T] int64, positions [T] int64, cu_tokens [R+1] int32: request
         r's new tokens are ids[cu[r]:cu[r+1]], appended after its cached
         length. Returns (logits [T, V], hidden [T, len(hidden_layers), dim] or
-        None). Reads cu_tokens on the host (one sync on a GPU)."""
+        None). Reads cu_tokens and the longest cached length on the host (one
+        sync on a GPU)."""
         cu = cu_tokens.tolist()
-        R, T, dev = len(cu) - 1, ids.shape[0], ids.device
-        counts = [cu[r + 1] - cu[r] for r in range(R)]
-        owner = torch.repeat_interleave(torch.arange(R, device=dev), torch.tensor(counts, device=dev))
-        local = torch.arange(T, device=dev) - torch.tensor(cu[:-1], device=dev, dtype=torch.int64)[owner]
-        base = cache.lengths.to(torch.int64)
-        slot = base[owner] + local
-        Tq = max(counts) if counts else 0
-        col = torch.arange(Tq, device=dev)
-        pad_valid = col.unsqueeze(0) < torch.tensor(counts, device=dev).unsqueeze(1)  # [R, Tq]
-        pad_index = torch.where(pad_valid, torch.tensor(cu[:-1], device=dev).unsqueeze(1) + col, -1)
-        S = min(cache.max_len, int(cache.lengths.max()) + Tq) if R else 0
-        key = torch.arange(S, device=dev)
-        # query (r, i) sees cache entries 0 .. base[r] + i (itself included)
-        mask = key.view(1, 1, S) <= (base.view(R, 1, 1) + col.view(1, Tq, 1))
-        mask = mask | ~pad_valid.unsqueeze(-1)  # padded queries: any row without NaN
-        h = self.embed(ids)
-        tables = rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta, h.dtype)
+        h = F.embedding(ids, self.embed.weight)
+        plan = _Plan(positions, cu, cache, self._rope_tables(cache.max_len, h.dtype, h.device), self.cfg, h.dtype)
         hidden = []
         for layer, blk in enumerate(self.blocks):
-            h = blk(h, positions, layer, cache, owner, slot, pad_index, pad_valid, mask, tables)
+            h = blk.forward(h, layer, cache, plan)  # not blk(...): skips nn.Module's hook machinery
             if layer in hidden_layers:
                 hidden.append(h)
-        cache.lengths += torch.tensor(counts, device=dev, dtype=torch.int32)
-        logits = self.head(self.norm(h))
+        if plan.uniform:
+            cache.lengths += plan.Tq
+        else:
+            cache.lengths += (cu_tokens[1:] - cu_tokens[:-1]).to(device=cache.lengths.device, dtype=torch.int32)
+        logits = F.linear(_normalize(h, self.cfg.norm_eps), self._head_weight())
         return logits, (torch.stack(hidden, 1) if hidden else None)
+
+    def _head_weight(self) -> torch.Tensor:
+        """The LM head with the final RMSNorm's weight folded in (cached like _Block.fused)."""
+        w, g = self.head.weight, self.norm.weight
+        if torch.is_grad_enabled() and (w.requires_grad or g.requires_grad):
+            return w * g
+        key = (w.data_ptr(), w._version, g.data_ptr(), g._version)
+        cached = getattr(self, "_head", None)
+        if cached is None or cached[0] != key:
+            with torch.inference_mode(False), torch.no_grad():
+                cached = self._head = (key, (w * g).contiguous())
+        return cached[1]
+
+    def _rope_tables(self, length: int, dtype: torch.dtype, device: torch.device) -> Tuple[torch.Tensor, ...]:
+        """(cos, sin) [length, 1, head_dim] for positions 0..length-1
+        (a cache's positions are its slots), built once and grown on demand."""
+        tabs = getattr(self, "_rope", None)
+        if tabs is None or tabs[0].shape[0] < length or tabs[0].dtype != dtype or tabs[0].device != device:
+            n = max(length, self.cfg.max_seq_len)
+            with torch.inference_mode(False), torch.no_grad():
+                cos, sin = rope_tables(torch.arange(n, device=device), self.cfg.head_dim, self.cfg.rope_theta, dtype)
+                tabs = (cos, sin)
+            self._rope = tabs
+        return tabs
 
     def train_forward(self, ids: torch.Tensor) -> torch.Tensor:
         """Plain causal forward over ids [B, L] at positions 0..L-1 (no
