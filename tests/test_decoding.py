@@ -251,6 +251,54 @@ def test_model_ragged_and_incremental_match_reference():
         torch.testing.assert_close(torch.cat(got[r]), reference_logits(model, s), rtol=1e-9, atol=1e-10)
 
 
+@pytest.mark.parametrize("R,chunk", [(1, 1), (1, 3), (3, 1), (3, 2)])
+def test_model_uniform_chunks_match_reference(R, chunk):
+    """The uniform-batch paths of the inference forward (every request
+    appending `chunk` tokens: one request one token sees its whole cache
+    without a bias; otherwise an additive causal bias) against the
+    no-cache reference, after a ragged prefill."""
+    model = make_model(97, 3)
+    target = BuiltinTarget(model)
+    seqs = make_prompts(97, [5 + 3 * r for r in range(R)], seed=4)
+    total = 4 * chunk
+    full = [s + make_prompts(97, [total], seed=40 + r)[0] for r, s in enumerate(seqs)]
+    cache = target.new_cache(R, max(map(len, full)))
+    ragged_forward(target, seqs, cache)
+    got = [[] for _ in range(R)]
+    for step in range(4):
+        ids = [f[len(s) + step * chunk: len(s) + (step + 1) * chunk] for s, f in zip(seqs, full)]
+        pos = [list(range(len(s) + step * chunk, len(s) + (step + 1) * chunk)) for s in seqs]
+        out, _ = target.forward(torch.tensor(sum(ids, []), dtype=torch.int64), torch.tensor(sum(pos, [])),
+                                torch.arange(R + 1, dtype=torch.int32) * chunk, cache)
+        for r in range(R):
+            got[r].append(out[r * chunk:(r + 1) * chunk])
+    for r in range(R):
+        want = reference_logits(model, full[r])[len(seqs[r]):]
+        torch.testing.assert_close(torch.cat(got[r]), want, rtol=1e-9, atol=1e-10)
+
+
+def test_fused_weights_follow_weight_updates_and_autograd():
+    """The inference forward caches fused weights: an in-place weight update
+    (an optimizer step) must rebuild them, and with autograd on, gradients
+    must reach the module's own parameters."""
+    model = make_model(61, 5)
+    seq = make_prompts(61, [9], seed=6)[0]
+    target = BuiltinTarget(model)
+    ragged_forward(target, [seq])  # builds the cache of fused weights
+    with torch.no_grad():
+        model.blocks[0].wq.weight.mul_(1.5)
+        model.blocks[1].mlp_norm.weight.add_(0.25)
+        model.norm.weight.mul_(0.5)
+    logits, _, _ = ragged_forward(target, [seq])
+    torch.testing.assert_close(logits, reference_logits(model, seq), rtol=1e-9, atol=1e-10)
+    cache = model.new_cache(1, len(seq))
+    out, _ = model(torch.tensor(seq), torch.arange(len(seq)), torch.tensor([0, len(seq)], dtype=torch.int32), cache)
+    out.sum().backward()
+    for name in ("wq", "wk", "wv", "w1", "w3", "wo", "w2", "attn_norm", "mlp_norm"):
+        assert getattr(model.blocks[0], name).weight.grad is not None, name
+    assert model.norm.weight.grad is not None and model.head.weight.grad is not None
+
+
 # ---------------------------------------------------------------------------
 # 1. Greedy: speculative == target-only == naive no-cache loop
 
