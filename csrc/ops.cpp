@@ -78,5 +78,13 @@ TORCH_LIBRARY(dspark_ops, m) {
       "Tensor? budget, Tensor? temperatures, *, Tensor(a!) verify_len, Tensor(w!)? workspace=None) -> ()");
   m.def("kv_layout_table(Tensor[] caches, bool heads_first, bool paged) -> Tensor");
   m.def("keep_key(Tensor logits, Tensor temperature, Tensor? top_k, Tensor? top_p) -> Tensor keys");
+  m.def(
+      "markov_draft(Tensor base_logits, Tensor anchor, Tensor w1, Tensor w2, Tensor temperature, Tensor? top_k, "
+      "Tensor? top_p, Tensor seed, Tensor position, Tensor? num_draft) "
+      "-> (Tensor tokens, Tensor draft_logits, Tensor status)");
+  m.def(
+      "markov_draft.out(Tensor base_logits, Tensor anchor, Tensor w1, Tensor w2, Tensor temperature, Tensor? top_k, "
+      "Tensor? top_p, Tensor seed, Tensor position, Tensor? num_draft, *, Tensor(a!) tokens, "
+      "Tensor(b!) draft_logits, Tensor(c!) status) -> ()");
   m.def("workspace_bytes(str op, int num_requests, int vocab, int max_draft) -> int", &dspark::workspace_bytes);
 }

@@ -1,7 +1,7 @@
 """DSpark's semi-autoregressive drafting step: the Markov head (DESIGN §3
-markov_draft), composed from torch ops and this library's `keep_key` and
-`sample` ops, so it runs on any device without host synchronisation and
-traces under torch.compile."""
+markov_draft), one registered op (csrc/cpu/markov_draft.cpp,
+csrc/kernels/markov_draft.cuh) with its fake kernels, so it runs without
+host synchronisation and traces under torch.compile."""
 from __future__ import annotations
 
 from typing import NamedTuple, Optional
@@ -9,13 +9,11 @@ from typing import NamedTuple, Optional
 import torch
 
 from . import _checks
-from ._enums import ABORT_MASK, Purpose, Status
 from ._params import (TensorOrFloat, TensorOrInt, position_tensor, seed_tensor, temperature_tensor, top_k_tensor,
                       top_p_tensor)
-from .ops import _ops, sample
+from .ops import _ops
 
 OP = "dspark_ops.markov_draft"
-_M32 = 0xFFFFFFFF
 
 
 class MarkovResult(NamedTuple):
@@ -24,15 +22,6 @@ class MarkovResult(NamedTuple):
     tokens: torch.Tensor  # [R, G] int32: drafted tokens x_1..x_G, -1 past num_draft or after an abort
     draft_logits: torch.Tensor  # [R, G, V]: the processed logits each token was sampled from
     status: torch.Tensor  # [R] int32: Status bits
-
-
-def order_keys(x: torch.Tensor) -> torch.Tensor:
-    """The order-preserving uint32 key of every value (csrc/core/filters.h
-    float_key), as int64: key(a) >= key(b) iff a >= b, -0 == +0."""
-    xf = x.float()
-    xf = torch.where(xf == 0, torch.zeros_like(xf), xf)
-    bits = xf.view(torch.int32).to(torch.int64) & _M32
-    return torch.where(bits >= (1 << 31), (~bits) & _M32, bits | (1 << 31))
 
 
 @torch.library.register_fake("dspark_ops::keep_key")
@@ -100,12 +89,14 @@ def markov_draft(
 
     Notes
     -----
-    Each step runs a few kernels (the fp32 bias GEMM, elementwise ops,
-    ``keep_key`` when top-k/top-p are on, and ``sample``); fusing them into
-    one kernel per step is planned (and so is a bf16 GEMM with fp32
-    accumulation: today ``w2`` is converted to fp32 once per call). No host
-    synchronisation. fp16 logits divided by a small temperature can overflow
-    to +inf and abort the request (``NONFINITE_LOGITS``): use bf16 or fp32.
+    One op: on the CPU each step reads w2 once for every drafting request
+    (fp32 sums, ascending r); on CUDA each step is a cuBLAS fp32 GEMM for
+    the bias rows (fp32 copies of bf16/fp16 weights are made once per call;
+    TF32 follows torch.backends.cuda.matmul.allow_tf32) plus two kernels
+    (four with top-k/top-p): the corrected row is written and raced in one
+    pass. No host synchronisation. fp16 logits divided by a small
+    temperature can overflow to +inf and abort the request
+    (``NONFINITE_LOGITS``): use bf16 or fp32.
     """
     if base_logits.dim() != 3:
         raise ValueError(f"{OP}: base_logits must have shape [R, G, V], got {list(base_logits.shape)}")
@@ -119,36 +110,59 @@ def markov_draft(
     if w1.dim() != 2 or w2.dim() != 2 or w1.shape[0] != V or w2.shape[1] != V or w1.shape[1] != w2.shape[0]:
         raise ValueError(f"{OP}: w1 must be [V, r] and w2 [r, V] with V = {V}, got {list(w1.shape)} and "
                          f"{list(w2.shape)}")
-    temps = temperature_tensor(OP, temperature, R, dev).expand(R)
+    temps = temperature_tensor(OP, temperature, R, dev)
     k_t, p_t = top_k_tensor(OP, top_k, R, V, dev), top_p_tensor(OP, top_p, R, dev)
     seeds, positions = seed_tensor(OP, seed, R, dev), position_tensor(OP, position, R, dev)
+    limit = num_draft.to(torch.int32).contiguous() if num_draft is not None else None
+    args = (base_logits, anchor.to(torch.int64).contiguous(), w1, w2, temps, k_t, p_t, seeds, positions, limit)
     if out is None:
-        out = MarkovResult(torch.empty(R, G, dtype=torch.int32, device=dev),
-                           torch.empty(R, G, V, dtype=dtype, device=dev), torch.empty(R, dtype=torch.int32, device=dev))
-    stochastic = temps > 0
-    t_sample = stochastic.to(torch.float32)  # sample the processed logits at 1; 0 = greedy
-    scale = torch.where(stochastic, temps, torch.ones_like(temps)).unsqueeze(1)
-    limit = num_draft.to(torch.int64).clamp(0, G) if num_draft is not None else torch.full((R,), G, device=dev)
-    prev = anchor.to(torch.int64)
-    in_range = (prev >= 0) & (prev < V)
-    out.status.copy_(torch.where(in_range, 0, int(Status.TOKEN_OUT_OF_RANGE)).to(torch.int32))
-    live = in_range
-    w2f = w2.float()
-    neg_inf = torch.full((), float("-inf"), dtype=dtype, device=dev)  # a device fill: no host copy, no sync
-    for k in range(1, G + 1):
-        live_k = live & (limit >= k)
-        bias = w1[prev.clamp(0, V - 1)].float() @ w2f  # [R, V]
-        x = ((base_logits[:, k - 1].float() + bias) / scale).to(dtype)
-        x = torch.where(live_k.unsqueeze(1), x, neg_inf)
-        if k_t is not None or p_t is not None:
-            keys = _ops.keep_key(x, t_sample, k_t, p_t).to(torch.int64) & _M32
-            x = torch.where(order_keys(x) >= keys.unsqueeze(1), x, neg_inf)
-        out.draft_logits[:, k - 1] = x
-        step = sample(out.draft_logits[:, k - 1], temperature=t_sample, seed=seeds, position=positions,
-                      purpose=Purpose.DRAFT, slot=k)
-        tok = torch.where(live_k, step.tokens, -1)
-        out.status.bitwise_or_(torch.where(live_k, step.status, 0).to(torch.int32))
-        out.tokens[:, k - 1] = tok
-        live = live_k & ((step.status & int(ABORT_MASK)) == 0)
-        prev = tok.to(torch.int64)
+        return MarkovResult(*_ops.markov_draft(*args))
+    _ops.markov_draft.out(*args, tokens=out.tokens, draft_logits=out.draft_logits, status=out.status)
     return out
+
+
+def _check_markov_args(base, anchor, w1, w2, temperature, top_k, top_p, seed, position, num_draft) -> None:
+    """csrc/markov_common.h check_markov_args, for the fake kernels."""
+    if base.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"{OP}: base_logits must have dtype float32, float16 or bfloat16, got "
+                         f"{_checks.dtype_name(base.dtype)}")
+    if base.dim() != 3:
+        raise ValueError(f"{OP}: base_logits must have shape [R, G, V], got {_checks.shape_str(base)}")
+    R, G, V = base.shape
+    _checks.check_same_device(OP, "anchor", anchor, base)
+    _checks.check_dtype(OP, "anchor", anchor, torch.int64)
+    for name, w in (("w1", w1), ("w2", w2)):
+        _checks.check_same_device(OP, name, w, base)
+    if w1.dim() != 2 or w2.dim() != 2 or w1.shape[0] != V or w2.shape[1] != V or w1.shape[1] != w2.shape[0]:
+        raise ValueError(f"{OP}: w1 must be [V, r] and w2 [r, V] with V = {V}, got {_checks.shape_str(w1)} and "
+                         f"{_checks.shape_str(w2)}")
+    _checks.check_per_request(OP, "temperature", temperature, R, torch.float32, base)
+    if top_k is not None:
+        _checks.check_per_request(OP, "top_k", top_k, R, torch.int32, base)
+    if top_p is not None:
+        _checks.check_per_request(OP, "top_p", top_p, R, torch.float32, base)
+    _checks.check_per_request(OP, "seed", seed, R, torch.int64, base)
+    _checks.check_per_request(OP, "position", position, R, torch.int64, base)
+    if num_draft is not None:
+        _checks.check_output(OP, "num_draft", num_draft, R, torch.int32, base)
+
+
+@torch.library.register_fake("dspark_ops::markov_draft")
+def _markov_draft_fake(base, anchor, w1, w2, temperature, top_k, top_p, seed, position, num_draft):
+    _check_markov_args(base, anchor, w1, w2, temperature, top_k, top_p, seed, position, num_draft)
+    R, G, V = base.shape
+    return (base.new_empty((R, G), dtype=torch.int32), base.new_empty((R, G, V)),
+            base.new_empty((R,), dtype=torch.int32))
+
+
+@torch.library.register_fake("dspark_ops::markov_draft.out")
+def _markov_draft_out_fake(base, anchor, w1, w2, temperature, top_k, top_p, seed, position, num_draft, *, tokens,
+                           draft_logits, status):
+    _check_markov_args(base, anchor, w1, w2, temperature, top_k, top_p, seed, position, num_draft)
+    R, G, V = base.shape
+    if tokens.shape != (R, G) or tokens.dtype != torch.int32:
+        raise ValueError(f"{OP}: tokens must be a contiguous [{R}, {G}], got {_checks.shape_str(tokens)}")
+    if draft_logits.shape != (R, G, V) or draft_logits.dtype != base.dtype:
+        raise ValueError(f"{OP}: draft_logits must be a contiguous [{R}, {G}, {V}] like base_logits, got "
+                         f"{_checks.shape_str(draft_logits)}")
+    _checks.check_output(OP, "status", status, R, torch.int32, base)

@@ -162,6 +162,95 @@ def test_keep_key_opcheck_and_compile():
     assert torch.equal(got.tokens, want.tokens) and torch.equal(got.draft_logits, want.draft_logits)
 
 
+def op_args(R=3, G=4, V=53, r=6, dtype=torch.bfloat16, seed=11, device="cpu"):
+    """Raw op arguments with per-request parameters: greedy, plain and
+    filtered requests side by side, and a num_draft that stops some early."""
+    U, anchor, w1, w2 = head(R, G, V, r, dtype, seed=seed)
+    temps = torch.tensor([0.0, 0.8, 1.1] * R)[:R]
+    top_k = torch.tensor([0, 5, 9] * R, dtype=torch.int32)[:R]
+    n = torch.tensor([G, 2, 0] * R, dtype=torch.int32)[:R]
+    args = (U, anchor.long(), w1, w2, temps, top_k, torch.full((1,), 0.9), torch.arange(R), torch.full((R,), 7), n)
+    return tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
+
+
+def test_opcheck_both_forms():
+    args = op_args()
+    U = args[0]
+    R, G, V = U.shape
+    torch.library.opcheck(torch.ops.dspark_ops.markov_draft.default, args)
+    out = dict(tokens=torch.empty(R, G, dtype=torch.int32), draft_logits=torch.empty(R, G, V, dtype=U.dtype),
+               status=torch.empty(R, dtype=torch.int32))
+    torch.library.opcheck(torch.ops.dspark_ops.markov_draft.out, args, out)
+
+
+def test_out_form_equals_functional():
+    args = op_args(R=5, G=3, V=71)
+    U, anchor, w1, w2, temps, top_k, top_p, seeds, pos, n = args
+    kw = dict(temperature=temps, top_k=top_k, top_p=top_p, seed=seeds, position=pos, num_draft=n)
+    want = dspark_ops.markov_draft(U, anchor, w1, w2, **kw)
+    R, G, V = U.shape
+    out = dspark_ops.MarkovResult(torch.full((R, G), 99, dtype=torch.int32), torch.zeros(R, G, V, dtype=U.dtype),
+                                  torch.full((R,), 99, dtype=torch.int32))
+    got = dspark_ops.markov_draft(U, anchor, w1, w2, out=out, **kw)
+    assert got is out
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("logits_dtype,weight_dtype", [(torch.float16, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                                       (torch.float32, torch.float16)])
+def test_per_request_parameters_and_weight_dtypes_match_reference(logits_dtype, weight_dtype):
+    U, anchor, w1, w2 = head(6, 5, 1031, 12, logits_dtype, seed=12)
+    w1, w2 = w1.to(weight_dtype), w2.to(weight_dtype)
+    kw = dict(temperature=torch.tensor([0.0, 0.7, 1.3, 0.9, 0.0, 1.0]),
+              top_k=torch.tensor([0, 5, 0, 50, 3, 1], dtype=torch.int32),
+              top_p=torch.tensor([1.0, 0.9, 0.8, 1.0, 0.5, 0.95]), seed=torch.arange(6) * 1000003,
+              position=torch.arange(6) + 100, num_draft=torch.tensor([5, 4, 3, 5, 1, 5], dtype=torch.int32))
+    got = dspark_ops.markov_draft(U, anchor, w1, w2, **kw)
+    want = ref.markov_draft(U, anchor, w1, w2, **kw)
+    for r in range(6):  # one request at a time: the helper reads scalar parameters
+        one = {k: v[r:r + 1] for k, v in kw.items()}
+        sub = dspark_ops.MarkovResult(got.tokens[r:r + 1], got.draft_logits[r:r + 1], got.status[r:r + 1])
+        assert_matches_reference(sub, tuple(t[r:r + 1] for t in want), {"temperature": one["temperature"]},
+                                 int(one["seed"]), int(one["position"]))
+
+
+def test_no_steps_still_checks_anchors_and_bad_outputs_are_refused():
+    U, _, w1, w2 = head(3, 0, 10, 4)
+    res = dspark_ops.markov_draft(U, torch.tensor([1, 10, -1]), w1, w2)
+    assert res.tokens.shape == (3, 0)
+    assert res.status.tolist() == [0, Status.TOKEN_OUT_OF_RANGE, Status.TOKEN_OUT_OF_RANGE]
+    U, anchor, w1, w2 = head(2, 3, 10, 4)
+    with pytest.raises(ValueError, match="draft_logits must not share memory with base_logits"):
+        dspark_ops.markov_draft(U, anchor, w1, w2, out=dspark_ops.MarkovResult(
+            torch.empty(2, 3, dtype=torch.int32), U, torch.empty(2, dtype=torch.int32)))
+    with pytest.raises(ValueError, match=r"draft_logits must be a contiguous \[2, 3, 10\]"):
+        dspark_ops.markov_draft(U, anchor, w1, w2, out=dspark_ops.MarkovResult(
+            torch.empty(2, 3, dtype=torch.int32), torch.empty(2, 3, 9), torch.empty(2, dtype=torch.int32)))
+    with pytest.raises(ValueError, match="draft_logits must have dtype Float, got Half"):
+        dspark_ops.markov_draft(U, anchor, w1, w2, out=dspark_ops.MarkovResult(
+            torch.empty(2, 3, dtype=torch.int32), torch.empty(2, 3, 10, dtype=torch.float16),
+            torch.empty(2, dtype=torch.int32)))
+
+
+@pytest.mark.cuda
+def test_cuda_opcheck_and_per_request_parameters():
+    args = op_args(R=6, G=4, V=4099, device="cuda")
+    torch.library.opcheck(torch.ops.dspark_ops.markov_draft.default, args)
+    U, anchor, w1, w2, temps, top_k, top_p, seeds, pos, n = args
+    kw = dict(temperature=temps.cpu(), top_k=top_k.cpu(), top_p=float(top_p), seed=seeds.cpu(), position=pos.cpu(),
+              num_draft=n.cpu())
+    got = dspark_ops.MarkovResult(*(t.cpu() for t in torch.ops.dspark_ops.markov_draft(*args)))
+    cpu = dspark_ops.markov_draft(U.cpu(), anchor.cpu(), w1.cpu(), w2.cpu(), **kw)
+    assert torch.equal(got.status, cpu.status)
+    same = (got.tokens == cpu.tokens).all(1)
+    assert int(same.sum()) >= 5  # a near-tie of the race may split one request at most
+    for r in range(6):
+        if bool(same[r]):
+            torch.testing.assert_close(got.draft_logits[r].float(), cpu.draft_logits[r].float(), rtol=2 ** -7,
+                                       atol=1e-5)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("mode", list(MODES))
 def test_cuda_matches_reference(mode):

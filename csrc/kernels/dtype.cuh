@@ -53,3 +53,24 @@ __device__ __forceinline__ void load4(const T* p, int count, bool aligned, float
 }
 
 }  // namespace dspark
+
+namespace dspark {
+
+// Store v in the logits' type (round to nearest even) and return the stored
+// value as a float: what a later reader of *p sees.
+__device__ __forceinline__ float store_rounded(float* p, float v) {
+  *p = v;
+  return v;
+}
+__device__ __forceinline__ float store_rounded(__half* p, float v) {
+  const __half h = __float2half_rn(v);
+  *p = h;
+  return __half2float(h);
+}
+__device__ __forceinline__ float store_rounded(__nv_bfloat16* p, float v) {
+  const __nv_bfloat16 h = __float2bfloat16_rn(v);
+  *p = h;
+  return __bfloat162float(h);
+}
+
+}  // namespace dspark

@@ -1,0 +1,79 @@
+// CUDA binding of `markov_draft`: per step, the bias rows w1[x_{k-1}] @ w2
+// by cuBLAS (fp32, through torch, on the current stream), then the fused
+// kernels of kernels/markov_draft.cuh. No host synchronisation: the state
+// between steps (x_{k-1}, live) stays on the device.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "../kernels/markov_draft.cuh"
+#include "../markov_common.h"
+
+namespace dspark {
+namespace {
+
+template <typename Storage>
+void run(const at::Tensor& base, const at::Tensor& anchor, const at::Tensor& w1, const at::Tensor& w2,
+         const at::Tensor& temperature, const c10::optional<at::Tensor>& top_k, const c10::optional<at::Tensor>& top_p,
+         const at::Tensor& seed, const at::Tensor& position, const c10::optional<at::Tensor>& num_draft,
+         at::Tensor& tokens, at::Tensor& draft_logits, at::Tensor& status) {
+  const auto args = make_markov_args<Storage>(base, anchor, temperature, top_k, top_p, seed, position, num_draft,
+                                              tokens, draft_logits, status);
+  const int64_t R = base.size(0), V = base.size(2);
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  // fp32 copies of the weights once per call (no copy when they are fp32).
+  const at::Tensor w1f = w1.to(at::kFloat), w2f = w2.to(at::kFloat).contiguous();
+  const at::Tensor race_t = temperature.gt(0).to(at::kFloat);  // the keep key's temperature: 1, or 0 (greedy)
+  at::Tensor prev = at::empty({R}, base.options().dtype(at::kLong));
+  at::Tensor bias = at::empty({R, V}, base.options().dtype(at::kFloat));
+  at::Tensor scratch = at::empty({markov_workspace_bytes(R, V)}, base.options().dtype(at::kByte));
+  WorkspaceCarve carve{static_cast<char*>(scratch.data_ptr())};
+  MarkovBuffers b;
+  b.bias = bias.const_data_ptr<float>();
+  b.prev = prev.data_ptr<int64_t>();
+  b.live = carve.take<int32_t>(R);
+  b.keep_keys = carve.take<uint32_t>(R);
+  b.partials = carve.take<SamplePartial>(R * markov_chunks(R, V));
+  b.race_temperature = per_request<float>(race_t, 1.0f);
+  cudaError_t err = markov_start_launch<Storage>(args, b, stream);
+  const bool may_filter = top_k.has_value() || top_p.has_value();
+  for (int32_t k = 1; k <= args.group && err == cudaSuccess; ++k) {
+    at::mm_out(bias, w1f.index_select(0, prev), w2f);
+    err = markov_step_launch<Storage>(args, k, b, may_filter, stream);
+  }
+  TORCH_CHECK(err == cudaSuccess, kMarkovOp, ": CUDA launch failed: ", cudaGetErrorString(err));
+}
+
+void markov_draft_out_cuda(const at::Tensor& base, const at::Tensor& anchor, const at::Tensor& w1,
+                           const at::Tensor& w2, const at::Tensor& temperature,
+                           const c10::optional<at::Tensor>& top_k, const c10::optional<at::Tensor>& top_p,
+                           const at::Tensor& seed, const at::Tensor& position,
+                           const c10::optional<at::Tensor>& num_draft, at::Tensor& tokens, at::Tensor& draft_logits,
+                           at::Tensor& status) {
+  check_markov_args(base, anchor, w1, w2, temperature, top_k, top_p, seed, position, num_draft);
+  check_markov_outputs(base, tokens, draft_logits, status);
+  if (base.size(0) == 0) return;
+  const c10::cuda::CUDAGuard guard(base.device());
+  switch (base.scalar_type()) {
+    case at::kFloat:
+      run<float>(base, anchor, w1, w2, temperature, top_k, top_p, seed, position, num_draft, tokens, draft_logits,
+                 status);
+      break;
+    case at::kHalf:
+      run<__half>(base, anchor, w1, w2, temperature, top_k, top_p, seed, position, num_draft, tokens, draft_logits,
+                  status);
+      break;
+    default:
+      run<__nv_bfloat16>(base, anchor, w1, w2, temperature, top_k, top_p, seed, position, num_draft, tokens,
+                         draft_logits, status);
+  }
+}
+
+}  // namespace
+}  // namespace dspark
+
+TORCH_LIBRARY_IMPL(dspark_ops, CUDA, m) {
+  m.impl("markov_draft", &dspark::markov_functional<&dspark::markov_draft_out_cuda>);
+  m.impl("markov_draft.out", &dspark::markov_draft_out_cuda);
+}

@@ -1,0 +1,214 @@
+// The `markov_draft` op's CUDA kernels (DESIGN §3), one step k at a time;
+// the bias rows w1[x_{k-1}] @ w2 [R, V] fp32 come from the caller (cuBLAS
+// through torch in csrc/cuda/markov_draft.cu). Per step, without a host
+// synchronisation:
+//   markov_correct_kernel     [R * chunks] blocks: the corrected row, written
+//                             in the logits' dtype; raced right there unless
+//                             the request is top-k/top-p filtered.
+//   sample_threshold_kernel   (filtered requests only) the keep key of the
+//                             written row at temperature 1 (sample.cuh).
+//   markov_mask_race_kernel   (filtered requests only) masks below the key,
+//                             writes -inf there, races what is kept.
+//   markov_finalize_kernel    a warp per request: merges the race, writes
+//                             x_k and the status, advances the state.
+// Framework-free: raw pointers, sizes and a stream.
+#pragma once
+#include <cuda_runtime.h>
+
+#include <climits>
+#include <cstdint>
+
+#include "../core/markov.h"
+#include "../core/sample_args.h"
+#include "block_reduce.cuh"
+#include "dtype.cuh"
+#include "sample.cuh"
+
+namespace dspark {
+
+constexpr int kMarkovBlock = 256;
+constexpr int kMarkovFinalizeWarps = 4;
+
+// Device scratch of one call (markov_workspace_bytes): the state between
+// steps, the keep keys and the race partials of a step.
+struct MarkovBuffers {
+  const float* bias;                   // [R, V] this step's w1[x_{k-1}] @ w2
+  int64_t* prev;                       // [R] x_{k-1}, always a valid w1 row
+  int32_t* live;                       // [R] 1 while the request drafts
+  uint32_t* keep_keys;                 // [R]
+  SamplePartial* partials;             // [R, chunks]
+  PerRequest<float> race_temperature;  // 1 (stochastic) or 0 (greedy): the keep key's temperature
+};
+
+inline int64_t markov_chunks(int64_t R, int64_t V) { return split_chunks(R, V); }
+
+inline int64_t markov_workspace_bytes(int64_t R, int64_t V) {
+  WorkspaceCarve c{nullptr};
+  c.take<int32_t>(R);
+  c.take<uint32_t>(R);
+  c.take<SamplePartial>(R * markov_chunks(R, V));
+  return c.bytes;
+}
+
+template <typename T>
+__global__ void markov_start_kernel(MarkovArgs<T> a, int64_t* __restrict__ prev, int32_t* __restrict__ live) {
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (r >= a.num_requests) return;
+  const MarkovState s = markov_start(a.anchor[r], a.vocab, a.status[r]);
+  prev[r] = s.prev;
+  live[r] = s.live;
+}
+
+template <typename T>
+__device__ __forceinline__ bool markov_live(const MarkovArgs<T>& a, const int32_t* live, int64_t r, int32_t k) {
+  return live[r] != 0 && markov_limit(a, r) >= k;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kMarkovBlock)
+    markov_correct_kernel(MarkovArgs<T> a, int32_t k, MarkovBuffers b, int64_t num_chunks, int64_t chunk_len) {
+  const int64_t r = blockIdx.x / num_chunks;
+  const int64_t chunk = blockIdx.x - r * num_chunks;
+  const int64_t V = a.vocab;
+  const int64_t begin = chunk * chunk_len;
+  const int64_t end = begin + chunk_len < V ? begin + chunk_len : V;
+  T* __restrict__ out = a.draft_logits + (r * a.group + k - 1) * V;
+  RaceBest best = race_empty();
+  int32_t flags = 0;
+  if (!markov_live(a, b.live, r, k)) {
+    for (int64_t i = begin + threadIdx.x; i < end; i += kMarkovBlock) store_rounded(out + i, -INFINITY);
+  } else {
+    const T* __restrict__ base = a.base + r * a.base_stride_r + (k - 1) * a.base_stride_g;
+    const float* __restrict__ bias = b.bias + r * V;
+    const float t = a.temperature[r];
+    const bool race_here = !markov_filtered(a, r);
+    const RaceRow rr = markov_race_row(t);
+    const RaceStream stream = markov_stream(a, r, k);
+    for (int64_t i = begin + 4 * threadIdx.x; i < end; i += 4 * kMarkovBlock) {
+      const int count = end - i < 4 ? static_cast<int>(end - i) : 4;
+      float l[4];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        l[j] = j < count ? store_rounded(out + i + j, markov_corrected(to_float(base[i + j]), bias[i + j], t)) : 0.0f;
+      }
+      if (race_here) race_offer_group(best, flags, rr, stream, i >> 2, l, count);
+    }
+  }
+  block_race_merge<kMarkovBlock>(best, flags);
+  if (threadIdx.x == 0) b.partials[blockIdx.x] = SamplePartial{best.score, best.index, flags, 0};
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kMarkovBlock)
+    markov_mask_race_kernel(MarkovArgs<T> a, int32_t k, MarkovBuffers b, int64_t num_chunks, int64_t chunk_len) {
+  const int64_t r = blockIdx.x / num_chunks;
+  // Uniform over the block: unfiltered rows keep the correct kernel's partials.
+  if (!markov_live(a, b.live, r, k) || !markov_filtered(a, r)) return;
+  const int64_t chunk = blockIdx.x - r * num_chunks;
+  const int64_t V = a.vocab;
+  const int64_t begin = chunk * chunk_len;
+  const int64_t end = begin + chunk_len < V ? begin + chunk_len : V;
+  T* __restrict__ row = a.draft_logits + (r * a.group + k - 1) * V;
+  const uint32_t keep = b.keep_keys[r];
+  const RaceRow rr = markov_race_row(a.temperature[r]);
+  const RaceStream stream = markov_stream(a, r, k);
+  RaceBest best = race_empty();
+  int32_t flags = 0;
+  for (int64_t i = begin + 4 * threadIdx.x; i < end; i += 4 * kMarkovBlock) {
+    const int count = end - i < 4 ? static_cast<int>(end - i) : 4;
+    float l[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      l[j] = j < count ? to_float(row[i + j]) : 0.0f;
+      if (j < count && float_key(l[j]) < keep) l[j] = store_rounded(row + i + j, -INFINITY);
+    }
+    race_offer_group(best, flags, rr, stream, i >> 2, l, count);
+  }
+  block_race_merge<kMarkovBlock>(best, flags);
+  if (threadIdx.x == 0) b.partials[blockIdx.x] = SamplePartial{best.score, best.index, flags, 0};
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kMarkovFinalizeWarps * 32)
+    markov_finalize_kernel(MarkovArgs<T> a, int32_t k, MarkovBuffers b, int64_t num_chunks) {
+  const int lane = threadIdx.x & 31;
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * kMarkovFinalizeWarps + (threadIdx.x >> 5);
+  if (r >= a.num_requests) return;
+  RaceBest best = race_empty();
+  int32_t flags = 0;
+  for (int64_t c = lane; c < num_chunks; c += 32) {
+    const SamplePartial p = b.partials[r * num_chunks + c];
+    best = race_merge(best, RaceBest{p.score, p.index});
+    flags |= p.flags;
+  }
+  best = warp_race_merge(best);
+  flags = warp_or(flags);
+  if (lane != 0) return;
+  const bool live_k = markov_live(a, b.live, r, k);
+  int32_t token = -1, step_status = 0;
+  if (live_k) race_finish(best, flags, token, step_status);
+  MarkovState s{b.prev[r], b.live[r]};
+  markov_advance(s, live_k, token, step_status, a.tokens[r * a.group + k - 1], a.status[r]);
+  b.prev[r] = s.prev;
+  b.live[r] = s.live;
+}
+
+template <typename T>
+cudaError_t markov_start_launch(const MarkovArgs<T>& a, const MarkovBuffers& b, cudaStream_t stream) {
+  if (a.num_requests == 0) return cudaSuccess;
+  const unsigned blocks = static_cast<unsigned>((a.num_requests + 127) / 128);
+  markov_start_kernel<T><<<blocks, 128, 0, stream>>>(a, b.prev, b.live);
+  return cudaGetLastError();
+}
+
+// Step k (1..G) after the caller wrote b.bias. `may_filter`: false when
+// top-k and top-p are off for every request (skips two kernels).
+template <typename T>
+cudaError_t markov_step_launch(const MarkovArgs<T>& a, int32_t k, const MarkovBuffers& b, bool may_filter,
+                               cudaStream_t stream) {
+  const int64_t R = a.num_requests, V = a.vocab;
+  if (R == 0) return cudaSuccess;
+  const int64_t chunks = markov_chunks(R, V);
+  if (R * chunks > INT32_MAX) return cudaErrorInvalidConfiguration;
+  const int64_t chunk_len = split_chunk_len(V, chunks);
+  const unsigned grid = static_cast<unsigned>(R * chunks);
+  markov_correct_kernel<T><<<grid, kMarkovBlock, 0, stream>>>(a, k, b, chunks, chunk_len);
+  if (may_filter) {
+    SampleArgs<T> s{};
+    s.logits = a.draft_logits + static_cast<int64_t>(k - 1) * V;
+    s.row_stride = static_cast<int64_t>(a.group) * V;
+    s.num_rows = R;
+    s.vocab = a.vocab;
+    s.num_requests = a.num_requests;
+    s.row_start = nullptr;
+    s.temperature = b.race_temperature;
+    s.top_k = a.top_k;
+    s.top_p = a.top_p;
+    s.seed = PerRequest<int64_t>{nullptr, 0, 0};
+    s.position = PerRequest<int64_t>{nullptr, 0, 0};
+    s.slot = PerRequest<int32_t>{nullptr, 0, 0};
+    s.purpose = kPurposeDraft;
+    sample_threshold_kernel<T><<<static_cast<unsigned>(R), kSampleThresholdBlock, 0, stream>>>(s, b.keep_keys);
+    markov_mask_race_kernel<T><<<grid, kMarkovBlock, 0, stream>>>(a, k, b, chunks, chunk_len);
+  }
+  const unsigned fin = static_cast<unsigned>((R + kMarkovFinalizeWarps - 1) / kMarkovFinalizeWarps);
+  markov_finalize_kernel<T><<<fin, kMarkovFinalizeWarps * 32, 0, stream>>>(a, k, b, chunks);
+  return cudaGetLastError();
+}
+
+}  // namespace dspark
+
+#ifdef DSPARK_KERNEL_CHECK  // make cuda-check: compile every instantiation
+template cudaError_t dspark::markov_step_launch<float>(const dspark::MarkovArgs<float>&, int32_t,
+                                                       const dspark::MarkovBuffers&, bool, cudaStream_t);
+template cudaError_t dspark::markov_step_launch<__half>(const dspark::MarkovArgs<__half>&, int32_t,
+                                                        const dspark::MarkovBuffers&, bool, cudaStream_t);
+template cudaError_t dspark::markov_step_launch<__nv_bfloat16>(const dspark::MarkovArgs<__nv_bfloat16>&, int32_t,
+                                                               const dspark::MarkovBuffers&, bool, cudaStream_t);
+template cudaError_t dspark::markov_start_launch<float>(const dspark::MarkovArgs<float>&, const dspark::MarkovBuffers&,
+                                                        cudaStream_t);
+template cudaError_t dspark::markov_start_launch<__half>(const dspark::MarkovArgs<__half>&,
+                                                         const dspark::MarkovBuffers&, cudaStream_t);
+template cudaError_t dspark::markov_start_launch<__nv_bfloat16>(const dspark::MarkovArgs<__nv_bfloat16>&,
+                                                                const dspark::MarkovBuffers&, cudaStream_t);
+#endif
