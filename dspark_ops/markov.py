@@ -58,15 +58,15 @@ def markov_draft(
     ----------
     base_logits : Tensor [R, G, V], float32 / float16 / bfloat16
     anchor : Tensor [R], int32 or int64: the last committed token.
-    w1 : Tensor [V, r]; w2 : Tensor [r, V] (any float dtype).
+    w1 : Tensor [V, r]; w2 : Tensor [r, V]: float32, float16 or bfloat16 (float64 is cast to float32).
     temperature, top_k, top_p, seed, position : scalar or Tensor [R] / [1]
         Temperature 0 = greedy: x_k is the argmax of the rounded corrected
         logits, ``draft_logits`` holds them undivided and unfiltered, and
         verification treats the draft as a point mass
         (``draft_temperature`` 0 for that request).
-    num_draft : Tensor [R], int32, optional
+    num_draft : Tensor [R] or [1], integer, optional
         Stop request r after num_draft[r] tokens (the rest: token -1,
-        logits -inf).
+        logits -inf); clamped to [0, G].
     out : MarkovResult, optional
         Preallocated outputs.
 
@@ -113,7 +113,15 @@ def markov_draft(
     temps = temperature_tensor(OP, temperature, R, dev)
     k_t, p_t = top_k_tensor(OP, top_k, R, V, dev), top_p_tensor(OP, top_p, R, dev)
     seeds, positions = seed_tensor(OP, seed, R, dev), position_tensor(OP, position, R, dev)
-    limit = num_draft.to(torch.int32).contiguous() if num_draft is not None else None
+    limit = None
+    if num_draft is not None:  # clamped in int64 first: no wrap-around; a [1] tensor broadcasts
+        if num_draft.dim() != 1 or num_draft.shape[0] not in (1, R) or num_draft.device != dev:
+            raise ValueError(f"{OP}: num_draft must have shape [{R}] or [1] on {dev}, got "
+                             f"{list(num_draft.shape)} on {num_draft.device}")
+        limit = num_draft.to(torch.int64).clamp(0, G).to(torch.int32).expand(R).contiguous()
+    w1, w2 = (w.float() if w.dtype == torch.float64 else w for w in (w1, w2))  # the op takes fp32/fp16/bf16
+    if V > 1 and base_logits.stride(2) != 1:
+        base_logits = base_logits.contiguous()
     args = (base_logits, anchor.to(torch.int64).contiguous(), w1, w2, temps, k_t, p_t, seeds, positions, limit)
     if out is None:
         return MarkovResult(*_ops.markov_draft(*args))
@@ -129,10 +137,22 @@ def _check_markov_args(base, anchor, w1, w2, temperature, top_k, top_p, seed, po
     if base.dim() != 3:
         raise ValueError(f"{OP}: base_logits must have shape [R, G, V], got {_checks.shape_str(base)}")
     R, G, V = base.shape
+    if not 1 <= V <= _checks.MAX_VOCAB:
+        raise ValueError(f"{OP}: base_logits must have 1 <= V <= {_checks.MAX_VOCAB}, got V = {V}")
+    if G > 0xFFFF:
+        raise ValueError(f"{OP}: base_logits must have G <= 65535 (the slot of step G), got {G}")
+    if V > 1 and base.stride(2) != 1:
+        raise ValueError(f"{OP}: base_logits must be contiguous in its last dimension, got strides "
+                         f"{list(base.stride())}")
     _checks.check_same_device(OP, "anchor", anchor, base)
     _checks.check_dtype(OP, "anchor", anchor, torch.int64)
+    if anchor.dim() != 1 or anchor.shape[0] != R:
+        raise ValueError(f"{OP}: anchor must be a contiguous [{R}], got {_checks.shape_str(anchor)}")
     for name, w in (("w1", w1), ("w2", w2)):
         _checks.check_same_device(OP, name, w, base)
+        if w.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"{OP}: {name} must have dtype float32, float16 or bfloat16, got "
+                             f"{_checks.dtype_name(w.dtype)}")
     if w1.dim() != 2 or w2.dim() != 2 or w1.shape[0] != V or w2.shape[1] != V or w1.shape[1] != w2.shape[0]:
         raise ValueError(f"{OP}: w1 must be [V, r] and w2 [r, V] with V = {V}, got {_checks.shape_str(w1)} and "
                          f"{_checks.shape_str(w2)}")
@@ -160,9 +180,13 @@ def _markov_draft_out_fake(base, anchor, w1, w2, temperature, top_k, top_p, seed
                            draft_logits, status):
     _check_markov_args(base, anchor, w1, w2, temperature, top_k, top_p, seed, position, num_draft)
     R, G, V = base.shape
-    if tokens.shape != (R, G) or tokens.dtype != torch.int32:
+    _checks.check_same_device(OP, "tokens", tokens, base)
+    _checks.check_dtype(OP, "tokens", tokens, torch.int32)
+    if tokens.shape != (R, G) or not tokens.is_contiguous():
         raise ValueError(f"{OP}: tokens must be a contiguous [{R}, {G}], got {_checks.shape_str(tokens)}")
-    if draft_logits.shape != (R, G, V) or draft_logits.dtype != base.dtype:
+    _checks.check_same_device(OP, "draft_logits", draft_logits, base)
+    _checks.check_dtype(OP, "draft_logits", draft_logits, base.dtype)
+    if draft_logits.shape != (R, G, V) or not draft_logits.is_contiguous():
         raise ValueError(f"{OP}: draft_logits must be a contiguous [{R}, {G}, {V}] like base_logits, got "
                          f"{_checks.shape_str(draft_logits)}")
     _checks.check_output(OP, "status", status, R, torch.int32, base)

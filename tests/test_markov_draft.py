@@ -233,6 +233,37 @@ def test_no_steps_still_checks_anchors_and_bad_outputs_are_refused():
             torch.empty(2, dtype=torch.int32)))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_a_negative_nan_in_a_filtered_row_aborts(dtype):
+    """A NaN with its sign bit set has a tiny order key: masking it away under
+    top-k would hide it from the race. It must abort like any NaN."""
+    U, _, w1, w2 = head(2, 2, 16, 4, seed=13)
+    U = U.clone()
+    U[0, 0, 5] = -float("nan")
+    assert U[0, 0, 5].view(torch.int32) < 0  # the sign bit is set
+    res = dspark_ops.markov_draft(U.to(dtype), torch.tensor([1, 2]),
+                                  w1, w2, temperature=1.0, top_k=3, seed=4)
+    assert res.status[0] == Status.NONFINITE_LOGITS and res.tokens[0].tolist() == [-1, -1]
+    assert res.status[1] == 0 and bool((res.tokens[1] >= 0).all())
+
+
+def test_wrapper_accepts_what_the_composite_accepted():
+    """float64 weights, a [1] num_draft (broadcast), out-of-range num_draft
+    values (clamped, no int32 wrap-around) and base logits strided in V."""
+    U, anchor, w1, w2 = head(3, 4, 40, 5, seed=14)
+    want = dspark_ops.markov_draft(U, anchor, w1, w2, temperature=0.0,
+                                   num_draft=torch.tensor([2, 2, 2], dtype=torch.int32))
+    got = dspark_ops.markov_draft(U, anchor, w1.double(), w2.double(), temperature=0.0,
+                                  num_draft=torch.tensor([2]))
+    assert torch.equal(got.tokens, want.tokens)
+    full = dspark_ops.markov_draft(U, anchor, w1, w2, temperature=0.0)
+    big = dspark_ops.markov_draft(U, anchor, w1, w2, temperature=0.0, num_draft=torch.tensor([1 << 40, -5, 4]))
+    assert torch.equal(big.tokens[0], full.tokens[0]) and big.tokens[1].tolist() == [-1] * 4
+    strided = torch.empty(3, 4, 80)[:, :, ::2]
+    strided.copy_(U)
+    assert torch.equal(dspark_ops.markov_draft(strided, anchor, w1, w2, temperature=0.0).tokens, full.tokens)
+
+
 @pytest.mark.cuda
 def test_cuda_opcheck_and_per_request_parameters():
     args = op_args(R=6, G=4, V=4099, device="cuda")

@@ -57,6 +57,11 @@ DSPARK_HD float markov_corrected(float base, float bias, float temperature) {
   return markov_stochastic(temperature) ? z / temperature : z;
 }
 
+// Whether top-k/top-p masks the written value x (keep key `keep`). Never a
+// NaN, whatever its sign bit (a negative NaN has a tiny order key): the race
+// must see it and abort the request, as the reference does.
+DSPARK_HD bool markov_masked(float x, uint32_t keep) { return x == x && float_key(x) < keep; }
+
 // The race of a written row: at temperature 1 (the row is already divided)
 // or greedy, no filter (the row is already masked).
 DSPARK_HD RaceRow markov_race_row(float temperature) {

@@ -68,8 +68,10 @@ void markov_cpu_impl(const MarkovArgs<T>& a, const float* w1, const float* w2, i
         T* row = a.draft_logits + (r * G + k - 1) * V;
         if (markov_filtered(a, r)) {
           const uint32_t keep = row_keep_key(row, V, 1.0f, a.top_k[r], a.top_p[r]);
-          for (int64_t i = 0; i < V; ++i)
-            if (float_key(static_cast<float>(row[i])) < keep) row[i] = static_cast<T>(-INFINITY);
+          for (int64_t i = 0; i < V; ++i) {
+            const float x = static_cast<float>(row[i]);
+            if (markov_masked(x, keep)) row[i] = static_cast<T>(-INFINITY);
+          }
         }
         const RaceRow rr = markov_race_row(a.temperature[r]);
         const RaceStream stream = markov_stream(a, r, k);

@@ -120,7 +120,7 @@ __global__ void __launch_bounds__(kMarkovBlock)
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       l[j] = j < count ? to_float(row[i + j]) : 0.0f;
-      if (j < count && float_key(l[j]) < keep) l[j] = store_rounded(row + i + j, -INFINITY);
+      if (j < count && markov_masked(l[j], keep)) l[j] = store_rounded(row + i + j, -INFINITY);
     }
     race_offer_group(best, flags, rr, stream, i >> 2, l, count);
   }
