@@ -17,6 +17,8 @@ greedy, side by side in one run:
   hf_assisted_default  generate(assistant_model=small) with HF's defaults (20 tokens, heuristic
                        schedule, confidence threshold 0.4), reset before every call
   ours_draft_model     DraftModelDrafter(HFTarget(small), num_draft=n)
+  ours_builtin_*       the same three on BuiltinTarget(builtin_from_hf(model)): the same weights run by
+                       the built-in model's forward (fused GEMMs, no HF module overhead), tokens compared
 
 The weights are random, so acceptance comes from structure, not language:
 the prompts are repeated code-like token lines (prompt lookup finds them, and
@@ -53,7 +55,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 import dspark_ops  # noqa: E402
-from dspark_ops.decoding import DraftModelDrafter, NGramDrafter, SpeculativeDecoder  # noqa: E402
+from dspark_ops.decoding import (BuiltinTarget, DraftModelDrafter, NGramDrafter, SpeculativeDecoder,  # noqa: E402
+                                 builtin_from_hf)
 from dspark_ops.decoding.hf import HFTarget  # noqa: E402
 
 
@@ -101,7 +104,9 @@ def code_prompts(vocab: int, n: int, length: int, seed: int):
     return prompts
 
 
-def methods(target, draft, n: int):
+def methods(target, draft, n: int, b_target=None, b_draft=None):
+    """HF's methods and ours; with b_target/b_draft (the same weights as
+    BuiltinModels, builtin_from_hf) also ours on the built-in forward."""
     t_hf = HFTarget(target)
 
     def hf(assistant_config=None, **kw):
@@ -115,11 +120,17 @@ def methods(target, draft, n: int):
             return out[0, len(p):].tolist()
         return run
 
-    def ours(make_drafter):
+    def ours(make_drafter, tgt=t_hf):
         def run(p, max_new):
-            return SpeculativeDecoder(t_hf, make_drafter()).generate([p], max_new_tokens=max_new).tokens[0]
+            return SpeculativeDecoder(tgt, make_drafter()).generate([p], max_new_tokens=max_new).tokens[0]
         return run
 
+    builtin = {} if b_target is None else {
+        "ours_builtin_plain": ("plain", "builtin", ours(lambda: None, b_target)),
+        "ours_builtin_ngram": ("ngram", "builtin", ours(lambda: NGramDrafter(max_ngram=3, num_draft=n), b_target)),
+        "ours_builtin_draft_model": ("draft_model", "builtin",
+                                     ours(lambda: DraftModelDrafter(b_draft, num_draft=n), b_target)),
+    }
     return {
         "hf_plain": ("plain", "hf", hf()),
         "ours_plain": ("plain", "ours", ours(lambda: None)),
@@ -132,6 +143,7 @@ def methods(target, draft, n: int):
                                                          "assistant_confidence_threshold": None},
                                                         assistant_model=draft)),
         "ours_draft_model": ("draft_model", "ours", ours(lambda: DraftModelDrafter(HFTarget(draft), num_draft=n))),
+        **builtin,
     }
 
 
@@ -144,7 +156,8 @@ def plot(rows, path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(9, 4.5))
     names = [r["method"] for r in rows]
     vals = [r["tokens_per_s_cpu"] for r in rows]
-    colors = ["#1f77b4" if r["impl"] == "hf" else "#d62728" for r in rows]
+    palette = {"hf": "#1f77b4", "ours": "#d62728", "builtin": "#2ca02c"}
+    colors = [palette[r["impl"]] for r in rows]
     bars = ax.bar(range(len(rows)), vals, color=colors)
     for b, r in zip(bars, rows):
         ax.text(b.get_x() + b.get_width() / 2, b.get_height(), f"{r['tokens_per_s_cpu']:.0f}"
@@ -154,7 +167,9 @@ def plot(rows, path: Path, title: str) -> None:
     ax.set_title(title, fontsize=9)
     from matplotlib.patches import Patch
     ax.legend(handles=[Patch(color="#1f77b4", label="Hugging Face generate()"),
-                       Patch(color="#d62728", label="dspark_ops SpeculativeDecoder + HFTarget")], fontsize=8)
+                       Patch(color="#d62728", label="dspark_ops SpeculativeDecoder + HFTarget"),
+                       Patch(color="#2ca02c", label="dspark_ops + BuiltinTarget(builtin_from_hf(same weights))")],
+              fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -192,7 +207,8 @@ def main(argv=None) -> int:
           f"{transformers.__version__}; target {n_params / 1e6:.1f}M params ({args.layers} layers), draft "
           f"{n_draft / 1e6:.1f}M ({args.draft_layers} layer(s)); {args.prompts} prompts x {args.prompt_len} tokens, "
           f"{args.max_new} new, num_draft {args.num_draft}\n# repro: {command}")
-    meths = methods(target, draft, args.num_draft)
+    b_target, b_draft = BuiltinTarget(builtin_from_hf(target)), BuiltinTarget(builtin_from_hf(draft))
+    meths = methods(target, draft, args.num_draft, b_target, b_draft)
     with torch.inference_mode():
         for name, (_, _, fn) in meths.items():  # warm-up
             fn(prompts[0][:32], 8)
@@ -203,7 +219,8 @@ def main(argv=None) -> int:
     tokens = {k: [None] * P for k in names}
     passes = {k: [0] * P for k in names}
     counter = [0]
-    hook = target.register_forward_pre_hook(lambda mod, a: counter.__setitem__(0, counter[0] + 1))
+    hooks = [m.register_forward_pre_hook(lambda mod, a: counter.__setitem__(0, counter[0] + 1))
+             for m in (target, b_target.model)]
     t_start = time.perf_counter()
     # Interleaved: every repeat runs every prompt under every method, the methods' order rotating,
     # so that a burst of load on the machine hits all methods alike.
@@ -219,7 +236,8 @@ def main(argv=None) -> int:
                 cpu[name][i].append(time.process_time() - c0)
                 tokens[name][i] = toks
                 passes[name][i] = counter[0]  # target forward passes, prefill included
-    hook.remove()
+    for h in hooks:
+        h.remove()
     total_new = P * args.max_new
     ref = tokens["hf_plain"]
     rows = []
@@ -239,14 +257,18 @@ def main(argv=None) -> int:
     # acceptance of ours (one extra run each, not timed)
     with torch.inference_mode():
         t_hf = HFTarget(target)
-        for row, mk in (("ours_ngram", lambda: NGramDrafter(3, args.num_draft)),
-                        ("ours_draft_model", lambda: DraftModelDrafter(HFTarget(draft), args.num_draft))):
-            st = [SpeculativeDecoder(t_hf, mk()).generate([pr], max_new_tokens=args.max_new).stats for pr in prompts]
+        for row, tgt, mk in (("ours_ngram", t_hf, lambda: NGramDrafter(3, args.num_draft)),
+                             ("ours_draft_model", t_hf, lambda: DraftModelDrafter(HFTarget(draft), args.num_draft)),
+                             ("ours_builtin_ngram", b_target, lambda: NGramDrafter(3, args.num_draft)),
+                             ("ours_builtin_draft_model", b_target, lambda: DraftModelDrafter(b_draft, args.num_draft))):
+            st = [SpeculativeDecoder(tgt, mk()).generate([pr], max_new_tokens=args.max_new).stats for pr in prompts]
             r = next(x for x in rows if x["method"] == row)
             r["mean_accepted"] = sum(s["mean_accepted"] for s in st) / len(st)
     by = {r["method"]: r for r in rows}
     pairs = [("ours_plain", "hf_plain"), ("ours_ngram", "hf_prompt_lookup"), ("ours_draft_model", "hf_assisted"),
-             ("ours_draft_model", "hf_assisted_default")]
+             ("ours_draft_model", "hf_assisted_default"), ("ours_builtin_plain", "hf_plain"),
+             ("ours_builtin_ngram", "hf_prompt_lookup"), ("ours_builtin_draft_model", "hf_assisted"),
+             ("ours_builtin_draft_model", "hf_assisted_default")]
     speedups = {f"{a} / {b}": {"wall": by[a]["tokens_per_s"] / by[b]["tokens_per_s"],
                                "cpu": by[a]["tokens_per_s_cpu"] / by[b]["tokens_per_s_cpu"]} for a, b in pairs}
     print(f"\n| method | drafter | tokens/s (wall, best) | tokens/s (CPU time, best) | tokens/s (wall, median) | "

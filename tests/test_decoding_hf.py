@@ -9,7 +9,8 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
 
-from dspark_ops.decoding import DraftModelDrafter, NGramDrafter, SpeculativeDecoder  # noqa: E402
+from dspark_ops.decoding import (BuiltinTarget, DraftModelDrafter, NGramDrafter, SpeculativeDecoder,  # noqa: E402
+                                 builtin_from_hf)
 from dspark_ops.decoding.hf import HFCache, HFTarget  # noqa: E402
 
 V = 160
@@ -228,3 +229,42 @@ def test_sampled_generation_runs(models):
     b = dec.generate(PROMPTS, max_new_tokens=10, temperature=1.0, seed=7)
     assert a.tokens == b.tokens and [len(x) for x in a.tokens] == [10] * len(PROMPTS)
     assert all(0 <= tok < V for row in a.tokens for tok in row)
+
+
+# ---------------------------------------------------------------------------
+# builtin_from_hf: a Hugging Face Llama's weights in the built-in model
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_builtin_from_hf_matches_hf_logits_and_greedy_generate(tied):
+    torch.manual_seed(3)
+    cfg = _config("llama", 3, 48)
+    cfg.tie_word_embeddings = tied
+    cfg.rms_norm_eps = 1e-5
+    hf = transformers.LlamaForCausalLM(cfg).to(torch.float64).eval()
+    hf.generation_config.eos_token_id, hf.generation_config.pad_token_id = None, 0
+    ours = builtin_from_hf(hf)
+    assert ours.cfg.n_kv_heads == 2 and ours.cfg.norm_eps == 1e-5 and ours.cfg.rope_theta == 10000.0
+    seq = PROMPTS[0] + PROMPTS[3]
+    with torch.no_grad():
+        want = hf(torch.tensor([seq])).logits[0]
+    got, _ = BuiltinTarget(ours).forward(torch.tensor(seq), torch.arange(len(seq)),
+                                         torch.tensor([0, len(seq)], dtype=torch.int32), ours.new_cache(1, len(seq)))
+    # HF computes the rotary tables in float32 (ours in float64): differences ~1e-7
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    ref = _hf_greedy(hf, PROMPTS, MAX_NEW)
+    small = builtin_from_hf(_model("llama", 1, 32, 1))
+    for drafter in (None, NGramDrafter(3, 5), DraftModelDrafter(BuiltinTarget(small), 4)):
+        assert SpeculativeDecoder(BuiltinTarget(ours), drafter).generate(PROMPTS, MAX_NEW).tokens == ref
+
+
+def test_builtin_from_hf_refuses_what_it_cannot_reproduce():
+    with pytest.raises(ValueError, match="model_type 'qwen2' is not supported"):
+        builtin_from_hf(_model("qwen2", 1, 32, 0))
+    cfg = _config("llama", 1, 32)
+    cfg.attention_bias = True
+    with pytest.raises(ValueError, match="attention_bias=True is not supported"):
+        builtin_from_hf(transformers.LlamaForCausalLM(cfg))
+    cfg = _config("llama", 1, 32)
+    cfg.rope_parameters = {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
+    with pytest.raises(ValueError, match="rope_type 'linear' is not supported"):
+        builtin_from_hf(transformers.LlamaForCausalLM(cfg))

@@ -2,6 +2,7 @@
 decoding loops (draft -> verify -> rollback -> commit) on our ops, with the
 built-in model, prompt-lookup and draft-model drafters."""
 from .drafters import Draft, DraftModelDrafter, Drafter, NGramDrafter, Sampling
+from .convert import builtin_from_hf
 from .default import load_default
 from .hf import HFCache, HFTarget
 from .loop import GenerateResult, SpeculativeDecoder, request_seed
@@ -9,4 +10,4 @@ from .model import BuiltinModel, KVCache, ModelConfig
 from .targets import BuiltinTarget, Target
 
 __all__ = ["BuiltinModel", "BuiltinTarget", "Draft", "DraftModelDrafter", "Drafter", "GenerateResult", "HFCache", "HFTarget", "KVCache",
-           "ModelConfig", "NGramDrafter", "load_default", "Sampling", "SpeculativeDecoder", "Target", "request_seed"]
+           "ModelConfig", "NGramDrafter", "builtin_from_hf", "load_default", "Sampling", "SpeculativeDecoder", "Target", "request_seed"]
