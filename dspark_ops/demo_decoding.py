@@ -39,6 +39,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     ap.add_argument("--model-drafts", type=int, default=5)
     ap.add_argument("--weights-dir", default=None, help="another copy of the default pair (default: the embedded one)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds per (method, prompt); the fastest counts")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -73,15 +74,21 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     for _, make in methods:
         SpeculativeDecoder(target, make()).generate([prompts[0]], max_new_tokens=8)
 
-    results = {name: [] for name, _ in methods}
-    bar = tqdm(total=len(methods) * len(prompts), desc="decoding", unit="run", dynamic_ncols=True, leave=False)
-    for p in prompts:
-        for name, make in methods:
-            bar.set_postfix_str(name.split(",")[0], refresh=False)
-            res = SpeculativeDecoder(target, make()).generate([p], max_new_tokens=args.max_new_tokens,
-                                                              temperature=0.0)
-            results[name].append(res)
-            bar.update(1)
+    # Rounds of every prompt under every method, interleaved; each (method, prompt) keeps its fastest round,
+    # so a burst of load from the machine's neighbours does not decide the speed-up.
+    results = {name: [None] * len(prompts) for name, _ in methods}
+    bar = tqdm(total=args.rounds * len(methods) * len(prompts), desc="decoding", unit="run", dynamic_ncols=True,
+               leave=False)
+    for _ in range(args.rounds):
+        for i, p in enumerate(prompts):
+            for name, make in methods:
+                bar.set_postfix_str(name.split(",")[0], refresh=False)
+                res = SpeculativeDecoder(target, make()).generate([p], max_new_tokens=args.max_new_tokens,
+                                                                  temperature=0.0)
+                best = results[name][i]
+                if best is None or res.stats["seconds"] < best.stats["seconds"]:
+                    results[name][i] = res
+                bar.update(1)
     bar.close()
 
     plain_name = methods[0][0]

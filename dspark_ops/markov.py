@@ -90,9 +90,10 @@ def markov_draft(
     Notes
     -----
     One op: on the CPU each step reads w2 once for every drafting request
-    (fp32 sums, ascending r); on CUDA each step is a cuBLAS fp32 GEMM for
-    the bias rows (fp32 copies of bf16/fp16 weights are made once per call;
-    TF32 follows torch.backends.cuda.matmul.allow_tf32) plus two kernels
+    (fp32 sums, ascending r); on CUDA each step is a cuBLAS GEMM for the
+    bias rows with fp32 sums and output — on the weights as they are when w1
+    and w2 share a bf16/fp16 dtype, else on fp32 copies made once per call
+    (torch.backends.cuda.matmul's TF32 setting applies) — plus two kernels
     (four with top-k/top-p): the corrected row is written and raced in one
     pass. No host synchronisation. fp16 logits divided by a small
     temperature can overflow to +inf and abort the request

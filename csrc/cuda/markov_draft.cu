@@ -1,5 +1,5 @@
 // CUDA binding of `markov_draft`: per step, the bias rows w1[x_{k-1}] @ w2
-// by cuBLAS (fp32, through torch, on the current stream), then the fused
+// by cuBLAS (fp32 sums, through torch, on the current stream), then the fused
 // kernels of kernels/markov_draft.cuh. No host synchronisation: the state
 // between steps (x_{k-1}, live) stays on the device.
 #include <ATen/ATen.h>
@@ -22,8 +22,12 @@ void run(const at::Tensor& base, const at::Tensor& anchor, const at::Tensor& w1,
                                               tokens, draft_logits, status);
   const int64_t R = base.size(0), V = base.size(2);
   const auto stream = at::cuda::getCurrentCUDAStream();
-  // fp32 copies of the weights once per call (no copy when they are fp32).
-  const at::Tensor w1f = w1.to(at::kFloat), w2f = w2.to(at::kFloat).contiguous();
+  // bf16/fp16 weights of one dtype: cuBLAS reads them as they are and sums in fp32 into an fp32 bias (products of
+  // two half-precision values are exact in fp32: the same arithmetic as fp32 copies, half the bytes of w2 per
+  // step). Otherwise fp32 copies once per call (no copy when they are fp32).
+  const bool half_gemm = w1.scalar_type() == w2.scalar_type() && w2.scalar_type() != at::kFloat;
+  const at::Tensor w1g = half_gemm ? w1 : w1.to(at::kFloat);
+  const at::Tensor w2g = half_gemm ? w2 : w2.to(at::kFloat).contiguous();
   const at::Tensor race_t = temperature.gt(0).to(at::kFloat);  // the keep key's temperature: 1, or 0 (greedy)
   at::Tensor prev = at::empty({R}, base.options().dtype(at::kLong));
   at::Tensor bias = at::empty({R, V}, base.options().dtype(at::kFloat));
@@ -39,7 +43,11 @@ void run(const at::Tensor& base, const at::Tensor& anchor, const at::Tensor& w1,
   cudaError_t err = markov_start_launch<Storage>(args, b, stream);
   const bool may_filter = top_k.has_value() || top_p.has_value();
   for (int32_t k = 1; k <= args.group && err == cudaSuccess; ++k) {
-    at::mm_out(bias, w1f.index_select(0, prev), w2f);
+    if (half_gemm) {
+      at::mm_out(bias, w1g.index_select(0, prev), w2g, at::kFloat);
+    } else {
+      at::mm_out(bias, w1g.index_select(0, prev), w2g);
+    }
     err = markov_step_launch<Storage>(args, k, b, may_filter, stream);
   }
   TORCH_CHECK(err == cudaSuccess, kMarkovOp, ": CUDA launch failed: ", cudaGetErrorString(err));

@@ -33,9 +33,15 @@ class BuiltinTarget:
     """The built-in model as a target: batched and ragged, KV caches
     [R, S, H, D] compacted in place by kv_compact."""
 
-    def __init__(self, model: BuiltinModel):
+    def __init__(self, model: BuiltinModel, *, serial_tokens: int = 1):
+        """serial_tokens: on the CPU, a forward of at most this many new tokens
+        runs on one thread (a decode step's small GEMVs lose more to thread
+        hand-offs than they gain), larger ones on torch's configured threads
+        (a verify pass's GEMMs gain ~20 % from a second core). 0: always
+        torch's setting."""
         self.model = model.eval()
         self.vocab_size = model.cfg.vocab_size
+        self.serial_tokens = serial_tokens
 
     @property
     def device(self) -> torch.device:
@@ -46,6 +52,13 @@ class BuiltinTarget:
 
     @torch.inference_mode()
     def forward(self, ids, positions, cu_tokens, cache: KVCache, *, hidden_layers=()):
+        threads = torch.get_num_threads()
+        if threads > 1 and ids.shape[0] <= self.serial_tokens and ids.device.type == "cpu":
+            torch.set_num_threads(1)
+            try:
+                return self.model(ids, positions, cu_tokens, cache, hidden_layers=hidden_layers)
+            finally:
+                torch.set_num_threads(threads)
         return self.model(ids, positions, cu_tokens, cache, hidden_layers=hidden_layers)
 
     def lengths(self, cache: KVCache) -> torch.Tensor:
