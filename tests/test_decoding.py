@@ -277,6 +277,28 @@ def test_model_uniform_chunks_match_reference(R, chunk):
         torch.testing.assert_close(torch.cat(got[r]), want, rtol=1e-9, atol=1e-10)
 
 
+def test_serial_tokens_runs_small_forwards_on_one_thread_and_restores_the_setting():
+    model = make_model(61, 7)
+    seq = make_prompts(61, [6], seed=8)[0]
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        seen = []
+        serial, parallel = BuiltinTarget(model), BuiltinTarget(model, serial_tokens=0)
+        for target in (serial, parallel):
+            cache = model.new_cache(1, len(seq))
+            ragged_forward(target, [seq[:-1]], cache)
+            model.register_forward_pre_hook(lambda m, a: seen.append(torch.get_num_threads()))
+            out, _ = target.forward(torch.tensor(seq[-1:]), torch.tensor([len(seq) - 1]),
+                                    torch.tensor([0, 1], dtype=torch.int32), cache)
+            model._forward_pre_hooks.clear()
+            torch.testing.assert_close(out, reference_logits(model, seq)[-1:], rtol=1e-9, atol=1e-10)
+            assert torch.get_num_threads() == 2
+        assert seen == [1, 2]
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_fused_weights_follow_weight_updates_and_autograd():
     """The inference forward caches fused weights: an in-place weight update
     (an optimizer step) must rebuild them, and with autograd on, gradients
@@ -291,6 +313,11 @@ def test_fused_weights_follow_weight_updates_and_autograd():
         model.norm.weight.mul_(0.5)
     logits, _, _ = ragged_forward(target, [seq])
     torch.testing.assert_close(logits, reference_logits(model, seq), rtol=1e-9, atol=1e-10)
+    model.float()  # moves every weight's storage: the fused copies must follow
+    logits, _, _ = ragged_forward(target, [seq])
+    assert logits.dtype == torch.float32
+    torch.testing.assert_close(logits, reference_logits(model, seq), rtol=1e-4, atol=1e-5)
+    model.double()
     cache = model.new_cache(1, len(seq))
     out, _ = model(torch.tensor(seq), torch.arange(len(seq)), torch.tensor([0, len(seq)], dtype=torch.int32), cache)
     out.sum().backward()

@@ -107,11 +107,22 @@ def _eps_tensor(eps: float, dtype: torch.dtype, device: torch.device) -> torch.T
     return _CONST[key]
 
 
+def _scalar_placeholder(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    key = ("scalar", dtype, device)
+    if key not in _CONST:
+        with torch.inference_mode(False):
+            _CONST[key] = torch.zeros((), dtype=dtype, device=device)
+    return _CONST[key]
+
+
 def _rotate_half_rows(w: torch.Tensor, head_dim: int) -> torch.Tensor:
     """The rows of a projection [n * head_dim, dim] whose output is
     rotate_half of the original's per head: (-x2, x1)."""
     w = w.view(-1, head_dim, w.shape[-1])
     return torch.cat([-w[:, head_dim // 2:], w[:, : head_dim // 2]], 1).reshape(-1, w.shape[-1])
+
+
+_FUSED_WEIGHTS = ("wq", "wk", "wv", "w1", "w3", "wo", "w2", "attn_norm", "mlp_norm")
 
 
 class _Block(nn.Module):
@@ -138,15 +149,19 @@ class _Block(nn.Module):
         whenever a weight changes (version counters), so training stays
         correct; differentiable and uncached while autograd records."""
         hd = self.cfg.head_dim
-        ws = (self.wq.weight, self.wk.weight, self.wv.weight, self.w1.weight, self.w3.weight, self.wo.weight,
-              self.w2.weight, self.attn_norm.weight, self.mlp_norm.weight)
+        mods = self._modules  # not self.wq.weight: nn.Module's __getattr__ costs ~1 us a lookup
+        ws = tuple(mods[name]._parameters["weight"] for name in _FUSED_WEIGHTS)
         if torch.is_grad_enabled() and any(w.requires_grad for w in ws):
             return self._build(ws, hd)
-        key = tuple((w.data_ptr(), w._version) for w in ws)
-        if self._fused is None or self._fused[0] != key:
+        # Storage addresses and version counters: in-place updates bump the version, model.to() or a .data swap
+        # moves the storage (the cache keeps the old storage alive, so its address cannot be reused meanwhile).
+        key = tuple(w.data_ptr() for w in ws) + tuple(w._version for w in ws)
+        cached = self._fused
+        if cached is None or cached[0] != key:
             with torch.inference_mode(False), torch.no_grad():  # plain tensors, usable outside inference mode
-                self._fused = (key, tuple(w.contiguous() for w in self._build(ws, hd)))
-        return self._fused[1]
+                cached = self._fused = (key, tuple(w.contiguous() for w in self._build(ws, hd)),
+                                        tuple(w.detach() for w in ws))
+        return cached[1]
 
     @staticmethod
     def _build(ws, hd: int):
@@ -202,6 +217,12 @@ class _Plan:
         counts = [cu[r + 1] - cu[r] for r in range(R)]
         self.R, self.Tq = R, (max(counts) if counts else 0)
         self.uniform = all(c == self.Tq for c in counts)
+        if R == 1 and self.Tq == 1:  # a decode step: it sees its whole cache; baddbmm with beta 0 ignores the bias
+            self.flat_slot = cache.lengths + cache.row_offsets
+            self.pad_index = self.pad_valid = None
+            self.S = min(cache.max_len, int(cache.lengths[0]) + 1)  # the one device-to-host read
+            self.bias = _scalar_placeholder(dtype, dev)
+            return
         base = cache.lengths.to(torch.int64)
         col = torch.arange(self.Tq, device=dev)
         row_start = base + cache.row_offsets  # [R]: request r's entry 0 in the flat view, plus its length
@@ -217,9 +238,6 @@ class _Plan:
             self.pad_index = torch.where(self.pad_valid, starts.unsqueeze(1) + col, -1)
         # The longest cache after this forward: the one device-to-host read.
         self.S = min(cache.max_len, int(cache.lengths.max()) + self.Tq) if R else 0
-        if R == 1 and self.Tq == 1:  # one request, one token: it sees all; baddbmm with beta 0 ignores the bias
-            self.bias = torch.empty((), dtype=dtype, device=dev)
-            return
         key = torch.arange(self.S, device=dev)
         # query (r, i) sees cache entries 0 .. base[r] + i (itself included)
         visible = key.view(1, 1, self.S) <= (base.view(R, 1, 1) + col.view(1, self.Tq, 1))  # [R, Tq, S]
@@ -262,10 +280,10 @@ class BuiltinModel(nn.Module):
         None). Reads cu_tokens and the longest cached length on the host (one
         sync on a GPU)."""
         cu = cu_tokens.tolist()
-        h = F.embedding(ids, self.embed.weight)
+        h = F.embedding(ids, self._modules["embed"]._parameters["weight"])
         plan = _Plan(positions, cu, cache, self._rope_tables(cache.max_len, h.dtype, h.device), self.cfg, h.dtype)
         hidden = []
-        for layer, blk in enumerate(self.blocks):
+        for layer, blk in enumerate(self._modules["blocks"]):
             h = blk.forward(h, layer, cache, plan)  # not blk(...): skips nn.Module's hook machinery
             if layer in hidden_layers:
                 hidden.append(h)
@@ -278,14 +296,14 @@ class BuiltinModel(nn.Module):
 
     def _head_weight(self) -> torch.Tensor:
         """The LM head with the final RMSNorm's weight folded in (cached like _Block.fused)."""
-        w, g = self.head.weight, self.norm.weight
+        w, g = self._modules["head"]._parameters["weight"], self._modules["norm"]._parameters["weight"]
         if torch.is_grad_enabled() and (w.requires_grad or g.requires_grad):
             return w * g
-        key = (w.data_ptr(), w._version, g.data_ptr(), g._version)
+        key = (w.data_ptr(), w._version, g.data_ptr(), g._version)  # as in _Block.fused
         cached = getattr(self, "_head", None)
         if cached is None or cached[0] != key:
             with torch.inference_mode(False), torch.no_grad():
-                cached = self._head = (key, (w * g).contiguous())
+                cached = self._head = (key, (w * g).contiguous(), w.detach(), g.detach())
         return cached[1]
 
     def _rope_tables(self, length: int, dtype: torch.dtype, device: torch.device) -> Tuple[torch.Tensor, ...]:
