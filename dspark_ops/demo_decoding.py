@@ -3,8 +3,9 @@ embedded default pair — a byte-level target and draft trained on the Python
 standard library (dspark_ops/decoding/weights, never downloaded, never
 trained here). Plain greedy decoding against speculative decoding with
 prompt lookup (NGramDrafter) and with the draft model (DraftModelDrafter),
-on the same Python-code prompts: accepted length, tokens/s, speed-up, and a
-check that the greedy outputs are identical token for token."""
+and with an n-gram tree (verify_tree), on the same Python-code prompts:
+accepted length, tokens/s, speed-up, and a check that the greedy outputs are
+identical token for token."""
 from __future__ import annotations
 
 import argparse
@@ -27,6 +28,7 @@ def _methods(draft, num_ngram: int, num_model: int):
     from .decoding import DraftModelDrafter, NGramDrafter
     return [("plain (target only)", lambda: None),
             (f"n-gram lookup, {num_ngram} drafts", lambda: NGramDrafter(max_ngram=3, num_draft=num_ngram)),
+            ("n-gram tree, 3 branches, 12 nodes", lambda: NGramDrafter(max_ngram=3, num_draft=12, branches=3)),
             (f"draft model, {num_model} drafts", lambda: DraftModelDrafter(draft, num_draft=num_model))]
 
 
@@ -93,7 +95,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
     plain_name = methods[0][0]
     plain_s = sum(r.stats["seconds"] for r in results[plain_name])
-    print(f"\n  {'method':28s} {'accepted/step':>13s} {'tokens/pass':>11s} {'tokens/s':>9s} {'speed-up':>8s}   "
+    print(f"\n  {'method':34s} {'accepted/step':>13s} {'tokens/pass':>11s} {'tokens/s':>9s} {'speed-up':>8s}   "
           f"per prompt: accepted/step")
     ref = [r.tokens for r in results[plain_name]]
     identical = True
@@ -106,7 +108,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         same = [r.tokens for r in rs] == ref
         identical &= same
         per = "  ".join(f"{r.stats['mean_accepted']:.2f}" for r in rs)
-        print(f"  {name:28s} {acc:13.2f} {new / steps:11.2f} {new / secs:9.0f} {plain_s / secs:7.2f}x   {per}"
+        print(f"  {name:34s} {acc:13.2f} {new / steps:11.2f} {new / secs:9.0f} {plain_s / secs:7.2f}x   {per}"
               + ("" if same else "   (OUTPUT DIFFERS)"))
     print(f"\n  greedy outputs identical to plain decoding, token for token: {identical}")
     sample = results[methods[-1][0]][3]

@@ -31,8 +31,9 @@ from scipy import stats
 import dspark_ops.decoding.drafters as drafters_mod
 import dspark_ops.decoding.loop as loop_mod
 from dspark_ops import Purpose
-from dspark_ops.decoding import (BuiltinModel, BuiltinTarget, Drafter, DraftModelDrafter, ModelConfig, NGramDrafter,
-                                 SpeculativeDecoder, request_seed)
+from dspark_ops.decoding import (BuiltinModel, BuiltinTarget, Draft, Drafter, DraftModelDrafter, ModelConfig,
+                                 NGramDrafter, SpeculativeDecoder, request_seed)
+from dspark_ops.decoding.model import tree_ancestors
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -75,11 +76,19 @@ def make_model(vocab: int, seed: int, *, head_scale: float = 2.0, dtype=torch.fl
 
 class CapturingTarget(BuiltinTarget):
     """A BuiltinTarget that keeps the last cache it created (the loop does
-    not expose its cache)."""
+    not expose its cache) and counts rollbacks whose kept entries were not
+    a prefix of the appended ones (entries moved)."""
+
+    moved_keeps = 0
 
     def new_cache(self, num_requests, max_len):
         self.cache = super().new_cache(num_requests, max_len)
         return self.cache
+
+    def rollback(self, cache, base_len, num_appended, keep_index, num_keep):
+        for row, n in zip(keep_index.tolist(), num_keep.tolist()):
+            self.moved_keeps += row[:n] != list(range(n))
+        super().rollback(cache, base_len, num_appended, keep_index, num_keep)
 
 
 def ragged_forward(target, seqs: List[List[int]], cache=None):
@@ -362,12 +371,13 @@ def test_plain_greedy_matches_naive_loop(greedy_setup):
     assert naive_greedy(model, prompts[0], MAX_NEW, stops) == expected[0]
 
 
-@pytest.mark.parametrize("kind", ["ngram", "draft_model", "draft_model_stop", "self"])
+@pytest.mark.parametrize("kind", ["ngram", "ngram_tree", "draft_model", "draft_model_stop", "self"])
 def test_speculative_greedy_equals_target_greedy(greedy_setup, kind):
     model, draft_model, prompts, nostop, stops, expected = greedy_setup
     target = BuiltinTarget(model)
-    n = {"ngram": 5, "draft_model": 3, "draft_model_stop": 6, "self": 4}[kind]
+    n = {"ngram": 5, "ngram_tree": 9, "draft_model": 3, "draft_model_stop": 6, "self": 4}[kind]
     inner = {"ngram": lambda: NGramDrafter(max_ngram=3, num_draft=n),
+             "ngram_tree": lambda: NGramDrafter(max_ngram=3, num_draft=n, branches=3),
              "draft_model": lambda: DraftModelDrafter(BuiltinTarget(draft_model), num_draft=n),
              "draft_model_stop": lambda: StopCounting(BuiltinTarget(draft_model), num_draft=n, stop_below=0.3),
              "self": lambda: DraftModelDrafter(BuiltinTarget(model), num_draft=n)}[kind]()
@@ -378,7 +388,7 @@ def test_speculative_greedy_equals_target_greedy(greedy_setup, kind):
     st = res.stats
     if kind == "self":
         assert st["mean_accepted"] == n and all(a == n for a in st["accepted_per_step"])
-    elif kind == "ngram":
+    elif kind in ("ngram", "ngram_tree"):
         assert st["mean_accepted"] > 0.3, st  # repetitive prompts and looping greedy text: lookups hit
     assert st["steps"] <= MAX_NEW
     # requests finished at different steps (stop tokens, ragged acceptance)
@@ -435,7 +445,9 @@ def test_per_prompt_max_new_tokens(greedy_setup):
 # ---------------------------------------------------------------------------
 # 2. KV caches after rollback == a fresh prefill of the same tokens
 
-@pytest.mark.parametrize("kind,temperature", [("ngram", 0.0), ("draft_model", 1.0), ("draft_model", 0.0),
+@pytest.mark.parametrize("kind,temperature", [("ngram", 0.0), ("ngram_tree", 0.0), ("decoy_tree", 0.0),
+                                              ("decoy_tree", 1.0),
+                                              ("draft_model", 1.0), ("draft_model", 0.0),
                                               ("draft_model_stop", 1.0), ("self", 0.0), ("self", 1.0)])
 def test_caches_after_rollback_equal_plain_prefill(kind, temperature):
     V = 61
@@ -444,6 +456,8 @@ def test_caches_after_rollback_equal_plain_prefill(kind, temperature):
     target = CapturingTarget(model)
     prompts = make_prompts(V, [1, 12, 5, 2, 9], seed=12)
     inner = {"ngram": lambda: NGramDrafter(3, 4),
+             "ngram_tree": lambda: NGramDrafter(3, 8, branches=3),
+             "decoy_tree": lambda: DecoyTreeDrafter(model, 3),
              "draft_model": lambda: DraftModelDrafter(BuiltinTarget(draft_model), 4),
              "draft_model_stop": lambda: DraftModelDrafter(BuiltinTarget(draft_model), 4, stop_below=0.2),
              "self": lambda: DraftModelDrafter(BuiltinTarget(model), 4)}[kind]()
@@ -456,11 +470,37 @@ def test_caches_after_rollback_equal_plain_prefill(kind, temperature):
         assert res.stats["mean_accepted"] == 4
     else:
         assert 0 < res.stats["mean_accepted"] < 4  # rollbacks of rejected drafts happened
+    if kind == "decoy_tree" and temperature == 0:  # accepted paths were not a prefix of the nodes: entries moved
+        assert target.moved_keeps > 0
     # after the last step, finished requests included: exactly prompt + output minus its last token (a request
     # cut by max_new_tokens mid-chain keeps no accepted drafts past its end: they are not its tokens)
     for r, (p, o) in enumerate(zip(prompts, res.tokens)):
         assert len(o) == max_new
         assert_cache_holds(target, target.cache, r, (p + o)[:-1])
+
+
+class DecoyTreeDrafter(Drafter):
+    """A tree whose first child of the root is a wrong token and whose
+    second child starts the target's own greedy chain: greedy verification
+    accepts nodes 2, 3, ... (not a prefix of the nodes), so kv_compact must
+    move the kept entries."""
+
+    def __init__(self, model: BuiltinModel, depth: int):
+        self.model, self.num_draft, self.depth = model, depth + 1, depth
+
+    def propose(self, seqs, state, sampling):
+        V = self.model.cfg.vocab_size
+        toks, pars = [], []
+        for s in seqs:
+            chain, seq = [], list(s)
+            for _ in range(self.depth):
+                chain.append(int(torch.argmax(reference_logits(self.model, seq)[-1].float())))
+                seq.append(chain[-1])
+            toks.append([(chain[0] + 1) % V] + chain)
+            pars.append([0, 0] + list(range(2, self.depth + 1)))
+        dev = state.last_token.device
+        return Draft(torch.tensor(toks, dtype=torch.int32, device=dev), parents=torch.tensor(pars, dtype=torch.int32,
+                                                                                              device=dev))
 
 
 def test_plain_decoding_cache_equals_prefill():
@@ -557,6 +597,7 @@ def run_distribution(stats_models, drafter_kind, temperature, top_k=0, top_p=1.0
     drafter = {"near": lambda: DraftModelDrafter(near, 3), "far": lambda: DraftModelDrafter(far, 3),
                "near_stop": lambda: DraftModelDrafter(near, 4, stop_below=0.25),
                "ngram": lambda: NGramDrafter(2, 3), "plain": lambda: None,
+               "ngram_tree": lambda: NGramDrafter(2, 6, branches=3),
                "shared": lambda: SharedCountersDrafter(near, 3)}[drafter_kind]()
     res = SpeculativeDecoder(target, drafter).generate([STATS_PROMPT] * N_STATS, 2, temperature=temperature,
                                                        top_k=top_k, top_p=top_p, seed=seed)
@@ -574,12 +615,14 @@ def run_distribution(stats_models, drafter_kind, temperature, top_k=0, top_p=1.0
     ("near_stop", 0.7, 3, 1.0),
     ("ngram", 1.0, 0, 1.0),  # point-mass drafts
     ("ngram", 0.7, 0, 0.8),
+    ("ngram_tree", 1.0, 0, 1.0),  # tree drafts: verify_tree with deterministic siblings
+    ("ngram_tree", 0.7, 3, 1.0),
     ("plain", 1.0, 0, 1.0),
 ])
 def test_sampled_output_follows_target_distribution(stats_models, drafter_kind, temperature, top_k, top_p):
     pvalue, tv, st = run_distribution(stats_models, drafter_kind, temperature, top_k, top_p)
     assert pvalue > 1e-3, (pvalue, tv, st["mean_accepted"])
-    if drafter_kind in ("near", "near_stop", "ngram"):
+    if drafter_kind in ("near", "near_stop", "ngram", "ngram_tree"):
         assert st["mean_accepted"] > 0.2  # drafts were accepted, not only rejected
 
 
@@ -653,6 +696,65 @@ def test_ngram_lookup():
         NGramDrafter(num_draft=0)
     with pytest.raises(ValueError):
         DraftModelDrafter(None, num_draft=0)
+
+
+def test_ngram_tree_merges_continuations_into_a_trie():
+    d = NGramDrafter(max_ngram=2, num_draft=6, branches=3)
+    seq = [1, 2, 7, 8, 9, 1, 2, 7, 5, 1, 2, 4, 1, 2]
+    # tail [1, 2]: occurrences at 9, 5, 0 (latest first), num_draft tokens after each (fewer at the end)
+    assert d.continuations(seq) == [[4, 1, 2], [7, 5, 1, 2, 4, 1], [7, 8, 9, 1, 2, 7]]
+    tokens, parents = d.tree(seq)
+    # trie in insertion order: 4-1-2, 7-5-1 (node budget 6: 7's second child 8 does not fit)
+    assert tokens == [4, 1, 2, 7, 5, 1] and parents == [0, 1, 2, 0, 4, 5]
+    assert all(p < j + 1 for j, p in enumerate(parents))
+    assert NGramDrafter(2, 4, branches=2).tree([3, 3]) == ([3], [0])
+    with pytest.raises(ValueError):
+        NGramDrafter(branches=0)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 17, 40])
+def test_tree_ancestors_against_walking_up(n):
+    g = torch.Generator().manual_seed(n)
+    parents = torch.full((3, n), -1, dtype=torch.int32)
+    for j in range(1, n):  # random trees; row 2 a chain
+        parents[:2, j] = torch.randint(0, j, (2,), generator=g)
+        parents[2, j] = j - 1
+    got = tree_ancestors(parents)
+    for r in range(3):
+        for i in range(n):
+            want, node = set(), i
+            while node >= 0:
+                want.add(node)
+                node = int(parents[r, node])
+            assert set(torch.nonzero(got[r, i]).flatten().tolist()) == want
+
+
+def test_tree_forward_equals_each_path_as_a_chain():
+    """BuiltinModel.forward(tree_parents=...): each node's logits equal the
+    no-cache reference on the prompt plus its root-to-node path (positions
+    by depth), for two requests with different trees."""
+    model = make_model(97, 9)
+    target = BuiltinTarget(model)
+    prompts = make_prompts(97, [6, 11], seed=10)
+    parents = torch.tensor([[-1, 0, 1, 0, 3, 3, 2], [-1, 0, 0, 0, 1, 4, 5]], dtype=torch.int32)
+    toks = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(11))
+    cache = target.new_cache(2, 40)
+    ragged_forward(target, [p[:-1] for p in prompts], cache)
+    toks[:, 0] = torch.tensor([p[-1] for p in prompts])
+    depth = torch.zeros(2, 7, dtype=torch.int64)
+    for j in range(1, 7):
+        depth[:, j] = depth.gather(1, parents[:, j:j + 1].long()).squeeze(1) + 1
+    pos = (torch.tensor([len(p) - 1 for p in prompts]).unsqueeze(1) + depth).reshape(-1)
+    out, _ = target.forward(toks.reshape(-1).long(), pos, torch.tensor([0, 7, 14], dtype=torch.int32), cache,
+                            tree_parents=parents)
+    for r, p in enumerate(prompts):
+        for j in range(7):
+            path, node = [], j
+            while node > 0:
+                path.append(int(toks[r, node]))
+                node = int(parents[r, node])
+            want = reference_logits(model, p + path[::-1])[-1]
+            torch.testing.assert_close(out[r * 7 + j], want, rtol=1e-9, atol=1e-10)
 
 
 def test_request_seed():

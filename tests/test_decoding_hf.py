@@ -268,3 +268,9 @@ def test_builtin_from_hf_refuses_what_it_cannot_reproduce():
     cfg.rope_parameters = {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
     with pytest.raises(ValueError, match="rope_type 'linear' is not supported"):
         builtin_from_hf(transformers.LlamaForCausalLM(cfg))
+
+
+def test_tree_drafts_need_a_builtin_target(models):
+    _, target_model, _ = models
+    with pytest.raises(NotImplementedError, match="tree drafts"):
+        SpeculativeDecoder(HFTarget(target_model), NGramDrafter(3, 6, branches=2)).generate(PROMPTS, 8)

@@ -9,5 +9,6 @@ from .loop import GenerateResult, SpeculativeDecoder, request_seed
 from .model import BuiltinModel, KVCache, ModelConfig
 from .targets import BuiltinTarget, Target
 
-__all__ = ["BuiltinModel", "BuiltinTarget", "Draft", "DraftModelDrafter", "Drafter", "GenerateResult", "HFCache", "HFTarget", "KVCache",
-           "ModelConfig", "NGramDrafter", "builtin_from_hf", "load_default", "Sampling", "SpeculativeDecoder", "Target", "request_seed"]
+__all__ = ["BuiltinModel", "BuiltinTarget", "Draft", "DraftModelDrafter", "Drafter", "GenerateResult", "HFCache",
+           "HFTarget", "KVCache", "ModelConfig", "NGramDrafter", "builtin_from_hf", "load_default", "Sampling",
+           "SpeculativeDecoder", "Target", "request_seed"]

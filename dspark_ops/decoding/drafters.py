@@ -23,6 +23,10 @@ class Draft:
     draft_temperature: Optional[torch.Tensor] = None  # [R] float32
     confidence: Optional[torch.Tensor] = None  # [R, n]: per-position confidence for schedule_verify
     width: Optional[int] = None  # host-known proposals of the longest row (< n): the target pass is trimmed to it
+    # [R, n] int32: a tree draft — draft j (node j+1) is a child of node parents[r, j] (0 = the root, the last
+    # committed token; else a draft node, < j + 1); verified with verify_tree, as point masses (draft_logits
+    # None: deterministic siblings). None: a chain.
+    parents: Optional[torch.Tensor] = None
 
 
 @dataclass
@@ -55,12 +59,56 @@ class Drafter(ABC):
 class NGramDrafter(Drafter):
     """Prompt lookup: the tokens that followed the latest earlier occurrence
     of the sequence's last k tokens (k = max_ngram down to 1). Deterministic
-    drafts (point masses); host-side lists, no model."""
+    drafts (point masses); host-side lists, no model.
 
-    def __init__(self, max_ngram: int = 3, num_draft: int = 7):
-        if max_ngram < 1 or num_draft < 1:
-            raise ValueError(f"NGramDrafter: need max_ngram >= 1 and num_draft >= 1, got {max_ngram}, {num_draft}")
-        self.max_ngram, self.num_draft = max_ngram, num_draft
+    branches > 1 drafts a tree: the continuations of up to `branches`
+    earlier occurrences (latest first, longest matching tail first), merged
+    into a trie of at most num_draft nodes and verified in one pass with
+    verify_tree (deterministic siblings: lossless for any drafting)."""
+
+    def __init__(self, max_ngram: int = 3, num_draft: int = 7, *, branches: int = 1):
+        if max_ngram < 1 or num_draft < 1 or branches < 1:
+            raise ValueError(f"NGramDrafter: need max_ngram, num_draft and branches >= 1, got {max_ngram}, "
+                             f"{num_draft}, {branches}")
+        self.max_ngram, self.num_draft, self.branches = max_ngram, num_draft, branches
+
+    def continuations(self, seq: List[int]) -> List[List[int]]:
+        """Up to `branches` distinct continuations (each <= num_draft
+        tokens), best first: longer matching tails first, then later
+        occurrences first."""
+        out: List[List[int]] = []
+        for k in range(min(self.max_ngram, len(seq) - 1), 0, -1):
+            tail = seq[-k:]
+            for start in range(len(seq) - k - 1, -1, -1):
+                if seq[start:start + k] == tail:
+                    cont = seq[start + k:start + k + self.num_draft]
+                    if cont and not any(c[:len(cont)] == cont for c in out):
+                        out.append(cont)
+                        if len(out) == self.branches:
+                            return out
+        return out
+
+    def tree(self, seq: List[int]):
+        """(tokens, parents) of the trie of continuations(seq), in insertion
+        order (a parent before its children, better branches first), at most
+        num_draft nodes; parents index nodes with 0 = the root."""
+        tokens: List[int] = []
+        parents: List[int] = []
+        children = {0: {}}
+        for cont in self.continuations(seq):
+            node = 0
+            for t in cont:
+                nxt = children[node].get(t)
+                if nxt is None:
+                    if len(tokens) == self.num_draft:
+                        break
+                    tokens.append(t)
+                    parents.append(node)
+                    nxt = len(tokens)
+                    children[node][t] = nxt
+                    children[nxt] = {}
+                node = nxt
+        return tokens, parents
 
     def lookup(self, seq: List[int]) -> List[int]:
         """The continuation of the latest earlier match of the longest tail
@@ -78,11 +126,18 @@ class NGramDrafter(Drafter):
         return []
 
     def propose(self, seqs, state, sampling) -> Draft:
+        dev = state.last_token.device
+        if self.branches > 1:
+            trees = [self.tree(s) for s in seqs]
+            width = max(len(t) for t, _ in trees)
+            toks = [t + [-1] * (width - len(t)) for t, _ in trees]  # padding: flagged children of the root
+            pars = [p + [0] * (width - len(p)) for _, p in trees]
+            return Draft(torch.tensor(toks, dtype=torch.int32, device=dev).view(len(seqs), width), width=width,
+                         parents=torch.tensor(pars, dtype=torch.int32, device=dev).view(len(seqs), width))
         found = [self.lookup(s) for s in seqs]
         width = max(len(f) for f in found)  # no padded rows through the target (host lists: no sync)
         rows = [f + [-1] * (width - len(f)) for f in found]
-        return Draft(torch.tensor(rows, dtype=torch.int32, device=state.last_token.device).view(len(seqs), width),
-                     width=width)
+        return Draft(torch.tensor(rows, dtype=torch.int32, device=dev).view(len(seqs), width), width=width)
 
 
 class DraftModelDrafter(Drafter):

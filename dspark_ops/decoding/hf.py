@@ -138,7 +138,11 @@ class HFTarget:
 
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, cu_tokens: torch.Tensor, cache: HFCache, *,
-                hidden_layers: Sequence[int] = ()) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+                hidden_layers: Sequence[int] = (), tree_parents: Optional[torch.Tensor] = None
+                ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        if tree_parents is not None:
+            raise NotImplementedError("HFTarget.forward: tree drafts (tree attention) are not supported; use a chain "
+                                      "drafter, or BuiltinTarget(builtin_from_hf(model)) for Llama-family models")
         cu = cu_tokens.tolist()
         R = len(cu) - 1
         if R != len(cache.caches):

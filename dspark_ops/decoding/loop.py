@@ -1,8 +1,9 @@
 """SpeculativeDecoder: batched draft -> verify -> rollback -> commit loops on
 our ops (DESIGN §3 orchestrator). Per step: one drafter proposal, one target
-pass over every request's [last token, drafts], verify_chunk, kv_compact of
-the rejected entries, commit_tokens; then the step's one host
-synchronisation, which checks for finished requests."""
+pass over every request's [last token, drafts], verify_chunk (a chain) or
+verify_tree (a tree draft: the pass attends along each node's ancestors),
+kv_compact keeping the accepted path, commit_tokens; then the step's one
+host synchronisation, which checks for finished requests."""
 from __future__ import annotations
 
 import time
@@ -13,7 +14,9 @@ import torch
 
 from ..chain import verify_chunk
 from ..kv import RequestState, commit_tokens
+from ..tree import verify_tree
 from .drafters import Drafter, Sampling
+from .model import tree_ancestors
 
 _M64 = (1 << 64) - 1
 
@@ -96,7 +99,7 @@ class SpeculativeDecoder:
         out = [[] for _ in range(R)]
         finished = [False] * R
         chain_cus = [torch.arange(R + 1, dtype=torch.int32) * (m + 1) for m in range(n + 1)]  # host, per width
-        keep_index = torch.arange(n + 1, dtype=torch.int32, device=dev).expand(R, -1).contiguous()
+        keep_chain = torch.arange(n + 1, dtype=torch.int32, device=dev).expand(R, -1).contiguous()
         appended = [torch.full((R,), m + 1, dtype=torch.int32, device=dev) for m in range(n + 1)]
         steps, accepted_per_step = 0, []
         while True:
@@ -105,25 +108,43 @@ class SpeculativeDecoder:
             toks = draft.tokens if draft is not None else torch.zeros(R, 0, dtype=torch.int32, device=dev)
             m = toks.shape[1]  # this step's drafts per request (<= n: a drafter may propose fewer)
             draft_logits = draft.draft_logits[:, :m] if draft is not None and draft.draft_logits is not None else None
-            ids = torch.cat([state.last_token.unsqueeze(1), toks.clamp(min=0)], 1).reshape(-1).long()
-            positions = ((state.position - 1).unsqueeze(1) + torch.arange(m + 1, device=dev)).reshape(-1)
+            nodes = torch.cat([state.last_token.unsqueeze(1), toks], 1)  # [R, m + 1]: the root, then the drafts
+            ids = nodes.clamp(min=0).reshape(-1).long()
             base = target.lengths(cache).clone()
-            logits, _ = target.forward(ids, positions, chain_cus[m], cache)
+            draft_t = (draft.draft_temperature if draft is not None and draft.draft_temperature is not None else 1.0)
+            tree = draft is not None and draft.parents is not None and m > 0
+            if tree and draft.draft_logits is not None:
+                raise NotImplementedError("SpeculativeDecoder: tree drafts are verified as point masses "
+                                          "(deterministic siblings); a tree with draft distributions is not supported")
+            if tree:  # node j's parent: -1 for the root (the cached prefix), else a node < j
+                parents = torch.cat([torch.full((R, 1), -1, dtype=torch.int32, device=dev),
+                                     draft.parents[:, :m].to(torch.int32)], 1)
+                depth = tree_ancestors(parents).sum(-1) - 1  # [R, m + 1]
+                positions = ((state.position - 1).unsqueeze(1) + depth).reshape(-1)
+                logits, _ = target.forward(ids, positions, chain_cus[m], cache, tree_parents=parents)
+            else:
+                positions = ((state.position - 1).unsqueeze(1) + torch.arange(m + 1, device=dev)).reshape(-1)
+                logits, _ = target.forward(ids, positions, chain_cus[m], cache)
             if logits.dtype not in (torch.float32, torch.float16, torch.bfloat16):
                 logits = logits.float()  # e.g. float64 test models: the ops take fp32/fp16/bf16
             V = logits.shape[-1]
-            res = verify_chunk(logits.view(R, m + 1, V), toks, draft_logits=draft_logits,
-                               draft_temperature=(draft.draft_temperature if draft is not None
-                                                  and draft.draft_temperature is not None else 1.0),
-                               temperature=sampling.temperature, top_k=top_k_t, top_p=top_p_t, seed=sampling.seed,
-                               position=state.position)
+            if tree:  # node tokens and draft rows flat, request r's nodes at cu[r]:cu[r+1]; depth <= m
+                res = verify_tree(logits, nodes.reshape(-1).to(torch.int32), parents.reshape(-1), chain_cus[m].to(dev),
+                                  max_depth=m, temperature=sampling.temperature, top_k=top_k_t, top_p=top_p_t,
+                                  seed=sampling.seed, position=state.position)  # deterministic siblings
+                keep_index = res.path
+            else:
+                res = verify_chunk(logits.view(R, m + 1, V), toks, draft_logits=draft_logits,
+                                   draft_temperature=draft_t, temperature=sampling.temperature, top_k=top_k_t,
+                                   top_p=top_p_t, seed=sampling.seed, position=state.position)
+                keep_index = keep_chain[:, : m + 1].contiguous()
             was_finished = state.finished.clone()
             old_len = state.out_len.clone()
             commit_tokens(state, res.tokens, res.emitted, res.status, stop_tokens=stop)
             # Keep in the cache exactly what was committed: [last, accepted drafts]
             # cut at a stop token or max_new_tokens; nothing for finished or aborted requests.
             num_keep = torch.where(was_finished, 0, state.out_len - old_len).to(torch.int32)
-            target.rollback(cache, base, appended[m], keep_index[:, : m + 1].contiguous(), num_keep)
+            target.rollback(cache, base, appended[m], keep_index, num_keep)
             # The step's one host synchronisation: what was appended, and who finished.
             host = torch.cat([res.tokens, old_len.unsqueeze(1), state.out_len.unsqueeze(1), res.accepted.unsqueeze(1),
                               state.finished.int().unsqueeze(1), was_finished.int().unsqueeze(1)], 1).tolist()

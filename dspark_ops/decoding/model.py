@@ -200,6 +200,21 @@ class _Block(nn.Module):
         return torch.addmm(h, F.silu(gate).mul_(up), w2_t)
 
 
+def tree_ancestors(parents: torch.Tensor) -> torch.Tensor:
+    """[R, N, N] bool: entry (r, i, j) is True iff node j is node i or one of
+    its ancestors, for parents [R, N] (parent index < own index, -1 for a
+    root). Reachability by repeated squaring of (I + parent edges): log2(N)
+    batched matrix products on the device, no host read."""
+    R, N = parents.shape
+    par = parents.to(torch.int64)
+    reach = torch.zeros(R, N, N, dtype=torch.float32, device=parents.device)
+    reach.scatter_(2, par.clamp(min=0).unsqueeze(2), (par >= 0).unsqueeze(2).to(torch.float32))
+    reach += torch.eye(N, dtype=torch.float32, device=parents.device)
+    for _ in range(max(N - 2, 0).bit_length()):  # paths of up to 2^k edges after k squarings; N - 1 suffice
+        reach = (torch.bmm(reach, reach) > 0).to(torch.float32)
+    return reach > 0
+
+
 class _Plan:
     """The index tensors one forward's layers share: where each new token's
     K/V goes (flat_slot: entry r * max_len + s of a cache viewed as
@@ -210,13 +225,15 @@ class _Plan:
     tokens' positions."""
 
     def __init__(self, positions: torch.Tensor, cu: List[int], cache: KVCache, rope: Tuple[torch.Tensor, ...],
-                 cfg: ModelConfig, dtype: torch.dtype):
+                 cfg: ModelConfig, dtype: torch.dtype, ancestors: Optional[torch.Tensor] = None):
         dev = positions.device
         R, T = len(cu) - 1, positions.shape[0]
         self.cos, self.sin = rope[0][positions], rope[1][positions]  # [T, 1, D] each
         counts = [cu[r + 1] - cu[r] for r in range(R)]
         self.R, self.Tq = R, (max(counts) if counts else 0)
         self.uniform = all(c == self.Tq for c in counts)
+        if ancestors is not None and not self.uniform:
+            raise ValueError("BuiltinModel.forward: tree_parents needs the same number of new tokens per request")
         if R == 1 and self.Tq == 1:  # a decode step: it sees its whole cache; baddbmm with beta 0 ignores the bias
             self.flat_slot = cache.lengths + cache.row_offsets
             self.pad_index = self.pad_valid = None
@@ -239,8 +256,14 @@ class _Plan:
         # The longest cache after this forward: the one device-to-host read.
         self.S = min(cache.max_len, int(cache.lengths.max()) + self.Tq) if R else 0
         key = torch.arange(self.S, device=dev)
-        # query (r, i) sees cache entries 0 .. base[r] + i (itself included)
-        visible = key.view(1, 1, self.S) <= (base.view(R, 1, 1) + col.view(1, self.Tq, 1))  # [R, Tq, S]
+        # query (r, i) sees cache entries 0 .. base[r] + i (itself included), or with a tree the cache
+        # before base[r] and its own ancestors among the new tokens
+        if ancestors is None:
+            visible = key.view(1, 1, self.S) <= (base.view(R, 1, 1) + col.view(1, self.Tq, 1))  # [R, Tq, S]
+        else:
+            rel = key.view(1, 1, self.S) - base.view(R, 1, 1)  # [R, 1, S]: new-token index of a cache entry
+            new = ancestors.gather(2, rel.clamp(0, self.Tq - 1).expand(R, self.Tq, self.S))
+            visible = (rel < 0) | ((rel < self.Tq) & new)
         if self.pad_valid is not None:
             self.mask = (visible | ~self.pad_valid.unsqueeze(-1)).unsqueeze(1)  # padded queries: any row without NaN
         else:  # additive bias [R Hkv, rep Tq, S], in the grouped query order of _Block.forward
@@ -273,15 +296,24 @@ class BuiltinModel(nn.Module):
         return KVCache(self.cfg, num_requests, max_len, dtype=p.dtype, device=p.device)
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, cu_tokens: torch.Tensor, cache: KVCache, *,
-                hidden_layers: Sequence[int] = ()) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+                hidden_layers: Sequence[int] = (), tree_parents: Optional[torch.Tensor] = None
+                ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """ids [T] int64, positions [T] int64, cu_tokens [R+1] int32: request
         r's new tokens are ids[cu[r]:cu[r+1]], appended after its cached
         length. Returns (logits [T, V], hidden [T, len(hidden_layers), dim] or
         None). Reads cu_tokens and the longest cached length on the host (one
-        sync on a GPU)."""
+        sync on a GPU).
+
+        tree_parents [R, Tq] int32 (every request appending Tq tokens): the
+        new tokens form a tree per request — token j's parent is new token
+        tree_parents[r, j] < j, or -1 for a token whose parent is the cached
+        prefix — and each token attends to the cache and its ancestors only
+        (positions should be the prefix length plus the depth)."""
         cu = cu_tokens.tolist()
         h = F.embedding(ids, self._modules["embed"]._parameters["weight"])
-        plan = _Plan(positions, cu, cache, self._rope_tables(cache.max_len, h.dtype, h.device), self.cfg, h.dtype)
+        ancestors = tree_ancestors(tree_parents) if tree_parents is not None else None
+        plan = _Plan(positions, cu, cache, self._rope_tables(cache.max_len, h.dtype, h.device), self.cfg, h.dtype,
+                     ancestors)
         hidden = []
         for layer, blk in enumerate(self._modules["blocks"]):
             h = blk.forward(h, layer, cache, plan)  # not blk(...): skips nn.Module's hook machinery

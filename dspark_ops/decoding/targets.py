@@ -4,7 +4,9 @@
             *, hidden_layers=()) -> (logits [T, V], hidden [T, k, d] | None)
 
 `cache` is the target's own handle (`new_cache`), holding each request's
-cached length; new tokens are appended after it. `rollback` keeps a subset of
+cached length; new tokens are appended after it. `tree_parents [R, Tq]`
+(an extension for tree drafts; BuiltinTarget only): the new tokens form a
+tree per request and attend along their ancestors. `rollback` keeps a subset of
 what a step appended (kv_compact) — the speculative loop's only cache edit."""
 from __future__ import annotations
 
@@ -21,7 +23,8 @@ class Target(Protocol):
     def new_cache(self, num_requests: int, max_len: int): ...
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, cu_tokens: torch.Tensor, cache, *,
-                hidden_layers: Sequence[int] = ()) -> Tuple[torch.Tensor, Optional[torch.Tensor]]: ...
+                hidden_layers: Sequence[int] = (), tree_parents: Optional[torch.Tensor] = None
+                ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]: ...
 
     def lengths(self, cache) -> torch.Tensor: ...
 
@@ -51,15 +54,18 @@ class BuiltinTarget:
         return self.model.new_cache(num_requests, max_len)
 
     @torch.inference_mode()
-    def forward(self, ids, positions, cu_tokens, cache: KVCache, *, hidden_layers=()):
+    def forward(self, ids, positions, cu_tokens, cache: KVCache, *, hidden_layers=(), tree_parents=None):
+        """The protocol's forward; tree_parents [R, Tq] (optional): the new
+        tokens of each request form a tree (BuiltinModel.forward)."""
+        kw = dict(hidden_layers=hidden_layers, tree_parents=tree_parents)
         threads = torch.get_num_threads()
         if threads > 1 and ids.shape[0] <= self.serial_tokens and ids.device.type == "cpu":
             torch.set_num_threads(1)
             try:
-                return self.model(ids, positions, cu_tokens, cache, hidden_layers=hidden_layers)
+                return self.model(ids, positions, cu_tokens, cache, **kw)
             finally:
                 torch.set_num_threads(threads)
-        return self.model(ids, positions, cu_tokens, cache, hidden_layers=hidden_layers)
+        return self.model(ids, positions, cu_tokens, cache, **kw)
 
     def lengths(self, cache: KVCache) -> torch.Tensor:
         return cache.lengths
