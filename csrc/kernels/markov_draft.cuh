@@ -131,19 +131,12 @@ __global__ void __launch_bounds__(kMarkovBlock)
 template <typename T>
 __global__ void __launch_bounds__(kMarkovFinalizeWarps * 32)
     markov_finalize_kernel(MarkovArgs<T> a, int32_t k, MarkovBuffers b, int64_t num_chunks) {
-  const int lane = threadIdx.x & 31;
   const int64_t r = static_cast<int64_t>(blockIdx.x) * kMarkovFinalizeWarps + (threadIdx.x >> 5);
   if (r >= a.num_requests) return;
-  RaceBest best = race_empty();
-  int32_t flags = 0;
-  for (int64_t c = lane; c < num_chunks; c += 32) {
-    const SamplePartial p = b.partials[r * num_chunks + c];
-    best = race_merge(best, RaceBest{p.score, p.index});
-    flags |= p.flags;
-  }
-  best = warp_race_merge(best);
-  flags = warp_or(flags);
-  if (lane != 0) return;
+  RaceBest best;
+  int32_t flags;
+  warp_merge_partials(b.partials + r * num_chunks, num_chunks, best, flags);
+  if ((threadIdx.x & 31) != 0) return;
   const bool live_k = markov_live(a, b.live, r, k);
   int32_t token = -1, step_status = 0;
   if (live_k) race_finish(best, flags, token, step_status);

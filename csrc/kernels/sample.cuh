@@ -72,23 +72,31 @@ __global__ void __launch_bounds__(kSampleRaceBlock, 1)
   if (threadIdx.x == 0) partials[blockIdx.x] = SamplePartial{best.score, best.index, flags, 0};
 }
 
-template <typename T>
-__global__ void __launch_bounds__(kSampleFinalizeWarps * 32)
-    sample_finalize_kernel(SampleArgs<T> a, const SamplePartial* __restrict__ partials,
-                           int64_t num_chunks) {
-  const int lane = threadIdx.x & 31;
-  const int64_t r = static_cast<int64_t>(blockIdx.x) * kSampleFinalizeWarps + (threadIdx.x >> 5);
-  if (r >= a.num_requests) return;
-  RaceBest best = race_empty();
-  int32_t flags = 0;
-  for (int64_t c = lane; c < num_chunks; c += 32) {
-    const SamplePartial p = partials[r * num_chunks + c];
+// One warp merges a row's chunk partials [num_chunks]: every lane gets the
+// row's best candidate and flags.
+__device__ __forceinline__ void warp_merge_partials(const SamplePartial* __restrict__ row_partials,
+                                                    int64_t num_chunks, RaceBest& best, int32_t& flags) {
+  best = race_empty();
+  flags = 0;
+  for (int64_t c = threadIdx.x & 31; c < num_chunks; c += 32) {
+    const SamplePartial p = row_partials[c];
     best = race_merge(best, RaceBest{p.score, p.index});
     flags |= p.flags;
   }
   best = warp_race_merge(best);
   flags = warp_or(flags);
-  if (lane == 0) race_finish(best, flags, a.tokens[r], a.status[r]);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kSampleFinalizeWarps * 32)
+    sample_finalize_kernel(SampleArgs<T> a, const SamplePartial* __restrict__ partials,
+                           int64_t num_chunks) {
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * kSampleFinalizeWarps + (threadIdx.x >> 5);
+  if (r >= a.num_requests) return;
+  RaceBest best;
+  int32_t flags;
+  warp_merge_partials(partials + r * num_chunks, num_chunks, best, flags);
+  if ((threadIdx.x & 31) == 0) race_finish(best, flags, a.tokens[r], a.status[r]);
 }
 
 // keep_keys [R]: the top-k/top-p keep key of each request's row alone (the
