@@ -19,6 +19,7 @@ spin-waiting on each other made one tiny float64 forward take ~0.4 s instead
 of ~3 ms (measured; one 30-token generate took 52 s instead of 0.4 s)."""
 from __future__ import annotations
 
+import copy
 import math
 from typing import List, Optional
 
@@ -306,6 +307,46 @@ def test_serial_tokens_runs_small_forwards_on_one_thread_and_restores_the_settin
         assert seen == [1, 2]
     finally:
         torch.set_num_threads(before)
+
+
+def test_half_precision_norm_statistics_do_not_overflow():
+    """fp16 activations above 256 square past fp16's range: the norm's
+    statistics must be taken in fp32 (as nn.RMSNorm does)."""
+    model = make_model(61, 12).float()
+    with torch.no_grad():
+        model.embed.weight[:, 3] = 400.0  # one huge residual channel
+    seq = make_prompts(61, [9], seed=13)[0]
+    want = reference_logits(model, seq)
+    half = copy.deepcopy(model).half()
+    got, _, _ = ragged_forward(BuiltinTarget(half), [seq])
+    assert torch.isfinite(got).all()
+    assert (got.float() - want).abs().max() < 0.05 * want.abs().max()
+    assert torch.equal(got.float().argmax(-1), want.argmax(-1))
+
+
+def test_models_made_under_inference_mode_and_writes_behind_version_counters():
+    with torch.inference_mode():
+        model = make_model(61, 14)  # inference tensors: no version counters
+        seq = make_prompts(61, [7], seed=15)[0]
+        logits, _, _ = ragged_forward(BuiltinTarget(model), [seq])
+        torch.testing.assert_close(logits, reference_logits(model, seq), rtol=1e-9, atol=1e-10)
+    model = make_model(61, 16)
+    target = BuiltinTarget(model)
+    ragged_forward(target, [seq])
+    model.blocks[0].wq.weight.data.mul_(2.0)  # .data writes do not bump the version counter
+    model.eval()  # clears the fused weights
+    logits, _, _ = ragged_forward(target, [seq])
+    torch.testing.assert_close(logits, reference_logits(model, seq), rtol=1e-9, atol=1e-10)
+
+
+def test_a_forward_past_the_cache_raises_instead_of_writing_into_the_next_request():
+    model = make_model(61, 17)
+    target = BuiltinTarget(model)
+    cache = target.new_cache(2, 6)
+    ragged_forward(target, [[1, 2, 3, 4, 5], [1]], cache)
+    with pytest.raises(ValueError, match="cache holds 6 entries per request, this forward needs 7"):
+        target.forward(torch.tensor([1, 2, 3, 4]), torch.tensor([5, 6, 1, 2]), torch.tensor([0, 2, 4],
+                                                                                             dtype=torch.int32), cache)
 
 
 def test_fused_weights_follow_weight_updates_and_autograd():
@@ -704,8 +745,9 @@ def test_ngram_tree_merges_continuations_into_a_trie():
     # tail [1, 2]: occurrences at 9, 5, 0 (latest first), num_draft tokens after each (fewer at the end)
     assert d.continuations(seq) == [[4, 1, 2], [7, 5, 1, 2, 4, 1], [7, 8, 9, 1, 2, 7]]
     tokens, parents = d.tree(seq)
-    # trie in insertion order: 4-1-2, 7-5-1 (node budget 6: 7's second child 8 does not fit)
-    assert tokens == [4, 1, 2, 7, 5, 1] and parents == [0, 1, 2, 0, 4, 5]
+    # breadth first, budget 6: depth 1: 4, 7 (the third branch shares 7); depth 2: 1 (under 4), 5 and 8 (under 7);
+    # depth 3: 2 under 1 -- the budget is spent
+    assert tokens == [4, 7, 1, 5, 8, 2] and parents == [0, 0, 1, 2, 2, 3]
     assert all(p < j + 1 for j, p in enumerate(parents))
     assert NGramDrafter(2, 4, branches=2).tree([3, 3]) == ([3], [0])
     with pytest.raises(ValueError):

@@ -50,16 +50,20 @@ def builtin_from_hf(model) -> BuiltinModel:
                        hidden=cfg.intermediate_size, max_seq_len=getattr(cfg, "max_position_embeddings", 4096),
                        rope_theta=_rope_theta(cfg), norm_eps=float(cfg.rms_norm_eps))
     hf = dict(model.state_dict())
-    p = next(model.parameters())
-    out = BuiltinModel(ours).to(device=p.device, dtype=p.dtype)
-    state = {"embed.weight": hf["model.embed_tokens.weight"], "norm.weight": hf["model.norm.weight"],
-             "head.weight": hf.get("lm_head.weight", hf["model.embed_tokens.weight"])}
     names = {"wq": "self_attn.q_proj", "wk": "self_attn.k_proj", "wv": "self_attn.v_proj", "wo": "self_attn.o_proj",
              "w1": "mlp.gate_proj", "w3": "mlp.up_proj", "w2": "mlp.down_proj", "attn_norm": "input_layernorm",
              "mlp_norm": "post_attention_layernorm"}
-    for layer in range(ours.n_layers):
-        for mine, theirs in names.items():
-            state[f"blocks.{layer}.{mine}.weight"] = hf[f"model.layers.{layer}.{theirs}.weight"]
-    with torch.no_grad():
-        out.load_state_dict({k: v.detach().clone() for k, v in state.items()}, strict=True)
+    try:
+        state = {"embed.weight": hf["model.embed_tokens.weight"], "norm.weight": hf["model.norm.weight"],
+                 "head.weight": hf.get("lm_head.weight", hf["model.embed_tokens.weight"])}
+        for layer in range(ours.n_layers):
+            for mine, theirs in names.items():
+                state[f"blocks.{layer}.{mine}.weight"] = hf[f"model.layers.{layer}.{theirs}.weight"]
+    except KeyError as e:
+        raise ValueError(f"builtin_from_hf: no weight {e} in the model's state dict (a composite model? pass its "
+                         f"Llama language model)") from None
+    with torch.device("meta"):  # no random initialisation of a model about to be overwritten
+        out = BuiltinModel(ours)
+    with torch.no_grad():  # one copy of each weight (assign: the copies become the parameters)
+        out.load_state_dict({k: v.detach().clone() for k, v in state.items()}, strict=True, assign=True)
     return out.eval()

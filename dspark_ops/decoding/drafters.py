@@ -89,25 +89,32 @@ class NGramDrafter(Drafter):
         return out
 
     def tree(self, seq: List[int]):
-        """(tokens, parents) of the trie of continuations(seq), in insertion
-        order (a parent before its children, better branches first), at most
-        num_draft nodes; parents index nodes with 0 = the root."""
+        """(tokens, parents) of the trie of continuations(seq), at most
+        num_draft nodes, filled breadth first (depth by depth, better
+        branches first at each depth, so one long branch cannot take the
+        whole budget); a parent comes before its children and better
+        siblings first. parents index nodes with 0 = the root."""
+        conts = self.continuations(seq)
         tokens: List[int] = []
         parents: List[int] = []
         children = {0: {}}
-        for cont in self.continuations(seq):
-            node = 0
-            for t in cont:
+        at = [0] * len(conts)  # the node each continuation has reached; -1: cut off by the budget
+        for depth in range(max((len(c) for c in conts), default=0)):
+            for b, cont in enumerate(conts):
+                if depth >= len(cont) or at[b] < 0:
+                    continue
+                node, t = at[b], cont[depth]
                 nxt = children[node].get(t)
                 if nxt is None:
                     if len(tokens) == self.num_draft:
-                        break
+                        at[b] = -1
+                        continue
                     tokens.append(t)
                     parents.append(node)
                     nxt = len(tokens)
                     children[node][t] = nxt
                     children[nxt] = {}
-                node = nxt
+                at[b] = nxt
         return tokens, parents
 
     def lookup(self, seq: List[int]) -> List[int]:
@@ -149,7 +156,7 @@ class DraftModelDrafter(Drafter):
     stop_below: a request stops drafting at position k when the draft's top
     probability there (softmax of its logits at temperature 1) is below this
     value, before x_k is sampled; drafting ends when every request has
-    stopped (one host read per draft step). Lossless: whether x_k is
+    stopped (one more host read per draft step). Lossless: whether x_k is
     proposed depends only on x_1..x_{k-1}, and a stopped position is padded
     with -1, which verify_chunk answers by sampling from the target itself
     (DESIGN §3). 0 (default) drafts num_draft tokens always."""

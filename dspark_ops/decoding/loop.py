@@ -99,6 +99,7 @@ class SpeculativeDecoder:
         out = [[] for _ in range(R)]
         finished = [False] * R
         chain_cus = [torch.arange(R + 1, dtype=torch.int32) * (m + 1) for m in range(n + 1)]  # host, per width
+        node_cus = [c.to(dev) for c in chain_cus]  # the same offsets on the device, for verify_tree
         keep_chain = torch.arange(n + 1, dtype=torch.int32, device=dev).expand(R, -1).contiguous()
         appended = [torch.full((R,), m + 1, dtype=torch.int32, device=dev) for m in range(n + 1)]
         steps, accepted_per_step = 0, []
@@ -129,7 +130,7 @@ class SpeculativeDecoder:
                 logits = logits.float()  # e.g. float64 test models: the ops take fp32/fp16/bf16
             V = logits.shape[-1]
             if tree:  # node tokens and draft rows flat, request r's nodes at cu[r]:cu[r+1]; depth <= m
-                res = verify_tree(logits, nodes.reshape(-1).to(torch.int32), parents.reshape(-1), chain_cus[m].to(dev),
+                res = verify_tree(logits, nodes.reshape(-1).to(torch.int32), parents.reshape(-1), node_cus[m],
                                   max_depth=m, temperature=sampling.temperature, top_k=top_k_t, top_p=top_p_t,
                                   seed=sampling.seed, position=state.position)  # deterministic siblings
                 keep_index = res.path

@@ -81,14 +81,24 @@ def _rope(x: torch.Tensor, positions: torch.Tensor, theta: float, tables=None) -
 def _normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
     """x [T, dim] / sqrt(mean(x^2) + eps): RMSNorm without its weight, which
     the fused weights carry (_Block.fused). Four ops, no Python scalars in
-    in-place ops (each would cost a host-side tensor conversion)."""
-    D = x.shape[-1]
-    col = _inv_dim_column(D, x.dtype, x.device)
-    ss = torch.addmm(_eps_tensor(eps, x.dtype, x.device), x * x, col)  # [T, 1]: mean(x^2) + eps
-    return x * ss.rsqrt_()
+    in-place ops (each would cost a host-side tensor conversion). The
+    statistics of fp16/bf16 activations are taken in fp32 (like
+    nn.RMSNorm): x^2 overflows fp16 above 256."""
+    low = x.dtype in (torch.float16, torch.bfloat16)
+    xs = x.float() if low else x
+    col = _inv_dim_column(x.shape[-1], xs.dtype, x.device)
+    ss = torch.addmm(_eps_tensor(eps, xs.dtype, x.device), xs * xs, col)  # [T, 1]: mean(x^2) + eps
+    return (xs * ss.rsqrt_()).to(x.dtype) if low else xs * ss.rsqrt_()
 
 
 _CONST: dict = {}
+_MATMUL_ATTENTION_MAX_TOKENS = 16  # new tokens per request up to which attention is batched matmuls, not SDPA
+
+
+def _version(w: torch.Tensor) -> int:
+    """A weight's version counter; 0 for an inference tensor (made under
+    inference_mode: it has none, and cannot change outside that mode)."""
+    return 0 if w.is_inference() else w._version
 
 
 def _inv_dim_column(D: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -145,9 +155,13 @@ class _Block(nn.Module):
         """The inference path's weights: wqkv [(2H+3Hkv)D, dim] = q, k, v,
         rotate_half(q), rotate_half(k) in one GEMM (RoPE then needs no
         shuffle), w13 [2 hidden, dim] (the SwiGLU's two inputs), both with
-        their RMSNorm's weight folded in; wo^T and w2^T for addmm. Rebuilt
-        whenever a weight changes (version counters), so training stays
-        correct; differentiable and uncached while autograd records."""
+        their RMSNorm's weight folded in; wo^T and w2^T (views) for addmm.
+        Rebuilt when a weight moves (model.to(), load_state_dict) or its
+        version counter changes (in-place updates by torch ops, optimizer
+        steps); writes that bypass the counter (``p.data`` ops, numpy views,
+        fused optimizers) need BuiltinModel.clear_inference_cache() — which
+        model.train() and model.eval() call. Differentiable and uncached
+        while autograd records."""
         hd = self.cfg.head_dim
         mods = self._modules  # not self.wq.weight: nn.Module's __getattr__ costs ~1 us a lookup
         ws = tuple(mods[name]._parameters["weight"] for name in _FUSED_WEIGHTS)
@@ -155,11 +169,11 @@ class _Block(nn.Module):
             return self._build(ws, hd)
         # Storage addresses and version counters: in-place updates bump the version, model.to() or a .data swap
         # moves the storage (the cache keeps the old storage alive, so its address cannot be reused meanwhile).
-        key = tuple(w.data_ptr() for w in ws) + tuple(w._version for w in ws)
+        key = tuple(w.data_ptr() for w in ws) + tuple(_version(w) for w in ws)
         cached = self._fused
         if cached is None or cached[0] != key:
             with torch.inference_mode(False), torch.no_grad():  # plain tensors, usable outside inference mode
-                cached = self._fused = (key, tuple(w.contiguous() for w in self._build(ws, hd)),
+                cached = self._fused = (key, self._build(ws, hd),
                                         tuple(w.detach() for w in ws))
         return cached[1]
 
@@ -167,7 +181,7 @@ class _Block(nn.Module):
     def _build(ws, hd: int):
         wq, wk, wv, w1, w3, wo, w2, g_attn, g_mlp = ws
         wqkv = torch.cat([wq, wk, wv, _rotate_half_rows(wq, hd), _rotate_half_rows(wk, hd)]) * g_attn
-        return wqkv, torch.cat([w1, w3]) * g_mlp, wo.t(), w2.t()
+        return wqkv, torch.cat([w1, w3]) * g_mlp, wo.t(), w2.t()  # addmm takes the transposed views as they are
 
     def forward(self, h: torch.Tensor, layer: int, cache: KVCache, plan: "_Plan") -> torch.Tensor:
         cfg, hd = self.cfg, self.cfg.head_dim
@@ -184,20 +198,27 @@ class _Block(nn.Module):
         if kk.dtype != q.dtype:
             kk, vv = kk.to(q.dtype), vv.to(q.dtype)
         R, Tq, rep = plan.R, plan.Tq, H // Hkv
-        if plan.pad_index is None:  # every request appends Tq tokens: batched matmuls, queries grouped by KV head
+        if not plan.sdpa:  # every request appends Tq (few) tokens: batched matmuls, queries grouped by KV head
             qg = q.view(R, Tq, Hkv, rep, hd).permute(0, 2, 3, 1, 4).reshape(R * Hkv, rep * Tq, hd)
             scores = torch.baddbmm(plan.bias, qg, kk.permute(0, 2, 3, 1).reshape(R * Hkv, hd, plan.S),
                                    beta=1.0 if plan.bias.dim() else 0.0, alpha=hd ** -0.5).softmax(-1)
             out = torch.bmm(scores, vv.transpose(1, 2).reshape(R * Hkv, plan.S, hd))  # [R Hkv, rep Tq, D]
             out = out.view(R, Hkv, rep, Tq, hd).permute(0, 3, 1, 2, 4).reshape(T, H * hd)
-        else:  # ragged: queries padded per request [R, Tq, H, D]
-            qp = q[plan.pad_index.clamp(min=0)].masked_fill(~plan.pad_valid[..., None, None], 0.0)
+        else:  # queries [R, Tq, H, D], padded per request when ragged
+            qp = q.view(R, Tq, H, hd) if plan.pad_index is None else (
+                q[plan.pad_index.clamp(min=0)].masked_fill(~plan.pad_valid[..., None, None], 0.0))
             out = F.scaled_dot_product_attention(qp.transpose(1, 2), kk.transpose(1, 2), vv.transpose(1, 2),
                                                  attn_mask=plan.mask, enable_gqa=True).transpose(1, 2)
-            out = out[plan.pad_valid].reshape(T, H * hd)
+            out = out.reshape(T, H * hd) if plan.pad_index is None else out[plan.pad_valid].reshape(T, H * hd)
         h = torch.addmm(h, out, wo_t)
         gate, up = F.linear(_normalize(h, cfg.norm_eps), w13).chunk(2, -1)
         return torch.addmm(h, F.silu(gate).mul_(up), w2_t)
+
+
+def _check_room(needed: int, max_len: int) -> None:
+    if needed > max_len:  # a flat-view write past a row would land in the next request's entries
+        raise ValueError(f"BuiltinModel.forward: the cache holds {max_len} entries per request, this forward needs "
+                         f"{needed}")
 
 
 def tree_ancestors(parents: torch.Tensor) -> torch.Tensor:
@@ -237,7 +258,9 @@ class _Plan:
         if R == 1 and self.Tq == 1:  # a decode step: it sees its whole cache; baddbmm with beta 0 ignores the bias
             self.flat_slot = cache.lengths + cache.row_offsets
             self.pad_index = self.pad_valid = None
-            self.S = min(cache.max_len, int(cache.lengths[0]) + 1)  # the one device-to-host read
+            self.sdpa = False
+            self.S = int(cache.lengths[0]) + 1  # the one device-to-host read
+            _check_room(self.S, cache.max_len)
             self.bias = _scalar_placeholder(dtype, dev)
             return
         base = cache.lengths.to(torch.int64)
@@ -254,7 +277,8 @@ class _Plan:
             self.pad_valid = col.unsqueeze(0) < count_t.unsqueeze(1)  # [R, Tq]
             self.pad_index = torch.where(self.pad_valid, starts.unsqueeze(1) + col, -1)
         # The longest cache after this forward: the one device-to-host read.
-        self.S = min(cache.max_len, int(cache.lengths.max()) + self.Tq) if R else 0
+        self.S = int(cache.lengths.max()) + self.Tq if R else 0
+        _check_room(self.S, cache.max_len)
         key = torch.arange(self.S, device=dev)
         # query (r, i) sees cache entries 0 .. base[r] + i (itself included), or with a tree the cache
         # before base[r] and its own ancestors among the new tokens
@@ -264,8 +288,13 @@ class _Plan:
             rel = key.view(1, 1, self.S) - base.view(R, 1, 1)  # [R, 1, S]: new-token index of a cache entry
             new = ancestors.gather(2, rel.clamp(0, self.Tq - 1).expand(R, self.Tq, self.S))
             visible = (rel < 0) | ((rel < self.Tq) & new)
-        if self.pad_valid is not None:
-            self.mask = (visible | ~self.pad_valid.unsqueeze(-1)).unsqueeze(1)  # padded queries: any row without NaN
+        # Long or ragged chunks (prefill) go to SDPA with a boolean mask [R, 1, Tq, S]: no [R H, Tq, S] score and
+        # bias tensors; short uniform ones (verify passes) to batched matmuls with an additive bias.
+        self.sdpa = self.pad_valid is not None or self.Tq > _MATMUL_ATTENTION_MAX_TOKENS
+        if self.sdpa:
+            if self.pad_valid is not None:
+                visible = visible | ~self.pad_valid.unsqueeze(-1)  # padded queries: any row without NaN
+            self.mask = visible.unsqueeze(1)
         else:  # additive bias [R Hkv, rep Tq, S], in the grouped query order of _Block.forward
             bias = torch.zeros(visible.shape, dtype=dtype, device=dev).masked_fill_(~visible, float("-inf"))
             Hkv, rep = cfg.n_kv_heads, cfg.n_heads // cfg.n_kv_heads
@@ -290,6 +319,18 @@ class BuiltinModel(nn.Module):
         for blk in self.blocks:  # scaled residual projections
             nn.init.normal_(blk.wo.weight, std=0.02 / math.sqrt(2 * cfg.n_layers))
             nn.init.normal_(blk.w2.weight, std=0.02 / math.sqrt(2 * cfg.n_layers))
+
+    def clear_inference_cache(self) -> None:
+        """Drop the inference forward's fused weights (rebuilt on the next
+        forward): after writing weights in ways their version counters do
+        not see."""
+        self._head = None
+        for blk in self._modules["blocks"]:
+            blk._fused = None
+
+    def train(self, mode: bool = True) -> "BuiltinModel":
+        self.clear_inference_cache()  # a training phase may write weights behind the version counters
+        return super().train(mode)
 
     def new_cache(self, num_requests: int, max_len: int) -> KVCache:
         p = next(self.parameters())
@@ -331,7 +372,7 @@ class BuiltinModel(nn.Module):
         w, g = self._modules["head"]._parameters["weight"], self._modules["norm"]._parameters["weight"]
         if torch.is_grad_enabled() and (w.requires_grad or g.requires_grad):
             return w * g
-        key = (w.data_ptr(), w._version, g.data_ptr(), g._version)  # as in _Block.fused
+        key = (w.data_ptr(), _version(w), g.data_ptr(), _version(g))  # as in _Block.fused
         cached = getattr(self, "_head", None)
         if cached is None or cached[0] != key:
             with torch.inference_mode(False), torch.no_grad():
