@@ -309,6 +309,27 @@ def test_serial_tokens_runs_small_forwards_on_one_thread_and_restores_the_settin
         torch.set_num_threads(before)
 
 
+@pytest.fixture
+def gpu_attention_path(monkeypatch):
+    """Run the forward's GPU path on the CPU: no length reads, attention over
+    the whole cache under a mask, no decode-step shortcut."""
+    import dspark_ops.decoding.model as model_mod
+    monkeypatch.setattr(model_mod, "_reads_lengths", lambda device: False)
+
+
+def test_gpu_attention_path_matches_reference_and_plain_decoding(gpu_attention_path, greedy_setup):
+    model, draft_model, prompts, nostop, _, _ = greedy_setup
+    target = BuiltinTarget(model)
+    logits, _, cu = ragged_forward(target, prompts[:4], target.new_cache(4, 40))  # ragged prefill
+    for r, p in enumerate(prompts[:4]):
+        torch.testing.assert_close(logits[cu[r]:cu[r + 1]], reference_logits(model, p), rtol=1e-9, atol=1e-10)
+    for drafter in (None, NGramDrafter(3, 5), NGramDrafter(3, 8, branches=3),
+                    DraftModelDrafter(BuiltinTarget(draft_model), 3)):
+        assert SpeculativeDecoder(target, drafter).generate(prompts, MAX_NEW).tokens == nostop
+    one = SpeculativeDecoder(target).generate(prompts[1:2], MAX_NEW).tokens  # R = 1 decode steps
+    assert one == nostop[1:2]
+
+
 def test_half_precision_norm_statistics_do_not_overflow():
     """fp16 activations above 256 square past fp16's range: the norm's
     statistics must be taken in fp32 (as nn.RMSNorm does)."""
@@ -923,3 +944,45 @@ def test_early_finish_does_not_change_other_requests(kind, temperature):
     assert len(batched.tokens[0]) <= 2 and batched.tokens[0][-1] in stops
     assert max(len(o) for o in batched.tokens[1:]) == max_new  # others ran on after request 0 finished
     assert batched.errors == [0] * len(prompts)
+
+
+# ---------------------------------------------------------------------------
+# On a GPU: the same guarantees, and one host synchronisation per step
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kind", ["plain", "ngram", "ngram_tree", "draft_model"])
+def test_cuda_greedy_equals_cpu_greedy(greedy_setup, kind):
+    model, draft_model, prompts, nostop, _, _ = greedy_setup
+    gpu, gpu_draft = copy.deepcopy(model).cuda(), copy.deepcopy(draft_model).cuda()
+    drafter = {"plain": lambda: None, "ngram": lambda: NGramDrafter(3, 5),
+               "ngram_tree": lambda: NGramDrafter(3, 8, branches=3),
+               "draft_model": lambda: DraftModelDrafter(BuiltinTarget(gpu_draft), 3)}[kind]()
+    res = SpeculativeDecoder(BuiltinTarget(gpu), drafter).generate(prompts, MAX_NEW)
+    assert res.tokens == nostop and res.errors == [0] * len(prompts)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kind", ["plain", "ngram", "ngram_tree", "draft_model"])
+def test_cuda_one_synchronisation_per_step(greedy_setup, kind):
+    """DESIGN §3: no host synchronisation inside a step but the finished
+    check. torch's sync debug mode warns at every synchronising call; the
+    generate() call may make one per step plus one at its end (the errors)."""
+    import warnings
+    model, draft_model, prompts, _, _, _ = greedy_setup
+    gpu, gpu_draft = copy.deepcopy(model).cuda(), copy.deepcopy(draft_model).cuda()
+    make = {"plain": lambda: None, "ngram": lambda: NGramDrafter(3, 5),
+            "ngram_tree": lambda: NGramDrafter(3, 8, branches=3),
+            "draft_model": lambda: DraftModelDrafter(BuiltinTarget(gpu_draft), 3)}[kind]
+    dec = SpeculativeDecoder(BuiltinTarget(gpu), make())
+    dec.generate(prompts, 4)  # warm-up: lazy initialisation, pinned-memory pools
+    dec = SpeculativeDecoder(BuiltinTarget(gpu), make())
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            res = dec.generate(prompts, MAX_NEW)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
+    assert len(syncs) <= res.stats["steps"] + 1, [str(w.message) for w in syncs[:5]]

@@ -12,6 +12,7 @@ import torch
 from .._enums import Purpose
 from ..kv import RequestState
 from ..ops import sample
+from ._host import to_device
 
 
 @dataclass
@@ -139,12 +140,12 @@ class NGramDrafter(Drafter):
             width = max(len(t) for t, _ in trees)
             toks = [t + [-1] * (width - len(t)) for t, _ in trees]  # padding: flagged children of the root
             pars = [p + [0] * (width - len(p)) for _, p in trees]
-            return Draft(torch.tensor(toks, dtype=torch.int32, device=dev).view(len(seqs), width), width=width,
-                         parents=torch.tensor(pars, dtype=torch.int32, device=dev).view(len(seqs), width))
+            return Draft(to_device(toks, torch.int32, dev).view(len(seqs), width), width=width,
+                         parents=to_device(pars, torch.int32, dev).view(len(seqs), width))
         found = [self.lookup(s) for s in seqs]
         width = max(len(f) for f in found)  # no padded rows through the target (host lists: no sync)
         rows = [f + [-1] * (width - len(f)) for f in found]
-        return Draft(torch.tensor(rows, dtype=torch.int32, device=dev).view(len(seqs), width), width=width)
+        return Draft(to_device(rows, torch.int32, dev).view(len(seqs), width), width=width)
 
 
 class DraftModelDrafter(Drafter):
@@ -177,15 +178,15 @@ class DraftModelDrafter(Drafter):
     def propose(self, seqs, state, sampling) -> Draft:
         R, n, dev = len(seqs), self.num_draft, state.last_token.device
         catch = [s[f:] for s, f in zip(seqs, self.fed)]  # what the cache has not seen (1 or 2 tokens, or the prompt)
-        ids = torch.tensor([t for c in catch for t in c], dtype=torch.int64, device=dev)
-        positions = torch.tensor([f + i for c, f in zip(catch, self.fed) for i in range(len(c))], dtype=torch.int64,
-                                 device=dev)
+        ids = to_device([t for c in catch for t in c], torch.int64, dev)
+        positions = to_device([f + i for c, f in zip(catch, self.fed) for i in range(len(c))], torch.int64, dev)
         cu = [0]
         for c in catch:
             cu.append(cu[-1] + len(c))
         logits, _ = self.model.forward(ids, positions, torch.tensor(cu, dtype=torch.int32), self.cache)
         one_each = all(len(c) == 1 for c in catch)
-        rows = [(logits if one_each else logits[[max(c - 1, 0) for c in cu[1:]]]).float()]  # each request's last
+        last = None if one_each else to_device([max(c - 1, 0) for c in cu[1:]], torch.int64, dev)
+        rows = [(logits if one_each else logits.index_select(0, last)).float()]  # each request's last row
         self.fed = [len(s) for s in seqs]
         self.base = self.model.lengths(self.cache).clone()
         self.forwarded = 0  # draft tokens appended to the draft cache after base
@@ -219,5 +220,5 @@ class DraftModelDrafter(Drafter):
         if m:
             self.model.rollback(self.cache, self.base, torch.full((R,), m, dtype=torch.int32, device=dev),
                                 torch.arange(m, dtype=torch.int32, device=dev).expand(R, -1).contiguous(),
-                                torch.tensor(keep, dtype=torch.int32, device=dev))
+                                to_device(keep, torch.int32, dev))
         self.fed = [f + k for f, k in zip(self.fed, keep)]

@@ -15,6 +15,7 @@ import torch
 from ..chain import verify_chunk
 from ..kv import RequestState, commit_tokens
 from ..tree import verify_tree
+from ._host import to_device
 from .drafters import Drafter, Sampling
 from .model import tree_ancestors
 
@@ -46,7 +47,7 @@ def _per_request(value, R: int, dtype, device) -> torch.Tensor:
     if isinstance(value, (list, tuple)):
         if len(value) != R:
             raise ValueError(f"SpeculativeDecoder.generate: a per-prompt list must have {R} entries, got {len(value)}")
-        return torch.tensor(value, dtype=dtype, device=device)
+        return to_device(value, dtype, device)
     return torch.full((R,), value, dtype=dtype, device=device)
 
 
@@ -85,17 +86,17 @@ class SpeculativeDecoder:
         for p in pre:
             cu.append(cu[-1] + len(p))
         if cu[-1]:
-            target.forward(torch.tensor([t for p in pre for t in p], dtype=torch.int64, device=dev),
-                           torch.tensor([i for p in pre for i in range(len(p))], dtype=torch.int64, device=dev),
+            target.forward(to_device([t for p in pre for t in p], torch.int64, dev),
+                           to_device([i for p in pre for i in range(len(p))], torch.int64, dev),
                            torch.tensor(cu, dtype=torch.int32), cache)
-        state = RequestState.new(torch.tensor([s[-1] for s in seqs], dtype=torch.int32, device=dev),
-                                 torch.tensor([len(s) for s in seqs], dtype=torch.int64, device=dev),
-                                 torch.tensor(limits, dtype=torch.int32, device=dev), max_new_tokens)
+        state = RequestState.new(to_device([s[-1] for s in seqs], torch.int32, dev),
+                                 to_device([len(s) for s in seqs], torch.int64, dev),
+                                 to_device(limits, torch.int32, dev), max_new_tokens)
         per_prompt_seed = isinstance(seed, (list, tuple)) or (isinstance(seed, torch.Tensor) and seed.dim() > 0)
         seeds = seed if per_prompt_seed else [request_seed(int(seed), r) for r in range(R)]
         sampling = Sampling(_per_request(temperature, R, torch.float32, dev), _per_request(seeds, R, torch.int64, dev))
         top_k_t, top_p_t = _per_request(top_k, R, torch.int32, dev), _per_request(top_p, R, torch.float32, dev)
-        stop = torch.tensor(list(stop_tokens), dtype=torch.int32, device=dev) if stop_tokens else None
+        stop = to_device(list(stop_tokens), torch.int32, dev) if stop_tokens else None
         out = [[] for _ in range(R)]
         finished = [False] * R
         chain_cus = [torch.arange(R + 1, dtype=torch.int32) * (m + 1) for m in range(n + 1)]  # host, per width

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kv import KVLayout, kv_compact
+from ._host import to_device
 
 
 @dataclass
@@ -209,10 +210,19 @@ class _Block(nn.Module):
                 q[plan.pad_index.clamp(min=0)].masked_fill(~plan.pad_valid[..., None, None], 0.0))
             out = F.scaled_dot_product_attention(qp.transpose(1, 2), kk.transpose(1, 2), vv.transpose(1, 2),
                                                  attn_mask=plan.mask, enable_gqa=True).transpose(1, 2)
-            out = out.reshape(T, H * hd) if plan.pad_index is None else out[plan.pad_valid].reshape(T, H * hd)
+            out = out.reshape(T, H * hd) if plan.pad_index is None else (
+                out.reshape(R * Tq, H * hd).index_select(0, plan.valid_rows))
         h = torch.addmm(h, out, wo_t)
         gate, up = F.linear(_normalize(h, cfg.norm_eps), w13).chunk(2, -1)
         return torch.addmm(h, F.silu(gate).mul_(up), w2_t)
+
+
+def _reads_lengths(device: torch.device) -> bool:
+    """Whether a forward reads the cache lengths on the host (the CPU: free)
+    or attends over the whole cache without reading them (a GPU: a read
+    would synchronise). A function, so tests can run the GPU path on the
+    CPU."""
+    return device.type == "cpu"
 
 
 def _check_room(needed: int, max_len: int) -> None:
@@ -240,22 +250,25 @@ class _Plan:
     """The index tensors one forward's layers share: where each new token's
     K/V goes (flat_slot: entry r * max_len + s of a cache viewed as
     [R * max_len, H, D]), the attention's additive bias [R Hkv, rep Tq, S]
-    (uniform batches; ignored for one request appending one token) or
-    boolean mask [R, 1, Tq, S] with the query padding (ragged batches), the
-    longest cache S after the forward and the rotary tables at the new
-    tokens' positions."""
+    (short uniform chunks; ignored for a CPU decode step) or boolean mask
+    [R, 1, Tq, S] with the query padding (long or ragged chunks), the keys
+    attended S (the longest cache after the forward on the CPU; the whole
+    cache on a GPU, where reading the lengths would synchronise) and the
+    rotary tables at the new tokens' positions. Nothing here synchronises
+    with a GPU."""
 
     def __init__(self, positions: torch.Tensor, cu: List[int], cache: KVCache, rope: Tuple[torch.Tensor, ...],
                  cfg: ModelConfig, dtype: torch.dtype, ancestors: Optional[torch.Tensor] = None):
         dev = positions.device
         R, T = len(cu) - 1, positions.shape[0]
         self.cos, self.sin = rope[0][positions], rope[1][positions]  # [T, 1, D] each
-        counts = [cu[r + 1] - cu[r] for r in range(R)]
+        self.counts = counts = [cu[r + 1] - cu[r] for r in range(R)]
         self.R, self.Tq = R, (max(counts) if counts else 0)
         self.uniform = all(c == self.Tq for c in counts)
         if ancestors is not None and not self.uniform:
             raise ValueError("BuiltinModel.forward: tree_parents needs the same number of new tokens per request")
-        if R == 1 and self.Tq == 1:  # a decode step: it sees its whole cache; baddbmm with beta 0 ignores the bias
+        on_host = _reads_lengths(dev)  # lengths readable for free; on a GPU, no read: attend over the whole cache
+        if on_host and R == 1 and self.Tq == 1:  # a decode step sees its whole cache: baddbmm (beta 0) ignores bias
             self.flat_slot = cache.lengths + cache.row_offsets
             self.pad_index = self.pad_valid = None
             self.sdpa = False
@@ -269,16 +282,20 @@ class _Plan:
         if self.uniform:
             self.flat_slot = (row_start.unsqueeze(1) + col).reshape(-1)
             self.pad_index = self.pad_valid = None
-        else:
-            count_t = torch.tensor(counts, device=dev)
-            starts = torch.tensor(cu[:-1], device=dev, dtype=torch.int64)
-            owner = torch.repeat_interleave(torch.arange(R, device=dev), count_t)
-            self.flat_slot = row_start[owner] + torch.arange(T, device=dev) - starts[owner]
+        else:  # (sizes known on the host: no synchronisation)
+            count_t = to_device(counts, torch.int64, dev)
+            starts = to_device(cu[:-1], torch.int64, dev)
+            owner = torch.repeat_interleave(torch.arange(R, device=dev), count_t, output_size=T)
+            local = torch.arange(T, device=dev) - starts[owner]
+            self.flat_slot = row_start[owner] + local
             self.pad_valid = col.unsqueeze(0) < count_t.unsqueeze(1)  # [R, Tq]
             self.pad_index = torch.where(self.pad_valid, starts.unsqueeze(1) + col, -1)
-        # The longest cache after this forward: the one device-to-host read.
-        self.S = int(cache.lengths.max()) + self.Tq if R else 0
-        _check_room(self.S, cache.max_len)
+            self.valid_rows = owner * self.Tq + local  # [T]: each token's row in the padded [R Tq] layout
+        if on_host:  # the longest cache after this forward, and a clear error past the cache's end
+            self.S = int(cache.lengths.max()) + self.Tq if R else 0
+            _check_room(self.S, cache.max_len)
+        else:  # the caller keeps within max_len (the loop sizes its caches so)
+            self.S = cache.max_len
         key = torch.arange(self.S, device=dev)
         # query (r, i) sees cache entries 0 .. base[r] + i (itself included), or with a tree the cache
         # before base[r] and its own ancestors among the new tokens
@@ -342,8 +359,10 @@ class BuiltinModel(nn.Module):
         """ids [T] int64, positions [T] int64, cu_tokens [R+1] int32: request
         r's new tokens are ids[cu[r]:cu[r+1]], appended after its cached
         length. Returns (logits [T, V], hidden [T, len(hidden_layers), dim] or
-        None). Reads cu_tokens and the longest cached length on the host (one
-        sync on a GPU).
+        None). cu_tokens is read on the host (keep it there); no other read:
+        on a GPU the forward never synchronises (attention spans the whole
+        cache, masked), on the CPU it reads the lengths and raises past the
+        cache's end.
 
         tree_parents [R, Tq] int32 (every request appending Tq tokens): the
         new tokens form a tree per request — token j's parent is new token
@@ -363,7 +382,7 @@ class BuiltinModel(nn.Module):
         if plan.uniform:
             cache.lengths += plan.Tq
         else:
-            cache.lengths += (cu_tokens[1:] - cu_tokens[:-1]).to(device=cache.lengths.device, dtype=torch.int32)
+            cache.lengths += to_device(plan.counts, torch.int32, cache.lengths.device)
         logits = F.linear(_normalize(h, self.cfg.norm_eps), self._head_weight())
         return logits, (torch.stack(hidden, 1) if hidden else None)
 

@@ -1,0 +1,17 @@
+"""Host-built index tensors onto the device without a host synchronisation:
+a plain torch.tensor(..., device="cuda") copies from pageable memory and
+waits for the stream; a pinned staging copy does not (torch's caching host
+allocator keeps the pinned block alive until the copy has run)."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+
+def to_device(values: Sequence, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """torch.tensor(values, dtype) on `device`, asynchronously on a GPU."""
+    t = torch.tensor(values, dtype=dtype)
+    if torch.device(device).type == "cpu":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
