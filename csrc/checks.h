@@ -9,6 +9,8 @@
 #include <sstream>
 #include <string>
 
+#include "core/filters.h"
+
 namespace dspark {
 
 inline std::string shape_str(const at::Tensor& t) {
@@ -71,6 +73,41 @@ inline void check_no_overlap(const char* op, const char* out_name, const at::Ten
 }
 
 inline int64_t per_request_stride(const at::Tensor& t) { return t.size(0) == 1 ? 0 : 1; }
+
+// A row length the fixed-point top-p sums can take (core/filters.h).
+inline void check_vocab(const char* op, const char* name, int64_t V) {
+  TORCH_CHECK_VALUE(V <= kMaxVocab, op, ": ", name, " must have V <= ", kMaxVocab, ", got V = ", V);
+}
+
+// The sampling parameters of every sampling op, each [R] or [1].
+inline void check_sampling_params(const char* op, int64_t R, const at::Tensor& temperature,
+                                  const c10::optional<at::Tensor>& top_k, const c10::optional<at::Tensor>& top_p,
+                                  const at::Tensor& seed, const at::Tensor& position, const at::Tensor& ref) {
+  check_per_request(op, "temperature", temperature, R, at::kFloat, ref);
+  if (top_k.has_value()) check_per_request(op, "top_k", *top_k, R, at::kInt, ref);
+  if (top_p.has_value()) check_per_request(op, "top_p", *top_p, R, at::kFloat, ref);
+  check_per_request(op, "seed", seed, R, at::kLong, ref);
+  check_per_request(op, "position", position, R, at::kLong, ref);
+}
+
+// Ragged offsets [R + 1], int32, contiguous.
+inline void check_offsets(const char* op, const char* name, const at::Tensor& cu, const at::Tensor& ref) {
+  check_same_device(op, name, cu, ref);
+  check_dtype(op, name, cu, at::kInt);
+  TORCH_CHECK_VALUE(cu.dim() == 1 && cu.size(0) >= 1, op, ": ", name, " must have shape [R + 1], got ",
+                    shape_str(cu));
+  TORCH_CHECK_VALUE(cu.is_contiguous(), op, ": ", name, " must be contiguous");
+}
+
+// An int32 output [R, W], contiguous, on the logits' device.
+inline void check_int_rows(const char* op, const char* name, const at::Tensor& t, int64_t R, int64_t W,
+                           const at::Tensor& ref) {
+  check_same_device(op, name, t, ref);
+  check_dtype(op, name, t, at::kInt);
+  TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == R && t.size(1) == W, op, ": ", name, " must have shape [", R,
+                    ", ", W, "], got ", shape_str(t));
+  TORCH_CHECK_VALUE(t.is_contiguous(), op, ": ", name, " must be contiguous");
+}
 
 // Workspace: enough bytes, on the device, contiguous.
 inline void check_workspace(const char* op, const at::Tensor& ws, int64_t need,

@@ -43,11 +43,7 @@ inline void check_markov_args(const at::Tensor& base, const at::Tensor& anchor, 
   TORCH_CHECK_VALUE(w1.dim() == 2 && w2.dim() == 2 && w1.size(0) == V && w2.size(1) == V && w1.size(1) == w2.size(0),
                     op, ": w1 must be [V, r] and w2 [r, V] with V = ", V, ", got ", shape_str(w1), " and ",
                     shape_str(w2));
-  check_per_request(op, "temperature", temperature, R, at::kFloat, base);
-  if (top_k.has_value()) check_per_request(op, "top_k", *top_k, R, at::kInt, base);
-  if (top_p.has_value()) check_per_request(op, "top_p", *top_p, R, at::kFloat, base);
-  check_per_request(op, "seed", seed, R, at::kLong, base);
-  check_per_request(op, "position", position, R, at::kLong, base);
+  check_sampling_params(op, R, temperature, top_k, top_p, seed, position, base);
   if (num_draft.has_value()) check_output(op, "num_draft", *num_draft, R, at::kInt, base);
 }
 
@@ -55,10 +51,7 @@ inline void check_markov_outputs(const at::Tensor& base, const at::Tensor& token
                                  const at::Tensor& status) {
   const char* op = kMarkovOp;
   const int64_t R = base.size(0), G = base.size(1), V = base.size(2);
-  check_same_device(op, "tokens", tokens, base);
-  check_dtype(op, "tokens", tokens, at::kInt);
-  TORCH_CHECK_VALUE(tokens.dim() == 2 && tokens.size(0) == R && tokens.size(1) == G && tokens.is_contiguous(), op,
-                    ": tokens must be a contiguous [", R, ", ", G, "], got ", shape_str(tokens));
+  check_int_rows(op, "tokens", tokens, R, G, base);
   check_same_device(op, "draft_logits", draft_logits, base);
   check_dtype(op, "draft_logits", draft_logits, base.scalar_type());
   TORCH_CHECK_VALUE(draft_logits.dim() == 3 && draft_logits.size(0) == R && draft_logits.size(1) == G &&

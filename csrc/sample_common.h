@@ -25,8 +25,7 @@ inline void check_sample_args(const at::Tensor& logits, const at::Tensor& temper
                               const c10::optional<at::Tensor>& row_start) {
   const char* op = kSampleOp;
   check_logits(op, "logits", logits);
-  TORCH_CHECK_VALUE(logits.size(1) <= kMaxVocab, op, ": logits must have V <= ", kMaxVocab,
-                    ", got V = ", logits.size(1));
+  check_vocab(op, "logits", logits.size(1));
   if (row_start.has_value()) {
     check_same_device(op, "row_start", *row_start, logits);
     check_dtype(op, "row_start", *row_start, at::kInt);
@@ -34,11 +33,7 @@ inline void check_sample_args(const at::Tensor& logits, const at::Tensor& temper
                       ": row_start must be a contiguous 1-D tensor [R], got ", shape_str(*row_start));
   }
   const int64_t R = sample_num_requests(logits, row_start);
-  check_per_request(op, "temperature", temperature, R, at::kFloat, logits);
-  if (top_k.has_value()) check_per_request(op, "top_k", *top_k, R, at::kInt, logits);
-  if (top_p.has_value()) check_per_request(op, "top_p", *top_p, R, at::kFloat, logits);
-  check_per_request(op, "seed", seed, R, at::kLong, logits);
-  check_per_request(op, "position", position, R, at::kLong, logits);
+  check_sampling_params(op, R, temperature, top_k, top_p, seed, position, logits);
   check_per_request(op, "slot", slot, R, at::kInt, logits);
   TORCH_CHECK_VALUE(purpose >= kPurposeCoin && purpose <= kPurposeDraft, op,
                     ": purpose must be 1 (COIN), 2 (EMIT) or 3 (DRAFT), got ", purpose);
@@ -84,8 +79,7 @@ SampleArgs<Storage> make_sample_args(const at::Tensor& logits, const at::Tensor&
 inline at::Tensor keep_key_output(const at::Tensor& logits, const at::Tensor& temperature,
                                   const c10::optional<at::Tensor>& top_k, const c10::optional<at::Tensor>& top_p) {
   check_logits("dspark_ops.keep_key", "logits", logits);
-  TORCH_CHECK_VALUE(logits.size(1) <= kMaxVocab, "dspark_ops.keep_key: logits must have V <= ", kMaxVocab,
-                    ", got V = ", logits.size(1));
+  check_vocab("dspark_ops.keep_key", "logits", logits.size(1));
   const int64_t R = logits.size(0);
   check_per_request("dspark_ops.keep_key", "temperature", temperature, R, at::kFloat, logits);
   if (top_k.has_value()) check_per_request("dspark_ops.keep_key", "top_k", *top_k, R, at::kInt, logits);

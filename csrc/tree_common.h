@@ -24,26 +24,17 @@ inline void check_tree_args(const at::Tensor& target_logits, const at::Tensor& n
                             const at::Tensor& seed, const at::Tensor& position) {
   const char* op = kTreeOp;
   check_logits(op, "target_logits", target_logits);
-  const int64_t V = target_logits.size(1);
-  TORCH_CHECK_VALUE(V <= kMaxVocab, op, ": target_logits must have V <= ", kMaxVocab, ", got V = ", V);
+  check_vocab(op, "target_logits", target_logits.size(1));
   check_int_vector(op, "node_tokens", node_tokens, -1, target_logits);
   check_int_vector(op, "parents", parents, node_tokens.size(0), target_logits);
-  check_same_device(op, "cu_num_nodes", cu_num_nodes, target_logits);
-  check_dtype(op, "cu_num_nodes", cu_num_nodes, at::kInt);
-  TORCH_CHECK_VALUE(cu_num_nodes.dim() == 1 && cu_num_nodes.size(0) >= 1, op,
-                    ": cu_num_nodes must have shape [R + 1], got ", shape_str(cu_num_nodes));
-  TORCH_CHECK_VALUE(cu_num_nodes.is_contiguous(), op, ": cu_num_nodes must be contiguous");
+  check_offsets(op, "cu_num_nodes", cu_num_nodes, target_logits);
   TORCH_CHECK_VALUE(max_depth >= 0 && max_depth < static_cast<int64_t>(kMaxSlot), op,
                     ": max_depth must be in [0, ", kMaxSlot - 1, "], got ", max_depth);
   check_draft_rows(op, draft_probs, draft_logits, target_logits);
   const int64_t R = verify_num_requests(cu_num_nodes);
   check_per_request(op, "draft_temperature", draft_temperature, R, at::kFloat, target_logits);
   if (sibling_mode.has_value()) check_per_request(op, "sibling_mode", *sibling_mode, R, at::kChar, target_logits);
-  check_per_request(op, "temperature", temperature, R, at::kFloat, target_logits);
-  if (top_k.has_value()) check_per_request(op, "top_k", *top_k, R, at::kInt, target_logits);
-  if (top_p.has_value()) check_per_request(op, "top_p", *top_p, R, at::kFloat, target_logits);
-  check_per_request(op, "seed", seed, R, at::kLong, target_logits);
-  check_per_request(op, "position", position, R, at::kLong, target_logits);
+  check_sampling_params(op, R, temperature, top_k, top_p, seed, position, target_logits);
 }
 
 inline void check_tree_outputs(const at::Tensor& target_logits, const at::Tensor& cu_num_nodes, int64_t max_depth,
@@ -51,13 +42,8 @@ inline void check_tree_outputs(const at::Tensor& target_logits, const at::Tensor
                                const at::Tensor& path, const at::Tensor& status) {
   const char* op = kTreeOp;
   const int64_t R = verify_num_requests(cu_num_nodes);
-  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"tokens", tokens}, {"path", path}}) {
-    check_same_device(op, name, t, target_logits);
-    check_dtype(op, name, t, at::kInt);
-    TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == R && t.size(1) == max_depth + 1, op, ": ", name,
-                      " must have shape [", R, ", ", max_depth + 1, "], got ", shape_str(t));
-    TORCH_CHECK_VALUE(t.is_contiguous(), op, ": ", name, " must be contiguous");
-  }
+  check_int_rows(op, "tokens", tokens, R, max_depth + 1, target_logits);
+  check_int_rows(op, "path", path, R, max_depth + 1, target_logits);
   check_output(op, "accepted", accepted, R, at::kInt, target_logits);
   check_output(op, "emitted", emitted, R, at::kInt, target_logits);
   check_output(op, "status", status, R, at::kInt, target_logits);

@@ -57,24 +57,15 @@ inline void check_verify_args(const at::Tensor& target_logits, const at::Tensor&
                               const c10::optional<at::Tensor>& target_row_start) {
   const char* op = kVerifyOp;
   check_logits(op, "target_logits", target_logits);
-  const int64_t V = target_logits.size(1);
-  TORCH_CHECK_VALUE(V <= kMaxVocab, op, ": target_logits must have V <= ", kMaxVocab, ", got V = ", V);
+  check_vocab(op, "target_logits", target_logits.size(1));
   check_int_vector(op, "draft_tokens", draft_tokens, -1, target_logits);
-  check_same_device(op, "cu_num_draft", cu_num_draft, target_logits);
-  check_dtype(op, "cu_num_draft", cu_num_draft, at::kInt);
-  TORCH_CHECK_VALUE(cu_num_draft.dim() == 1 && cu_num_draft.size(0) >= 1, op,
-                    ": cu_num_draft must have shape [R + 1], got ", shape_str(cu_num_draft));
-  TORCH_CHECK_VALUE(cu_num_draft.is_contiguous(), op, ": cu_num_draft must be contiguous");
+  check_offsets(op, "cu_num_draft", cu_num_draft, target_logits);
   TORCH_CHECK_VALUE(max_draft >= 0 && max_draft < static_cast<int64_t>(kMaxSlot), op,
                     ": max_draft must be in [0, ", kMaxSlot - 1, "], got ", max_draft);
   check_draft_rows(op, draft_probs, draft_logits, target_logits);
   const int64_t R = verify_num_requests(cu_num_draft);
   check_per_request(op, "draft_temperature", draft_temperature, R, at::kFloat, target_logits);
-  check_per_request(op, "temperature", temperature, R, at::kFloat, target_logits);
-  if (top_k.has_value()) check_per_request(op, "top_k", *top_k, R, at::kInt, target_logits);
-  if (top_p.has_value()) check_per_request(op, "top_p", *top_p, R, at::kFloat, target_logits);
-  check_per_request(op, "seed", seed, R, at::kLong, target_logits);
-  check_per_request(op, "position", position, R, at::kLong, target_logits);
+  check_sampling_params(op, R, temperature, top_k, top_p, seed, position, target_logits);
   if (draft_row_start.has_value()) check_int_vector(op, "draft_row_start", *draft_row_start, R, target_logits);
   if (target_row_start.has_value()) check_int_vector(op, "target_row_start", *target_row_start, R, target_logits);
 }
@@ -84,11 +75,7 @@ inline void check_verify_outputs(const at::Tensor& target_logits, const at::Tens
                                  const at::Tensor& status) {
   const char* op = kVerifyOp;
   const int64_t R = verify_num_requests(cu_num_draft);
-  check_same_device(op, "tokens", tokens, target_logits);
-  check_dtype(op, "tokens", tokens, at::kInt);
-  TORCH_CHECK_VALUE(tokens.dim() == 2 && tokens.size(0) == R && tokens.size(1) == max_draft + 1, op,
-                    ": tokens must have shape [", R, ", ", max_draft + 1, "], got ", shape_str(tokens));
-  TORCH_CHECK_VALUE(tokens.is_contiguous(), op, ": tokens must be contiguous");
+  check_int_rows(op, "tokens", tokens, R, max_draft + 1, target_logits);
   check_output(op, "accepted", accepted, R, at::kInt, target_logits);
   check_output(op, "emitted", emitted, R, at::kInt, target_logits);
   check_output(op, "status", status, R, at::kInt, target_logits);

@@ -68,6 +68,42 @@ def check_logits(op: str, name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{op}: {name} must be contiguous in its last dimension, got strides {strides}")
 
 
+def check_vocab(op: str, name: str, V: int) -> None:
+    if V > MAX_VOCAB:
+        raise ValueError(f"{op}: {name} must have V <= {MAX_VOCAB}, got V = {V}")
+
+
+def check_sampling_params(op: str, R: int, temperature, top_k, top_p, seed, position, ref: torch.Tensor) -> None:
+    """The sampling parameters of every sampling op, each [R] or [1]."""
+    check_per_request(op, "temperature", temperature, R, torch.float32, ref)
+    if top_k is not None:
+        check_per_request(op, "top_k", top_k, R, torch.int32, ref)
+    if top_p is not None:
+        check_per_request(op, "top_p", top_p, R, torch.float32, ref)
+    check_per_request(op, "seed", seed, R, torch.int64, ref)
+    check_per_request(op, "position", position, R, torch.int64, ref)
+
+
+def check_offsets(op: str, name: str, cu: torch.Tensor, ref: torch.Tensor) -> None:
+    """Ragged offsets [R + 1], int32, contiguous."""
+    check_same_device(op, name, cu, ref)
+    check_dtype(op, name, cu, torch.int32)
+    if cu.dim() != 1 or cu.shape[0] < 1:
+        raise ValueError(f"{op}: {name} must have shape [R + 1], got {shape_str(cu)}")
+    if not cu.is_contiguous():
+        raise ValueError(f"{op}: {name} must be contiguous")
+
+
+def check_int_rows(op: str, name: str, t: torch.Tensor, R: int, W: int, ref: torch.Tensor) -> None:
+    """An int32 output [R, W], contiguous, on the logits' device."""
+    check_same_device(op, name, t, ref)
+    check_dtype(op, name, t, torch.int32)
+    if t.dim() != 2 or t.shape[0] != R or t.shape[1] != W:
+        raise ValueError(f"{op}: {name} must have shape [{R}, {W}], got {shape_str(t)}")
+    if not t.is_contiguous():
+        raise ValueError(f"{op}: {name} must be contiguous")
+
+
 def check_workspace(op: str, ws: torch.Tensor, need: int, ref: torch.Tensor) -> None:
     check_same_device(op, "workspace", ws, ref)
     if not ws.is_contiguous():
@@ -121,21 +157,14 @@ def check_sample_args(logits, temperature, top_k, top_p, seed, position, purpose
     """csrc/sample_common.h check_sample_args; returns R."""
     op = SAMPLE_OP
     check_logits(op, "logits", logits)
-    if logits.shape[1] > MAX_VOCAB:
-        raise ValueError(f"{op}: logits must have V <= {MAX_VOCAB}, got V = {logits.shape[1]}")
+    check_vocab(op, "logits", logits.shape[1])
     if row_start is not None:
         check_same_device(op, "row_start", row_start, logits)
         check_dtype(op, "row_start", row_start, torch.int32)
         if row_start.dim() != 1 or not row_start.is_contiguous():
             raise ValueError(f"{op}: row_start must be a contiguous 1-D tensor [R], got {shape_str(row_start)}")
     R = sample_num_requests(logits, row_start)
-    check_per_request(op, "temperature", temperature, R, torch.float32, logits)
-    if top_k is not None:
-        check_per_request(op, "top_k", top_k, R, torch.int32, logits)
-    if top_p is not None:
-        check_per_request(op, "top_p", top_p, R, torch.float32, logits)
-    check_per_request(op, "seed", seed, R, torch.int64, logits)
-    check_per_request(op, "position", position, R, torch.int64, logits)
+    check_sampling_params(op, R, temperature, top_k, top_p, seed, position, logits)
     check_per_request(op, "slot", slot, R, torch.int32, logits)
     if purpose not in (1, 2, 3):
         raise ValueError(f"{op}: purpose must be 1 (COIN), 2 (EMIT) or 3 (DRAFT), got {purpose}")
@@ -178,28 +207,15 @@ def check_verify_args(target_logits, draft_tokens, cu_num_draft, max_draft, draf
     """csrc/verify_common.h check_verify_args; returns R."""
     op = VERIFY_OP
     check_logits(op, "target_logits", target_logits)
-    V = target_logits.shape[1]
-    if V > MAX_VOCAB:
-        raise ValueError(f"{op}: target_logits must have V <= {MAX_VOCAB}, got V = {V}")
+    check_vocab(op, "target_logits", target_logits.shape[1])
     check_int_vector(op, "draft_tokens", draft_tokens, -1, target_logits)
-    check_same_device(op, "cu_num_draft", cu_num_draft, target_logits)
-    check_dtype(op, "cu_num_draft", cu_num_draft, torch.int32)
-    if cu_num_draft.dim() != 1 or cu_num_draft.shape[0] < 1:
-        raise ValueError(f"{op}: cu_num_draft must have shape [R + 1], got {shape_str(cu_num_draft)}")
-    if not cu_num_draft.is_contiguous():
-        raise ValueError(f"{op}: cu_num_draft must be contiguous")
+    check_offsets(op, "cu_num_draft", cu_num_draft, target_logits)
     if not 0 <= max_draft < MAX_SLOT:
         raise ValueError(f"{op}: max_draft must be in [0, {MAX_SLOT - 1}], got {max_draft}")
     check_draft_rows(op, draft_probs, draft_logits, target_logits)
     R = cu_num_draft.shape[0] - 1
     check_per_request(op, "draft_temperature", draft_temperature, R, torch.float32, target_logits)
-    check_per_request(op, "temperature", temperature, R, torch.float32, target_logits)
-    if top_k is not None:
-        check_per_request(op, "top_k", top_k, R, torch.int32, target_logits)
-    if top_p is not None:
-        check_per_request(op, "top_p", top_p, R, torch.float32, target_logits)
-    check_per_request(op, "seed", seed, R, torch.int64, target_logits)
-    check_per_request(op, "position", position, R, torch.int64, target_logits)
+    check_sampling_params(op, R, temperature, top_k, top_p, seed, position, target_logits)
     if draft_row_start is not None:
         check_int_vector(op, "draft_row_start", draft_row_start, R, target_logits)
     if target_row_start is not None:
@@ -210,12 +226,7 @@ def check_verify_args(target_logits, draft_tokens, cu_num_draft, max_draft, draf
 def check_verify_outputs(target_logits, cu_num_draft, max_draft, tokens, accepted, emitted, status) -> None:
     op = VERIFY_OP
     R = cu_num_draft.shape[0] - 1
-    check_same_device(op, "tokens", tokens, target_logits)
-    check_dtype(op, "tokens", tokens, torch.int32)
-    if tokens.dim() != 2 or tokens.shape[0] != R or tokens.shape[1] != max_draft + 1:
-        raise ValueError(f"{op}: tokens must have shape [{R}, {max_draft + 1}], got {shape_str(tokens)}")
-    if not tokens.is_contiguous():
-        raise ValueError(f"{op}: tokens must be contiguous")
+    check_int_rows(op, "tokens", tokens, R, max_draft + 1, target_logits)
     check_output(op, "accepted", accepted, R, torch.int32, target_logits)
     check_output(op, "emitted", emitted, R, torch.int32, target_logits)
     check_output(op, "status", status, R, torch.int32, target_logits)
@@ -229,17 +240,10 @@ def check_tree_args(target_logits, node_tokens, parents, cu_num_nodes, max_depth
     """csrc/tree_common.h check_tree_args; returns R."""
     op = TREE_OP
     check_logits(op, "target_logits", target_logits)
-    V = target_logits.shape[1]
-    if V > MAX_VOCAB:
-        raise ValueError(f"{op}: target_logits must have V <= {MAX_VOCAB}, got V = {V}")
+    check_vocab(op, "target_logits", target_logits.shape[1])
     check_int_vector(op, "node_tokens", node_tokens, -1, target_logits)
     check_int_vector(op, "parents", parents, node_tokens.shape[0], target_logits)
-    check_same_device(op, "cu_num_nodes", cu_num_nodes, target_logits)
-    check_dtype(op, "cu_num_nodes", cu_num_nodes, torch.int32)
-    if cu_num_nodes.dim() != 1 or cu_num_nodes.shape[0] < 1:
-        raise ValueError(f"{op}: cu_num_nodes must have shape [R + 1], got {shape_str(cu_num_nodes)}")
-    if not cu_num_nodes.is_contiguous():
-        raise ValueError(f"{op}: cu_num_nodes must be contiguous")
+    check_offsets(op, "cu_num_nodes", cu_num_nodes, target_logits)
     if not 0 <= max_depth < MAX_SLOT:
         raise ValueError(f"{op}: max_depth must be in [0, {MAX_SLOT - 1}], got {max_depth}")
     check_draft_rows(op, draft_probs, draft_logits, target_logits)
@@ -247,26 +251,15 @@ def check_tree_args(target_logits, node_tokens, parents, cu_num_nodes, max_depth
     check_per_request(op, "draft_temperature", draft_temperature, R, torch.float32, target_logits)
     if sibling_mode is not None:
         check_per_request(op, "sibling_mode", sibling_mode, R, torch.int8, target_logits)
-    check_per_request(op, "temperature", temperature, R, torch.float32, target_logits)
-    if top_k is not None:
-        check_per_request(op, "top_k", top_k, R, torch.int32, target_logits)
-    if top_p is not None:
-        check_per_request(op, "top_p", top_p, R, torch.float32, target_logits)
-    check_per_request(op, "seed", seed, R, torch.int64, target_logits)
-    check_per_request(op, "position", position, R, torch.int64, target_logits)
+    check_sampling_params(op, R, temperature, top_k, top_p, seed, position, target_logits)
     return R
 
 
 def check_tree_outputs(target_logits, cu_num_nodes, max_depth, tokens, accepted, emitted, path, status) -> None:
     op = TREE_OP
     R = cu_num_nodes.shape[0] - 1
-    for name, t in (("tokens", tokens), ("path", path)):
-        check_same_device(op, name, t, target_logits)
-        check_dtype(op, name, t, torch.int32)
-        if t.dim() != 2 or t.shape[0] != R or t.shape[1] != max_depth + 1:
-            raise ValueError(f"{op}: {name} must have shape [{R}, {max_depth + 1}], got {shape_str(t)}")
-        if not t.is_contiguous():
-            raise ValueError(f"{op}: {name} must be contiguous")
+    check_int_rows(op, "tokens", tokens, R, max_depth + 1, target_logits)
+    check_int_rows(op, "path", path, R, max_depth + 1, target_logits)
     check_output(op, "accepted", accepted, R, torch.int32, target_logits)
     check_output(op, "emitted", emitted, R, torch.int32, target_logits)
     check_output(op, "status", status, R, torch.int32, target_logits)

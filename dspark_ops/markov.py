@@ -157,13 +157,7 @@ def _check_markov_args(base, anchor, w1, w2, temperature, top_k, top_p, seed, po
     if w1.dim() != 2 or w2.dim() != 2 or w1.shape[0] != V or w2.shape[1] != V or w1.shape[1] != w2.shape[0]:
         raise ValueError(f"{OP}: w1 must be [V, r] and w2 [r, V] with V = {V}, got {_checks.shape_str(w1)} and "
                          f"{_checks.shape_str(w2)}")
-    _checks.check_per_request(OP, "temperature", temperature, R, torch.float32, base)
-    if top_k is not None:
-        _checks.check_per_request(OP, "top_k", top_k, R, torch.int32, base)
-    if top_p is not None:
-        _checks.check_per_request(OP, "top_p", top_p, R, torch.float32, base)
-    _checks.check_per_request(OP, "seed", seed, R, torch.int64, base)
-    _checks.check_per_request(OP, "position", position, R, torch.int64, base)
+    _checks.check_sampling_params(OP, R, temperature, top_k, top_p, seed, position, base)
     if num_draft is not None:
         _checks.check_output(OP, "num_draft", num_draft, R, torch.int32, base)
 
@@ -181,10 +175,7 @@ def _markov_draft_out_fake(base, anchor, w1, w2, temperature, top_k, top_p, seed
                            draft_logits, status):
     _check_markov_args(base, anchor, w1, w2, temperature, top_k, top_p, seed, position, num_draft)
     R, G, V = base.shape
-    _checks.check_same_device(OP, "tokens", tokens, base)
-    _checks.check_dtype(OP, "tokens", tokens, torch.int32)
-    if tokens.shape != (R, G) or not tokens.is_contiguous():
-        raise ValueError(f"{OP}: tokens must be a contiguous [{R}, {G}], got {_checks.shape_str(tokens)}")
+    _checks.check_int_rows(OP, "tokens", tokens, R, G, base)
     _checks.check_same_device(OP, "draft_logits", draft_logits, base)
     _checks.check_dtype(OP, "draft_logits", draft_logits, base.dtype)
     if draft_logits.shape != (R, G, V) or not draft_logits.is_contiguous():
