@@ -200,6 +200,24 @@ def target_distribution(l: torch.Tensor, temperature: float, top_k: int, top_p: 
     return x, w / w.sum()
 
 
+def target_row(l: torch.Tensor, temperature: float, top_k: int, top_p: float):
+    """What a verifier needs of one target row l [V] float32, with the
+    checks every verifier makes first: (abort Status or 0, the argmax
+    (temperature 0) or the processed distribution p (target_distribution),
+    the row's top-p margin (inf when top-p is off or greedy))."""
+    greedy = not temperature > 0
+    if _nonfinite(l) or (not greedy and _nonfinite(l / torch.tensor(temperature, dtype=torch.float32))):
+        return int(Status.NONFINITE_LOGITS), None, float("inf")
+    if greedy:
+        if not bool((l > _NEG_INF).any()):
+            return int(Status.ALL_MASKED), None, float("inf")
+        return 0, int(torch.argmax(l)), float("inf")
+    x, p = target_distribution(l, temperature, top_k, top_p)
+    if not bool((p > 0).any()):
+        return int(Status.ALL_MASKED), None, float("inf")
+    return 0, p, topp_margin(x, top_k, top_p) if top_p < 1 else float("inf")
+
+
 def topp_margin(x: torch.Tensor, top_k: int, top_p: float) -> float:
     """The smallest relative distance of a kept token's top-p mass from its
     bound: where an implementation's keep set differs, it must be < 1e-5."""
@@ -267,15 +285,14 @@ def verify_chunk(target_logits: torch.Tensor, draft_tokens: torch.Tensor, cu_num
         point_mass = (draft_probs is None and draft_logits is None) or not float(dtemps[r]) > 0
         s, pos, flags, out, emit = int(seeds[r]), int(positions[r]), 0, [], None
         for j in range(n + 1):
-            l = target_logits[t0 + j].detach().cpu().float()
-            if _nonfinite(l) or (not greedy and _nonfinite(l / torch.tensor(T_r, dtype=torch.float32))):
-                flags |= int(Status.NONFINITE_LOGITS)
+            abort, row, row_margin = target_row(target_logits[t0 + j].detach().cpu().float(), T_r, int(ks[r]),
+                                                float(ps[r]))
+            if abort:
+                flags |= abort
                 break
+            margin = min(margin, row_margin)
             if greedy:
-                if not bool((l > _NEG_INF).any()):
-                    flags |= int(Status.ALL_MASKED)
-                    break
-                am = int(torch.argmax(l))
+                am = row
                 if j < n and int(toks[d0 + j]) == am:
                     out.append(am)
                     continue
@@ -283,12 +300,7 @@ def verify_chunk(target_logits: torch.Tensor, draft_tokens: torch.Tensor, cu_num
                     flags |= int(Status.TOKEN_OUT_OF_RANGE)
                 emit = am
                 break
-            x, p = target_distribution(l, T_r, int(ks[r]), float(ps[r]))
-            if not bool((p > 0).any()):
-                flags |= int(Status.ALL_MASKED)
-                break
-            if float(ps[r]) < 1:
-                margin = min(margin, topp_margin(x, int(ks[r]), float(ps[r])))
+            p = row
             emit_bits = random_bits(s, pos, Purpose.EMIT, j, V)
             if j == n:  # every draft accepted: the bonus token from p_n
                 emit, gap = race(p, emit_bits)
@@ -436,16 +448,14 @@ def verify_tree(target_logits: torch.Tensor, node_tokens: torch.Tensor, parents:
         s, pos, flags, out, nodes, emit = int(seeds[r]), int(positions[r]), 0, [], [0], None
         cur = 0
         while True:
-            l = target_logits[c0 + cur].detach().cpu().float()
-            if _nonfinite(l) or (not greedy and _nonfinite(l / torch.tensor(T_r, dtype=torch.float32))):
-                flags |= int(Status.NONFINITE_LOGITS)
+            abort, row, row_margin = target_row(target_logits[c0 + cur].detach().cpu().float(), T_r, int(ks[r]),
+                                                float(ps[r]))
+            if abort:
+                flags |= abort
                 break
+            margin = min(margin, row_margin)
             if greedy:
-                if not bool((l > _NEG_INF).any()):
-                    flags |= int(Status.ALL_MASKED)
-                    break
-                am = int(torch.argmax(l))
-                nxt = None
+                am, nxt = row, None
                 for c in children[cur]:
                     tok = int(toks[c0 + c])
                     if not 0 <= tok < V:
@@ -460,12 +470,7 @@ def verify_tree(target_logits: torch.Tensor, node_tokens: torch.Tensor, parents:
                 nodes.append(nxt)
                 cur = nxt
                 continue
-            x, p = target_distribution(l, T_r, int(ks[r]), float(ps[r]))
-            if not bool((p > 0).any()):
-                flags |= int(Status.ALL_MASKED)
-                break
-            if float(ps[r]) < 1:
-                margin = min(margin, topp_margin(x, int(ks[r]), float(ps[r])))
+            p = row
             # race_dist: p up to a factor, as the last update left it unnormalised
             # (the chain races on max(0, p - q) itself; the argmax is the same)
             p0, race_dist, q, nxt, aborted = p, p, None, None, False
