@@ -87,8 +87,9 @@ def _normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
     nn.RMSNorm): x^2 overflows fp16 above 256."""
     low = x.dtype in (torch.float16, torch.bfloat16)
     xs = x.float() if low else x
-    col = _inv_dim_column(x.shape[-1], xs.dtype, x.device)
-    ss = torch.addmm(_eps_tensor(eps, xs.dtype, x.device), xs * xs, col)  # [T, 1]: mean(x^2) + eps
+    D = x.shape[-1]
+    ss = torch.addmm(_filled((), eps, xs.dtype, x.device), xs * xs,
+                     _filled((D, 1), 1.0 / D, xs.dtype, x.device))  # [T, 1]: mean(x^2) + eps
     return (xs * ss.rsqrt_()).to(x.dtype) if low else xs * ss.rsqrt_()
 
 
@@ -102,28 +103,14 @@ def _version(w: torch.Tensor) -> int:
     return 0 if w.is_inference() else w._version
 
 
-def _inv_dim_column(D: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    key = ("col", D, dtype, device)
-    if key not in _CONST:
+def _filled(shape: Tuple[int, ...], value: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A constant tensor, made once (a plain tensor even under inference mode)."""
+    key = (shape, value, dtype, device)
+    t = _CONST.get(key)
+    if t is None:
         with torch.inference_mode(False):
-            _CONST[key] = torch.full((D, 1), 1.0 / D, dtype=dtype, device=device)
-    return _CONST[key]
-
-
-def _eps_tensor(eps: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    key = ("eps", eps, dtype, device)
-    if key not in _CONST:
-        with torch.inference_mode(False):
-            _CONST[key] = torch.tensor(eps, dtype=dtype, device=device)
-    return _CONST[key]
-
-
-def _scalar_placeholder(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    key = ("scalar", dtype, device)
-    if key not in _CONST:
-        with torch.inference_mode(False):
-            _CONST[key] = torch.zeros((), dtype=dtype, device=device)
-    return _CONST[key]
+            t = _CONST[key] = torch.full(shape, value, dtype=dtype, device=device)
+    return t
 
 
 def _rotate_half_rows(w: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -274,7 +261,7 @@ class _Plan:
             self.sdpa = False
             self.S = int(cache.lengths[0]) + 1  # the one device-to-host read
             _check_room(self.S, cache.max_len)
-            self.bias = _scalar_placeholder(dtype, dev)
+            self.bias = _filled((), 0.0, dtype, dev)
             return
         base = cache.lengths.to(torch.int64)
         col = torch.arange(self.Tq, device=dev)
