@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Iterator, List, Optional, Tuple
 
 import torch
 
@@ -73,20 +73,25 @@ class NGramDrafter(Drafter):
                              f"{num_draft}, {branches}")
         self.max_ngram, self.num_draft, self.branches = max_ngram, num_draft, branches
 
-    def continuations(self, seq: List[int]) -> List[List[int]]:
-        """Up to `branches` distinct continuations (each <= num_draft
-        tokens), best first: longer matching tails first, then later
-        occurrences first."""
-        out: List[List[int]] = []
+    def occurrences(self, seq: List[int]) -> Iterator[Tuple[int, List[int]]]:
+        """(k, continuation) of every earlier occurrence of the sequence's
+        last k tokens (k = max_ngram down to 1; later occurrences first);
+        a continuation is the <= num_draft tokens after it (never empty)."""
         for k in range(min(self.max_ngram, len(seq) - 1), 0, -1):
             tail = seq[-k:]
             for start in range(len(seq) - k - 1, -1, -1):
                 if seq[start:start + k] == tail:
-                    cont = seq[start + k:start + k + self.num_draft]
-                    if cont and not any(c[:len(cont)] == cont for c in out):
-                        out.append(cont)
-                        if len(out) == self.branches:
-                            return out
+                    yield k, seq[start + k:start + k + self.num_draft]
+
+    def continuations(self, seq: List[int]) -> List[List[int]]:
+        """Up to `branches` distinct continuations, best first: longer
+        matching tails first, then later occurrences first."""
+        out: List[List[int]] = []
+        for _, cont in self.occurrences(seq):
+            if not any(c[:len(cont)] == cont for c in out):
+                out.append(cont)
+                if len(out) == self.branches:
+                    break
         return out
 
     def tree(self, seq: List[int]):
@@ -121,17 +126,15 @@ class NGramDrafter(Drafter):
     def lookup(self, seq: List[int]) -> List[int]:
         """The continuation of the latest earlier match of the longest tail
         that has num_draft tokens after it (else of the latest match)."""
-        for k in range(min(self.max_ngram, len(seq) - 1), 0, -1):
-            tail, found = seq[-k:], None
-            for start in range(len(seq) - k - 1, -1, -1):  # latest earlier occurrence first
-                if seq[start:start + k] == tail:
-                    cont = seq[start + k:start + k + self.num_draft]
-                    if len(cont) == self.num_draft:
-                        return cont
-                    found = found or cont
-            if found:
-                return found
-        return []
+        found, found_k = None, None
+        for k, cont in self.occurrences(seq):
+            if found_k is not None and k != found_k:  # the longest matching tail had no full continuation
+                break
+            if len(cont) == self.num_draft:
+                return cont
+            if found is None:
+                found, found_k = cont, k
+        return found or []
 
     def propose(self, seqs, state, sampling) -> Draft:
         dev = state.last_token.device
