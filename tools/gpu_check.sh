@@ -7,8 +7,8 @@
 #      (make test NO_VENV=1: cuda-check, CPU and GPU tests; no GPU test may skip)
 #   2. the benchmarks of every op, side by side with PyTorch (and FlashInfer
 #      when its wheel is carried in .whl/), then the decoding demo on the GPU
-#   3. compute-sanitizer memcheck, racecheck and synccheck over the GPU tests
-#      at small shapes (seen working on the H100 kind; refused on the H200
+#   3. compute-sanitizer memcheck over the GPU tests at small shapes, racecheck
+#      and synccheck over the kernels that use shared memory (seen working on the H100 kind; refused on the H200
 #      kind, "Device not supported": then sanitizer.log says so)
 # Each phase runs under `timeout`, inside GPU_CHECK_BUDGET seconds in all
 # (default 540), so a hang or a slow phase costs that phase, not the call.
@@ -65,7 +65,7 @@ SMALL="$SMALL and not error"  # argument checks run on the host
 for tool in memcheck racecheck synccheck; do  # racecheck/synccheck: the shared-memory radix descent, staged moves
   start=$(date +%s)
   tests=$GPU_TESTS cap=110
-  [ "$tool" = memcheck ] || { tests="tests/test_sample_cuda.py tests/test_verify_chunk_cuda.py"; cap=70; }
+  [ "$tool" = memcheck ] || { tests="tests/test_sample_cuda.py tests/test_verify_chunk_cuda.py tests/test_verify_tree_cuda.py tests/test_markov_draft.py"; cap=80; }
   PYTHONPATH="$PWD:${PYTHONPATH:-}" timeout "$(allow $cap)" compute-sanitizer --tool "$tool" --error-exitcode 99 \
     python3 -m pytest -q -p no:cacheprovider $tests -k "$SMALL" 2>&1 | tail -n 40 >> "$OUT/sanitizer.log"
   rc=${PIPESTATUS[0]}
