@@ -8,6 +8,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
+from ._host import host_to_device
 from .ops import _ops
 
 KV_OP = "dspark_ops.kv_compact"
@@ -40,7 +41,7 @@ class KVLayout:
         self.caches = _as_list(caches)
         self.heads_first, self.paged = heads_first, paged
         host = _ops.kv_layout_table(self.caches, heads_first, paged)
-        self.table = host.to(self.caches[0].device)  # [L, 8] int64
+        self.table = host_to_device(host, self.caches[0].device)  # [L, 8] int64; no host synchronisation
         self._key = [(c.data_ptr(), tuple(c.shape), c.dtype) for c in self.caches]
 
     def matches(self, caches: List[torch.Tensor]) -> bool:

@@ -12,7 +12,7 @@ import torch
 from .._enums import Purpose
 from ..kv import RequestState
 from ..ops import sample
-from ._host import to_device
+from .._host import to_device
 
 
 @dataclass

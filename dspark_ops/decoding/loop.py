@@ -15,7 +15,7 @@ import torch
 from ..chain import verify_chunk
 from ..kv import RequestState, commit_tokens
 from ..tree import verify_tree
-from ._host import to_device
+from .._host import host_to_device, to_device
 from .drafters import Drafter, Sampling
 from .model import tree_ancestors
 
@@ -100,7 +100,7 @@ class SpeculativeDecoder:
         out = [[] for _ in range(R)]
         finished = [False] * R
         chain_cus = [torch.arange(R + 1, dtype=torch.int32) * (m + 1) for m in range(n + 1)]  # host, per width
-        node_cus = [c.to(dev) for c in chain_cus]  # the same offsets on the device, for verify_tree
+        node_cus = [host_to_device(c, dev) for c in chain_cus]  # the same on the device, for verify_tree
         keep_chain = torch.arange(n + 1, dtype=torch.int32, device=dev).expand(R, -1).contiguous()
         appended = [torch.full((R,), m + 1, dtype=torch.int32, device=dev) for m in range(n + 1)]
         steps, accepted_per_step = 0, []

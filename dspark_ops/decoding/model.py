@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kv import KVLayout, kv_compact
-from ._host import to_device
+from .._host import to_device
 
 
 @dataclass

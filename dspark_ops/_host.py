@@ -9,9 +9,13 @@ from typing import Sequence
 import torch
 
 
-def to_device(values: Sequence, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """torch.tensor(values, dtype) on `device`, asynchronously on a GPU."""
-    t = torch.tensor(values, dtype=dtype)
+def host_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU tensor on `device`, asynchronously on a GPU (no copy on the CPU)."""
     if torch.device(device).type == "cpu":
         return t
     return t.pin_memory().to(device, non_blocking=True)
+
+
+def to_device(values: Sequence, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """torch.tensor(values, dtype) on `device`, asynchronously on a GPU."""
+    return host_to_device(torch.tensor(values, dtype=dtype), device)
