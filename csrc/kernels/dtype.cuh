@@ -74,3 +74,62 @@ __device__ __forceinline__ float store_rounded(__nv_bfloat16* p, float v) {
 }
 
 }  // namespace dspark
+
+namespace dspark {
+
+// The floats of one 16-byte vector of logits (4 fp32 or 8 fp16/bf16).
+template <typename T>
+struct Vec16 {
+  static constexpr int kLen = 16 / sizeof(T);
+};
+
+__device__ __forceinline__ void unpack16(const uint4& v, const float*, float (&x)[4]) {
+  x[0] = __uint_as_float(v.x), x[1] = __uint_as_float(v.y), x[2] = __uint_as_float(v.z), x[3] = __uint_as_float(v.w);
+}
+template <typename T>  // __half or __nv_bfloat16
+__device__ __forceinline__ void unpack16(const uint4& v, const T* p, float (&x)[8]) {
+  const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    x[2 * j] = bits_to_float(static_cast<uint16_t>(w[j] & 0xFFFFu), p);
+    x[2 * j + 1] = bits_to_float(static_cast<uint16_t>(w[j] >> 16), p);
+  }
+}
+
+// Calls f(float(row[i])) once for every i in [0, n), spread over the block:
+// 16-byte vector loads, kUnroll of them in flight per thread (a row pass by
+// one block is latency-bound otherwise), scalar loads for the unaligned head
+// and the tail. Each thread sees consecutive runs; the order across threads
+// is unspecified, so only order-free work (counts, max, OR) may go in f.
+template <int kBlock, typename T, typename F>
+__device__ __forceinline__ void block_row_each(const T* __restrict__ row, int64_t n, F&& f) {
+  constexpr int kLen = Vec16<T>::kLen, kUnroll = 4;
+  const uintptr_t addr = reinterpret_cast<uintptr_t>(row);
+  int64_t head = addr % sizeof(T) != 0 ? n : static_cast<int64_t>((16 - addr % 16) % 16 / sizeof(T));
+  if (head > n) head = n;
+  for (int64_t i = threadIdx.x; i < head; i += kBlock) f(to_float(row[i]));
+  const int64_t nvec = (n - head) / kLen;
+  const uint4* __restrict__ vrow = reinterpret_cast<const uint4*>(row + head);
+  int64_t v = threadIdx.x;
+  for (; v + (kUnroll - 1) * kBlock < nvec; v += kUnroll * kBlock) {
+    uint4 buf[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) buf[u] = vrow[v + u * kBlock];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      float x[kLen];
+      unpack16(buf[u], row, x);
+#pragma unroll
+      for (int j = 0; j < kLen; ++j) f(x[j]);
+    }
+  }
+  for (; v < nvec; v += kBlock) {
+    float x[kLen];
+    unpack16(vrow[v], row, x);
+#pragma unroll
+    for (int j = 0; j < kLen; ++j) f(x[j]);
+  }
+  for (int64_t i = head + nvec * kLen + threadIdx.x; i < n; i += kBlock) f(to_float(row[i]));
+}
+
+}  // namespace dspark

@@ -1,6 +1,7 @@
 // Block-wide top-k and top-p thresholds by radix descent over order keys
 // (core/filters.h), 8 bits a pass, 4 passes each. One block owns a row; the
-// row is re-read every pass (from L2 at the sizes that matter). Histograms
+// row is re-read every pass (from L2 at the sizes that matter), in 16-byte
+// vectors with several loads in flight per thread (block_row_each). Histograms
 // are integer (counts, 2^-40 fixed-point masses), so every pass is exact and
 // the result does not depend on thread layout or atomic order.
 #pragma once
@@ -43,8 +44,8 @@ struct BinRun {
 
 // The key of the k-th largest x_of(i), i in [0, n), 0 < k <= n: keeping
 // key >= result keeps exactly the tokens with fewer than k strictly larger.
-template <int kBlock, typename XFn>
-__device__ uint32_t block_topk_key(XFn x_of, int64_t n, uint32_t k) {
+template <int kBlock, typename T>
+__device__ uint32_t block_topk_key(const T* __restrict__ row, int64_t n, float temperature, uint32_t k) {
   __shared__ uint32_t counts[kRadixBins];
   __shared__ uint32_t s_bin, s_remaining;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -53,10 +54,10 @@ __device__ uint32_t block_topk_key(XFn x_of, int64_t n, uint32_t k) {
     for (int b = threadIdx.x; b < kRadixBins; b += kBlock) counts[b] = 0;
     __syncthreads();
     BinRun run;
-    for (int64_t i = threadIdx.x; i < n; i += kBlock) {
-      const uint32_t key = float_key(x_of(i));
+    block_row_each<kBlock>(row, n, [&](float l) {
+      const uint32_t key = float_key(l / temperature);
       if ((key & mask) == prefix) run.add((key >> shift) & 0xFF, 0, counts, nullptr);
-    }
+    });
     run.flush(counts, nullptr);
     __syncthreads();
     if (warp == 0) {
@@ -89,9 +90,9 @@ __device__ uint32_t block_topk_key(XFn x_of, int64_t n, uint32_t k) {
 
 // The smallest key the top-p rule keeps among tokens with key >= min_key:
 // S(x) < top_p * Z or S(x) == 0 (core/filters.h), masses exp(x - row_max).
-template <int kBlock, typename XFn>
-__device__ uint32_t block_topp_key(XFn x_of, int64_t n, uint32_t min_key, float row_max,
-                                   float top_p) {
+template <int kBlock, typename T>
+__device__ uint32_t block_topp_key(const T* __restrict__ row, int64_t n, float temperature, uint32_t min_key,
+                                   float row_max, float top_p) {
   __shared__ uint32_t counts[kRadixBins];
   __shared__ unsigned long long masses[kRadixBins];
   __shared__ uint32_t s_bin;
@@ -106,12 +107,12 @@ __device__ uint32_t block_topp_key(XFn x_of, int64_t n, uint32_t min_key, float 
     }
     __syncthreads();
     BinRun run;
-    for (int64_t i = threadIdx.x; i < n; i += kBlock) {
-      const float x = x_of(i);
+    block_row_each<kBlock>(row, n, [&](float l) {
+      const float x = l / temperature;
       const uint32_t key = float_key(x);
       if (key >= min_key && (key & mask) == prefix)
         run.add((key >> shift) & 0xFF, mass_fixed(x, row_max), counts, masses);
-    }
+    });
     run.flush(counts, masses);
     __syncthreads();
     if (warp == 0) {
@@ -165,21 +166,20 @@ __device__ uint32_t block_topp_key(XFn x_of, int64_t n, uint32_t min_key, float 
 template <int kBlock, typename T>
 __device__ uint32_t block_row_keep_key(const T* __restrict__ logits, int64_t n, float temperature, int32_t top_k,
                                        float top_p) {
-  const auto x_of = [&](int64_t i) { return to_float(logits[i]) / temperature; };
   uint32_t keep = 0;
-  if (topk_active(top_k, n)) keep = block_topk_key<kBlock>(x_of, n, static_cast<uint32_t>(top_k));
+  if (topk_active(top_k, n)) keep = block_topk_key<kBlock>(logits, n, temperature, static_cast<uint32_t>(top_k));
   if (topp_active(top_p)) {
     float local = -INFINITY;
     bool bad = false;
-    for (int64_t i = threadIdx.x; i < n; i += kBlock) {
-      const float x = x_of(i);
+    block_row_each<kBlock>(logits, n, [&](float l) {
+      const float x = l / temperature;
       bad |= (x != x) || x == INFINITY;
       local = fmaxf(local, x);
-    }
+    });
     const bool any_bad = __syncthreads_or(bad);
     const float row_max = block_max<kBlock>(local);
     // A non-finite row aborts later; an all -inf row has nothing to keep.
-    if (!any_bad && row_max > -INFINITY) keep = block_topp_key<kBlock>(x_of, n, keep, row_max, top_p);
+    if (!any_bad && row_max > -INFINITY) keep = block_topp_key<kBlock>(logits, n, temperature, keep, row_max, top_p);
   }
   return keep;
 }

@@ -27,7 +27,7 @@ constexpr int kSampleFinalizeWarps = 4;
 
 // keep_keys [R]: the smallest order key request r keeps (0 = all).
 template <typename T>
-__global__ void __launch_bounds__(kSampleThresholdBlock)
+__global__ void __launch_bounds__(kSampleThresholdBlock, 1)
     sample_threshold_kernel(SampleArgs<T> a, uint32_t* __restrict__ keep_keys) {
   const int64_t r = blockIdx.x;
   const int64_t row = sample_row(a, r);

@@ -35,7 +35,7 @@ __device__ __forceinline__ bool verify_filtered(const VerifyArgs<T, D>& a, int64
 }
 
 template <typename T, typename D>
-__global__ void __launch_bounds__(kVerifyThresholdBlock)
+__global__ void __launch_bounds__(kVerifyThresholdBlock, 1)
     verify_threshold_kernel(VerifyArgs<T, D> a, uint32_t* __restrict__ keep_keys) {
   const int64_t K1 = a.max_draft + 1;
   const int64_t r = blockIdx.x / K1, j = blockIdx.x - r * K1;
