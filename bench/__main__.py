@@ -189,13 +189,13 @@ def run_kv(dev: str, quick: bool, iters: int, copy_gbs: float) -> list:
     return rows
 
 
-MARKOV_GPU_GRID = [(R, 7, 152064, 256, torch.bfloat16) for R in (1, 32, 128)]
+MARKOV_GPU_GRID = [(R, 7, 152064, 256, torch.bfloat16) for R in (1, 32, 128, 4)]  # R <= 4: the fused step
 MARKOV_CPU_GRID = [(1, 7, 32000, 64, torch.float32), (8, 7, 32000, 64, torch.bfloat16)]
 
 
 def run_markov(dev: str, quick: bool, iters: int, copy_gbs: float) -> list:
     """Time `markov_draft` per step against its memory floor; print its table."""
-    grid = MARKOV_CPU_GRID[:1 if quick else 2] if dev == "cpu" else MARKOV_GPU_GRID[:2 if quick else 3]
+    grid = MARKOV_CPU_GRID[:1 if quick else 2] if dev == "cpu" else MARKOV_GPU_GRID[:2 if quick else 4]
     rows = []
     for case in grid:
         rows += markov_bench.run_case(*case, device=dev, iters=iters, copy_gbs=copy_gbs)

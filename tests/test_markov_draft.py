@@ -292,6 +292,25 @@ def test_cuda_matches_reference(mode):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("R,V,rank", [(1, 4099, 37), (3, 32001, 64), (4, 1000, 512), (2, 515, 513)])
+def test_cuda_small_batches_match_reference(dtype, mode, R, V, rank):
+    """R <= 4 with weights of the logits' dtype and rank <= 512: the one-kernel
+    step (kernels/markov_gemv.cuh); rank 513 falls back to cuBLAS. Odd V and
+    ranks exercise the unaligned loads and the partial unrolled rounds."""
+    U, anchor, w1, w2 = head(R, 5, V, rank, dtype, seed=R + V)
+    w1, w2 = w1.to(dtype), w2.to(dtype)
+    if R == 3:
+        anchor[1] = V + 3  # TOKEN_OUT_OF_RANGE: nothing drafted
+    n = torch.tensor([5, 2, 0, 4][:R], dtype=torch.int32)
+    kw = dict(seed=5, position=7, num_draft=n, **MODES[mode])
+    got = dspark_ops.markov_draft(U.cuda(), anchor.cuda(), w1.cuda(), w2.cuda(), **{**kw, "num_draft": n.cuda()})
+    want = ref.markov_draft(U, anchor, w1, w2, **kw)
+    assert_matches_reference(dspark_ops.MarkovResult(*(t.cpu() for t in got)), want, MODES[mode], 5, 7)
+
+
+@pytest.mark.cuda
 def test_cuda_markov_draft_never_synchronises():
     U, anchor, w1, w2 = (t.cuda() for t in head(4, 3, 5003, 32, torch.bfloat16, seed=10))
     kw = dict(temperature=torch.full((4,), 0.9, device="cuda"), top_k=20, top_p=0.9,

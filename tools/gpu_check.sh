@@ -13,6 +13,9 @@
 # Each phase runs under `timeout`, inside GPU_CHECK_BUDGET seconds in all
 # (default 540), so a hang or a slow phase costs that phase, not the call.
 # Usage (device tool):  bash tools/gpu_check.sh   [GPU_CHECK_OPS="sample verify_chunk verify_tree"]
+#   GPU_CHECK_PYTEST (extra pytest args, e.g. "-m cuda"), GPU_CHECK_PROFILE=0 (no per-kernel tables,
+#   tools/gpu_kernel_times.py), GPU_SAN_TESTS / GPU_RACE_TESTS (memcheck / racecheck+synccheck test files), GPU_SAN_K (-k filter),
+#   GPU_CHECK_PROBE=0 with LD_PRELOAD set (skip the toolchain probe when its answer is known).
 # Then commit $OUT/bench_*.json under bench/results/ with the device and date.
 set -uo pipefail
 OUT="${OUT:-/tmp/dspark_gpu_out}"
@@ -51,6 +54,12 @@ for op in ${GPU_CHECK_OPS:-sample verify_chunk verify_tree kv_compact schedule_v
   echo "gpu_check: bench $op rc=$rc in $(( $(date +%s) - start )) s" | tee -a "$OUT/test.log"
 done
 
+if [ "${GPU_CHECK_PROFILE:-1}" = 1 ]; then  # which kernel dominates each op's large case
+  start=$(date +%s)
+  timeout "$(allow 60)" python3 tools/gpu_kernel_times.py 2>&1 | tee -a "$OUT/test.log"
+  echo "gpu_check: kernel times rc=${PIPESTATUS[0]} in $(( $(date +%s) - start )) s" | tee -a "$OUT/test.log"
+fi
+
 # The decoding loop end to end on the GPU (the embedded default pair; greedy outputs must match plain decoding).
 start=$(date +%s)
 PYTHONPATH="$PWD:${PYTHONPATH:-}" timeout "$(allow 90)" python3 -m dspark_ops demo --device cuda --rounds 1 2>&1 | tee -a "$OUT/test.log"
@@ -59,13 +68,15 @@ demo_rc=${PIPESTATUS[0]}
 echo "gpu_check: decoding demo rc=$demo_rc in $(( $(date +%s) - start )) s" | tee -a "$OUT/test.log"
 
 san_rc=0
-GPU_TESTS="tests/test_sample_cuda.py tests/test_verify_chunk_cuda.py tests/test_verify_tree_cuda.py tests/test_kv_compact_cuda.py tests/test_schedule_verify.py tests/test_markov_draft.py"
+GPU_TESTS="${GPU_SAN_TESTS:-tests/test_sample_cuda.py tests/test_verify_chunk_cuda.py tests/test_verify_tree_cuda.py tests/test_kv_compact_cuda.py tests/test_schedule_verify.py tests/test_markov_draft.py}"
+RACE_TESTS="${GPU_RACE_TESTS:-tests/test_sample_cuda.py tests/test_verify_chunk_cuda.py tests/test_verify_tree_cuda.py tests/test_markov_draft.py}"
 SMALL="(cuda) and not 151936 and not large_batch and not graph and not repeatedly and not 4096"
 SMALL="$SMALL and not error"  # argument checks run on the host
+[ -n "${GPU_SAN_K:-}" ] && SMALL="$SMALL and ($GPU_SAN_K)"  # e.g. "bfloat16 or never": fewer cases, faster
 for tool in memcheck racecheck synccheck; do  # racecheck/synccheck: the shared-memory radix descent, staged moves
   start=$(date +%s)
   tests=$GPU_TESTS cap=110
-  [ "$tool" = memcheck ] || { tests="tests/test_sample_cuda.py tests/test_verify_chunk_cuda.py tests/test_verify_tree_cuda.py tests/test_markov_draft.py"; cap=80; }
+  [ "$tool" = memcheck ] || { tests=$RACE_TESTS; cap=80; }
   PYTHONPATH="$PWD:${PYTHONPATH:-}" timeout "$(allow $cap)" compute-sanitizer --tool "$tool" --error-exitcode 99 \
     python3 -m pytest -q -p no:cacheprovider $tests -k "$SMALL" 2>&1 | tail -n 40 >> "$OUT/sanitizer.log"
   rc=${PIPESTATUS[0]}
