@@ -1,5 +1,4 @@
-// CUDA binding of `markov_draft`: per step, one fused kernel for a few
-// requests (kernels/markov_gemv.cuh); otherwise the bias rows w1[x_{k-1}] @ w2
+// CUDA binding of `markov_draft`: per step, the bias rows w1[x_{k-1}] @ w2
 // by cuBLAS (fp32 sums, through torch, on the current stream), then the fused
 // kernels of kernels/markov_draft.cuh. No host synchronisation: the state
 // between steps (x_{k-1}, live) stays on the device.
@@ -8,7 +7,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include "../kernels/markov_gemv.cuh"
+#include "../kernels/markov_draft.cuh"
 #include "../markov_common.h"
 
 namespace dspark {
@@ -21,39 +20,29 @@ void run(const at::Tensor& base, const at::Tensor& anchor, const at::Tensor& w1,
          at::Tensor& tokens, at::Tensor& draft_logits, at::Tensor& status) {
   const auto args = make_markov_args<Storage>(base, anchor, temperature, top_k, top_p, seed, position, num_draft,
                                               tokens, draft_logits, status);
-  const int64_t R = base.size(0), V = base.size(2), rank = w1.size(1);
+  const int64_t R = base.size(0), V = base.size(2);
   const auto stream = at::cuda::getCurrentCUDAStream();
-  const bool may_filter = top_k.has_value() || top_p.has_value();
-  // A few requests with weights of the logits' type: one fused kernel per step (kernels/markov_gemv.cuh).
-  const bool fused = markov_gemv_fits(R, rank) && w1.scalar_type() == base.scalar_type() &&
-                     w2.scalar_type() == base.scalar_type();
-  const int64_t chunks = fused ? markov_gemv_chunks(V) : markov_chunks(R, V);
   // bf16/fp16 weights of one dtype: cuBLAS reads them as they are and sums in fp32 into an fp32 bias (products of
   // two half-precision values are exact in fp32: the same arithmetic as fp32 copies, half the bytes of w2 per
   // step). Otherwise fp32 copies once per call (no copy when they are fp32).
   const bool half_gemm = w1.scalar_type() == w2.scalar_type() && w2.scalar_type() != at::kFloat;
-  const at::Tensor w1g = fused ? w1.contiguous() : (half_gemm ? w1 : w1.to(at::kFloat));
-  const at::Tensor w2g = fused ? w2.contiguous() : (half_gemm ? w2 : w2.to(at::kFloat).contiguous());
+  const at::Tensor w1g = half_gemm ? w1 : w1.to(at::kFloat);
+  const at::Tensor w2g = half_gemm ? w2 : w2.to(at::kFloat).contiguous();
   const at::Tensor race_t = temperature.gt(0).to(at::kFloat);  // the keep key's temperature: 1, or 0 (greedy)
   at::Tensor prev = at::empty({R}, base.options().dtype(at::kLong));
-  at::Tensor bias = fused ? at::Tensor() : at::empty({R, V}, base.options().dtype(at::kFloat));
-  at::Tensor scratch = at::empty({markov_workspace_bytes(R, chunks)}, base.options().dtype(at::kByte));
+  at::Tensor bias = at::empty({R, V}, base.options().dtype(at::kFloat));
+  at::Tensor scratch = at::empty({markov_workspace_bytes(R, V)}, base.options().dtype(at::kByte));
   WorkspaceCarve carve{static_cast<char*>(scratch.data_ptr())};
   MarkovBuffers b;
-  b.bias = fused ? nullptr : bias.const_data_ptr<float>();
+  b.bias = bias.const_data_ptr<float>();
   b.prev = prev.data_ptr<int64_t>();
   b.live = carve.take<int32_t>(R);
   b.keep_keys = carve.take<uint32_t>(R);
-  b.partials = carve.take<SamplePartial>(R * chunks);
+  b.partials = carve.take<SamplePartial>(R * markov_chunks(R, V));
   b.race_temperature = per_request<float>(race_t, 1.0f);
   cudaError_t err = markov_start_launch<Storage>(args, b, stream);
+  const bool may_filter = top_k.has_value() || top_p.has_value();
   for (int32_t k = 1; k <= args.group && err == cudaSuccess; ++k) {
-    if (fused) {
-      err = markov_gemv_step_launch<Storage>(args, k, b, static_cast<const Storage*>(w1g.const_data_ptr()),
-                                             static_cast<const Storage*>(w2g.const_data_ptr()),
-                                             static_cast<int32_t>(rank), may_filter, stream);
-      continue;
-    }
     if (half_gemm) {
       at::mm_out(bias, w1g.index_select(0, prev), w2g, at::kFloat);
     } else {

@@ -42,12 +42,11 @@ struct MarkovBuffers {
 
 inline int64_t markov_chunks(int64_t R, int64_t V) { return split_chunks(R, V); }
 
-// `chunks`: race partials per row (markov_chunks, or markov_gemv_chunks on the fused path).
-inline int64_t markov_workspace_bytes(int64_t R, int64_t chunks) {
+inline int64_t markov_workspace_bytes(int64_t R, int64_t V) {
   WorkspaceCarve c{nullptr};
   c.take<int32_t>(R);
   c.take<uint32_t>(R);
-  c.take<SamplePartial>(R * chunks);
+  c.take<SamplePartial>(R * markov_chunks(R, V));
   return c.bytes;
 }
 
@@ -155,15 +154,18 @@ cudaError_t markov_start_launch(const MarkovArgs<T>& a, const MarkovBuffers& b, 
   return cudaGetLastError();
 }
 
-// Step k after its corrected rows are written and their unfiltered races are
-// in b.partials ([R, chunks], chunks of chunk_len entries): the top-k/top-p
-// mask and race of filtered requests (`may_filter`: false when top-k and
-// top-p are off for every request: skips two kernels), then the merge.
+// Step k (1..G) after the caller wrote b.bias. `may_filter`: false when
+// top-k and top-p are off for every request (skips two kernels).
 template <typename T>
-cudaError_t markov_finish_step_launch(const MarkovArgs<T>& a, int32_t k, const MarkovBuffers& b, bool may_filter,
-                                      int64_t chunks, int64_t chunk_len, cudaStream_t stream) {
+cudaError_t markov_step_launch(const MarkovArgs<T>& a, int32_t k, const MarkovBuffers& b, bool may_filter,
+                               cudaStream_t stream) {
   const int64_t R = a.num_requests, V = a.vocab;
+  if (R == 0) return cudaSuccess;
+  const int64_t chunks = markov_chunks(R, V);
+  if (R * chunks > INT32_MAX) return cudaErrorInvalidConfiguration;
+  const int64_t chunk_len = split_chunk_len(V, chunks);
   const unsigned grid = static_cast<unsigned>(R * chunks);
+  markov_correct_kernel<T><<<grid, kMarkovBlock, 0, stream>>>(a, k, b, chunks, chunk_len);
   if (may_filter) {
     SampleArgs<T> s{};
     s.logits = a.draft_logits + static_cast<int64_t>(k - 1) * V;
@@ -185,19 +187,6 @@ cudaError_t markov_finish_step_launch(const MarkovArgs<T>& a, int32_t k, const M
   const unsigned fin = static_cast<unsigned>((R + kMarkovFinalizeWarps - 1) / kMarkovFinalizeWarps);
   markov_finalize_kernel<T><<<fin, kMarkovFinalizeWarps * 32, 0, stream>>>(a, k, b, chunks);
   return cudaGetLastError();
-}
-
-// Step k (1..G) after the caller wrote b.bias.
-template <typename T>
-cudaError_t markov_step_launch(const MarkovArgs<T>& a, int32_t k, const MarkovBuffers& b, bool may_filter,
-                               cudaStream_t stream) {
-  const int64_t R = a.num_requests, V = a.vocab;
-  if (R == 0) return cudaSuccess;
-  const int64_t chunks = markov_chunks(R, V);
-  if (R * chunks > INT32_MAX) return cudaErrorInvalidConfiguration;
-  const int64_t chunk_len = split_chunk_len(V, chunks);
-  markov_correct_kernel<T><<<static_cast<unsigned>(R * chunks), kMarkovBlock, 0, stream>>>(a, k, b, chunks, chunk_len);
-  return markov_finish_step_launch(a, k, b, may_filter, chunks, chunk_len, stream);
 }
 
 }  // namespace dspark
