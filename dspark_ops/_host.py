@@ -10,9 +10,14 @@ import torch
 
 
 def host_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A CPU tensor on `device`, asynchronously on a GPU (no copy on the CPU)."""
-    if torch.device(device).type == "cpu":
+    """A CPU tensor on `device`: itself on the CPU, a pinned staging copy sent
+    without waiting on a CUDA device (ordered on the current stream only),
+    a plain copy elsewhere."""
+    device = torch.device(device)
+    if device.type == "cpu":
         return t
+    if device.type != "cuda":
+        return t.to(device)
     return t.pin_memory().to(device, non_blocking=True)
 
 

@@ -27,6 +27,8 @@ class KVLayout:
     """The device table of every layer's address and byte geometry, built
     once for a set of caches and reused across steps and CUDA-graph replays
     (``kv_compact(layout, ...)``). Rebuild it if the caches are reallocated.
+    The table reaches the GPU by a non-blocking copy on the current stream:
+    use the layout on that stream, or synchronise it before another does.
 
     Parameters
     ----------

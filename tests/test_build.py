@@ -30,3 +30,17 @@ def test_every_op_has_cuda_kernel_when_nvcc_was_there():
     assert dspark_ops.cuda_kernels_available()
     missing = [op for op in registered_ops() if not torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA")]
     assert not missing, f"ops without a CUDA kernel: {missing}"
+
+
+def test_gpu_kernel_times_script_runs_at_small_sizes():
+    """tools/gpu_kernel_times.py runs in a GPU session with no second try:
+    its --small mode (CPU, tiny shapes) exercises every call it makes."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, str(root / "tools" / "gpu_kernel_times.py"), "--small"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("== ") == 7

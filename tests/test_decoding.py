@@ -985,4 +985,5 @@ def test_cuda_one_synchronisation_per_step(greedy_setup, kind):
         finally:
             torch.cuda.set_sync_debug_mode("default")
     syncs = [w for w in caught if "called a synchronizing" in str(w.message)]  # not the "prototype" notice
-    assert len(syncs) <= res.stats["steps"] + 1, [f"{w.filename}:{w.lineno}" for w in syncs]
+    # At least the per-step check itself: the warnings do reach Python.
+    assert res.stats["steps"] <= len(syncs) <= res.stats["steps"] + 1, [f"{w.filename}:{w.lineno}" for w in syncs]

@@ -27,6 +27,8 @@ def assert_matches_reference(got, want, kw, seed, position):
             a, b = int(got.tokens[r, k]), int(tokens[r, k])
             x = logits[r, k].float()
             ours = got.draft_logits[r, k].float()
+            # The same masked (-inf) entries: top-k/top-p, stopped or aborted requests.
+            assert torch.equal(torch.isneginf(ours), torch.isneginf(x)), f"request {r} step {k + 1}: masks differ"
             finite = torch.isfinite(x) & torch.isfinite(ours)
             assert torch.allclose(ours[finite], x[finite], rtol=2 ** -7 if logits.dtype != torch.float32 else 1e-5,
                                   atol=1e-5)

@@ -42,7 +42,7 @@ struct BinRun {
   }
 };
 
-// The key of the k-th largest x_of(i), i in [0, n), 0 < k <= n: keeping
+// The key of the k-th largest row[i] / temperature, i in [0, n), 0 < k <= n: keeping
 // key >= result keeps exactly the tokens with fewer than k strictly larger.
 template <int kBlock, typename T>
 __device__ uint32_t block_topk_key(const T* __restrict__ row, int64_t n, float temperature, uint32_t k) {
