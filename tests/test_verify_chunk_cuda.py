@@ -87,6 +87,42 @@ def test_cuda_strided_rows_and_status():
     assert torch.equal(got.status.cpu(), want.status) and want.status[0] != 0
 
 
+def greedy_edge_batch(dtype):
+    """Ties to the lower index (+0 and -0 too) on an accepted path, a NaN, a
+    +inf and an all -inf first row, odd V."""
+    V, lengths = 1031, [3, 2, 4, 1, 3, 2]  # request r's rows start at cu[r] + r: 0, 4, 7, 12, 14, 18
+    target, tokens, cu, _ = ragged_batch(lengths, V, dtype, mode="none", seed=17, scale=3.0)
+    target[0, 100] = target[0, 900] = float(target[0].float().max()) + 1  # a tie: index 100 wins
+    target[1] = 0.0
+    target[1, :500] = -0.0  # +0 and -0 tie everywhere: index 0 wins
+    tokens[0], tokens[1] = 100, 0  # request 0 accepts both drafts, so its rows 1 and 2 are read
+    target[4, 3] = float("nan")  # request 1's first row: NONFINITE_LOGITS
+    target[7, 5] = float("inf")  # request 2's first row: NONFINITE_LOGITS
+    target[12] = float("-inf")  # request 3's only needed row: ALL_MASKED
+    return target, tokens, cu, max(lengths)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cuda_greedy_rows_edge_cases(dtype):
+    """Greedy requests take their own one-block-per-row kernel (16-byte loads
+    after an unaligned head): the edge cases above, mixed with a sampled
+    request, and again with every row starting off a 16-byte boundary."""
+    target, tokens, cu, K = greedy_edge_batch(dtype)
+    temperature = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.7, 0.0])
+    compare_with_cpu(target, tokens, cu, K, temperature=temperature, seed=torch.arange(6),
+                     position=torch.arange(6) * 3)
+    want = dspark_ops.verify_chunk(target, tokens, cu, max_draft=K, temperature=0.0)
+    buf = torch.empty(target.numel() + 1, dtype=dtype, device="cuda")
+    shifted = buf[1:].view_as(target)  # one element past the allocation's alignment
+    shifted.copy_(target.cuda())
+    got = dspark_ops.verify_chunk(shifted, tokens.cuda(), cu.cuda(), max_draft=K, temperature=0.0)
+    for g, w in zip(got, want):
+        assert torch.equal(g.cpu(), w)
+    bad, masked = int(dspark_ops.Status.NONFINITE_LOGITS), int(dspark_ops.Status.ALL_MASKED)
+    assert int(want.accepted[0]) >= 2 and int(want.status[1]) & bad and int(want.status[2]) & bad
+    assert int(want.status[3]) & masked
+
+
 def test_cuda_graph_replay_no_sync_no_allocation():
     B, K, V = 8, 7, 32000
     target = torch.randn(B, K + 1, V, device="cuda", dtype=torch.bfloat16)

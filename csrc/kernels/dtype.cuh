@@ -73,6 +73,48 @@ __device__ __forceinline__ float store_rounded(__nv_bfloat16* p, float v) {
   return __bfloat162float(h);
 }
 
+// v rounded to the logits' type: the stored bits and the value they read back as.
+__device__ __forceinline__ uint16_t round_bits(float v, const __half*, float& back) {
+  const __half h = __float2half_rn(v);
+  back = __half2float(h);
+  return __half_as_ushort(h);
+}
+__device__ __forceinline__ uint16_t round_bits(float v, const __nv_bfloat16*, float& back) {
+  const __nv_bfloat16 h = __float2bfloat16_rn(v);
+  back = __bfloat162float(h);
+  return __bfloat16_as_ushort(h);
+}
+
+// Four consecutive entries p[0..count) stored rounded, as one 16- or 8-byte
+// store when p is aligned to 4 entries and all four exist; `back` gets the
+// stored values (store_rounded for each, in one instruction).
+__device__ __forceinline__ void store4_rounded(float* p, int count, bool aligned, const float (&v)[4],
+                                               float (&back)[4]) {
+  if (aligned && count == 4) {
+    *reinterpret_cast<float4*>(p) = make_float4(v[0], v[1], v[2], v[3]);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) back[j] = v[j];
+  } else {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) back[j] = j < count ? store_rounded(p + j, v[j]) : 0.0f;
+  }
+}
+template <typename T>  // __half or __nv_bfloat16
+__device__ __forceinline__ void store4_rounded(T* p, int count, bool aligned, const float (&v)[4],
+                                               float (&back)[4]) {
+  if (aligned && count == 4) {
+    uint16_t b[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) b[j] = round_bits(v[j], p, back[j]);
+    *reinterpret_cast<uint2*>(p) = make_uint2(b[0] | (static_cast<uint32_t>(b[1]) << 16),
+                                              b[2] | (static_cast<uint32_t>(b[3]) << 16));
+  } else {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) back[j] = j < count ? store_rounded(p + j, v[j]) : 0.0f;
+  }
+}
+
+
 }  // namespace dspark
 
 namespace dspark {
@@ -96,18 +138,19 @@ __device__ __forceinline__ void unpack16(const uint4& v, const T* p, float (&x)[
   }
 }
 
-// Calls f(float(row[i])) once for every i in [0, n), spread over the block:
-// 16-byte vector loads, kUnroll of them in flight per thread (a row pass by
-// one block is latency-bound otherwise), scalar loads for the unaligned head
-// and the tail. Each thread sees consecutive runs; the order across threads
-// is unspecified, so only order-free work (counts, max, OR) may go in f.
+// Calls f(i, float(row[i])) once for every i in [0, n), spread over the
+// block: 16-byte vector loads, kUnroll of them in flight per thread (a row
+// pass by one block is latency-bound otherwise), scalar loads for the
+// unaligned head and the tail. Each thread sees consecutive runs; the order
+// across threads is unspecified, so only order-free work (counts, max, an
+// argmax with index ties, OR) may go in f.
 template <int kBlock, typename T, typename F>
-__device__ __forceinline__ void block_row_each(const T* __restrict__ row, int64_t n, F&& f) {
+__device__ __forceinline__ void block_row_each_indexed(const T* __restrict__ row, int64_t n, F&& f) {
   constexpr int kLen = Vec16<T>::kLen, kUnroll = 4;
   const uintptr_t addr = reinterpret_cast<uintptr_t>(row);
   int64_t head = addr % sizeof(T) != 0 ? n : static_cast<int64_t>((16 - addr % 16) % 16 / sizeof(T));
   if (head > n) head = n;
-  for (int64_t i = threadIdx.x; i < head; i += kBlock) f(to_float(row[i]));
+  for (int64_t i = threadIdx.x; i < head; i += kBlock) f(i, to_float(row[i]));
   const int64_t nvec = (n - head) / kLen;
   const uint4* __restrict__ vrow = reinterpret_cast<const uint4*>(row + head);
   int64_t v = threadIdx.x;
@@ -120,16 +163,22 @@ __device__ __forceinline__ void block_row_each(const T* __restrict__ row, int64_
       float x[kLen];
       unpack16(buf[u], row, x);
 #pragma unroll
-      for (int j = 0; j < kLen; ++j) f(x[j]);
+      for (int j = 0; j < kLen; ++j) f(head + (v + u * kBlock) * kLen + j, x[j]);
     }
   }
   for (; v < nvec; v += kBlock) {
     float x[kLen];
     unpack16(vrow[v], row, x);
 #pragma unroll
-    for (int j = 0; j < kLen; ++j) f(x[j]);
+    for (int j = 0; j < kLen; ++j) f(head + v * kLen + j, x[j]);
   }
-  for (int64_t i = head + nvec * kLen + threadIdx.x; i < n; i += kBlock) f(to_float(row[i]));
+  for (int64_t i = head + nvec * kLen + threadIdx.x; i < n; i += kBlock) f(i, to_float(row[i]));
+}
+
+// block_row_each_indexed without the index: f(float(row[i])).
+template <int kBlock, typename T, typename F>
+__device__ __forceinline__ void block_row_each(const T* __restrict__ row, int64_t n, F&& f) {
+  block_row_each_indexed<kBlock>(row, n, [&](int64_t, float x) { f(x); });
 }
 
 }  // namespace dspark

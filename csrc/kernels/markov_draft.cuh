@@ -84,14 +84,34 @@ __global__ void __launch_bounds__(kMarkovBlock)
     const bool race_here = !markov_filtered(a, r);
     const RaceRow rr = markov_race_row(t);
     const RaceStream stream = markov_stream(a, r, k);
-    for (int64_t i = begin + 4 * threadIdx.x; i < end; i += 4 * kMarkovBlock) {
-      const int count = end - i < 4 ? static_cast<int>(end - i) : 4;
-      float l[4];
+    // begin is a multiple of 4: whole groups, vector accesses where a row is aligned.
+    const bool base_aligned = reinterpret_cast<uintptr_t>(base) % (4 * sizeof(T)) == 0;
+    const bool bias_aligned = reinterpret_cast<uintptr_t>(bias) % 16 == 0;
+    const bool out_aligned = reinterpret_cast<uintptr_t>(out) % (4 * sizeof(T)) == 0;
+    constexpr int kGroups = 2;  // groups of 4 per thread whose loads are in flight together
+    for (int64_t i = begin + 4 * threadIdx.x; i < end; i += 4 * kGroups * kMarkovBlock) {
+      float u[kGroups][4], z[kGroups][4];
+      int count[kGroups];
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        l[j] = j < count ? store_rounded(out + i + j, markov_corrected(to_float(base[i + j]), bias[i + j], t)) : 0.0f;
+      for (int h = 0; h < kGroups; ++h) {
+        const int64_t ih = i + h * 4 * kMarkovBlock;
+        count[h] = ih < end ? (end - ih < 4 ? static_cast<int>(end - ih) : 4) : 0;
+        if (count[h] > 0) {
+          load4(base + ih, count[h], base_aligned, u[h]);
+          load4(bias + ih, count[h], bias_aligned, z[h]);
+        }
       }
-      if (race_here) race_offer_group(best, flags, rr, stream, i >> 2, l, count);
+      // The race is an exact argmax: the groups may be offered in any order.
+#pragma unroll
+      for (int h = 0; h < kGroups; ++h) {
+        if (count[h] == 0) continue;
+        const int64_t ih = i + h * 4 * kMarkovBlock;
+        float v[4], l[4];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) v[j] = markov_corrected(u[h][j], z[h][j], t);
+        store4_rounded(out + ih, count[h], out_aligned, v, l);
+        if (race_here) race_offer_group(best, flags, rr, stream, ih >> 2, l, count[h]);
+      }
     }
   }
   block_race_merge<kMarkovBlock>(best, flags);

@@ -3,9 +3,13 @@
 // that one request fills the GPU. Framework-free: raw pointers and a stream.
 //
 //   verify_threshold_kernel  [R*(K+1)] blocks, only when top-k/top-p may be on
-//   verify_stats_kernel      [R*(K+1)*chunks] blocks: each target row read
-//                            once (normaliser, race for a token from p, flags),
-//                            each draft-logit row once (normaliser)
+//   verify_greedy_kernel     [R*(K+1)] blocks: a greedy request's target rows,
+//                            one block each (argmax and flags: no softmax, no
+//                            draws, 16-byte loads); other rows return at once
+//   verify_stats_kernel      [R*(K+1)*chunks] blocks: each stochastic
+//                            request's target row read once (normaliser, race
+//                            for a token from p, flags), each draft-logit row
+//                            once (normaliser); greedy rows return at once
 //   verify_decide_kernel     a warp per request: the accept/reject chain
 //                            (core/verify.h verify_step), outputs written
 //                            unless a residual is needed
@@ -28,6 +32,7 @@ namespace dspark {
 constexpr int kVerifyBlock = 256;
 constexpr int kVerifyThresholdBlock = 512;
 constexpr int kVerifyWarpsPerBlock = 4;
+constexpr int kVerifyGreedyBlock = 256;
 
 template <typename T, typename D>
 __device__ __forceinline__ bool verify_filtered(const VerifyArgs<T, D>& a, int64_t r) {
@@ -49,6 +54,30 @@ __global__ void __launch_bounds__(kVerifyThresholdBlock, 1)
   if (threadIdx.x == 0) keep_keys[blockIdx.x] = keep;
 }
 
+// A greedy request's row statistics are its argmax (top two, ties to the
+// lower index: exact in any order) and flags; the softmax stays empty. They
+// go to the row's chunk slot 0, the only one verify_decide_kernel reads for
+// a greedy request.
+template <typename T, typename D>
+__global__ void __launch_bounds__(kVerifyGreedyBlock)
+    verify_greedy_kernel(VerifyArgs<T, D> a, TargetRowStats* target_partials, int64_t num_chunks) {
+  __shared__ TargetRowStats s_target[kVerifyGreedyBlock / 32];
+  const int64_t K1 = a.max_draft + 1;
+  const int64_t row_id = blockIdx.x, r = row_id / K1, j = row_id - r * K1;
+  const VerifyLayout L = verify_layout(a, r);
+  const float temperature = a.temperature[r];
+  if (!L.valid || j > L.n || temperature > 0.0f) return;  // uniform over the block
+  const RaceRow row{true, temperature, 0u};
+  TargetRowStats st = target_stats_empty();
+  block_row_each_indexed<kVerifyGreedyBlock>(a.target + (L.t0 + j) * a.target_stride, a.vocab,
+                                             [&](int64_t i, float l) {
+                                               const float x = race_value(st.flags, row, l);
+                                               if (x > -INFINITY) top2_offer(st.race, x, static_cast<int32_t>(i));
+                                             });
+  st = block_reduce<kVerifyGreedyBlock>(st, target_stats_merge, s_target, target_stats_empty());
+  if (threadIdx.x == 0) target_partials[row_id * num_chunks] = st;
+}
+
 template <typename T, typename D>
 __global__ void __launch_bounds__(kVerifyBlock, 1)
     verify_stats_kernel(VerifyArgs<T, D> a, const uint32_t* __restrict__ keep_keys, TargetRowStats* target_partials,
@@ -61,8 +90,8 @@ __global__ void __launch_bounds__(kVerifyBlock, 1)
   const VerifyLayout L = verify_layout(a, r);
   if (!L.valid || j > L.n) return;  // never read by the decision kernel
   const float temperature = a.temperature[r];
-  const bool greedy = !(temperature > 0.0f);
-  const RaceRow row{greedy, temperature, keep_keys ? keep_keys[row_id] : 0u};
+  if (!(temperature > 0.0f)) return;  // greedy: verify_greedy_kernel
+  const RaceRow row{false, temperature, keep_keys ? keep_keys[row_id] : 0u};
   const RaceStream stream = verify_stream(a, r, kPurposeEmit, static_cast<uint32_t>(j));
   const int64_t begin = chunk * chunk_len;
   const int64_t end = begin + chunk_len < a.vocab ? begin + chunk_len : a.vocab;
@@ -79,7 +108,7 @@ __global__ void __launch_bounds__(kVerifyBlock, 1)
   st = block_reduce<kVerifyBlock>(st, target_stats_merge, s_target, target_stats_empty());
   if (threadIdx.x == 0) target_partials[blockIdx.x] = st;
 
-  const bool draft_needed = !greedy && j < L.n && verify_draft_mode(a, r) == kDraftLogits;
+  const bool draft_needed = j < L.n && verify_draft_mode(a, r) == kDraftLogits;
   if (!draft_needed) return;
   const float draft_temperature = a.draft_temperature[r];
   const D* __restrict__ drow = a.draft + (L.d0 + j) * a.draft_stride;
@@ -126,7 +155,7 @@ __global__ void __launch_bounds__(kVerifyWarpsPerBlock * 32)
     const int64_t row_id = r * K1 + j;
     st = target_stats_empty();
     ds = draft_stats_empty();
-    for (int64_t c = lane; c < num_chunks; c += 32) {
+    for (int64_t c = lane; c < (greedy ? 1 : num_chunks); c += 32) {  // greedy: verify_greedy_kernel's slot 0
       st = target_stats_merge(st, target_partials[row_id * num_chunks + c]);
       if (!greedy && j < L.n && mode == kDraftLogits) ds = draft_stats_merge(ds, draft_partials[row_id * num_chunks + c]);
     }
@@ -239,6 +268,8 @@ cudaError_t verify_chunk_launch(const VerifyArgs<T, D>& a, void* workspace, bool
   if (rows * chunks > INT32_MAX || rows > INT32_MAX || R * rchunks > INT32_MAX) return cudaErrorInvalidConfiguration;
   if (may_filter)
     verify_threshold_kernel<T, D><<<static_cast<unsigned>(rows), kVerifyThresholdBlock, 0, stream>>>(a, w.keep_keys);
+  verify_greedy_kernel<T, D><<<static_cast<unsigned>(rows), kVerifyGreedyBlock, 0, stream>>>(a, w.target_partials,
+                                                                                            chunks);
   verify_stats_kernel<T, D><<<static_cast<unsigned>(rows * chunks), kVerifyBlock, 0, stream>>>(
       a, keep, w.target_partials, w.draft_partials, chunks, chunk_len);
   verify_decide_kernel<T, D><<<warp_blocks, kVerifyWarpsPerBlock * 32, 0, stream>>>(
