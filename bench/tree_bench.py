@@ -17,10 +17,12 @@ from .verify_bench import DRAFT_NOISE, elem_size
 # Temperature-only target sampling (top-k / top-p off). "deterministic": no
 # draft rows (point masses: what EAGLE top-k trees need), the children are
 # the draft row's top tokens; "iid": draft_probs given, the siblings drawn
-# i.i.d. (with replacement) from the draft row.
+# i.i.d. (with replacement) from the draft row; "greedy": the deterministic
+# tree at temperature 0 (accept the child equal to the argmax).
 MODES: Dict[str, dict] = {
     "deterministic": dict(temperature=1.0, top_k=0, top_p=1.0),
     "iid": dict(temperature=1.0, top_k=0, top_p=1.0),
+    "greedy": dict(temperature=0.0, top_k=0, top_p=1.0),  # EAGLE's common case
 }
 TOPK = 4  # children per expanded node
 DEPTH = 6  # levels below the root the tree aims for
@@ -83,7 +85,7 @@ def make_inputs(R: int, parents: List[int], V: int, dtype: torch.dtype, mode: st
     kids = children_table(parents)
     expanded = [u for u in range(N) if kids[u]]
     sub = draft_logits[:, expanded]  # [R, E, V]
-    if mode == "deterministic":
+    if mode in ("deterministic", "greedy"):
         picks = sub.topk(TOPK, -1).indices
         draft = None
     else:
@@ -141,6 +143,35 @@ def torch_tree_verify(target: torch.Tensor, tokens: torch.Tensor, kids: torch.Te
     accepted = (out >= 0).sum(-1)  # the accepted nodes (the emitted token is not written yet)
     emit = torch.multinomial(final_p, 1, generator=gen).squeeze(-1)
     return out.scatter(1, accepted.clamp(max=max_depth).unsqueeze(-1), emit.unsqueeze(-1)), accepted
+
+
+def torch_tree_greedy(target: torch.Tensor, tokens: torch.Tensor, kids: torch.Tensor,
+                      max_depth: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Greedy tree verification as an engine without our kernels writes it,
+    vectorised over requests: the argmax of every node row, then per level
+    the first child whose token equals it. Returns (tokens [R, D+1] int64:
+    accepted, emitted, -1; accepted [R])."""
+    R, N, K = kids.shape
+    dev = target.device
+    best = target.view(R, N, -1).argmax(-1)  # [R, N]
+    toks = tokens.view(R, N).long()
+    rows = torch.arange(R, device=dev)
+    cur = torch.zeros(R, dtype=torch.long, device=dev)
+    active = torch.ones(R, dtype=torch.bool, device=dev)
+    out = torch.full((R, max_depth + 1), -1, dtype=torch.long, device=dev)
+    for d in range(max_depth):
+        want = best[rows, cur]
+        nxt = torch.full((R,), -1, dtype=torch.long, device=dev)
+        for k in range(K):
+            c = kids[rows, cur, k]
+            hit = active & (nxt < 0) & (c >= 0) & (toks[rows, c.clamp(min=0)] == want)
+            nxt = torch.where(hit, c, nxt)
+        took = nxt >= 0
+        out[:, d] = torch.where(took, toks[rows, nxt.clamp(min=0)], out[:, d])
+        active &= took
+        cur = torch.where(took, nxt, cur)
+    accepted = (out >= 0).sum(-1)
+    return out.scatter(1, accepted.unsqueeze(-1), best[rows, cur].unsqueeze(-1)), accepted
 
 
 def _differing(a: tuple, b: tuple) -> int:
@@ -227,7 +258,12 @@ def run_case(R: int, nodes: int, V: int, dtype: torch.dtype, mode: str, device: 
     # The rows a tree walk needs: the accepted path, root included (target +
     # draft row each), once.
     path_bytes = int(((res.accepted + 1) * live).sum()) * V * (elem + elem_d)
-    tv_acc = float(torch_tree_verify(*bufs[0][:2], case.kids, bufs[0][2], case.max_depth, gen)[1].float().mean())
+    if mode == "greedy":
+        vectorised = lambda i: torch_tree_greedy(*bufs[i % n_buf][:2], case.kids, case.max_depth)  # noqa: E731
+    else:
+        vectorised = lambda i: torch_tree_verify(*bufs[i % n_buf][:2], case.kids, bufs[i % n_buf][2],  # noqa: E731
+                                                 case.max_depth, gen)
+    tv_acc = float(vectorised(0)[1].float().mean())
 
     out = dspark_ops.empty_tree_result(R, case.max_depth, device=device)
     ws = torch.empty(dspark_ops.workspace_size("verify_tree", num_requests=R, vocab_size=V),
@@ -237,8 +273,7 @@ def run_case(R: int, nodes: int, V: int, dtype: torch.dtype, mode: str, device: 
         "dspark_ops.verify_tree": lambda i: case.run(bufs[i % n_buf], mode, out=out, workspace=ws)}
     if run_ref:
         impls["torch reference"] = lambda i: case.run_reference(bufs[i % n_buf], mode)
-    impls["torch vectorised"] = lambda i: torch_tree_verify(*bufs[i % n_buf][:2], case.kids, bufs[i % n_buf][2],
-                                                            case.max_depth, gen)
+    impls["torch vectorised"] = vectorised
 
     rows, base = [], None
     for name, fn in impls.items():
