@@ -314,6 +314,22 @@ def test_cuda_small_batches_match_reference(dtype, mode, R, V, rank):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_strided_base_rows_match_reference(dtype):
+    """Base rows [R, G, V] as a view of wider rows (odd row stride: every
+    row off the vector alignment) and odd V: the scalar fallbacks of the
+    correct kernel's vector loads and stores."""
+    R, G, V, rank = 3, 4, 2049, 16
+    U, anchor, w1, w2 = head(R, G, V + 1, rank, dtype, seed=21)
+    U, w1, w2 = U[:, :, :V], w1[:V], w2[:, :V]
+    anchor = anchor % V
+    kw = dict(seed=4, position=11, **MODES["temperature"])
+    got = dspark_ops.markov_draft(U.cuda(), anchor.cuda(), w1.cuda(), w2.cuda(), **kw)
+    want = ref.markov_draft(U, anchor, w1, w2, **kw)
+    assert_matches_reference(dspark_ops.MarkovResult(*(t.cpu() for t in got)), want, MODES["temperature"], 4, 11)
+
+
+@pytest.mark.cuda
 def test_cuda_markov_draft_never_synchronises():
     U, anchor, w1, w2 = (t.cuda() for t in head(4, 3, 5003, 32, torch.bfloat16, seed=10))
     kw = dict(temperature=torch.full((4,), 0.9, device="cuda"), top_k=20, top_p=0.9,

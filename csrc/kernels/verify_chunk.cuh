@@ -3,9 +3,10 @@
 // that one request fills the GPU. Framework-free: raw pointers and a stream.
 //
 //   verify_threshold_kernel  [R*(K+1)] blocks, only when top-k/top-p may be on
-//   verify_greedy_kernel     [R*(K+1)] blocks: a greedy request's target rows,
-//                            one block each (argmax and flags: no softmax, no
-//                            draws, 16-byte loads); other rows return at once
+//   verify_greedy_kernel     [R*(K+1)*gchunks] blocks: a greedy request's
+//                            target rows (argmax and flags: no softmax, no
+//                            draws, 16-byte loads), split so that a small batch
+//                            fills the GPU; other rows return at once
 //   verify_stats_kernel      [R*(K+1)*chunks] blocks: each stochastic
 //                            request's target row read once (normaliser, race
 //                            for a token from p, flags), each draft-logit row
@@ -55,27 +56,35 @@ __global__ void __launch_bounds__(kVerifyThresholdBlock, 1)
 }
 
 // A greedy request's row statistics are its argmax (top two, ties to the
-// lower index: exact in any order) and flags; the softmax stays empty. They
-// go to the row's chunk slot 0, the only one verify_decide_kernel reads for
-// a greedy request.
+// lower index: exact in any order, so the split may depend on the batch)
+// and flags; the softmax stays empty. Each row is split into `greedy_chunks`
+// chunks of `greedy_len` entries (split_chunks: enough blocks for one row to
+// fill the GPU, one block per row for large batches); chunk c goes to the
+// row's slot c, the slots verify_decide_kernel reads for a greedy request.
 template <typename T, typename D>
 __global__ void __launch_bounds__(kVerifyGreedyBlock)
-    verify_greedy_kernel(VerifyArgs<T, D> a, TargetRowStats* target_partials, int64_t num_chunks) {
+    verify_greedy_kernel(VerifyArgs<T, D> a, TargetRowStats* target_partials, int64_t num_chunks,
+                         int64_t greedy_chunks, int64_t greedy_len) {
   __shared__ TargetRowStats s_target[kVerifyGreedyBlock / 32];
   const int64_t K1 = a.max_draft + 1;
-  const int64_t row_id = blockIdx.x, r = row_id / K1, j = row_id - r * K1;
+  const int64_t row_id = blockIdx.x / greedy_chunks, chunk = blockIdx.x - row_id * greedy_chunks;
+  const int64_t r = row_id / K1, j = row_id - r * K1;
   const VerifyLayout L = verify_layout(a, r);
   const float temperature = a.temperature[r];
   if (!L.valid || j > L.n || temperature > 0.0f) return;  // uniform over the block
+  const int64_t begin = chunk * greedy_len;
+  const int64_t end = begin + greedy_len < a.vocab ? begin + greedy_len : a.vocab;
   const RaceRow row{true, temperature, 0u};
   TargetRowStats st = target_stats_empty();
-  block_row_each_indexed<kVerifyGreedyBlock>(a.target + (L.t0 + j) * a.target_stride, a.vocab,
-                                             [&](int64_t i, float l) {
-                                               const float x = race_value(st.flags, row, l);
-                                               if (x > -INFINITY) top2_offer(st.race, x, static_cast<int32_t>(i));
-                                             });
+  if (begin < end) {
+    block_row_each_indexed<kVerifyGreedyBlock>(a.target + (L.t0 + j) * a.target_stride + begin, end - begin,
+                                               [&](int64_t i, float l) {
+                                                 const float x = race_value(st.flags, row, l);
+                                                 if (x > -INFINITY) top2_offer(st.race, x, static_cast<int32_t>(begin + i));
+                                               });
+  }
   st = block_reduce<kVerifyGreedyBlock>(st, target_stats_merge, s_target, target_stats_empty());
-  if (threadIdx.x == 0) target_partials[row_id * num_chunks] = st;
+  if (threadIdx.x == 0) target_partials[row_id * num_chunks + chunk] = st;
 }
 
 template <typename T, typename D>
@@ -131,7 +140,7 @@ __global__ void __launch_bounds__(kVerifyWarpsPerBlock * 32)
     verify_decide_kernel(VerifyArgs<T, D> a, const uint32_t* __restrict__ keep_keys,
                          const TargetRowStats* __restrict__ target_partials,
                          const DraftRowStats* __restrict__ draft_partials, VerifyPending* __restrict__ pending,
-                         int64_t num_chunks) {
+                         int64_t num_chunks, int64_t greedy_chunks) {
   const int lane = threadIdx.x & 31;
   const int64_t r = static_cast<int64_t>(blockIdx.x) * kVerifyWarpsPerBlock + (threadIdx.x >> 5);
   if (r >= a.num_requests) return;
@@ -155,7 +164,7 @@ __global__ void __launch_bounds__(kVerifyWarpsPerBlock * 32)
     const int64_t row_id = r * K1 + j;
     st = target_stats_empty();
     ds = draft_stats_empty();
-    for (int64_t c = lane; c < (greedy ? 1 : num_chunks); c += 32) {  // greedy: verify_greedy_kernel's slot 0
+    for (int64_t c = lane; c < (greedy ? greedy_chunks : num_chunks); c += 32) {  // greedy: verify_greedy_kernel
       st = target_stats_merge(st, target_partials[row_id * num_chunks + c]);
       if (!greedy && j < L.n && mode == kDraftLogits) ds = draft_stats_merge(ds, draft_partials[row_id * num_chunks + c]);
     }
@@ -263,17 +272,22 @@ cudaError_t verify_chunk_launch(const VerifyArgs<T, D>& a, void* workspace, bool
   // Row statistics sum floats: chunks depend on V alone (batch-invariant).
   const int64_t chunks = fixed_chunks(a.vocab), chunk_len = kFixedChunk;
   const int64_t rchunks = split_chunks(R, a.vocab), rchunk_len = split_chunk_len(a.vocab, rchunks);
+  // Greedy rows: an exact argmax, so any split; at most `chunks` (their partial slots).
+  int64_t gchunks = split_chunks(rows, a.vocab);
+  if (gchunks > chunks) gchunks = chunks;
+  const int64_t gchunk_len = split_chunk_len(a.vocab, gchunks);
   const uint32_t* keep = may_filter ? w.keep_keys : nullptr;
   const unsigned warp_blocks = static_cast<unsigned>((R + kVerifyWarpsPerBlock - 1) / kVerifyWarpsPerBlock);
-  if (rows * chunks > INT32_MAX || rows > INT32_MAX || R * rchunks > INT32_MAX) return cudaErrorInvalidConfiguration;
+  if (rows * chunks > INT32_MAX || rows * gchunks > INT32_MAX || R * rchunks > INT32_MAX)
+    return cudaErrorInvalidConfiguration;
   if (may_filter)
     verify_threshold_kernel<T, D><<<static_cast<unsigned>(rows), kVerifyThresholdBlock, 0, stream>>>(a, w.keep_keys);
-  verify_greedy_kernel<T, D><<<static_cast<unsigned>(rows), kVerifyGreedyBlock, 0, stream>>>(a, w.target_partials,
-                                                                                            chunks);
+  verify_greedy_kernel<T, D><<<static_cast<unsigned>(rows * gchunks), kVerifyGreedyBlock, 0, stream>>>(
+      a, w.target_partials, chunks, gchunks, gchunk_len);
   verify_stats_kernel<T, D><<<static_cast<unsigned>(rows * chunks), kVerifyBlock, 0, stream>>>(
       a, keep, w.target_partials, w.draft_partials, chunks, chunk_len);
   verify_decide_kernel<T, D><<<warp_blocks, kVerifyWarpsPerBlock * 32, 0, stream>>>(
-      a, keep, w.target_partials, w.draft_partials, w.pending, chunks);
+      a, keep, w.target_partials, w.draft_partials, w.pending, chunks, gchunks);
   if (a.draft_mode != kDraftPointMass) {  // only then can a residual be needed
     verify_residual_kernel<T, D><<<static_cast<unsigned>(R * rchunks), kVerifyBlock, 0, stream>>>(
         a, keep, w.pending, w.residual_partials, rchunks, rchunk_len);
