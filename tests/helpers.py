@@ -16,6 +16,16 @@ def random_logits(rows: int, vocab: int, dtype=torch.float32, scale: float = 3.0
     return (torch.randn(rows, vocab, generator=g) * scale).to(dtype).to(device)
 
 
+def off_alignment(t: torch.Tensor, device="cuda") -> torch.Tensor:
+    """A copy of t on `device` that starts one element past the allocation's
+    (16-byte) alignment: every row of it is off the vector boundary unless
+    its offset brings it back."""
+    buf = torch.empty(t.numel() + 1, dtype=t.dtype, device=device)
+    shifted = buf[1:].view(t.shape)
+    shifted.copy_(t.to(device))
+    return shifted
+
+
 def poisoned(R: int, device="cpu"):
     """Outputs filled with garbage so an unwritten entry is caught."""
     from dspark_ops import SampleResult

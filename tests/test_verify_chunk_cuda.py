@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import dspark_ops
-from helpers import MARGIN
+from helpers import MARGIN, off_alignment
 from verify_helpers import ragged_batch, reference_with_margins
 
 pytestmark = pytest.mark.cuda
@@ -112,10 +112,7 @@ def test_cuda_greedy_rows_edge_cases(dtype):
     compare_with_cpu(target, tokens, cu, K, temperature=temperature, seed=torch.arange(6),
                      position=torch.arange(6) * 3)
     want = dspark_ops.verify_chunk(target, tokens, cu, max_draft=K, temperature=0.0)
-    buf = torch.empty(target.numel() + 1, dtype=dtype, device="cuda")
-    shifted = buf[1:].view_as(target)  # one element past the allocation's alignment
-    shifted.copy_(target.cuda())
-    got = dspark_ops.verify_chunk(shifted, tokens.cuda(), cu.cuda(), max_draft=K, temperature=0.0)
+    got = dspark_ops.verify_chunk(off_alignment(target), tokens.cuda(), cu.cuda(), max_draft=K, temperature=0.0)
     for g, w in zip(got, want):
         assert torch.equal(g.cpu(), w)
     bad, masked = int(dspark_ops.Status.NONFINITE_LOGITS), int(dspark_ops.Status.ALL_MASKED)

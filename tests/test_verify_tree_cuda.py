@@ -7,7 +7,7 @@ import torch
 
 import dspark_ops
 from dspark_ops import Status
-from helpers import MARGIN
+from helpers import MARGIN, off_alignment
 from test_verify_tree import PATH_CASES, PATH_LENGTHS, path_batch
 from tree_helpers import (POISON, assert_well_formed, chain_form, eagle_parents, max_depth_of, path_parents,
                           poisoned_tree_result, random_parents, reference_with_margins, slice_request, star_parents,
@@ -197,12 +197,10 @@ def test_cuda_greedy_rows_off_alignment(dtype):
     trees = sixty_four_trees(8, n=16)
     target, tokens, parents, cu, _ = tree_batch(trees, V, dtype, draft=None, seed=7, greedy_bias=0.9)
     target[0, 5] = target[0, 700] = float(target[0].float().max()) + 1  # request 0's root: index 5 wins the tie
-    buf = torch.empty(target.numel() + 1, dtype=dtype, device="cuda")
-    shifted = buf[1:].view_as(target)
-    shifted.copy_(target.cuda())
     D = max_depth_of(trees)
     want = dspark_ops.verify_tree(target, tokens, parents, cu, max_depth=D, temperature=0.0)
-    got = dspark_ops.verify_tree(shifted, tokens.cuda(), parents.cuda(), cu.cuda(), max_depth=D, temperature=0.0)
+    got = dspark_ops.verify_tree(off_alignment(target), tokens.cuda(), parents.cuda(), cu.cuda(), max_depth=D,
+                                 temperature=0.0)
     assert all(torch.equal(x.cpu(), y) for x, y in zip(got, want))
     assert int(want.accepted.sum()) > 8  # the walks went below the roots
 

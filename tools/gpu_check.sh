@@ -8,14 +8,16 @@
 #   2. the benchmarks of every op, side by side with PyTorch (and FlashInfer
 #      when its wheel is carried in .whl/), then the decoding demo on the GPU
 #   3. compute-sanitizer memcheck over the GPU tests at small shapes, racecheck
-#      and synccheck over the kernels that use shared memory (seen working on the H100 kind; refused on the H200
-#      kind, "Device not supported": then sanitizer.log says so)
+#      and synccheck over the kernels that use shared memory (seen working on
+#      the H100 kind; refused on the H200 kind, "Device not supported": then
+#      sanitizer.log says so)
 # Each phase runs under `timeout`, inside GPU_CHECK_BUDGET seconds in all
 # (default 540), so a hang or a slow phase costs that phase, not the call.
 # Usage (device tool):  bash tools/gpu_check.sh   [GPU_CHECK_OPS="sample verify_chunk verify_tree"]
 #   GPU_CHECK_PYTEST (extra pytest args, e.g. "-m cuda"), GPU_CHECK_PROFILE=0 (no per-kernel tables,
-#   tools/gpu_kernel_times.py), GPU_SAN_TESTS / GPU_RACE_TESTS (memcheck / racecheck+synccheck test files), GPU_SAN_K (-k filter),
-#   GPU_CHECK_PROBE=0 with LD_PRELOAD set (skip the toolchain probe when its answer is known).
+#   tools/gpu_kernel_times.py), GPU_SAN_TESTS / GPU_RACE_TESTS (memcheck / racecheck+synccheck test
+#   files), GPU_SAN_K (a -k filter), GPU_CHECK_PROBE=0 with LD_PRELOAD set (skip the toolchain probe
+#   when its answer is known).
 # Then commit $OUT/bench_*.json under bench/results/ with the device and date.
 set -uo pipefail
 OUT="${OUT:-/tmp/dspark_gpu_out}"

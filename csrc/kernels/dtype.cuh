@@ -114,7 +114,6 @@ __device__ __forceinline__ void store4_rounded(T* p, int count, bool aligned, co
   }
 }
 
-
 }  // namespace dspark
 
 namespace dspark {

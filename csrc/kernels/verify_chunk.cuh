@@ -26,6 +26,7 @@
 #include "../core/verify_args.h"
 #include "block_reduce.cuh"
 #include "dtype.cuh"
+#include "greedy_stats.cuh"
 #include "radix_select.cuh"
 
 namespace dspark {
@@ -72,18 +73,10 @@ __global__ void __launch_bounds__(kVerifyGreedyBlock)
   const VerifyLayout L = verify_layout(a, r);
   const float temperature = a.temperature[r];
   if (!L.valid || j > L.n || temperature > 0.0f) return;  // uniform over the block
-  const int64_t begin = chunk * greedy_len;
+  const int64_t begin = chunk * greedy_len < a.vocab ? chunk * greedy_len : a.vocab;  // a last chunk may be empty
   const int64_t end = begin + greedy_len < a.vocab ? begin + greedy_len : a.vocab;
-  const RaceRow row{true, temperature, 0u};
-  TargetRowStats st = target_stats_empty();
-  if (begin < end) {
-    block_row_each_indexed<kVerifyGreedyBlock>(a.target + (L.t0 + j) * a.target_stride + begin, end - begin,
-                                               [&](int64_t i, float l) {
-                                                 const float x = race_value(st.flags, row, l);
-                                                 if (x > -INFINITY) top2_offer(st.race, x, static_cast<int32_t>(begin + i));
-                                               });
-  }
-  st = block_reduce<kVerifyGreedyBlock>(st, target_stats_merge, s_target, target_stats_empty());
+  const TargetRowStats st = block_greedy_stats<kVerifyGreedyBlock>(a.target + (L.t0 + j) * a.target_stride + begin,
+                                                                   end - begin, begin, s_target);
   if (threadIdx.x == 0) target_partials[row_id * num_chunks + chunk] = st;
 }
 

@@ -20,6 +20,7 @@
 #include "../core/tree.h"
 #include "block_reduce.cuh"
 #include "dtype.cuh"
+#include "greedy_stats.cuh"
 #include "radix_select.cuh"
 
 namespace dspark {
@@ -118,18 +119,10 @@ __device__ TargetRowStats tree_target_stats(const T* __restrict__ trow, int64_t 
   return sh.st;
 }
 
-// A greedy row's statistics: the argmax (top two, ties to the lower index)
-// and flags, the softmax left empty -- exact in any order, so one pass in
-// 16-byte loads instead of the chunked sums (the same results as they give).
+// A greedy row's statistics (greedy_stats.cuh), broadcast to every thread.
 template <typename T>
-__device__ TargetRowStats tree_greedy_stats(const T* __restrict__ trow, int64_t V, const RaceRow& row,
-                                            TreeShared& sh) {
-  TargetRowStats st = target_stats_empty();
-  block_row_each_indexed<kTreeBlock>(trow, V, [&](int64_t i, float l) {
-    const float x = race_value(st.flags, row, l);
-    if (x > -INFINITY) top2_offer(st.race, x, static_cast<int32_t>(i));
-  });
-  st = block_reduce<kTreeBlock>(st, target_stats_merge, sh.target, target_stats_empty());
+__device__ TargetRowStats tree_greedy_stats(const T* __restrict__ trow, int64_t V, TreeShared& sh) {
+  const TargetRowStats st = block_greedy_stats<kTreeBlock>(trow, V, 0, sh.target);
   if (threadIdx.x == 0) sh.st = st;
   __syncthreads();
   return sh.st;
@@ -219,7 +212,7 @@ __global__ void __launch_bounds__(kTreeBlock, 1)
       if (filtered) keep = block_row_keep_key<kTreeBlock>(trow, V, temperature, top_k, top_p);
       const RaceRow row{greedy, temperature, keep};
       const RaceStream emit_stream = verify_stream(v, r, kPurposeEmit, static_cast<uint32_t>(cur));
-      const TargetRowStats st = greedy ? tree_greedy_stats(trow, V, row, sh)
+      const TargetRowStats st = greedy ? tree_greedy_stats(trow, V, sh)
                                        : tree_target_stats(trow, V, row, emit_stream, tpart, chunks, sh);
       if (st.flags & kNonfiniteLogits) flags |= kNonfiniteLogits;
       else if (st.race.best.index < 0) flags |= kAllMasked;

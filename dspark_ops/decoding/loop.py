@@ -101,7 +101,8 @@ class SpeculativeDecoder:
         finished = [False] * R
         chain_cus = [torch.arange(R + 1, dtype=torch.int32) * (m + 1) for m in range(n + 1)]  # host, per width
         node_cus = [host_to_device(c, dev) for c in chain_cus]  # the same on the device, for verify_tree
-        keep_chain = torch.arange(n + 1, dtype=torch.int32, device=dev).expand(R, -1).contiguous()
+        keep_chain = [torch.arange(m + 1, dtype=torch.int32, device=dev).expand(R, -1).contiguous()
+                      for m in range(n + 1)]  # per width: a chain keeps its first entries
         appended = [torch.full((R,), m + 1, dtype=torch.int32, device=dev) for m in range(n + 1)]
         steps, accepted_per_step = 0, []
         while True:
@@ -139,7 +140,7 @@ class SpeculativeDecoder:
                 res = verify_chunk(logits.view(R, m + 1, V), toks, draft_logits=draft_logits,
                                    draft_temperature=draft_t, temperature=sampling.temperature, top_k=top_k_t,
                                    top_p=top_p_t, seed=sampling.seed, position=state.position)
-                keep_index = keep_chain[:, : m + 1].contiguous()
+                keep_index = keep_chain[m]
             was_finished = state.finished.clone()
             old_len = state.out_len.clone()
             commit_tokens(state, res.tokens, res.emitted, res.status, stop_tokens=stop)
