@@ -120,6 +120,48 @@ def test_cuda_greedy_rows_edge_cases(dtype):
     assert int(want.status[3]) & masked
 
 
+def rare_from_p_batch(V, dtype, mode):
+    """Draft-distribution requests whose first row takes a rare path that
+    emits a token from p_j itself, the race verify_residual_kernel draws
+    lazily for rows before the last: request 0 a draft token out of range,
+    request 1 one with q = 0, requests 2.. (draft probs only) q = min(1, 2p)
+    at the argmax of p, so a rejection leaves no residual mass."""
+    R = 2 + (12 if mode == "probs" else 0)
+    target, tokens, cu, kw = ragged_batch([3] * R, V, dtype, mode=mode, seed=V + 11, scale=3.0)
+    temperature = 0.9
+    tokens[0] = V
+    tokens[3] = 5
+    if mode == "probs":
+        kw["draft_probs"][3, 5] = 0.0
+        for r in range(2, R):
+            p = torch.softmax(target[4 * r].float() / temperature, -1)  # request r's first target row: cu[r] + r
+            kw["draft_probs"][3 * r] = (2 * p).clamp(max=1.0)
+            tokens[3 * r] = int(p.argmax())
+    else:
+        kw["draft_logits"][3, 5] = float("-inf")
+    return target, tokens, cu, kw, temperature
+
+
+@pytest.mark.parametrize("V", [1031, 32001])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mode", ["probs", "logits"])
+def test_cuda_rare_emits_from_p_before_the_last_row(V, dtype, mode):
+    """Rows before a draft-distribution request's last skip the race in the
+    first pass; their rare emits from p_j (and the empty-residual fallback)
+    race lazily in the residual pass, and must give the CPU op's tokens."""
+    target, tokens, cu, kw, temperature = rare_from_p_batch(V, dtype, mode)
+    R = cu.shape[0] - 1
+    args = dict(temperature=temperature, seed=torch.arange(R) + 1, position=torch.arange(R) * 5, **kw)
+    want = dspark_ops.verify_chunk(target, tokens, cu, max_draft=3, **args)
+    flag = dspark_ops.Status
+    assert int(want.status[0]) == int(flag.TOKEN_OUT_OF_RANGE) and int(want.status[1]) == int(flag.DRAFT_PROB_ZERO)
+    assert int(want.accepted[0]) == int(want.accepted[1]) == 0
+    if mode == "probs":  # some rejections with no residual mass: a token from p_0
+        assert int((want.accepted[2:] == 0).sum()) >= 2
+    compare_with_cpu(target, tokens, cu, 3, **args)
+    compare_with_cpu(target, tokens, cu, 3, **{**args, "top_k": 20})
+
+
 def test_cuda_graph_replay_no_sync_no_allocation():
     B, K, V = 8, 7, 32000
     target = torch.randn(B, K + 1, V, device="cuda", dtype=torch.bfloat16)

@@ -105,6 +105,28 @@ DSPARK_HD void target_offer_group(TargetRowStats& st, const RaceRow& row, const 
     if (race_may_win(x[j], st.race.second)) top2_offer(st.race, race_score(x[j], bits.x[j]), base + j);
 }
 
+// The same group offered to the normaliser and flags only (no race): for a
+// row whose token from p is needed only on a rare path (a draft-distribution
+// request's rows before its last; DESIGN §3), drawn lazily there. The
+// normaliser is bit-identical to target_offer_group's.
+DSPARK_HD void target_offer_softmax(TargetRowStats& st, const RaceRow& row, const float (&l)[4], int count) {
+  DSPARK_UNROLL
+  for (int j = 0; j < 4; ++j) {
+    if (j >= count) continue;
+    const float x = race_value(st.flags, row, l[j]);
+    if (x > -INFINITY) softmax_add(st.softmax, x);
+  }
+}
+
+// Merged softmax-only stats as verify_step reads them: a stand-in winner
+// marks "some candidate exists" (exactly when the race would have one), so
+// the all-masked check is unchanged; the real winner is drawn lazily.
+DSPARK_HD TargetRowStats target_stats_stand_in(TargetRowStats st) {
+  st.race = top2_empty();
+  if (st.softmax.m > -INFINITY) st.race.best = RaceBest{0.0f, 0};
+  return st;
+}
+
 // A draft row given as logits: its normaliser at the draft temperature.
 struct DraftRowStats {
   SoftmaxAcc softmax;
@@ -165,6 +187,11 @@ struct VerifyStep {
 
 // How the draft distribution q of a request is given.
 enum DraftMode : int32_t { kDraftPointMass = 0, kDraftProbs = 1, kDraftLogits = 2 };
+
+// Whether a stochastic target row j (of n drafts) needs the race for a token
+// from p in its first pass: always for point-mass drafts (a rejection emits
+// the runner-up), else only at the bonus row.
+DSPARK_HD bool verify_row_races(int32_t mode, int32_t j, int32_t n) { return mode == kDraftPointMass || j == n; }
 
 // q of one draft-row entry with stored value v: the value itself for
 // probabilities, its softmax share for logits.

@@ -117,7 +117,8 @@ struct VerifyPending {
   int32_t j;         // the rejected position, or -1 (outputs already written)
   int32_t accepted;
   int32_t flags;
-  int32_t fallback;  // the token from p_j, if the residual has no mass
+  int32_t from_p;    // 1: emit the race over p_j (a lazily raced row's rare emit), 0: the residual's winner, or
+                     // the race over p_j when the residual has no mass
   SoftmaxAcc target;
   DraftRowStats draft;
 };
@@ -129,7 +130,7 @@ struct VerifyWorkspace {
   TargetRowStats* target_partials;  // [R, K + 1, chunks]
   DraftRowStats* draft_partials;    // [R, K + 1, chunks]
   VerifyPending* pending;           // [R]
-  RaceBest* residual_partials;      // [R, residual chunks]
+  RaceBest* residual_partials;      // [2, R, residual chunks]: the residual's race, then p_j's
   int64_t bytes;
 };
 
@@ -142,7 +143,7 @@ inline VerifyWorkspace verify_workspace(void* base, int64_t R, int64_t K, int64_
   w.target_partials = c.take<TargetRowStats>(rows * chunks);
   w.draft_partials = c.take<DraftRowStats>(rows * chunks);
   w.pending = c.take<VerifyPending>(R);
-  w.residual_partials = c.take<RaceBest>(R * rchunks);
+  w.residual_partials = c.take<RaceBest>(2 * R * rchunks);
   w.bytes = c.bytes;
   return w;
 }

@@ -28,24 +28,24 @@ TargetRowStats target_row_stats(const T* row_ptr, int64_t V, const RaceRow& row,
 }
 
 // Stochastic rows, first pass: the normaliser and flags only. The race for
-// a token from p is needed only where a step emits from p (its last row), so
-// the CPU draws it lazily (the CUDA kernels do it in the same single pass).
+// a token from p is needed only where a step emits from p, so the CPU draws
+// it lazily (the CUDA kernels race a row's first pass where
+// verify_row_races says so, and the other rows lazily too).
 template <typename T>
 TargetRowStats target_row_softmax(const T* row_ptr, int64_t V, const RaceRow& row) {
-  TargetRowStats st = chunked_reduce(
+  return target_stats_stand_in(chunked_reduce(
       V, target_stats_empty(),
       [&](int64_t begin, int64_t end) {
         TargetRowStats acc = target_stats_empty();
-        for (int64_t i = begin; i < end; ++i) {
-          const float x = race_value(acc.flags, row, static_cast<float>(row_ptr[i]));
-          if (x > -INFINITY) softmax_add(acc.softmax, x);
+        for (int64_t i = begin; i < end; i += 4) {
+          float l[4];
+          const int count = static_cast<int>(std::min<int64_t>(4, end - i));
+          for (int j = 0; j < 4; ++j) l[j] = j < count ? static_cast<float>(row_ptr[i + j]) : 0.0f;
+          target_offer_softmax(acc, row, l, count);
         }
         return acc;
       },
-      target_stats_merge);
-  // Stand-in winner: only "is there a candidate" is read before the real race.
-  if (st.softmax.m > -INFINITY) st.race.best = RaceBest{0.0f, 0};
-  return st;
+      target_stats_merge));
 }
 
 template <typename D>

@@ -8,15 +8,17 @@
 //                            draws, 16-byte loads), split so that a small batch
 //                            fills the GPU; other rows return at once
 //   verify_stats_kernel      [R*(K+1)*chunks] blocks: each stochastic
-//                            request's target row read once (normaliser, race
-//                            for a token from p, flags), each draft-logit row
+//                            request's target row read once (normaliser,
+//                            flags, and where verify_row_races says so the
+//                            race for a token from p), each draft-logit row
 //                            once (normaliser); greedy rows return at once
 //   verify_decide_kernel     a warp per request: the accept/reject chain
 //                            (core/verify.h verify_step), outputs written
 //                            unless a residual is needed
 //   verify_residual_kernel   [R*chunks] blocks: re-reads the one rejected
 //                            target and draft row of requests that need it
-//   verify_finish_kernel     a warp per request: the residual's winner
+//                            (the residual's race and p's, the lazy one)
+//   verify_finish_kernel     a warp per request: the residual's winner, or p's
 #pragma once
 #include <cuda_runtime.h>
 
@@ -100,17 +102,27 @@ __global__ void __launch_bounds__(kVerifyBlock, 1)
 
   const T* __restrict__ trow = a.target + (L.t0 + j) * a.target_stride;
   const bool t_aligned = reinterpret_cast<uintptr_t>(trow) % (4 * sizeof(T)) == 0;
+  const int32_t mode = verify_draft_mode(a, r);
   TargetRowStats st = target_stats_empty();
-  for (int64_t i = begin + 4 * threadIdx.x; i < end; i += 4 * kVerifyBlock) {
-    float l[4];
-    const int count = end - i < 4 ? static_cast<int>(end - i) : 4;
-    load4(trow + i, count, t_aligned, l);
-    target_offer_group(st, row, stream, i >> 2, l, count);
+  if (verify_row_races(mode, j, L.n)) {
+    for (int64_t i = begin + 4 * threadIdx.x; i < end; i += 4 * kVerifyBlock) {
+      float l[4];
+      const int count = end - i < 4 ? static_cast<int>(end - i) : 4;
+      load4(trow + i, count, t_aligned, l);
+      target_offer_group(st, row, stream, i >> 2, l, count);
+    }
+  } else {  // a draft-distribution row before the last: its race is drawn lazily (verify_residual_kernel)
+    for (int64_t i = begin + 4 * threadIdx.x; i < end; i += 4 * kVerifyBlock) {
+      float l[4];
+      const int count = end - i < 4 ? static_cast<int>(end - i) : 4;
+      load4(trow + i, count, t_aligned, l);
+      target_offer_softmax(st, row, l, count);
+    }
   }
   st = block_reduce<kVerifyBlock>(st, target_stats_merge, s_target, target_stats_empty());
   if (threadIdx.x == 0) target_partials[blockIdx.x] = st;
 
-  const bool draft_needed = j < L.n && verify_draft_mode(a, r) == kDraftLogits;
+  const bool draft_needed = j < L.n && mode == kDraftLogits;
   if (!draft_needed) return;
   const float draft_temperature = a.draft_temperature[r];
   const D* __restrict__ drow = a.draft + (L.d0 + j) * a.draft_stride;
@@ -150,7 +162,7 @@ __global__ void __launch_bounds__(kVerifyWarpsPerBlock * 32)
   const float temperature = a.temperature[r], draft_temperature = a.draft_temperature[r];
   const bool greedy = !(temperature > 0.0f);
   const int32_t mode = verify_draft_mode(a, r);
-  int32_t flags = 0, accepted = 0, emit = -1, residual_j = -1;
+  int32_t flags = 0, accepted = 0, emit = -1, residual_j = -1, from_p = 0;
   TargetRowStats st = target_stats_empty();
   DraftRowStats ds = draft_stats_empty();
   for (int32_t j = 0; j <= L.n; ++j) {
@@ -163,6 +175,8 @@ __global__ void __launch_bounds__(kVerifyWarpsPerBlock * 32)
     }
     st = warp_reduce(st, target_stats_merge);
     ds = warp_reduce(ds, draft_stats_merge);
+    const bool lazy = !greedy && !verify_row_races(mode, j, L.n);  // no race in pass 1: a stand-in winner
+    if (lazy) st = target_stats_stand_in(st);
     int32_t action = kVerifyAbort;
     if (lane == 0) {
       const T* trow = a.target + (L.t0 + j) * a.target_stride;
@@ -181,6 +195,10 @@ __global__ void __launch_bounds__(kVerifyWarpsPerBlock * 32)
       emit = step.token;
       if (action == kVerifyAccept) ++accepted;
       if (action == kVerifyResidual) residual_j = j;
+      if (action == kVerifyEmit && lazy) {  // a rare emit from p_j (token out of range, q = 0): raced in pass 2
+        residual_j = j;
+        from_p = 1;
+      }
     }
     action = __shfl_sync(kFullMask, action, 0);
     if (action != kVerifyAccept) break;
@@ -194,7 +212,7 @@ __global__ void __launch_bounds__(kVerifyWarpsPerBlock * 32)
   }
   p.accepted = accepted;
   p.flags = flags;
-  p.fallback = st.race.best.index;
+  p.from_p = from_p;
   p.target = st.softmax;
   p.draft = ds;
 }
@@ -205,6 +223,7 @@ __global__ void __launch_bounds__(kVerifyBlock, 1)
                            const VerifyPending* __restrict__ pending, RaceBest* __restrict__ partials,
                            int64_t num_chunks, int64_t chunk_len) {
   __shared__ RaceBest s_best[kVerifyBlock / 32];
+  __shared__ RaceBest s_p_best[kVerifyBlock / 32];  // its own scratch: two reduces without a barrier between
   const int64_t r = blockIdx.x / num_chunks, chunk = blockIdx.x - r * num_chunks;
   const VerifyPending p = pending[r];
   if (p.j < 0) return;
@@ -221,18 +240,26 @@ __global__ void __launch_bounds__(kVerifyBlock, 1)
   const bool d_aligned = reinterpret_cast<uintptr_t>(drow) % (4 * sizeof(D)) == 0;
   const int64_t begin = chunk * chunk_len;
   const int64_t end = begin + chunk_len < a.vocab ? begin + chunk_len : a.vocab;
-  RaceBest best = race_empty();
+  // The race over p_j with pass 1's stream: the token pass 1 would have drawn (an exact argmax, any split).
+  RaceBest best = race_empty(), p_best = race_empty();
+  int32_t flags = 0;  // already known from pass 1
   for (int64_t i = begin + 4 * threadIdx.x; i < end; i += 4 * kVerifyBlock) {
     float l[4], q[4];
     const int count = end - i < 4 ? static_cast<int>(end - i) : 4;
     load4(trow + i, count, t_aligned, l);
+    race_offer_group(p_best, flags, row, stream, i >> 2, l, count);
+    if (p.from_p) continue;
     load4(drow + i, count, d_aligned, q);
 #pragma unroll
     for (int k = 0; k < 4; ++k) q[k] = k < count ? draft_q_value(mode, q[k], p.draft, draft_temperature) : 0.0f;
     residual_offer_group(best, row, p.target, log_s, stream, i >> 2, l, q, count);
   }
   best = block_reduce<kVerifyBlock>(best, race_merge, s_best, race_empty());
-  if (threadIdx.x == 0) partials[blockIdx.x] = best;
+  p_best = block_reduce<kVerifyBlock>(p_best, race_merge, s_p_best, race_empty());
+  if (threadIdx.x == 0) {
+    partials[blockIdx.x] = best;
+    partials[gridDim.x + blockIdx.x] = p_best;
+  }
 }
 
 template <typename T, typename D>
@@ -244,12 +271,18 @@ __global__ void __launch_bounds__(kVerifyWarpsPerBlock * 32)
   if (r >= a.num_requests) return;
   const VerifyPending p = pending[r];
   if (p.j < 0) return;
-  RaceBest best = race_empty();
-  for (int64_t c = lane; c < num_chunks; c += 32) best = race_merge(best, partials[r * num_chunks + c]);
+  const int64_t p_offset = a.num_requests * num_chunks;  // p_j's partials follow the residual's
+  RaceBest best = race_empty(), p_best = race_empty();
+  for (int64_t c = lane; c < num_chunks; c += 32) {
+    best = race_merge(best, partials[r * num_chunks + c]);
+    p_best = race_merge(p_best, partials[p_offset + r * num_chunks + c]);
+  }
   best = warp_reduce(best, race_merge);
+  p_best = warp_reduce(p_best, race_merge);
   if (lane == 0) {
     // No residual mass (q >= p everywhere, up to rounding): sample from p.
-    verify_write(a, r, verify_layout(a, r), p.accepted, best.index >= 0 ? best.index : p.fallback, p.flags);
+    const int32_t token = !p.from_p && best.index >= 0 ? best.index : p_best.index;
+    verify_write(a, r, verify_layout(a, r), p.accepted, token, p.flags);
   }
 }
 
