@@ -6,7 +6,8 @@
 #   1. build for sm_90 only and run the whole suite with DSPARK_REQUIRE_CUDA=1
 #      (make test NO_VENV=1: cuda-check, CPU and GPU tests; no GPU test may skip)
 #   2. the benchmarks of every op, side by side with PyTorch (and FlashInfer
-#      when its wheel is carried in .whl/), then the decoding demo on the GPU
+#      when .peer/ holds tools/pack_flashinfer.py's pack -- carry ".peer" --
+#      or its wheel is carried in .whl/), then the decoding demo on the GPU
 #   3. compute-sanitizer memcheck over the GPU tests at small shapes, racecheck
 #      and synccheck over the kernels that use shared memory (seen working on
 #      the H100 kind; refused on the H200 kind, "Device not supported": then
@@ -31,8 +32,32 @@ if ls .whl/*.whl >/dev/null 2>&1; then  # optional peers (flashinfer-python), se
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
 fi
+peer_jit=0
+if ls .peer/flashinfer-*-sampling.tar.xz >/dev/null 2>&1; then  # FlashInfer's sampling kernels (tools/pack_flashinfer.py)
+  mkdir -p /tmp/peer/site && tar -xJf .peer/flashinfer-*-sampling.tar.xz -C /tmp/peer/site \
+    && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/peer/site \
+      .peer/apache_tvm_ffi-*.whl \
+    && export PYTHONPATH="/tmp/peer/site:${PYTHONPATH:-}" FLASHINFER_WORKSPACE_BASE=/tmp/peer/ws \
+      FLASHINFER_CUDA_ARCH_LIST="9.0" CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}" && peer_jit=1
+fi
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,clocks.max.mem --format=csv > "$OUT/test.log" 2>&1
 python3 -c "import sys, torch; print('python', sys.version.split()[0], 'torch', torch.__version__)" >> "$OUT/test.log" 2>&1
+
+if [ "$peer_jit" = 1 ]; then  # JIT-build FlashInfer's sampling module (~1 min) beside the tests, before any timing
+  ( timeout 300 python3 - <<'PY' > /tmp/peer/jit.log 2>&1; echo "gpu_check: FlashInfer JIT rc=$?" >> /tmp/peer/jit.log ) &
+import os, pathlib
+try:  # curand.h and friends from the nvidia-* wheels when the toolkit lacks them
+    import nvidia
+    inc = [str(p) for p in pathlib.Path(nvidia.__path__[0]).glob("*/include") if (p / "curand.h").exists()]
+    os.environ["CPATH"] = os.pathsep.join(inc + [os.environ.get("CPATH", "")])
+except ImportError:
+    pass
+import flashinfer, flashinfer.sampling as fs
+fs.get_sampling_module()
+print("gpu_check: FlashInfer", flashinfer.__version__, "sampling module built")
+PY
+  peer_pid=$!
+fi
 
 if [ "${GPU_CHECK_PROBE:-1}" = 1 ]; then  # the toolchain, and a fix if raising errors crashes
   timeout "$(allow 200)" bash tools/gpu_abi_probe.sh 2>&1 | tee /tmp/probe.out >> "$OUT/test.log"
@@ -44,6 +69,11 @@ timeout "$(allow 330)" make test NO_VENV=1 PYTHON=python3 \
   PYTEST_ARGS="${GPU_CHECK_XDIST:--n 8} -rs -p no:cacheprovider --tb=short --durations=15 ${GPU_CHECK_PYTEST:-}" 2>&1 | tee -a "$OUT/test.log"
 test_rc=${PIPESTATUS[0]}
 echo "gpu_check: make test rc=$test_rc in $(( $(date +%s) - start )) s" | tee -a "$OUT/test.log"
+
+if [ "$peer_jit" = 1 ]; then
+  wait "$peer_pid"
+  tail -n 20 /tmp/peer/jit.log | tee -a "$OUT/test.log"
+fi
 
 bench_rc=0
 for op in ${GPU_CHECK_OPS:-sample verify_chunk verify_tree kv_compact schedule_verify markov_draft}; do  # one JSON per op
