@@ -48,8 +48,8 @@ def compare_with_cpu(target, tokens, cu, max_draft, **kw):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("V,lengths", [(7, [3, 0, 5, 1, 2]), (32001, [7, 0, 3]), (151936, [7]),
-                                       (151936, [7] * 8 + [0, 3, 5])])
+@pytest.mark.parametrize("V,lengths", [(7, [3, 0, 5, 1, 2]), (8193, [3, 1]), (32001, [7, 0, 3]), (151936, [7]),
+                                       (151936, [7] * 8 + [0, 3, 5])])  # 8193: a last chunk of one entry
 @pytest.mark.parametrize("mode", list(MODES))
 def test_cuda_matches_cpu(V, lengths, dtype, mode):
     target, tokens, cu, kw = ragged_batch(lengths, V, dtype, mode=draft_mode(mode), seed=V + len(lengths), scale=4.0)

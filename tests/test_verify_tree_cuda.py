@@ -123,9 +123,9 @@ def test_cuda_mixed_per_request_parameters():
                      top_p=torch.rand(R, generator=g) + 0.3, seed=torch.arange(R), position=5, **kw)
 
 
-@pytest.mark.parametrize("V,dtype", [(7, torch.float32), (151936, torch.bfloat16)])
+@pytest.mark.parametrize("V,dtype", [(7, torch.float32), (16385, torch.float16), (151936, torch.bfloat16)])
 @pytest.mark.parametrize("case", list(PATH_CASES))
-def test_cuda_path_equals_chain(V, dtype, case):
+def test_cuda_path_equals_chain(V, dtype, case):  # 16385: two full 8192-entry chunks and one entry
     draft, extra = PATH_CASES[case]
     trees, target, tokens, parents, cu, kw = path_batch(V, dtype, draft, seed=V + 1)
     R = len(trees)

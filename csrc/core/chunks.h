@@ -27,7 +27,7 @@ inline int64_t split_chunk_len(int64_t vocab, int64_t num_chunks) {
   return (len + 3) / 4 * 4;
 }
 
-constexpr int64_t kFixedChunk = 2048;
+constexpr int64_t kFixedChunk = 8192;
 
 inline int64_t fixed_chunks(int64_t vocab) { return (vocab + kFixedChunk - 1) / kFixedChunk; }
 

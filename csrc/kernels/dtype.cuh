@@ -180,4 +180,31 @@ __device__ __forceinline__ void block_row_each(const T* __restrict__ row, int64_
   block_row_each_indexed<kBlock>(row, n, [&](int64_t, float x) { f(x); });
 }
 
+// This thread's groups of 4 entries in [begin, end) of a row: the group at
+// begin + 4 * threadIdx.x, then every 4 * kBlock entries after it, passed to
+// f(i, l[4], count) in that increasing order -- the order the softmax sums
+// of verify_chunk's stats kernel and verify_tree's walk are defined by, so
+// their per-chunk results stay bit-identical -- with the loads of kInFlight
+// groups issued before the first of them is offered (a chunk pass is
+// latency-bound otherwise). count < 4 only at the row's end.
+constexpr int kChunkInFlight = 4;
+template <int kBlock, int kInFlight, typename T, typename F>
+__device__ __forceinline__ void chunk_groups_each(const T* __restrict__ row, int64_t begin, int64_t end, bool aligned,
+                                                  F&& f) {
+  constexpr int64_t kStride = 4 * kBlock;
+  for (int64_t i0 = begin + 4 * threadIdx.x; i0 < end; i0 += kInFlight * kStride) {
+    float l[kInFlight][4];
+    int count[kInFlight];
+#pragma unroll
+    for (int k = 0; k < kInFlight; ++k) {
+      const int64_t i = i0 + k * kStride;
+      count[k] = i < end ? (end - i < 4 ? static_cast<int>(end - i) : 4) : 0;
+      if (count[k] > 0) load4(row + i, count[k], aligned, l[k]);
+    }
+#pragma unroll
+    for (int k = 0; k < kInFlight; ++k)
+      if (count[k] > 0) f(i0 + k * kStride, l[k], count[k]);
+  }
+}
+
 }  // namespace dspark

@@ -83,7 +83,7 @@ __global__ void __launch_bounds__(kVerifyGreedyBlock)
 }
 
 template <typename T, typename D>
-__global__ void __launch_bounds__(kVerifyBlock, 1)
+__global__ void __launch_bounds__(kVerifyBlock, 3)
     verify_stats_kernel(VerifyArgs<T, D> a, const uint32_t* __restrict__ keep_keys, TargetRowStats* target_partials,
                         DraftRowStats* draft_partials, int64_t num_chunks, int64_t chunk_len) {
   __shared__ TargetRowStats s_target[kVerifyBlock / 32];
@@ -105,19 +105,13 @@ __global__ void __launch_bounds__(kVerifyBlock, 1)
   const int32_t mode = verify_draft_mode(a, r);
   TargetRowStats st = target_stats_empty();
   if (verify_row_races(mode, j, L.n)) {
-    for (int64_t i = begin + 4 * threadIdx.x; i < end; i += 4 * kVerifyBlock) {
-      float l[4];
-      const int count = end - i < 4 ? static_cast<int>(end - i) : 4;
-      load4(trow + i, count, t_aligned, l);
-      target_offer_group(st, row, stream, i >> 2, l, count);
-    }
+    chunk_groups_each<kVerifyBlock, kChunkInFlight>(trow, begin, end, t_aligned,
+                                                     [&](int64_t i, const float(&l)[4], int count) {
+                                                       target_offer_group(st, row, stream, i >> 2, l, count);
+                                                     });
   } else {  // a draft-distribution row before the last: its race is drawn lazily (verify_residual_kernel)
-    for (int64_t i = begin + 4 * threadIdx.x; i < end; i += 4 * kVerifyBlock) {
-      float l[4];
-      const int count = end - i < 4 ? static_cast<int>(end - i) : 4;
-      load4(trow + i, count, t_aligned, l);
-      target_offer_softmax(st, row, l, count);
-    }
+    chunk_groups_each<kVerifyBlock, kChunkInFlight>(
+        trow, begin, end, t_aligned, [&](int64_t, const float(&l)[4], int count) { target_offer_softmax(st, row, l, count); });
   }
   st = block_reduce<kVerifyBlock>(st, target_stats_merge, s_target, target_stats_empty());
   if (threadIdx.x == 0) target_partials[blockIdx.x] = st;
@@ -128,14 +122,12 @@ __global__ void __launch_bounds__(kVerifyBlock, 1)
   const D* __restrict__ drow = a.draft + (L.d0 + j) * a.draft_stride;
   const bool d_aligned = reinterpret_cast<uintptr_t>(drow) % (4 * sizeof(D)) == 0;
   DraftRowStats ds = draft_stats_empty();
-  for (int64_t i = begin + 4 * threadIdx.x; i < end; i += 4 * kVerifyBlock) {
-    float l[4];
-    const int count = end - i < 4 ? static_cast<int>(end - i) : 4;
-    load4(drow + i, count, d_aligned, l);
+  chunk_groups_each<kVerifyBlock, kChunkInFlight>(drow, begin, end, d_aligned,
+                                                   [&](int64_t, const float(&l)[4], int count) {
 #pragma unroll
-    for (int k = 0; k < 4; ++k)
-      if (k < count) draft_offer(ds, l[k], draft_temperature);
-  }
+                                                     for (int k = 0; k < 4; ++k)
+                                                       if (k < count) draft_offer(ds, l[k], draft_temperature);
+                                                   });
   ds = block_reduce<kVerifyBlock>(ds, draft_stats_merge, s_draft, draft_stats_empty());
   if (threadIdx.x == 0) draft_partials[blockIdx.x] = ds;
 }

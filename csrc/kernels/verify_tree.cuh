@@ -99,12 +99,10 @@ __device__ TargetRowStats tree_target_stats(const T* __restrict__ trow, int64_t 
     const int64_t begin = chunk * kFixedChunk;
     const int64_t end = begin + kFixedChunk < V ? begin + kFixedChunk : V;
     TargetRowStats st = target_stats_empty();
-    for (int64_t i = begin + 4 * threadIdx.x; i < end; i += 4 * kTreeBlock) {
-      float l[4];
-      const int count = end - i < 4 ? static_cast<int>(end - i) : 4;
-      load4(trow + i, count, aligned, l);
-      target_offer_group(st, row, stream, i >> 2, l, count);
-    }
+    chunk_groups_each<kTreeBlock, kChunkInFlight>(trow, begin, end, aligned,
+                                                   [&](int64_t i, const float(&l)[4], int count) {
+                                                     target_offer_group(st, row, stream, i >> 2, l, count);
+                                                   });
     st = block_reduce<kTreeBlock>(st, target_stats_merge, sh.target, target_stats_empty());
     if (threadIdx.x == 0) part[chunk] = st;
     __syncthreads();
@@ -136,14 +134,12 @@ __device__ DraftRowStats tree_draft_stats(const D* __restrict__ drow, int64_t V,
     const int64_t begin = chunk * kFixedChunk;
     const int64_t end = begin + kFixedChunk < V ? begin + kFixedChunk : V;
     DraftRowStats ds = draft_stats_empty();
-    for (int64_t i = begin + 4 * threadIdx.x; i < end; i += 4 * kTreeBlock) {
-      float l[4];
-      const int count = end - i < 4 ? static_cast<int>(end - i) : 4;
-      load4(drow + i, count, aligned, l);
+    chunk_groups_each<kTreeBlock, kChunkInFlight>(drow, begin, end, aligned,
+                                                   [&](int64_t, const float(&l)[4], int count) {
 #pragma unroll
-      for (int k = 0; k < 4; ++k)
-        if (k < count) draft_offer(ds, l[k], draft_temperature);
-    }
+                                                     for (int k = 0; k < 4; ++k)
+                                                       if (k < count) draft_offer(ds, l[k], draft_temperature);
+                                                   });
     ds = block_reduce<kTreeBlock>(ds, draft_stats_merge, sh.draft, draft_stats_empty());
     if (threadIdx.x == 0) part[chunk] = ds;
     __syncthreads();
