@@ -24,12 +24,19 @@ PROMPTS = [
 ]
 
 
-def _methods(draft, num_ngram: int, num_model: int):
+def _methods(draft, num_ngram: int, num_model: int, graphs: str):
+    """(name, drafter factory, cuda_graph) per row; graphs: off, on or both
+    (every method eagerly, then with its verify step as CUDA graphs)."""
     from .decoding import DraftModelDrafter, NGramDrafter
-    return [("plain (target only)", lambda: None),
-            (f"n-gram lookup, {num_ngram} drafts", lambda: NGramDrafter(max_ngram=3, num_draft=num_ngram)),
-            ("n-gram tree, 3 branches, 12 nodes", lambda: NGramDrafter(max_ngram=3, num_draft=12, branches=3)),
-            (f"draft model, {num_model} drafts", lambda: DraftModelDrafter(draft, num_draft=num_model))]
+    base = [("plain (target only)", lambda g: None),
+            (f"n-gram lookup, {num_ngram} drafts", lambda g: NGramDrafter(max_ngram=3, num_draft=num_ngram)),
+            ("n-gram tree, 3 branches, 12 nodes", lambda g: NGramDrafter(max_ngram=3, num_draft=12, branches=3)),
+            (f"draft model, {num_model} drafts",
+             lambda g: DraftModelDrafter(draft, num_draft=num_model, cuda_graph=g))]
+    rows = [(name, lambda make=make: make(False), False) for name, make in base] if graphs != "on" else []
+    if graphs != "off":
+        rows += [(name + " +graphs", lambda make=make: make(True), True) for name, make in base]
+    return rows
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -42,6 +49,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     ap.add_argument("--weights-dir", default=None, help="another copy of the default pair (default: the embedded one)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--rounds", type=int, default=3, help="rounds per (method, prompt); the fastest counts")
+    ap.add_argument("--cuda-graph", choices=("off", "on", "both"), default=None,
+                    help="run the verify steps as CUDA graphs (SpeculativeDecoder(cuda_graph=True)): off, on, or "
+                         "both side by side (default: both on a GPU, off on the CPU)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -71,22 +81,23 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
           f"{len(PROMPTS)} Python prompts, greedy, {args.max_new_tokens} new bytes each, one request at a time")
 
     prompts = [tokenizer.encode(p) for p in PROMPTS]
-    methods = _methods(draft, args.ngram_drafts, args.model_drafts)
+    graphs = args.cuda_graph or ("both" if device.startswith("cuda") else "off")
+    methods = _methods(draft, args.ngram_drafts, args.model_drafts, graphs)
     # Warm-up (first-call allocations, lazy inits) on a short generation per method.
-    for _, make in methods:
-        SpeculativeDecoder(target, make()).generate([prompts[0]], max_new_tokens=8)
+    for _, make, cuda_graph in methods:
+        SpeculativeDecoder(target, make(), cuda_graph=cuda_graph).generate([prompts[0]], max_new_tokens=8)
 
     # Rounds of every prompt under every method, interleaved; each (method, prompt) keeps its fastest round,
     # so a burst of load from the machine's neighbours does not decide the speed-up.
-    results = {name: [None] * len(prompts) for name, _ in methods}
+    results = {name: [None] * len(prompts) for name, _, _ in methods}
     bar = tqdm(total=args.rounds * len(methods) * len(prompts), desc="decoding", unit="run", dynamic_ncols=True,
                leave=False)
     for _ in range(args.rounds):
         for i, p in enumerate(prompts):
-            for name, make in methods:
+            for name, make, cuda_graph in methods:
                 bar.set_postfix_str(name.split(",")[0], refresh=False)
-                res = SpeculativeDecoder(target, make()).generate([p], max_new_tokens=args.max_new_tokens,
-                                                                  temperature=0.0)
+                res = SpeculativeDecoder(target, make(), cuda_graph=cuda_graph).generate(
+                    [p], max_new_tokens=args.max_new_tokens, temperature=0.0)
                 best = results[name][i]
                 if best is None or res.stats["seconds"] < best.stats["seconds"]:
                     results[name][i] = res
@@ -95,11 +106,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
     plain_name = methods[0][0]
     plain_s = sum(r.stats["seconds"] for r in results[plain_name])
-    print(f"\n  {'method':34s} {'accepted/step':>13s} {'tokens/pass':>11s} {'tokens/s':>9s} {'speed-up':>8s}   "
+    print(f"\n  {'method':42s} {'accepted/step':>13s} {'tokens/pass':>11s} {'tokens/s':>9s} {'speed-up':>8s}   "
           f"per prompt: accepted/step")
     ref = [r.tokens for r in results[plain_name]]
     identical = True
-    for name, _ in methods:
+    for name, _, _ in methods:
         rs = results[name]
         steps = sum(r.stats["steps"] for r in rs)
         new = sum(r.stats["new_tokens"] for r in rs)
@@ -108,7 +119,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         same = [r.tokens for r in rs] == ref
         identical &= same
         per = "  ".join(f"{r.stats['mean_accepted']:.2f}" for r in rs)
-        print(f"  {name:34s} {acc:13.2f} {new / steps:11.2f} {new / secs:9.0f} {plain_s / secs:7.2f}x   {per}"
+        print(f"  {name:42s} {acc:13.2f} {new / steps:11.2f} {new / secs:9.0f} {plain_s / secs:7.2f}x   {per}"
               + ("" if same else "   (OUTPUT DIFFERS)"))
     print(f"\n  greedy outputs identical to plain decoding, token for token: {identical}")
     sample = results[methods[-1][0]][3]

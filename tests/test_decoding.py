@@ -947,6 +947,54 @@ def test_early_finish_does_not_change_other_requests(kind, temperature):
 
 
 # ---------------------------------------------------------------------------
+# cuda_graph=True: the verify step from static buffers (captured on a GPU)
+
+GRAPH_KINDS = {"plain": lambda d, g: None, "ngram": lambda d, g: NGramDrafter(3, 4),
+               "ngram_tree": lambda d, g: NGramDrafter(3, 8, branches=3),
+               "draft_model": lambda d, g: DraftModelDrafter(BuiltinTarget(d), 3, cuda_graph=g)}
+
+
+@pytest.mark.parametrize("kind", list(GRAPH_KINDS))
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+def test_static_step_buffers_equal_the_plain_loop(gpu_attention_path, greedy_setup, kind, temperature):
+    """The graph path's plumbing (drafts copied into per-shape static
+    buffers, the step -- and the draft model's chain -- run from them,
+    eagerly here) changes nothing: the same tokens, greedy and sampled,
+    batched with stop tokens; on the forward's GPU path (static shapes),
+    where capture would happen."""
+    model, draft_model, prompts, _, stops, _ = greedy_setup
+
+    def run(cuda_graph):
+        dec = SpeculativeDecoder(BuiltinTarget(model), GRAPH_KINDS[kind](draft_model, cuda_graph),
+                                 cuda_graph=cuda_graph)
+        return dec.generate(prompts, MAX_NEW, temperature=temperature, seed=11, stop_tokens=stops)
+    eager, static = run(False), run(True)
+    assert static.tokens == eager.tokens and static.errors == eager.errors
+    assert static.stats["steps"] == eager.stats["steps"] and static.stats["cuda_graphs"] == 0
+
+
+def test_failed_capture_warns_and_runs_eagerly():
+    """A step that cannot be captured (here: no GPU at all) warns once and
+    goes on eagerly from its static buffers, with the same results."""
+    from dspark_ops.decoding.graphs import StepGraphs
+    calls = []
+
+    def step(inputs):
+        calls.append(1)
+        return inputs[0] * 2
+
+    graphs = StepGraphs(step, capture=True)
+    x = torch.arange(6, dtype=torch.int32).view(2, 3)
+    assert torch.equal(graphs.run("k", (x, None)), x * 2)  # first step of a shape: eager
+    if torch.cuda.is_available():
+        pytest.skip("a GPU can capture this step: the fallback is not reached")
+    with pytest.warns(RuntimeWarning, match="capture of the verify step failed"):
+        assert torch.equal(graphs.run("k", (x + 1, None)), (x + 1) * 2)
+    assert torch.equal(graphs.run("k", (x + 2, None)), (x + 2) * 2) and len(calls) == 3
+    assert graphs.captured == 0 and not graphs.capture
+
+
+# ---------------------------------------------------------------------------
 # On a GPU: the same guarantees, and one host synchronisation per step
 
 @pytest.mark.cuda
@@ -959,6 +1007,29 @@ def test_cuda_greedy_equals_cpu_greedy(greedy_setup, kind):
                "draft_model": lambda: DraftModelDrafter(BuiltinTarget(gpu_draft), 3)}[kind]()
     res = SpeculativeDecoder(BuiltinTarget(gpu), drafter).generate(prompts, MAX_NEW)
     assert res.tokens == nostop and res.errors == [0] * len(prompts)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kind", list(GRAPH_KINDS))
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+def test_cuda_graph_steps_equal_eager_steps(greedy_setup, kind, temperature):
+    """cuda_graph=True captures the verify step (one graph per step shape,
+    from the second step of that shape on) and the draft model's chain, and
+    replays them: the same tokens as eager steps, greedy and sampled, with
+    no fallback warning."""
+    import warnings
+    model, draft_model, prompts, _, stops, _ = greedy_setup
+    gpu, gpu_draft = copy.deepcopy(model).cuda(), copy.deepcopy(draft_model).cuda()
+
+    def run(cuda_graph):
+        dec = SpeculativeDecoder(BuiltinTarget(gpu), GRAPH_KINDS[kind](gpu_draft, cuda_graph), cuda_graph=cuda_graph)
+        return dec.generate(prompts, MAX_NEW, temperature=temperature, seed=11, stop_tokens=stops)
+    eager = run(False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        graphed = run(True)
+    assert graphed.tokens == eager.tokens and graphed.errors == eager.errors
+    assert graphed.stats["cuda_graphs"] >= 1
 
 
 @pytest.mark.cuda

@@ -13,6 +13,7 @@ from .._enums import Purpose
 from ..kv import RequestState
 from ..ops import sample
 from .._host import to_device
+from .graphs import StepGraphs
 
 
 @dataclass
@@ -163,20 +164,46 @@ class DraftModelDrafter(Drafter):
     stopped (one more host read per draft step). Lossless: whether x_k is
     proposed depends only on x_1..x_{k-1}, and a stopped position is padded
     with -1, which verify_chunk answers by sampling from the target itself
-    (DESIGN §3). 0 (default) drafts num_draft tokens always."""
+    (DESIGN §3). 0 (default) drafts num_draft tokens always.
 
-    def __init__(self, target, num_draft: int = 5, *, stop_below: float = 0.0):
+    cuda_graph: the chain after the first draw (num_draft - 1 single-token
+    forwards and the draws) runs from static buffers, as one CUDA graph on a
+    GPU with a BuiltinTarget (captured on the second step; graphs.py); not
+    with stop_below, whose stops read the host."""
+
+    def __init__(self, target, num_draft: int = 5, *, stop_below: float = 0.0, cuda_graph: bool = False):
         if num_draft < 1:
             raise ValueError(f"DraftModelDrafter: num_draft must be >= 1, got {num_draft}")
         if not 0.0 <= stop_below < 1.0:
             raise ValueError(f"DraftModelDrafter: stop_below must be in [0, 1), got {stop_below}")
         self.model, self.num_draft, self.stop_below = target, num_draft, stop_below
+        self.cuda_graph = cuda_graph and stop_below == 0
 
     def start(self, num_requests, max_len, device) -> None:
         self.cache = self.model.new_cache(num_requests, max_len + self.num_draft + 1)
         self.fed = [0] * num_requests  # tokens of each sequence in the draft cache
         self._one = torch.arange(num_requests + 1, dtype=torch.int32)  # cu_tokens of one token per request
         self._slots = [torch.full((1,), k, dtype=torch.int32, device=device) for k in range(self.num_draft + 1)]
+        capture = device.type == "cuda" and getattr(self.model, "graph_capturable", False)
+        self._graphs = StepGraphs(self._chain, capture=capture, name="the draft chain") if self.cuda_graph else None
+
+    def _chain(self, inputs):
+        """Draws 1..n from the first row (row0 [R, V] float32) and the n - 1
+        single-token forwards between them: (tokens [R, n] int32, rows [R, n, V]).
+        Reads the sampling state at fixed addresses (self._sampling, self._state)."""
+        (row0,) = inputs
+        state, sampling = self._state, self._sampling
+        rows, toks = [row0], []
+        for k in range(1, self.num_draft + 1):
+            tok = sample(rows[-1], temperature=sampling.temperature, seed=sampling.seed, position=state.position,
+                         purpose=Purpose.DRAFT, slot=self._slots[k]).tokens
+            toks.append(tok)
+            if k == self.num_draft:
+                break
+            step_logits, _ = self.model.forward(tok.clamp(min=0).long(), state.position + (k - 1), self._one,
+                                                self.cache)
+            rows.append(step_logits.float())
+        return torch.stack(toks, 1), torch.stack(rows, 1)
 
     def propose(self, seqs, state, sampling) -> Draft:
         R, n, dev = len(seqs), self.num_draft, state.last_token.device
@@ -193,17 +220,22 @@ class DraftModelDrafter(Drafter):
         self.fed = [len(s) for s in seqs]
         self.base = self.model.lengths(self.cache).clone()
         self.forwarded = 0  # draft tokens appended to the draft cache after base
+        if self.stop_below == 0:  # the whole chain (from static buffers, a CUDA graph on a GPU, with cuda_graph)
+            self._state, self._sampling = state, sampling
+            inputs = (rows[0],)
+            tokens, draft_rows = self._graphs.run(rows[0].shape, inputs) if self._graphs else self._chain(inputs)
+            self.forwarded = n - 1
+            return Draft(tokens, draft_rows, sampling.temperature)
         toks = []
         live = None
-        for k in range(1, n + 1):
-            if self.stop_below > 0:
-                confident = torch.softmax(rows[-1], -1).amax(-1) >= self.stop_below
-                live = confident if live is None else live & confident
-                if not bool(live.any()):  # every request stopped: the step's drafts end here
-                    break
+        for k in range(1, n + 1):  # stop_below: a host read per draw decides whether drafting goes on
+            confident = torch.softmax(rows[-1], -1).amax(-1) >= self.stop_below
+            live = confident if live is None else live & confident
+            if not bool(live.any()):  # every request stopped: the step's drafts end here
+                break
             tok = sample(rows[-1], temperature=sampling.temperature, seed=sampling.seed, position=state.position,
                          purpose=Purpose.DRAFT, slot=self._slots[k]).tokens
-            toks.append(tok if live is None else torch.where(live, tok, -1))
+            toks.append(torch.where(live, tok, -1))
             if k == n:
                 break
             step_logits, _ = self.model.forward(tok.clamp(min=0).long(), state.position + (k - 1), self._one,

@@ -17,6 +17,7 @@ from ..kv import RequestState, commit_tokens
 from ..tree import verify_tree
 from .._host import host_to_device, to_device
 from .drafters import Drafter, Sampling
+from .graphs import StepGraphs
 from .model import tree_ancestors
 
 _M64 = (1 << 64) - 1
@@ -55,8 +56,12 @@ class SpeculativeDecoder:
     """Speculative decoding of a target with a drafter (None: plain decoding,
     one token per target pass, through the same verify op with no drafts)."""
 
-    def __init__(self, target, drafter: Optional[Drafter] = None):
-        self.target, self.drafter = target, drafter
+    def __init__(self, target, drafter: Optional[Drafter] = None, *, cuda_graph: bool = False):
+        """cuda_graph: run each step's target pass, verification, commit and
+        rollback as a CUDA graph per step shape (captured on its second
+        step; a BuiltinTarget on a GPU). Elsewhere the same static buffers
+        run eagerly."""
+        self.target, self.drafter, self.cuda_graph = target, drafter, cuda_graph
 
     def generate(self, prompts: Union[Sequence[Sequence[int]], torch.Tensor],
                  max_new_tokens: Union[int, Sequence[int]] = 64, *,
@@ -104,24 +109,21 @@ class SpeculativeDecoder:
         keep_chain = [torch.arange(m + 1, dtype=torch.int32, device=dev).expand(R, -1).contiguous()
                       for m in range(n + 1)]  # per width: a chain keeps its first entries
         appended = [torch.full((R,), m + 1, dtype=torch.int32, device=dev) for m in range(n + 1)]
-        steps, accepted_per_step = 0, []
-        while True:
-            steps += 1
-            draft = self.drafter.propose(seqs, state, sampling) if n else None
-            toks = draft.tokens if draft is not None else torch.zeros(R, 0, dtype=torch.int32, device=dev)
-            m = toks.shape[1]  # this step's drafts per request (<= n: a drafter may propose fewer)
-            draft_logits = draft.draft_logits[:, :m] if draft is not None and draft.draft_logits is not None else None
+        root_parent = torch.full((R, 1), -1, dtype=torch.int32, device=dev)
+
+        def verify_step(inputs) -> torch.Tensor:
+            """One step from its drafts: toks [R, m] int32, parents [R, m]
+            int32 (a tree) or None, draft logits [R, m, V] or None (point
+            masses), draft temperature [R] or None (1). Returns what the host
+            reads: [R, W + 5] int32, the committed tokens then old length,
+            new length, accepted drafts, finished, finished before."""
+            toks, tree_parents, draft_logits, draft_t = inputs
+            m = toks.shape[1]
             nodes = torch.cat([state.last_token.unsqueeze(1), toks], 1)  # [R, m + 1]: the root, then the drafts
             ids = nodes.clamp(min=0).reshape(-1).long()
             base = target.lengths(cache).clone()
-            draft_t = (draft.draft_temperature if draft is not None and draft.draft_temperature is not None else 1.0)
-            tree = draft is not None and draft.parents is not None and m > 0
-            if tree and draft.draft_logits is not None:
-                raise NotImplementedError("SpeculativeDecoder: tree drafts are verified as point masses "
-                                          "(deterministic siblings); a tree with draft distributions is not supported")
-            if tree:  # node j's parent: -1 for the root (the cached prefix), else a node < j
-                parents = torch.cat([torch.full((R, 1), -1, dtype=torch.int32, device=dev),
-                                     draft.parents[:, :m].to(torch.int32)], 1)
+            if tree_parents is not None:  # node j's parent: -1 for the root (the cached prefix), else a node < j
+                parents = torch.cat([root_parent, tree_parents], 1)
                 depth = tree_ancestors(parents).sum(-1) - 1  # [R, m + 1]
                 positions = ((state.position - 1).unsqueeze(1) + depth).reshape(-1)
                 logits, _ = target.forward(ids, positions, chain_cus[m], cache, tree_parents=parents)
@@ -131,15 +133,16 @@ class SpeculativeDecoder:
             if logits.dtype not in (torch.float32, torch.float16, torch.bfloat16):
                 logits = logits.float()  # e.g. float64 test models: the ops take fp32/fp16/bf16
             V = logits.shape[-1]
-            if tree:  # node tokens and draft rows flat, request r's nodes at cu[r]:cu[r+1]; depth <= m
+            if tree_parents is not None:  # node tokens and draft rows flat, request r's nodes at cu[r]:cu[r+1]
                 res = verify_tree(logits, nodes.reshape(-1).to(torch.int32), parents.reshape(-1), node_cus[m],
                                   max_depth=m, temperature=sampling.temperature, top_k=top_k_t, top_p=top_p_t,
                                   seed=sampling.seed, position=state.position)  # deterministic siblings
                 keep_index = res.path
             else:
                 res = verify_chunk(logits.view(R, m + 1, V), toks, draft_logits=draft_logits,
-                                   draft_temperature=draft_t, temperature=sampling.temperature, top_k=top_k_t,
-                                   top_p=top_p_t, seed=sampling.seed, position=state.position)
+                                   draft_temperature=1.0 if draft_t is None else draft_t,
+                                   temperature=sampling.temperature, top_k=top_k_t, top_p=top_p_t,
+                                   seed=sampling.seed, position=state.position)
                 keep_index = keep_chain[m]
             was_finished = state.finished.clone()
             old_len = state.out_len.clone()
@@ -148,9 +151,34 @@ class SpeculativeDecoder:
             # cut at a stop token or max_new_tokens; nothing for finished or aborted requests.
             num_keep = torch.where(was_finished, 0, state.out_len - old_len).to(torch.int32)
             target.rollback(cache, base, appended[m], keep_index, num_keep)
+            return torch.cat([res.tokens, old_len.unsqueeze(1), state.out_len.unsqueeze(1), res.accepted.unsqueeze(1),
+                              state.finished.int().unsqueeze(1), was_finished.int().unsqueeze(1)], 1)
+
+        graphs = None
+        if self.cuda_graph:  # capture only where the target's forward never reads the host (BuiltinTarget)
+            capture = dev.type == "cuda" and getattr(target, "graph_capturable", False)
+            graphs = StepGraphs(verify_step, capture=capture)
+        steps, accepted_per_step = 0, []
+        while True:
+            steps += 1
+            draft = self.drafter.propose(seqs, state, sampling) if n else None
+            toks = draft.tokens if draft is not None else torch.zeros(R, 0, dtype=torch.int32, device=dev)
+            m = toks.shape[1]  # this step's drafts per request (<= n: a drafter may propose fewer)
+            draft_logits = draft.draft_logits[:, :m] if draft is not None and draft.draft_logits is not None else None
+            draft_t = draft.draft_temperature if draft is not None else None
+            tree_parents = draft.parents[:, :m].to(torch.int32) if draft is not None and draft.parents is not None \
+                and m > 0 else None
+            if tree_parents is not None and draft_logits is not None:
+                raise NotImplementedError("SpeculativeDecoder: tree drafts are verified as point masses "
+                                          "(deterministic siblings); a tree with draft distributions is not supported")
+            inputs = (toks, tree_parents, None if tree_parents is not None else draft_logits, draft_t)
+            if graphs is None:
+                packed = verify_step(inputs)
+            else:
+                key = (m, tree_parents is not None, None if inputs[2] is None else inputs[2].dtype, draft_t is None)
+                packed = graphs.run(key, inputs)
             # The step's one host synchronisation: what was appended, and who finished.
-            host = torch.cat([res.tokens, old_len.unsqueeze(1), state.out_len.unsqueeze(1), res.accepted.unsqueeze(1),
-                              state.finished.int().unsqueeze(1), was_finished.int().unsqueeze(1)], 1).tolist()
+            host = packed.tolist()
             acc_step = []
             for r, row in enumerate(host):
                 *tok, old, new, acc, fin, was = row
@@ -170,5 +198,6 @@ class SpeculativeDecoder:
         stats = {"steps": steps, "target_passes": steps + (1 if cu[-1] else 0),
                  "mean_accepted": sum(accepted_per_step) / len(accepted_per_step),
                  "accepted_per_step": accepted_per_step, "new_tokens": total,
-                 "tokens_per_s": total / elapsed if elapsed > 0 else float("inf"), "seconds": elapsed}
+                 "tokens_per_s": total / elapsed if elapsed > 0 else float("inf"), "seconds": elapsed,
+                 "cuda_graphs": graphs.captured if graphs is not None else 0}
         return GenerateResult(out, stats, state.error.tolist())

@@ -36,6 +36,10 @@ class BuiltinTarget:
     """The built-in model as a target: batched and ragged, KV caches
     [R, S, H, D] compacted in place by kv_compact."""
 
+    # On a GPU its forward and rollback never read the host (uniform steps: no host-to-device copies either),
+    # so SpeculativeDecoder(cuda_graph=True) may capture them.
+    graph_capturable = True
+
     def __init__(self, model: BuiltinModel, *, serial_tokens: int = 1):
         """serial_tokens: on the CPU, a forward of at most this many new tokens
         runs on one thread (a decode step's small GEMVs lose more to thread
