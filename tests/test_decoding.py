@@ -28,6 +28,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from scipy import stats
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 import dspark_ops.decoding.drafters as drafters_mod
 import dspark_ops.decoding.loop as loop_mod
@@ -973,6 +975,67 @@ def test_static_step_buffers_equal_the_plain_loop(gpu_attention_path, greedy_set
     assert static.stats["steps"] == eager.stats["steps"] and static.stats["cuda_graphs"] == 0
 
 
+class _StepTrace(TorchDispatchMode):
+    """Every op a step runs: its name, its non-tensor arguments and the
+    storages (and shapes) of the tensors it reads that the step did not
+    create -- exactly what a replayed CUDA graph reuses from its capture."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops, self.made = [], set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        flat = tree_flatten((args, kwargs or {}))[0]
+        ins = [a for a in flat if isinstance(a, torch.Tensor)]
+        outside = tuple((a.untyped_storage().data_ptr(), tuple(a.shape)) for a in ins
+                        if a.numel() and a.untyped_storage().data_ptr() not in self.made)
+        out = func(*args, **(kwargs or {}))
+        read = {a.untyped_storage().data_ptr() for a in ins}
+        self.made |= {o.untyped_storage().data_ptr() for o in tree_flatten(out)[0]
+                      if isinstance(o, torch.Tensor) and o.untyped_storage().data_ptr() not in read}
+        self.ops.append((str(func), tuple(repr(a) for a in flat if not isinstance(a, torch.Tensor)), outside))
+        return out
+
+
+@pytest.mark.parametrize("kind", list(GRAPH_KINDS))
+def test_every_run_of_a_step_shape_repeats_its_first(gpu_attention_path, greedy_setup, monkeypatch, kind):
+    """What makes a captured step replay correctly, checked without a GPU:
+    each run of a step shape (after the first, which allocates its buffers)
+    dispatches the same ops with the same scalar arguments and reads the
+    same outside tensors at the same addresses as the first -- no input
+    that moved, no host-side decision that changed between steps (sampled
+    decoding, batched, stop tokens; the verify step and the draft chain)."""
+    from dspark_ops.decoding import graphs as graphs_mod
+    traces = {}
+
+    class Traced(graphs_mod.StepGraphs):
+        def run(self, key, inputs):
+            inner = self.step
+
+            def step(inp):
+                with _StepTrace() as rec:
+                    out = inner(inp)
+                traces.setdefault((self.name, key), []).append(rec.ops)
+                return out
+            self.step = step
+            try:
+                return super().run(key, inputs)
+            finally:
+                self.step = inner
+
+    monkeypatch.setattr(loop_mod, "StepGraphs", Traced)
+    monkeypatch.setattr(drafters_mod, "StepGraphs", Traced)
+    model, draft_model, prompts, _, stops, _ = greedy_setup
+    SpeculativeDecoder(BuiltinTarget(model), GRAPH_KINDS[kind](draft_model, True), cuda_graph=True).generate(
+        prompts, MAX_NEW, temperature=0.9, seed=11, stop_tokens=stops)
+    assert traces and max(len(runs) for runs in traces.values()) >= 3
+    for (name, key), runs in traces.items():
+        for i, run in enumerate(runs[1:], 1):
+            assert len(run) == len(runs[0]), f"{name} {key}: run {i} has {len(run)} ops, the first {len(runs[0])}"
+            bad = [(a[0], a[1:], b[1:]) for a, b in zip(runs[0], run) if a != b]
+            assert not bad, f"{name} {key}: run {i} differs from the first at {bad[0]}"
+
+
 def test_failed_capture_warns_and_runs_eagerly():
     """A step that cannot be captured (here: no GPU at all) warns once and
     goes on eagerly from its static buffers, with the same results."""
@@ -1029,7 +1092,7 @@ def test_cuda_graph_steps_equal_eager_steps(greedy_setup, kind, temperature):
         warnings.simplefilter("error", RuntimeWarning)
         graphed = run(True)
     assert graphed.tokens == eager.tokens and graphed.errors == eager.errors
-    assert graphed.stats["cuda_graphs"] >= 1
+    assert graphed.stats["cuda_graphs"] >= (2 if kind == "draft_model" else 1)  # the draft chain's graph too
 
 
 @pytest.mark.cuda

@@ -121,43 +121,50 @@ def test_cuda_greedy_rows_edge_cases(dtype):
 
 
 def rare_from_p_batch(V, dtype, mode):
-    """Draft-distribution requests whose first row takes a rare path that
-    emits a token from p_j itself, the race verify_residual_kernel draws
-    lazily for rows before the last: request 0 a draft token out of range,
-    request 1 one with q = 0, requests 2.. (draft probs only) q = min(1, 2p)
-    at the argmax of p, so a rejection leaves no residual mass."""
-    R = 2 + (12 if mode == "probs" else 0)
+    """Draft-distribution requests reaching rows that emit a token drawn
+    from p_j itself. Row 0 accepts for certain (q_0 = p_0 at temperature 1,
+    the drafted token its argmax), so these paths sit at j = 1 (pass 2 reads
+    row t0 + 1): request 0 a draft token out of range (raced in pass 1),
+    request 1 a drafted token with q = 0 (raced lazily in pass 2), requests
+    2.. (draft probs only) q_1 = min(1, 2 p_1) at the argmax of p_1, so a
+    rejection leaves no residual mass (the lazy race is the fallback); the
+    last request has q = 0 at j = 0."""
+    R = 3 + (12 if mode == "probs" else 0)
     target, tokens, cu, kw = ragged_batch([3] * R, V, dtype, mode=mode, seed=V + 11, scale=3.0)
-    temperature = 0.9
-    tokens[0] = V
-    tokens[3] = 5
-    if mode == "probs":
-        kw["draft_probs"][3, 5] = 0.0
-        for r in range(2, R):
-            p = torch.softmax(target[4 * r].float() / temperature, -1)  # request r's first target row: cu[r] + r
-            kw["draft_probs"][3 * r] = (2 * p).clamp(max=1.0)
-            tokens[3 * r] = int(p.argmax())
-    else:
-        kw["draft_logits"][3, 5] = float("-inf")
-    return target, tokens, cu, kw, temperature
+    draft = kw["draft_probs" if mode == "probs" else "draft_logits"]
+    p = torch.softmax(target.float(), -1)  # request r's row j is target row 4 r + j, draft row 3 r + j
+    for r in range(R - 1):
+        tokens[3 * r] = int(p[4 * r].argmax())
+        draft[3 * r] = p[4 * r] if mode == "probs" else target[4 * r]
+    tokens[1] = V
+    tokens[4] = 5
+    tokens[3 * (R - 1)] = 7
+    for row, tok in ((4, 5), (3 * (R - 1), 7)):
+        draft[row, tok] = 0.0 if mode == "probs" else float("-inf")
+    for r in range(2, R - 1):  # probs only
+        tokens[3 * r + 1] = int(p[4 * r + 1].argmax())
+        draft[3 * r + 1] = (2 * p[4 * r + 1]).clamp(max=1.0)
+    return target, tokens, cu, kw
 
 
 @pytest.mark.parametrize("V", [1031, 32001])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("mode", ["probs", "logits"])
 def test_cuda_rare_emits_from_p_before_the_last_row(V, dtype, mode):
-    """Rows before a draft-distribution request's last skip the race in the
-    first pass; their rare emits from p_j (and the empty-residual fallback)
-    race lazily in the residual pass, and must give the CPU op's tokens."""
-    target, tokens, cu, kw, temperature = rare_from_p_batch(V, dtype, mode)
+    """Rows before a draft-distribution request's last race p only where
+    their token is out of range; their rare emits from p_j (q = 0, an empty
+    residual) race lazily in the residual pass, and must give the CPU op's
+    tokens."""
+    target, tokens, cu, kw = rare_from_p_batch(V, dtype, mode)
     R = cu.shape[0] - 1
-    args = dict(temperature=temperature, seed=torch.arange(R) + 1, position=torch.arange(R) * 5, **kw)
+    args = dict(temperature=1.0, seed=torch.arange(R) + 1, position=torch.arange(R) * 5, **kw)
     want = dspark_ops.verify_chunk(target, tokens, cu, max_draft=3, **args)
     flag = dspark_ops.Status
-    assert int(want.status[0]) == int(flag.TOKEN_OUT_OF_RANGE) and int(want.status[1]) == int(flag.DRAFT_PROB_ZERO)
-    assert int(want.accepted[0]) == int(want.accepted[1]) == 0
-    if mode == "probs":  # some rejections with no residual mass: a token from p_0
-        assert int((want.accepted[2:] == 0).sum()) >= 2
+    assert want.status[[0, 1, R - 1]].tolist() == [int(flag.TOKEN_OUT_OF_RANGE), int(flag.DRAFT_PROB_ZERO),
+                                                     int(flag.DRAFT_PROB_ZERO)]
+    assert want.accepted[[0, 1, R - 1]].tolist() == [1, 1, 0]
+    if mode == "probs":  # some rejections at j = 1 with no residual mass: a token from p_1
+        assert int((want.accepted[2:R - 1] == 1).sum()) >= 2
     compare_with_cpu(target, tokens, cu, 3, **args)
     compare_with_cpu(target, tokens, cu, 3, **{**args, "top_k": 20})
 

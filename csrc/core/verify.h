@@ -188,10 +188,15 @@ struct VerifyStep {
 // How the draft distribution q of a request is given.
 enum DraftMode : int32_t { kDraftPointMass = 0, kDraftProbs = 1, kDraftLogits = 2 };
 
-// Whether a stochastic target row j (of n drafts) needs the race for a token
-// from p in its first pass: always for point-mass drafts (a rejection emits
-// the runner-up), else only at the bonus row.
-DSPARK_HD bool verify_row_races(int32_t mode, int32_t j, int32_t n) { return mode == kDraftPointMass || j == n; }
+// Whether a stochastic target row j (of n drafts, drafted token tok there)
+// needs the race for a token from p in its first pass: always for
+// point-mass drafts (a rejection emits the runner-up), at the bonus row, and
+// where the draft token is out of range (-1 padding ends a chain there and
+// emits from p_j: common, so not left to the lazy pass). Elsewhere only the
+// rare q = 0 and empty-residual paths need it, drawn lazily.
+DSPARK_HD bool verify_row_races(int32_t mode, int32_t j, int32_t n, int32_t tok, int64_t vocab) {
+  return mode == kDraftPointMass || j == n || tok < 0 || tok >= vocab;
+}
 
 // q of one draft-row entry with stored value v: the value itself for
 // probabilities, its softmax share for logits.

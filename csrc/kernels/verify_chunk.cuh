@@ -104,7 +104,8 @@ __global__ void __launch_bounds__(kVerifyBlock, 3)
   const bool t_aligned = reinterpret_cast<uintptr_t>(trow) % (4 * sizeof(T)) == 0;
   const int32_t mode = verify_draft_mode(a, r);
   TargetRowStats st = target_stats_empty();
-  if (verify_row_races(mode, j, L.n)) {
+  const int32_t tok = j < L.n ? a.draft_tokens[L.d0 + j] : -1;
+  if (verify_row_races(mode, j, L.n, tok, a.vocab)) {
     chunk_groups_each<kVerifyBlock, kChunkInFlight>(trow, begin, end, t_aligned,
                                                      [&](int64_t i, const float(&l)[4], int count) {
                                                        target_offer_group(st, row, stream, i >> 2, l, count);
@@ -167,13 +168,13 @@ __global__ void __launch_bounds__(kVerifyWarpsPerBlock * 32)
     }
     st = warp_reduce(st, target_stats_merge);
     ds = warp_reduce(ds, draft_stats_merge);
-    const bool lazy = !greedy && !verify_row_races(mode, j, L.n);  // no race in pass 1: a stand-in winner
+    const int32_t tok = j < L.n ? a.draft_tokens[L.d0 + j] : -1;
+    const bool lazy = !greedy && !verify_row_races(mode, j, L.n, tok, V);  // no race in pass 1: a stand-in winner
     if (lazy) st = target_stats_stand_in(st);
     int32_t action = kVerifyAbort;
     if (lane == 0) {
       const T* trow = a.target + (L.t0 + j) * a.target_stride;
       const RaceRow row{greedy, temperature, keep_keys ? keep_keys[row_id] : 0u};
-      const int32_t tok = j < L.n ? a.draft_tokens[L.d0 + j] : -1;
       float p_tok = 0.0f, q_tok = 0.0f;
       if (!greedy && j < L.n && tok >= 0 && tok < V) {
         p_tok = st.softmax.s > 0.0f ? target_prob(row, st.softmax, to_float(trow[tok])) : 0.0f;
@@ -187,7 +188,7 @@ __global__ void __launch_bounds__(kVerifyWarpsPerBlock * 32)
       emit = step.token;
       if (action == kVerifyAccept) ++accepted;
       if (action == kVerifyResidual) residual_j = j;
-      if (action == kVerifyEmit && lazy) {  // a rare emit from p_j (token out of range, q = 0): raced in pass 2
+      if (action == kVerifyEmit && lazy) {  // a rare emit from p_j (q = 0): raced in pass 2
         residual_j = j;
         from_p = 1;
       }

@@ -1,6 +1,6 @@
 // verify_tree's CUDA kernel (DESIGN §3): one block per request walks its tree
 // from the root. Every row statistic is summed exactly as verify_chunk's
-// kernels sum it (2048-entry chunks, each reduced by a 256-thread block,
+// kernels sum it (kFixedChunk-entry chunks, each reduced by a 256-thread block,
 // chunks merged lane-strided by one warp), so a path-shaped tree gives the
 // chain's results bit for bit; rows off the accepted path are never read.
 // Framework-free: raw pointers and a stream.

@@ -3,6 +3,7 @@ drafter samples through our ops with purpose DRAFT (slot = node index: draft
 j is node j+1), never with the verifier's counters (DESIGN §2)."""
 from __future__ import annotations
 
+import weakref
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Iterator, List, Optional, Tuple
@@ -169,7 +170,9 @@ class DraftModelDrafter(Drafter):
     cuda_graph: the chain after the first draw (num_draft - 1 single-token
     forwards and the draws) runs from static buffers, as one CUDA graph on a
     GPU with a BuiltinTarget (captured on the second step; graphs.py); not
-    with stop_below, whose stops read the host."""
+    with stop_below, whose stops read the host. The Draft's tensors are then
+    the graph's outputs, rewritten by the next propose(): consume them first
+    (SpeculativeDecoder copies them into its own step buffers)."""
 
     def __init__(self, target, num_draft: int = 5, *, stop_below: float = 0.0, cuda_graph: bool = False):
         if num_draft < 1:
@@ -184,8 +187,17 @@ class DraftModelDrafter(Drafter):
         self.fed = [0] * num_requests  # tokens of each sequence in the draft cache
         self._one = torch.arange(num_requests + 1, dtype=torch.int32)  # cu_tokens of one token per request
         self._slots = [torch.full((1,), k, dtype=torch.int32, device=device) for k in range(self.num_draft + 1)]
-        capture = device.type == "cuda" and getattr(self.model, "graph_capturable", False)
-        self._graphs = StepGraphs(self._chain, capture=capture, name="the draft chain") if self.cuda_graph else None
+        self._graphs = None
+        if self.cuda_graph:  # a weak reference: no drafter <-> graphs cycle holding the cache and the graphs' pool
+            capture = getattr(self.model, "device", torch.device(device)).type == "cuda" and \
+                getattr(self.model, "graph_capturable", False)
+            chain = weakref.WeakMethod(self._chain)
+            self._graphs = StepGraphs(lambda inputs: chain()(inputs), capture=capture, name="the draft chain")
+
+    @property
+    def graphs_captured(self) -> int:
+        """CUDA graphs this drafter captured in the current generate() call."""
+        return self._graphs.captured if getattr(self, "_graphs", None) is not None else 0
 
     def _chain(self, inputs):
         """Draws 1..n from the first row (row0 [R, V] float32) and the n - 1

@@ -5,10 +5,16 @@ the step's draft tensors and of state that lives at fixed addresses (the
 caches, RequestState, the sampling parameters); so is a draft model's chain
 of single-token forwards and draws. `StepGraphs` copies the varying inputs
 into static buffers, one set per step shape, and runs the step from them:
-the first step of a shape eagerly (it warms every lazy cache up), the next
-ones as a CUDA graph captured on the second. With capture off (the CPU) the
-same buffers run eagerly, so tests on any machine exercise the plumbing;
-only the capture itself needs a GPU."""
+the first step of a shape eagerly (it warms every lazy cache up; on a GPU
+on the side stream the capture then uses, as torch's CUDA-graph notes ask),
+the next ones as a CUDA graph captured on the second. With capture off (the
+CPU) the same buffers run eagerly, so tests on any machine exercise the
+plumbing; only the capture itself needs a GPU.
+
+A replayed step's outputs are the graph's static tensors, rewritten by its
+next replay: callers read them (or copy them) before the next step. All
+graphs of a StepGraphs share one memory pool, which is safe because each
+one's outputs are consumed before another replays."""
 from __future__ import annotations
 
 import warnings
@@ -38,20 +44,22 @@ class StepGraphs:
     """Runs `step` on static copies of its inputs, keyed by the step's shape
     (the caller's `key`: draft width, tree or chain, ...). capture=True (a
     CUDA device): from the second step of a shape on, as a replayed CUDA
-    graph (all graphs share one memory pool). A capture that fails warns
-    once and leaves that runner eager."""
+    graph. A capture that fails warns once, restores the stream, and leaves
+    every later step of this StepGraphs eager."""
 
     def __init__(self, step: StepFn, *, capture: bool, name: str = "the verify step"):
         self.step, self.capture, self.name = step, capture, name
         self.slots: Dict[Hashable, _Slot] = {}
         self.pool = None
+        # warm-up and capture stream (none without a GPU: a capture attempt then fails into the fallback)
+        self.stream = torch.cuda.Stream() if capture and torch.cuda.is_available() else None
         self.captured = 0  # graphs captured (res.stats["cuda_graphs"])
 
     def run(self, key: Hashable, inputs: Sequence[Optional[torch.Tensor]]) -> Any:
         slot = self.slots.get(key)
         if slot is None:  # the first step of this shape: eager, on the new static buffers
             slot = self.slots[key] = _Slot(inputs)
-            return self.step(slot.inputs)
+            return self._warm_up(slot)
         slot.load(inputs)
         if slot.graph is None and self.capture:
             self._capture(slot)
@@ -60,14 +68,29 @@ class StepGraphs:
         slot.graph.replay()
         return slot.out
 
+    def _warm_up(self, slot: _Slot) -> Any:
+        if self.stream is None:
+            return self.step(slot.inputs)
+        main = torch.cuda.current_stream()
+        self.stream.wait_stream(main)
+        with torch.cuda.stream(self.stream):
+            out = self.step(slot.inputs)
+        main.wait_stream(self.stream)
+        return out
+
     def _capture(self, slot: _Slot) -> None:
+        main = torch.cuda.current_stream() if self.stream is not None else None
         try:
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
+            with torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
                 out = self.step(slot.inputs)
         except Exception as e:  # an op that cannot be captured: stay eager, say why once
+            if main is not None:
+                torch.cuda.set_stream(main)  # a failed capture_end leaves the capture stream current
+                torch.cuda.synchronize()
+            cause = e.__context__ if e.__context__ is not None else e  # the op's error, not capture_end's
             warnings.warn(f"SpeculativeDecoder: CUDA graph capture of {self.name} failed, running eagerly "
-                          f"({type(e).__name__}: {e})", RuntimeWarning, stacklevel=3)
+                          f"({type(cause).__name__}: {cause})", RuntimeWarning, stacklevel=3)
             self.capture = False
             return
         self.pool = graph.pool()

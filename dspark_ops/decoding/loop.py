@@ -166,6 +166,10 @@ class SpeculativeDecoder:
             m = toks.shape[1]  # this step's drafts per request (<= n: a drafter may propose fewer)
             draft_logits = draft.draft_logits[:, :m] if draft is not None and draft.draft_logits is not None else None
             draft_t = draft.draft_temperature if draft is not None else None
+            if draft_t is not None and not isinstance(draft_t, torch.Tensor):  # a float: [R], a fixed shape
+                draft_t = torch.full((R,), float(draft_t), dtype=torch.float32, device=dev)
+            elif draft_t is not None:
+                draft_t = draft_t.to(torch.float32).reshape(-1).expand(R)
             tree_parents = draft.parents[:, :m].to(torch.int32) if draft is not None and draft.parents is not None \
                 and m > 0 else None
             if tree_parents is not None and draft_logits is not None:
@@ -199,5 +203,6 @@ class SpeculativeDecoder:
                  "mean_accepted": sum(accepted_per_step) / len(accepted_per_step),
                  "accepted_per_step": accepted_per_step, "new_tokens": total,
                  "tokens_per_s": total / elapsed if elapsed > 0 else float("inf"), "seconds": elapsed,
-                 "cuda_graphs": graphs.captured if graphs is not None else 0}
+                 "cuda_graphs": (graphs.captured if graphs is not None else 0)
+                 + getattr(self.drafter, "graphs_captured", 0)}
         return GenerateResult(out, stats, state.error.tolist())
