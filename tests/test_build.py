@@ -44,3 +44,21 @@ def test_gpu_kernel_times_script_runs_at_small_sizes():
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.count("== ") == 7
+
+
+def test_gpu_session_scripts_parse():
+    """tools/gpu_check.sh (and its embedded Python) and tools/gpu_abi_probe.sh
+    run once per GPU session, with no second try: they must at least parse."""
+    import ast
+    import re
+    import subprocess
+    from pathlib import Path
+
+    tools = Path(__file__).resolve().parent.parent / "tools"
+    for script in ("gpu_check.sh", "gpu_abi_probe.sh"):
+        proc = subprocess.run(["bash", "-n", str(tools / script)], capture_output=True, text=True)
+        assert proc.returncode == 0, f"{script}: {proc.stderr}"
+    heredocs = re.findall(r"<<'PY'[^\n]*\n(.*?)\nPY\n", (tools / "gpu_check.sh").read_text(), re.S)
+    assert heredocs, "gpu_check.sh: the FlashInfer JIT step's Python was not found"
+    for body in heredocs:
+        ast.parse(body)
