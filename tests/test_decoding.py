@@ -32,7 +32,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import dspark_ops.decoding.drafters as drafters_mod
-import dspark_ops.decoding.loop as loop_mod
+import dspark_ops.decoding.session as session_mod
 from dspark_ops import Purpose
 from dspark_ops.decoding import (BuiltinModel, BuiltinTarget, Draft, Drafter, DraftModelDrafter, ModelConfig,
                                  NGramDrafter, SpeculativeDecoder, request_seed)
@@ -708,7 +708,7 @@ def test_draft_model_drafter_samples_with_draft_purpose(monkeypatch):
     model = make_model(V, 30, dtype=torch.float32)
     draft = make_model(V, 31, dtype=torch.float32, perturb_of=model, perturb=0.5)
     draft_calls, verify_calls = [], []
-    real_sample, real_verify = drafters_mod.sample, loop_mod.verify_chunk
+    real_sample, real_verify = drafters_mod.sample, session_mod.verify_chunk
 
     def rec_sample(logits, **kw):
         draft_calls.append({k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()})
@@ -719,7 +719,7 @@ def test_draft_model_drafter_samples_with_draft_purpose(monkeypatch):
         return real_verify(*args, **kw)
 
     monkeypatch.setattr(drafters_mod, "sample", rec_sample)
-    monkeypatch.setattr(loop_mod, "verify_chunk", rec_verify)
+    monkeypatch.setattr(session_mod, "verify_chunk", rec_verify)
     prompts = make_prompts(V, [3, 8, 1], seed=32)
     res = SpeculativeDecoder(BuiltinTarget(model), DraftModelDrafter(BuiltinTarget(draft), n)).generate(
         prompts, 10, temperature=0.9, seed=77)
@@ -1004,7 +1004,8 @@ def test_every_run_of_a_step_shape_repeats_its_first(gpu_attention_path, greedy_
     dispatches the same ops with the same scalar arguments and reads the
     same outside tensors at the same addresses as the first -- no input
     that moved, no host-side decision that changed between steps (sampled
-    decoding, batched, stop tokens; the verify step and the draft chain)."""
+    decoding, batched, stop tokens; the verify step and the draft chain;
+    across two calls on one decoder, whose device state is kept)."""
     from dspark_ops.decoding import graphs as graphs_mod
     traces = {}
 
@@ -1023,17 +1024,39 @@ def test_every_run_of_a_step_shape_repeats_its_first(gpu_attention_path, greedy_
             finally:
                 self.step = inner
 
-    monkeypatch.setattr(loop_mod, "StepGraphs", Traced)
+    monkeypatch.setattr(session_mod, "StepGraphs", Traced)
     monkeypatch.setattr(drafters_mod, "StepGraphs", Traced)
     model, draft_model, prompts, _, stops, _ = greedy_setup
-    SpeculativeDecoder(BuiltinTarget(model), GRAPH_KINDS[kind](draft_model, True), cuda_graph=True).generate(
-        prompts, MAX_NEW, temperature=0.9, seed=11, stop_tokens=stops)
+    dec = SpeculativeDecoder(BuiltinTarget(model), GRAPH_KINDS[kind](draft_model, True), cuda_graph=True)
+    for seed in (11, 12):  # a second call reuses the session: its runs must repeat the first call's too
+        dec.generate(prompts, MAX_NEW, temperature=0.9, seed=seed, stop_tokens=stops)
     assert traces and max(len(runs) for runs in traces.values()) >= 3
     for (name, key), runs in traces.items():
         for i, run in enumerate(runs[1:], 1):
             assert len(run) == len(runs[0]), f"{name} {key}: run {i} has {len(run)} ops, the first {len(runs[0])}"
             bad = [(a[0], a[1:], b[1:]) for a, b in zip(runs[0], run) if a != b]
             assert not bad, f"{name} {key}: run {i} differs from the first at {bad[0]}"
+
+
+@pytest.mark.parametrize("kind", list(GRAPH_KINDS))
+def test_a_kept_session_equals_fresh_decoders(gpu_attention_path, greedy_setup, kind):
+    """With cuda_graph=True a decoder keeps its device state (caches, request
+    state, sampling parameters, stop tokens; the draft model's cache and
+    graphs) between calls and resets it in place: call after call -- other
+    prompts, sampling parameters, seeds and stop tokens, a batch of another
+    size in between -- it gives what fresh decoders give."""
+    model, draft_model, prompts, _, stops, _ = greedy_setup
+    kept = SpeculativeDecoder(BuiltinTarget(model), GRAPH_KINDS[kind](draft_model, True), cuda_graph=True)
+    calls = [(prompts[:4], dict(temperature=0.9, seed=1, stop_tokens=stops)),
+             (prompts[4:], dict(temperature=0.0, stop_tokens=stops[::-1])),
+             (prompts[:2], dict(temperature=0.7, top_k=5, seed=3)),  # another batch size: a new session
+             (prompts[2:6], dict(temperature=[0.0, 0.9, 1.1, 0.5], top_p=0.8, seed=4, stop_tokens=stops)),
+             (prompts[:4], dict(temperature=0.9, seed=1, stop_tokens=stops))]
+    for i, (batch, kw) in enumerate(calls):
+        fresh = SpeculativeDecoder(BuiltinTarget(model), GRAPH_KINDS[kind](draft_model, False))
+        want, got = fresh.generate(batch, MAX_NEW, **kw), kept.generate(batch, MAX_NEW, **kw)
+        assert got.tokens == want.tokens and got.errors == want.errors, f"call {i}"
+    assert kept._session is not None and kept._session.R == 4
 
 
 def test_failed_capture_warns_and_runs_eagerly():

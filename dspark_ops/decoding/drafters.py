@@ -183,8 +183,13 @@ class DraftModelDrafter(Drafter):
         self.cuda_graph = cuda_graph and stop_below == 0
 
     def start(self, num_requests, max_len, device) -> None:
-        self.cache = self.model.new_cache(num_requests, max_len + self.num_draft + 1)
         self.fed = [0] * num_requests  # tokens of each sequence in the draft cache
+        shape = (num_requests, max_len + self.num_draft + 1)
+        if self.cuda_graph and getattr(self, "_shape", None) == shape and getattr(self.model, "graph_capturable", False):
+            self.model.lengths(self.cache).zero_()  # the same cache and graphs as the last call: they replay
+            return
+        self._shape = shape
+        self.cache = self.model.new_cache(*shape)
         self._one = torch.arange(num_requests + 1, dtype=torch.int32)  # cu_tokens of one token per request
         self._slots = [torch.full((1,), k, dtype=torch.int32, device=device) for k in range(self.num_draft + 1)]
         self._graphs = None
@@ -235,7 +240,10 @@ class DraftModelDrafter(Drafter):
         if self.stop_below == 0:  # the whole chain (from static buffers, a CUDA graph on a GPU, with cuda_graph)
             self._state, self._sampling = state, sampling
             inputs = (rows[0],)
-            tokens, draft_rows = self._graphs.run(rows[0].shape, inputs) if self._graphs else self._chain(inputs)
+            # the graph reads the state and sampling tensors where it was captured: their addresses key it
+            key = (rows[0].shape, state.position.data_ptr(), sampling.temperature.data_ptr(),
+                   sampling.seed.data_ptr())
+            tokens, draft_rows = self._graphs.run(key, inputs) if self._graphs else self._chain(inputs)
             self.forwarded = n - 1
             return Draft(tokens, draft_rows, sampling.temperature)
         toks = []

@@ -12,13 +12,9 @@ from typing import List, Optional, Sequence, Union
 
 import torch
 
-from ..chain import verify_chunk
-from ..kv import RequestState, commit_tokens
-from ..tree import verify_tree
-from .._host import host_to_device, to_device
-from .drafters import Drafter, Sampling
-from .graphs import StepGraphs
-from .model import tree_ancestors
+from .._host import to_device
+from .drafters import Drafter
+from .session import DecodeSession, session_sizes
 
 _M64 = (1 << 64) - 1
 
@@ -60,8 +56,18 @@ class SpeculativeDecoder:
         """cuda_graph: run each step's target pass, verification, commit and
         rollback as a CUDA graph per step shape (captured on its second
         step; a BuiltinTarget on a GPU). Elsewhere the same static buffers
-        run eagerly."""
+        run eagerly. With a BuiltinTarget the decoder then keeps its device
+        state (caches sized up to a multiple of 256) between generate()
+        calls of the same batch size and sizes, so graphs captured in one
+        call replay in the next."""
         self.target, self.drafter, self.cuda_graph = target, drafter, cuda_graph
+        self._session: Optional[DecodeSession] = None  # kept between calls with cuda_graph (session.py)
+
+    def _graphs_captured(self) -> int:
+        """CUDA graphs captured so far by the kept session and the drafter."""
+        sess = self._session
+        return (sess.graphs.captured if sess is not None and sess.graphs is not None else 0) + \
+            getattr(self.drafter, "graphs_captured", 0)
 
     def generate(self, prompts: Union[Sequence[Sequence[int]], torch.Tensor],
                  max_new_tokens: Union[int, Sequence[int]] = 64, *,
@@ -81,10 +87,27 @@ class SpeculativeDecoder:
         t0 = time.perf_counter()
         R, dev, target = len(seqs), self.target.device, self.target
         n = self.drafter.num_draft if self.drafter is not None else 0
-        max_len = max(len(s) for s in seqs) + max_new_tokens + n + 2
-        cache = target.new_cache(R, max_len)
+        # A session outlives the call only with graphs to replay, on a target whose cache resets in place.
+        keep = self.cuda_graph and getattr(target, "graph_capturable", False)
+        max_len, max_total = session_sizes([len(s) for s in seqs], max_new_tokens, n, keep=keep)
+        key = (R, max_len, max_total, n, len(stop_tokens))
+        sess = self._session if keep and self._session is not None and self._session.key == key else None
+        reused = sess is not None
+        if sess is None:
+            sess = DecodeSession(target, R, max_len, max_total, n, len(stop_tokens), graphs=self.cuda_graph,
+                                 capture=keep and dev.type == "cuda")
+            self._session = sess if keep else None
+        cache, state, sampling = sess.cache, sess.state, sess.sampling
+        per_prompt_seed = isinstance(seed, (list, tuple)) or (isinstance(seed, torch.Tensor) and seed.dim() > 0)
+        seeds = seed if per_prompt_seed else [request_seed(int(seed), r) for r in range(R)]
+        sess.reset(to_device([s[-1] for s in seqs], torch.int32, dev),
+                   to_device([len(s) for s in seqs], torch.int64, dev), to_device(limits, torch.int32, dev),
+                   _per_request(temperature, R, torch.float32, dev), _per_request(seeds, R, torch.int64, dev),
+                   _per_request(top_k, R, torch.int32, dev), _per_request(top_p, R, torch.float32, dev),
+                   to_device(list(stop_tokens), torch.int32, dev) if stop_tokens else None, reused=reused)
         if self.drafter is not None:
             self.drafter.start(R, max_len, dev)
+        captured_before = self._graphs_captured()
         # Prefill every prompt but its last token (the first step's root).
         pre = [s[:-1] for s in seqs]
         cu = [0]
@@ -94,70 +117,8 @@ class SpeculativeDecoder:
             target.forward(to_device([t for p in pre for t in p], torch.int64, dev),
                            to_device([i for p in pre for i in range(len(p))], torch.int64, dev),
                            torch.tensor(cu, dtype=torch.int32), cache)
-        state = RequestState.new(to_device([s[-1] for s in seqs], torch.int32, dev),
-                                 to_device([len(s) for s in seqs], torch.int64, dev),
-                                 to_device(limits, torch.int32, dev), max_new_tokens)
-        per_prompt_seed = isinstance(seed, (list, tuple)) or (isinstance(seed, torch.Tensor) and seed.dim() > 0)
-        seeds = seed if per_prompt_seed else [request_seed(int(seed), r) for r in range(R)]
-        sampling = Sampling(_per_request(temperature, R, torch.float32, dev), _per_request(seeds, R, torch.int64, dev))
-        top_k_t, top_p_t = _per_request(top_k, R, torch.int32, dev), _per_request(top_p, R, torch.float32, dev)
-        stop = to_device(list(stop_tokens), torch.int32, dev) if stop_tokens else None
         out = [[] for _ in range(R)]
         finished = [False] * R
-        chain_cus = [torch.arange(R + 1, dtype=torch.int32) * (m + 1) for m in range(n + 1)]  # host, per width
-        node_cus = [host_to_device(c, dev) for c in chain_cus]  # the same on the device, for verify_tree
-        keep_chain = [torch.arange(m + 1, dtype=torch.int32, device=dev).expand(R, -1).contiguous()
-                      for m in range(n + 1)]  # per width: a chain keeps its first entries
-        appended = [torch.full((R,), m + 1, dtype=torch.int32, device=dev) for m in range(n + 1)]
-        root_parent = torch.full((R, 1), -1, dtype=torch.int32, device=dev)
-
-        def verify_step(inputs) -> torch.Tensor:
-            """One step from its drafts: toks [R, m] int32, parents [R, m]
-            int32 (a tree) or None, draft logits [R, m, V] or None (point
-            masses), draft temperature [R] or None (1). Returns what the host
-            reads: [R, W + 5] int32, the committed tokens then old length,
-            new length, accepted drafts, finished, finished before."""
-            toks, tree_parents, draft_logits, draft_t = inputs
-            m = toks.shape[1]
-            nodes = torch.cat([state.last_token.unsqueeze(1), toks], 1)  # [R, m + 1]: the root, then the drafts
-            ids = nodes.clamp(min=0).reshape(-1).long()
-            base = target.lengths(cache).clone()
-            if tree_parents is not None:  # node j's parent: -1 for the root (the cached prefix), else a node < j
-                parents = torch.cat([root_parent, tree_parents], 1)
-                depth = tree_ancestors(parents).sum(-1) - 1  # [R, m + 1]
-                positions = ((state.position - 1).unsqueeze(1) + depth).reshape(-1)
-                logits, _ = target.forward(ids, positions, chain_cus[m], cache, tree_parents=parents)
-            else:
-                positions = ((state.position - 1).unsqueeze(1) + torch.arange(m + 1, device=dev)).reshape(-1)
-                logits, _ = target.forward(ids, positions, chain_cus[m], cache)
-            if logits.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-                logits = logits.float()  # e.g. float64 test models: the ops take fp32/fp16/bf16
-            V = logits.shape[-1]
-            if tree_parents is not None:  # node tokens and draft rows flat, request r's nodes at cu[r]:cu[r+1]
-                res = verify_tree(logits, nodes.reshape(-1).to(torch.int32), parents.reshape(-1), node_cus[m],
-                                  max_depth=m, temperature=sampling.temperature, top_k=top_k_t, top_p=top_p_t,
-                                  seed=sampling.seed, position=state.position)  # deterministic siblings
-                keep_index = res.path
-            else:
-                res = verify_chunk(logits.view(R, m + 1, V), toks, draft_logits=draft_logits,
-                                   draft_temperature=1.0 if draft_t is None else draft_t,
-                                   temperature=sampling.temperature, top_k=top_k_t, top_p=top_p_t,
-                                   seed=sampling.seed, position=state.position)
-                keep_index = keep_chain[m]
-            was_finished = state.finished.clone()
-            old_len = state.out_len.clone()
-            commit_tokens(state, res.tokens, res.emitted, res.status, stop_tokens=stop)
-            # Keep in the cache exactly what was committed: [last, accepted drafts]
-            # cut at a stop token or max_new_tokens; nothing for finished or aborted requests.
-            num_keep = torch.where(was_finished, 0, state.out_len - old_len).to(torch.int32)
-            target.rollback(cache, base, appended[m], keep_index, num_keep)
-            return torch.cat([res.tokens, old_len.unsqueeze(1), state.out_len.unsqueeze(1), res.accepted.unsqueeze(1),
-                              state.finished.int().unsqueeze(1), was_finished.int().unsqueeze(1)], 1)
-
-        graphs = None
-        if self.cuda_graph:  # capture only where the target's forward never reads the host (BuiltinTarget)
-            capture = dev.type == "cuda" and getattr(target, "graph_capturable", False)
-            graphs = StepGraphs(verify_step, capture=capture)
         steps, accepted_per_step = 0, []
         while True:
             steps += 1
@@ -175,12 +136,7 @@ class SpeculativeDecoder:
             if tree_parents is not None and draft_logits is not None:
                 raise NotImplementedError("SpeculativeDecoder: tree drafts are verified as point masses "
                                           "(deterministic siblings); a tree with draft distributions is not supported")
-            inputs = (toks, tree_parents, None if tree_parents is not None else draft_logits, draft_t)
-            if graphs is None:
-                packed = verify_step(inputs)
-            else:
-                key = (m, tree_parents is not None, None if inputs[2] is None else inputs[2].dtype, draft_t is None)
-                packed = graphs.run(key, inputs)
+            packed = sess.run_step(toks, tree_parents, None if tree_parents is not None else draft_logits, draft_t)
             # The step's one host synchronisation: what was appended, and who finished.
             host = packed.tolist()
             acc_step = []
@@ -203,6 +159,5 @@ class SpeculativeDecoder:
                  "mean_accepted": sum(accepted_per_step) / len(accepted_per_step),
                  "accepted_per_step": accepted_per_step, "new_tokens": total,
                  "tokens_per_s": total / elapsed if elapsed > 0 else float("inf"), "seconds": elapsed,
-                 "cuda_graphs": (graphs.captured if graphs is not None else 0)
-                 + getattr(self.drafter, "graphs_captured", 0)}
+                 "cuda_graphs": self._graphs_captured() - captured_before}  # captured in this call
         return GenerateResult(out, stats, state.error.tolist())

@@ -1,0 +1,139 @@
+"""The device state of SpeculativeDecoder.generate() and its verify step.
+
+A `DecodeSession` holds everything a step reads or writes at a fixed
+address: the target's KV cache, the requests' RequestState, their sampling
+parameters, the stop tokens and the per-draft-width constants. With
+cuda_graph=True a decoder keeps its session from one generate() call to the
+next (when R and the bucketed sizes match) and resets it in place, so the
+CUDA graphs captured in one call replay in the next (graphs.py)."""
+from __future__ import annotations
+
+import weakref
+from typing import List, Optional, Sequence
+
+import torch
+
+from ..chain import verify_chunk
+from ..kv import RequestState, commit_tokens
+from ..tree import verify_tree
+from .._host import host_to_device
+from .drafters import Sampling
+from .graphs import StepGraphs
+from .model import tree_ancestors
+
+SIZE_BUCKET = 256  # a kept session's cache length and output width are rounded up to this
+
+
+def bucket(n: int) -> int:
+    return -(-n // SIZE_BUCKET) * SIZE_BUCKET
+
+
+class DecodeSession:
+    """R requests, a target cache of max_len entries each, output room for
+    max_total tokens, drafts of up to n tokens, num_stop stop tokens."""
+
+    def __init__(self, target, R: int, max_len: int, max_total: int, n: int, num_stop: int, *,
+                 graphs: bool, capture: bool):
+        dev = target.device
+        self.target, self.R, self.dev = target, R, dev
+        self.key = (R, max_len, max_total, n, num_stop)
+        self.cache = target.new_cache(R, max_len)
+        i32, f32, i64 = (dict(dtype=d, device=dev) for d in (torch.int32, torch.float32, torch.int64))
+        self.state = RequestState.new(torch.zeros(R, **i32), torch.ones(R, **i64), 1, max_total)
+        self.sampling = Sampling(torch.zeros(R, **f32), torch.zeros(R, **i64))
+        self.top_k, self.top_p = torch.zeros(R, **i32), torch.ones(R, **f32)
+        self.stop = torch.zeros(num_stop, **i32) if num_stop else None
+        self.chain_cus = [torch.arange(R + 1, dtype=torch.int32) * (m + 1) for m in range(n + 1)]  # host, per width
+        self.node_cus = [host_to_device(c, dev) for c in self.chain_cus]  # the same on the device, for verify_tree
+        self.keep_chain = [torch.arange(m + 1, **i32).expand(R, -1).contiguous()
+                           for m in range(n + 1)]  # per width: a chain keeps its first entries
+        self.appended = [torch.full((R,), m + 1, **i32) for m in range(n + 1)]
+        self.root_parent = torch.full((R, 1), -1, **i32)
+        self.graphs = None
+        if graphs:  # a weak method: the session and its graphs do not keep each other alive
+            step = weakref.WeakMethod(self.verify_step)
+            self.graphs = StepGraphs(lambda inputs: step()(inputs), capture=capture)
+
+    def reset(self, last_token: torch.Tensor, position: torch.Tensor, limits: torch.Tensor,
+              temperature: torch.Tensor, seed: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+              stop: Optional[torch.Tensor], *, reused: bool) -> None:
+        """A new call's requests, written in place ([R] tensors on the
+        device; stop [num_stop]). reused: the cache holds an earlier call's
+        entries (a kept session): every request's length goes back to 0."""
+        if reused:
+            self.target.lengths(self.cache).zero_()
+        s = self.state
+        s.out_tokens.fill_(-1)
+        s.out_len.zero_()
+        s.finished.zero_()
+        s.error.zero_()
+        for dst, src in ((s.last_token, last_token), (s.position, position), (s.max_len, limits),
+                         (self.sampling.temperature, temperature), (self.sampling.seed, seed),
+                         (self.top_k, top_k), (self.top_p, top_p)):
+            dst.copy_(src)
+        if stop is not None:
+            self.stop.copy_(stop)
+
+    def run_step(self, toks: torch.Tensor, tree_parents: Optional[torch.Tensor],
+                 draft_logits: Optional[torch.Tensor], draft_t: Optional[torch.Tensor]) -> torch.Tensor:
+        """One step, through the graphs when the session has them."""
+        inputs = (toks, tree_parents, draft_logits, draft_t)
+        if self.graphs is None:
+            return self.verify_step(inputs)
+        key = (toks.shape[1], tree_parents is not None, None if draft_logits is None else draft_logits.dtype,
+               draft_t is None)
+        return self.graphs.run(key, inputs)
+
+    def verify_step(self, inputs: Sequence[Optional[torch.Tensor]]) -> torch.Tensor:
+        """One step from its drafts: toks [R, m] int32, parents [R, m] int32
+        (a tree) or None, draft logits [R, m, V] or None (point masses),
+        draft temperature [R] or None (1). One target pass over every
+        request's [last token, drafts], verify_chunk (a chain) or
+        verify_tree (a tree: the pass attends along each node's ancestors),
+        commit_tokens, and the rollback that keeps what was committed.
+        Returns what the host reads: [R, W + 5] int32, the committed tokens
+        then old length, new length, accepted drafts, finished, finished
+        before."""
+        toks, tree_parents, draft_logits, draft_t = inputs
+        R, target, cache, state, sampling = self.R, self.target, self.cache, self.state, self.sampling
+        m = toks.shape[1]
+        nodes = torch.cat([state.last_token.unsqueeze(1), toks], 1)  # [R, m + 1]: the root, then the drafts
+        ids = nodes.clamp(min=0).reshape(-1).long()
+        base = target.lengths(cache).clone()
+        if tree_parents is not None:  # node j's parent: -1 for the root (the cached prefix), else a node < j
+            parents = torch.cat([self.root_parent, tree_parents], 1)
+            depth = tree_ancestors(parents).sum(-1) - 1  # [R, m + 1]
+            positions = ((state.position - 1).unsqueeze(1) + depth).reshape(-1)
+            logits, _ = target.forward(ids, positions, self.chain_cus[m], cache, tree_parents=parents)
+        else:
+            positions = ((state.position - 1).unsqueeze(1) + torch.arange(m + 1, device=self.dev)).reshape(-1)
+            logits, _ = target.forward(ids, positions, self.chain_cus[m], cache)
+        if logits.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            logits = logits.float()  # e.g. float64 test models: the ops take fp32/fp16/bf16
+        V = logits.shape[-1]
+        if tree_parents is not None:  # node tokens and draft rows flat, request r's nodes at cu[r]:cu[r+1]
+            res = verify_tree(logits, nodes.reshape(-1).to(torch.int32), parents.reshape(-1), self.node_cus[m],
+                              max_depth=m, temperature=sampling.temperature, top_k=self.top_k, top_p=self.top_p,
+                              seed=sampling.seed, position=state.position)  # deterministic siblings
+            keep_index = res.path
+        else:
+            res = verify_chunk(logits.view(R, m + 1, V), toks, draft_logits=draft_logits,
+                               draft_temperature=1.0 if draft_t is None else draft_t,
+                               temperature=sampling.temperature, top_k=self.top_k, top_p=self.top_p,
+                               seed=sampling.seed, position=state.position)
+            keep_index = self.keep_chain[m]
+        was_finished = state.finished.clone()
+        old_len = state.out_len.clone()
+        commit_tokens(state, res.tokens, res.emitted, res.status, stop_tokens=self.stop)
+        # Keep in the cache exactly what was committed: [last, accepted drafts]
+        # cut at a stop token or max_new_tokens; nothing for finished or aborted requests.
+        num_keep = torch.where(was_finished, 0, state.out_len - old_len).to(torch.int32)
+        target.rollback(cache, base, self.appended[m], keep_index, num_keep)
+        return torch.cat([res.tokens, old_len.unsqueeze(1), state.out_len.unsqueeze(1), res.accepted.unsqueeze(1),
+                          state.finished.int().unsqueeze(1), was_finished.int().unsqueeze(1)], 1)
+
+
+def session_sizes(prompt_lengths: List[int], max_new_tokens: int, n: int, *, keep: bool):
+    """(cache length, output width) of a call: exact, or bucketed for a kept session."""
+    max_len = max(prompt_lengths) + max_new_tokens + n + 2
+    return (bucket(max_len), bucket(max_new_tokens)) if keep else (max_len, max_new_tokens)
