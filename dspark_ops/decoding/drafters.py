@@ -185,7 +185,8 @@ class DraftModelDrafter(Drafter):
     def start(self, num_requests, max_len, device) -> None:
         self.fed = [0] * num_requests  # tokens of each sequence in the draft cache
         shape = (num_requests, max_len + self.num_draft + 1)
-        if self.cuda_graph and getattr(self, "_shape", None) == shape and getattr(self.model, "graph_capturable", False):
+        keeps = self.cuda_graph and getattr(self.model, "graph_capturable", False)
+        if keeps and getattr(self, "_shape", None) == shape:
             self.model.lengths(self.cache).zero_()  # the same cache and graphs as the last call: they replay
             return
         self._shape = shape
