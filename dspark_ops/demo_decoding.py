@@ -84,8 +84,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     graphs = args.cuda_graph or ("both" if device.startswith("cuda") else "off")
     methods = _methods(draft, args.ngram_drafts, args.model_drafts, graphs)
     # One decoder per method for the whole run (with CUDA graphs it keeps its device state and graphs from call
-    # to call: every prompt here fits one session); a warm-up (first-call allocations, lazy inits) on a short
-    # generation each.
+    # to call while the sizes fall in the same 256-entry bucket); a warm-up (first-call allocations, lazy inits)
+    # on a short generation each.
     decoders = {name: SpeculativeDecoder(target, make(), cuda_graph=cuda_graph) for name, make, cuda_graph in methods}
     for dec in decoders.values():
         dec.generate([prompts[0]], max_new_tokens=8)

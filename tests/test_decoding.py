@@ -1009,14 +1009,18 @@ def test_every_run_of_a_step_shape_repeats_its_first(gpu_attention_path, greedy_
     from dspark_ops.decoding import graphs as graphs_mod
     traces = {}
 
+    made = iter(range(1 << 30))
+
     class Traced(graphs_mod.StepGraphs):
         def run(self, key, inputs):
             inner = self.step
+            if not hasattr(self, "trace_id"):
+                self.trace_id = next(made)  # graphs made anew (a new session, a rebuilt model) start afresh
 
             def step(inp):
                 with _StepTrace() as rec:
                     out = inner(inp)
-                traces.setdefault((self.name, key), []).append(rec.ops)
+                traces.setdefault((self.trace_id, self.name, key), []).append(rec.ops)
                 return out
             self.step = step
             try:
@@ -1031,7 +1035,7 @@ def test_every_run_of_a_step_shape_repeats_its_first(gpu_attention_path, greedy_
     for seed in (11, 12):  # a second call reuses the session: its runs must repeat the first call's too
         dec.generate(prompts, MAX_NEW, temperature=0.9, seed=seed, stop_tokens=stops)
     assert traces and max(len(runs) for runs in traces.values()) >= 3
-    for (name, key), runs in traces.items():
+    for (_, name, key), runs in traces.items():
         for i, run in enumerate(runs[1:], 1):
             assert len(run) == len(runs[0]), f"{name} {key}: run {i} has {len(run)} ops, the first {len(runs[0])}"
             bad = [(a[0], a[1:], b[1:]) for a, b in zip(runs[0], run) if a != b]
@@ -1052,11 +1056,48 @@ def test_a_kept_session_equals_fresh_decoders(gpu_attention_path, greedy_setup, 
              (prompts[:2], dict(temperature=0.7, top_k=5, seed=3)),  # another batch size: a new session
              (prompts[2:6], dict(temperature=[0.0, 0.9, 1.1, 0.5], top_p=0.8, seed=4, stop_tokens=stops)),
              (prompts[:4], dict(temperature=0.9, seed=1, stop_tokens=stops))]
+    sessions = []
     for i, (batch, kw) in enumerate(calls):
         fresh = SpeculativeDecoder(BuiltinTarget(model), GRAPH_KINDS[kind](draft_model, False))
         want, got = fresh.generate(batch, MAX_NEW, **kw), kept.generate(batch, MAX_NEW, **kw)
         assert got.tokens == want.tokens and got.errors == want.errors, f"call {i}"
-    assert kept._session is not None and kept._session.R == 4
+        sessions.append(kept._session)
+    assert sessions[0] is sessions[1] and sessions[2] is not sessions[1] and sessions[3] is not sessions[2]
+    assert sessions[3] is sessions[4] and sessions[4].R == 4
+    kept.release()
+    assert kept._session is None
+
+
+@pytest.mark.parametrize("between", ["new_target", "weights_written", "longer_cache"])
+def test_kept_graphs_are_made_anew_when_the_model_rebuilds_what_they_read(greedy_setup, between):
+    """Graphs kept from an earlier call read the models' weights, fused
+    weights and rotary tables where they were; when those are rebuilt or
+    moved between calls (BuiltinTarget(model) runs model.eval(), which drops
+    the fused weights; a weight update; a longer cache regrows the rotary
+    tables), the next call makes new graphs -- and still decodes what a
+    fresh decoder does."""
+    model = copy.deepcopy(greedy_setup[0])
+    draft_model = copy.deepcopy(greedy_setup[1])
+    prompts = greedy_setup[2][:3]
+    dec = SpeculativeDecoder(BuiltinTarget(model), DraftModelDrafter(BuiltinTarget(draft_model), 3, cuda_graph=True),
+                             cuda_graph=True)
+    dec.generate(prompts, MAX_NEW, temperature=0.9, seed=5)
+    graphs, draft_graphs = dec._session.graphs, dec.drafter._graphs
+    if between == "new_target":
+        BuiltinTarget(model), BuiltinTarget(draft_model)
+    elif between == "weights_written":
+        with torch.no_grad():
+            for m in (model, draft_model):
+                m.blocks[0].wq.weight.mul_(1.5)
+    else:
+        for m in (model, draft_model):
+            SpeculativeDecoder(BuiltinTarget(m)).generate([[1] * (m.cfg.max_seq_len + 40)], 2)
+    got = dec.generate(prompts, MAX_NEW, temperature=0.9, seed=6)
+    want = SpeculativeDecoder(BuiltinTarget(model), DraftModelDrafter(BuiltinTarget(draft_model), 3)).generate(
+        prompts, MAX_NEW, temperature=0.9, seed=6)
+    assert got.tokens == want.tokens
+    if between != "new_target":  # rebuilt while the old ones live: new addresses (a freed block may be reused)
+        assert dec._session.graphs is not graphs and dec.drafter._graphs is not draft_graphs
 
 
 def test_failed_capture_warns_and_runs_eagerly():

@@ -184,42 +184,60 @@ class DraftModelDrafter(Drafter):
 
     def start(self, num_requests, max_len, device) -> None:
         self.fed = [0] * num_requests  # tokens of each sequence in the draft cache
-        shape = (num_requests, max_len + self.num_draft + 1)
+        p = next(self.model.model.parameters()) if hasattr(self.model, "model") else None
+        shape = (num_requests, max_len + self.num_draft + 1, str(device), None if p is None else p.dtype)
         keeps = self.cuda_graph and getattr(self.model, "graph_capturable", False)
-        if keeps and getattr(self, "_shape", None) == shape:
-            self.model.lengths(self.cache).zero_()  # the same cache and graphs as the last call: they replay
+        if keeps and getattr(self, "_shape", None) == shape:  # the last call's cache and graphs: they replay
+            self.model.lengths(self.cache).zero_()
+            self._check_graphs()
             return
+        self.cache = self._graphs = None  # free the old cache and graphs before allocating the new ones
         self._shape = shape
-        self.cache = self.model.new_cache(*shape)
+        self.cache = self.model.new_cache(*shape[:2])
         self._one = torch.arange(num_requests + 1, dtype=torch.int32)  # cu_tokens of one token per request
         self._slots = [torch.full((1,), k, dtype=torch.int32, device=device) for k in range(self.num_draft + 1)]
-        self._graphs = None
-        if self.cuda_graph:  # a weak reference: no drafter <-> graphs cycle holding the cache and the graphs' pool
-            capture = getattr(self.model, "device", torch.device(device)).type == "cuda" and \
-                getattr(self.model, "graph_capturable", False)
-            chain = weakref.WeakMethod(self._chain)
-            self._graphs = StepGraphs(lambda inputs: chain()(inputs), capture=capture, name="the draft chain")
+        self._token = None
+        if self.cuda_graph:
+            self._new_graphs(getattr(self.model, "device", torch.device(device)).type == "cuda" and keeps)
+            self._check_graphs()
+
+    def _new_graphs(self, capture: bool) -> None:
+        chain = weakref.WeakMethod(self._chain)  # no drafter <-> graphs cycle holding the cache and the pool
+        self._graphs = StepGraphs(lambda inputs: chain()(inputs), capture=capture, name="the draft chain")
+
+    def _check_graphs(self) -> None:
+        """Kept graphs read the draft model's weights and lazily built tensors
+        where they were at capture (graph_token): new graphs if they moved."""
+        if self._graphs is None or not hasattr(self.model, "graph_token"):
+            return
+        token = self.model.graph_token(self.cache)
+        if self._token is not None and token != self._token:
+            self._new_graphs(self._graphs.capture)
+        self._token = token
+
+    def release(self) -> None:
+        """Drop the draft cache and graphs kept between calls."""
+        self.cache = self._graphs = self._shape = None
 
     @property
     def graphs_captured(self) -> int:
-        """CUDA graphs this drafter captured in the current generate() call."""
+        """CUDA graphs this drafter's current graphs have captured (they may
+        span several generate() calls)."""
         return self._graphs.captured if getattr(self, "_graphs", None) is not None else 0
 
     def _chain(self, inputs):
-        """Draws 1..n from the first row (row0 [R, V] float32) and the n - 1
-        single-token forwards between them: (tokens [R, n] int32, rows [R, n, V]).
-        Reads the sampling state at fixed addresses (self._sampling, self._state)."""
-        (row0,) = inputs
-        state, sampling = self._state, self._sampling
+        """Draws 1..n from the first row and the n - 1 single-token forwards
+        between them. inputs: row0 [R, V] float32 and the requests' position,
+        temperature and seed [R]. Returns (tokens [R, n] int32, rows [R, n, V])."""
+        row0, position, temperature, seed = inputs
         rows, toks = [row0], []
         for k in range(1, self.num_draft + 1):
-            tok = sample(rows[-1], temperature=sampling.temperature, seed=sampling.seed, position=state.position,
-                         purpose=Purpose.DRAFT, slot=self._slots[k]).tokens
+            tok = sample(rows[-1], temperature=temperature, seed=seed, position=position, purpose=Purpose.DRAFT,
+                         slot=self._slots[k]).tokens
             toks.append(tok)
             if k == self.num_draft:
                 break
-            step_logits, _ = self.model.forward(tok.clamp(min=0).long(), state.position + (k - 1), self._one,
-                                                self.cache)
+            step_logits, _ = self.model.forward(tok.clamp(min=0).long(), position + (k - 1), self._one, self.cache)
             rows.append(step_logits.float())
         return torch.stack(toks, 1), torch.stack(rows, 1)
 
@@ -239,12 +257,8 @@ class DraftModelDrafter(Drafter):
         self.base = self.model.lengths(self.cache).clone()
         self.forwarded = 0  # draft tokens appended to the draft cache after base
         if self.stop_below == 0:  # the whole chain (from static buffers, a CUDA graph on a GPU, with cuda_graph)
-            self._state, self._sampling = state, sampling
-            inputs = (rows[0],)
-            # the graph reads the state and sampling tensors where it was captured: their addresses key it
-            key = (rows[0].shape, state.position.data_ptr(), sampling.temperature.data_ptr(),
-                   sampling.seed.data_ptr())
-            tokens, draft_rows = self._graphs.run(key, inputs) if self._graphs else self._chain(inputs)
+            inputs = (rows[0], state.position, sampling.temperature, sampling.seed)
+            tokens, draft_rows = self._graphs.run(rows[0].shape, inputs) if self._graphs else self._chain(inputs)
             self.forwarded = n - 1
             return Draft(tokens, draft_rows, sampling.temperature)
         toks = []

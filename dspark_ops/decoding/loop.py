@@ -14,7 +14,7 @@ import torch
 
 from .._host import to_device
 from .drafters import Drafter
-from .session import DecodeSession, session_sizes
+from .session import DecodeSession, session_key
 
 _M64 = (1 << 64) - 1
 
@@ -63,6 +63,13 @@ class SpeculativeDecoder:
         self.target, self.drafter, self.cuda_graph = target, drafter, cuda_graph
         self._session: Optional[DecodeSession] = None  # kept between calls with cuda_graph (session.py)
 
+    def release(self) -> None:
+        """Drop what cuda_graph=True keeps between calls (the caches, the
+        request state and the CUDA graphs of the target and the drafter)."""
+        self._session = None
+        if hasattr(self.drafter, "release"):
+            self.drafter.release()
+
     def _graphs_captured(self) -> int:
         """CUDA graphs captured so far by the kept session and the drafter."""
         sess = self._session
@@ -89,13 +96,13 @@ class SpeculativeDecoder:
         n = self.drafter.num_draft if self.drafter is not None else 0
         # A session outlives the call only with graphs to replay, on a target whose cache resets in place.
         keep = self.cuda_graph and getattr(target, "graph_capturable", False)
-        max_len, max_total = session_sizes([len(s) for s in seqs], max_new_tokens, n, keep=keep)
-        key = (R, max_len, max_total, n, len(stop_tokens))
+        key = session_key(target, [len(s) for s in seqs], max_new_tokens, n, len(stop_tokens), keep=keep)
+        max_len = key[1]
         sess = self._session if keep and self._session is not None and self._session.key == key else None
         reused = sess is not None
         if sess is None:
-            sess = DecodeSession(target, R, max_len, max_total, n, len(stop_tokens), graphs=self.cuda_graph,
-                                 capture=keep and dev.type == "cuda")
+            self._session = None  # free the old session's caches and graphs before allocating the new ones
+            sess = DecodeSession(target, key, graphs=self.cuda_graph, capture=keep and dev.type == "cuda")
             self._session = sess if keep else None
         cache, state, sampling = sess.cache, sess.state, sess.sampling
         per_prompt_seed = isinstance(seed, (list, tuple)) or (isinstance(seed, torch.Tensor) and seed.dim() > 0)
@@ -107,7 +114,6 @@ class SpeculativeDecoder:
                    to_device(list(stop_tokens), torch.int32, dev) if stop_tokens else None, reused=reused)
         if self.drafter is not None:
             self.drafter.start(R, max_len, dev)
-        captured_before = self._graphs_captured()
         # Prefill every prompt but its last token (the first step's root).
         pre = [s[:-1] for s in seqs]
         cu = [0]
@@ -117,6 +123,8 @@ class SpeculativeDecoder:
             target.forward(to_device([t for p in pre for t in p], torch.int64, dev),
                            to_device([i for p in pre for i in range(len(p))], torch.int64, dev),
                            torch.tensor(cu, dtype=torch.int32), cache)
+        sess.check_graphs()  # graphs kept from an earlier call still read where the target's tensors are
+        captured_before = self._graphs_captured()
         out = [[] for _ in range(R)]
         finished = [False] * R
         steps, accepted_per_step = 0, []

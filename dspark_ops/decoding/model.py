@@ -373,6 +373,21 @@ class BuiltinModel(nn.Module):
         logits = F.linear(_normalize(h, self.cfg.norm_eps), self._head_weight())
         return logits, (torch.stack(hidden, 1) if hidden else None)
 
+    @torch.no_grad()
+    def graph_token(self, max_len: int) -> tuple:
+        """What a CUDA graph of this model's inference forward (over caches
+        of max_len entries) reads besides its inputs: the addresses of the
+        parameters and of the lazily built tensors (rotary tables, fused
+        block weights, the head), built now if they are not, plus dtype and
+        device. A kept graph replays correctly only while this is unchanged
+        (model.eval(), a weight update, .to() or a longer cache rebuild them)."""
+        p = next(self.parameters())
+        with torch.inference_mode():
+            tabs = self._rope_tables(max_len, p.dtype, p.device)
+            built = [t for blk in self._modules["blocks"] for t in blk.fused()] + [self._head_weight(), *tabs]
+        return (p.dtype, p.device, tuple(q.data_ptr() for q in self.parameters()),
+                tuple(t.data_ptr() for t in built))
+
     def _head_weight(self) -> torch.Tensor:
         """The LM head with the final RMSNorm's weight folded in (cached like _Block.fused)."""
         w, g = self._modules["head"]._parameters["weight"], self._modules["norm"]._parameters["weight"]

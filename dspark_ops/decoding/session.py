@@ -32,11 +32,11 @@ class DecodeSession:
     """R requests, a target cache of max_len entries each, output room for
     max_total tokens, drafts of up to n tokens, num_stop stop tokens."""
 
-    def __init__(self, target, R: int, max_len: int, max_total: int, n: int, num_stop: int, *,
-                 graphs: bool, capture: bool):
+    def __init__(self, target, key: tuple, *, graphs: bool, capture: bool):
+        """key: session_key(...) of the calls it serves."""
+        R, max_len, max_total, n, num_stop = key[:5]
         dev = target.device
-        self.target, self.R, self.dev = target, R, dev
-        self.key = (R, max_len, max_total, n, num_stop)
+        self.target, self.R, self.dev, self.key = target, R, dev, key
         self.cache = target.new_cache(R, max_len)
         i32, f32, i64 = (dict(dtype=d, device=dev) for d in (torch.int32, torch.float32, torch.int64))
         self.state = RequestState.new(torch.zeros(R, **i32), torch.ones(R, **i64), 1, max_total)
@@ -50,9 +50,26 @@ class DecodeSession:
         self.appended = [torch.full((R,), m + 1, **i32) for m in range(n + 1)]
         self.root_parent = torch.full((R, 1), -1, **i32)
         self.graphs = None
-        if graphs:  # a weak method: the session and its graphs do not keep each other alive
-            step = weakref.WeakMethod(self.verify_step)
-            self.graphs = StepGraphs(lambda inputs: step()(inputs), capture=capture)
+        self.capture = capture
+        self.token = None  # the target's graph_token when the graphs were made
+        if graphs:
+            self._new_graphs()
+
+    def _new_graphs(self) -> None:
+        step = weakref.WeakMethod(self.verify_step)  # the session and its graphs do not keep each other alive
+        self.graphs = StepGraphs(lambda inputs: step()(inputs), capture=self.capture)
+
+    def check_graphs(self) -> None:
+        """Before a call's first step: graphs captured in an earlier call read
+        the target's weights and lazily built tensors where they were then;
+        if the target rebuilt or moved them since (its graph_token), drop
+        the graphs (they are captured anew)."""
+        if self.graphs is None or not hasattr(self.target, "graph_token"):
+            return
+        token = self.target.graph_token(self.cache)
+        if self.token is not None and token != self.token:
+            self._new_graphs()
+        self.token = token
 
     def reset(self, last_token: torch.Tensor, position: torch.Tensor, limits: torch.Tensor,
               temperature: torch.Tensor, seed: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
@@ -133,7 +150,11 @@ class DecodeSession:
                           state.finished.int().unsqueeze(1), was_finished.int().unsqueeze(1)], 1)
 
 
-def session_sizes(prompt_lengths: List[int], max_new_tokens: int, n: int, *, keep: bool):
-    """(cache length, output width) of a call: exact, or bucketed for a kept session."""
+def session_key(target, prompt_lengths: List[int], max_new_tokens: int, n: int, num_stop: int, *,
+                keep: bool) -> tuple:
+    """(R, cache length, output width, n, stop tokens, device, dtype) of a
+    call: exact sizes, or bucketed ones for a kept session."""
     max_len = max(prompt_lengths) + max_new_tokens + n + 2
-    return (bucket(max_len), bucket(max_new_tokens)) if keep else (max_len, max_new_tokens)
+    sizes = (bucket(max_len), bucket(max_new_tokens)) if keep else (max_len, max_new_tokens)
+    p = next(target.model.parameters()) if hasattr(target, "model") else None
+    return (len(prompt_lengths), *sizes, n, num_stop, target.device, None if p is None else p.dtype)

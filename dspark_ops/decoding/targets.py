@@ -71,6 +71,11 @@ class BuiltinTarget:
                 torch.set_num_threads(threads)
         return self.model(ids, positions, cu_tokens, cache, **kw)
 
+    def graph_token(self, cache: KVCache) -> tuple:
+        """BuiltinModel.graph_token for this cache: kept CUDA graphs of the
+        forward replay only while it is unchanged."""
+        return self.model.graph_token(cache.max_len)
+
     def lengths(self, cache: KVCache) -> torch.Tensor:
         return cache.lengths
 
