@@ -167,10 +167,11 @@ class DraftModelDrafter(Drafter):
     with -1, which verify_chunk answers by sampling from the target itself
     (DESIGN §3). 0 (default) drafts num_draft tokens always.
 
-    cuda_graph: the chain after the first draw (num_draft - 1 single-token
-    forwards and the draws) runs from static buffers, as one CUDA graph on a
-    GPU with a BuiltinTarget (captured on the second step; graphs.py); not
-    with stop_below, whose stops read the host. The Draft's tensors are then
+    cuda_graph: the chain (the n draws and the n - 1 single-token forwards,
+    and the catch-up forward when every request catches up the same 1 or 2
+    tokens, as at batch 1) runs from static buffers, as one CUDA graph per
+    shape on a GPU with a BuiltinTarget (captured on its second step;
+    graphs.py); not with stop_below, whose stops read the host. The Draft's tensors are then
     the graph's outputs, rewritten by the next propose(): consume them first
     (SpeculativeDecoder copies them into its own step buffers)."""
 
@@ -226,10 +227,21 @@ class DraftModelDrafter(Drafter):
         return self._graphs.captured if getattr(self, "_graphs", None) is not None else 0
 
     def _chain(self, inputs):
-        """Draws 1..n from the first row and the n - 1 single-token forwards
-        between them. inputs: row0 [R, V] float32 and the requests' position,
-        temperature and seed [R]. Returns (tokens [R, n] int32, rows [R, n, V])."""
-        row0, position, temperature, seed = inputs
+        """The draft chain: optionally the catch-up forward of w tokens per
+        request (ids, positions [R w], what the draft cache has not seen),
+        then draws 1..n from the first row and the n - 1 single-token
+        forwards between them. inputs: (ids, positions) or (None, None), the
+        first row [R, V] float32 or None (from the catch-up), and the
+        requests' position, temperature and seed [R]. Returns (tokens [R, n]
+        int32, rows [R, n, V], the draft cache's lengths before the chain's
+        forwards [R])."""
+        ids, positions, row0, position, temperature, seed = inputs
+        R = position.shape[0]
+        if ids is not None:
+            w = ids.shape[0] // R
+            logits, _ = self.model.forward(ids, positions, torch.arange(R + 1, dtype=torch.int32) * w, self.cache)
+            row0 = logits.view(R, w, -1)[:, -1].float()
+        base = self.model.lengths(self.cache).clone()
         rows, toks = [row0], []
         for k in range(1, self.num_draft + 1):
             tok = sample(rows[-1], temperature=temperature, seed=seed, position=position, purpose=Purpose.DRAFT,
@@ -239,13 +251,20 @@ class DraftModelDrafter(Drafter):
                 break
             step_logits, _ = self.model.forward(tok.clamp(min=0).long(), position + (k - 1), self._one, self.cache)
             rows.append(step_logits.float())
-        return torch.stack(toks, 1), torch.stack(rows, 1)
+        return torch.stack(toks, 1), torch.stack(rows, 1), base
 
     def propose(self, seqs, state, sampling) -> Draft:
         R, n, dev = len(seqs), self.num_draft, state.last_token.device
         catch = [s[f:] for s, f in zip(seqs, self.fed)]  # what the cache has not seen (1 or 2 tokens, or the prompt)
         ids = to_device([t for c in catch for t in c], torch.int64, dev)
         positions = to_device([f + i for c, f in zip(catch, self.fed) for i in range(len(c))], torch.int64, dev)
+        w = len(catch[0])
+        if self._graphs is not None and w <= 2 and all(len(c) == w for c in catch):
+            # every request catches up w tokens: that forward and the chain in one graph (a shape of its own)
+            inputs = (ids, positions, None, state.position, sampling.temperature, sampling.seed)
+            tokens, draft_rows, self.base = self._graphs.run(("catch-up", w, R), inputs)
+            self.fed, self.forwarded = [len(s) for s in seqs], n - 1
+            return Draft(tokens, draft_rows, sampling.temperature)
         cu = [0]
         for c in catch:
             cu.append(cu[-1] + len(c))
@@ -254,13 +273,14 @@ class DraftModelDrafter(Drafter):
         last = None if one_each else to_device([max(c - 1, 0) for c in cu[1:]], torch.int64, dev)
         rows = [(logits if one_each else logits.index_select(0, last)).float()]  # each request's last row
         self.fed = [len(s) for s in seqs]
-        self.base = self.model.lengths(self.cache).clone()
-        self.forwarded = 0  # draft tokens appended to the draft cache after base
         if self.stop_below == 0:  # the whole chain (from static buffers, a CUDA graph on a GPU, with cuda_graph)
-            inputs = (rows[0], state.position, sampling.temperature, sampling.seed)
-            tokens, draft_rows = self._graphs.run(rows[0].shape, inputs) if self._graphs else self._chain(inputs)
+            inputs = (None, None, rows[0], state.position, sampling.temperature, sampling.seed)
+            tokens, draft_rows, self.base = (self._graphs.run(("row", R), inputs) if self._graphs
+                                             else self._chain(inputs))
             self.forwarded = n - 1
             return Draft(tokens, draft_rows, sampling.temperature)
+        self.base = self.model.lengths(self.cache).clone()
+        self.forwarded = 0  # draft tokens appended to the draft cache after base
         toks = []
         live = None
         for k in range(1, n + 1):  # stop_below: a host read per draw decides whether drafting goes on
