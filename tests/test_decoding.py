@@ -1142,21 +1142,26 @@ def test_cuda_greedy_equals_cpu_greedy(greedy_setup, kind):
 def test_cuda_graph_steps_equal_eager_steps(greedy_setup, kind, temperature):
     """cuda_graph=True captures the verify step (one graph per step shape,
     from the second step of that shape on) and the draft model's chain, and
-    replays them: the same tokens as eager steps, greedy and sampled, with
-    no fallback warning."""
+    replays them -- in the call that captured them and in the next, and
+    after the model rebuilt its fused weights: the same tokens as eager
+    steps, greedy and sampled, with no fallback warning."""
     import warnings
     model, draft_model, prompts, _, stops, _ = greedy_setup
     gpu, gpu_draft = copy.deepcopy(model).cuda(), copy.deepcopy(draft_model).cuda()
 
-    def run(cuda_graph):
-        dec = SpeculativeDecoder(BuiltinTarget(gpu), GRAPH_KINDS[kind](gpu_draft, cuda_graph), cuda_graph=cuda_graph)
-        return dec.generate(prompts, MAX_NEW, temperature=temperature, seed=11, stop_tokens=stops)
-    eager = run(False)
+    def make(cuda_graph):
+        return SpeculativeDecoder(BuiltinTarget(gpu), GRAPH_KINDS[kind](gpu_draft, cuda_graph), cuda_graph=cuda_graph)
+    kw = dict(temperature=temperature, stop_tokens=stops)
+    eager = [make(False).generate(prompts, MAX_NEW, seed=s, **kw) for s in (11, 12)]
+    graphed_dec = make(True)
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
-        graphed = run(True)
-    assert graphed.tokens == eager.tokens and graphed.errors == eager.errors
-    assert graphed.stats["cuda_graphs"] >= (2 if kind == "draft_model" else 1)  # the draft chain's graph too
+        graphed = [graphed_dec.generate(prompts, MAX_NEW, seed=s, **kw) for s in (11, 12)]  # the second replays
+        BuiltinTarget(gpu)  # model.eval(): the fused weights are rebuilt; the kept graphs must be made anew
+        again = graphed_dec.generate(prompts, MAX_NEW, seed=12, **kw)
+    for g, e in zip(graphed + [again], eager + [eager[1]]):
+        assert g.tokens == e.tokens and g.errors == e.errors
+    assert graphed[0].stats["cuda_graphs"] >= (2 if kind == "draft_model" else 1)  # the draft chain's graph too
 
 
 @pytest.mark.cuda
