@@ -158,6 +158,13 @@ DSPARK_HD void draft_offer(DraftRowStats& st, float dl, float draft_temperature)
   if (x > -INFINITY) softmax_add(st.softmax, x);
 }
 
+// The `count` (<= 4) entries of a group of a draft-logit row, in order.
+DSPARK_HD void draft_offer_group(DraftRowStats& st, const float (&l)[4], int count, float draft_temperature) {
+  DSPARK_UNROLL
+  for (int j = 0; j < 4; ++j)
+    if (j < count) draft_offer(st, l[j], draft_temperature);
+}
+
 // p(token) of a stochastic target row: exp(x - m) / s over the kept set.
 DSPARK_HD float target_prob(const RaceRow& row, const SoftmaxAcc& sm, float l) {
   int32_t ignored = 0;

@@ -10,18 +10,27 @@
 
 namespace dspark {
 
+// f(i, l[4], count) for the groups of 4 entries of row_ptr[begin, end), in
+// order (begin a multiple of 4; count < 4 only at the end).
+template <typename T, typename F>
+void row_groups_each(const T* row_ptr, int64_t begin, int64_t end, F&& f) {
+  for (int64_t i = begin; i < end; i += 4) {
+    float l[4];
+    const int count = static_cast<int>(std::min<int64_t>(4, end - i));
+    for (int j = 0; j < 4; ++j) l[j] = j < count ? static_cast<float>(row_ptr[i + j]) : 0.0f;
+    f(i, l, count);
+  }
+}
+
 template <typename T>
 TargetRowStats target_row_stats(const T* row_ptr, int64_t V, const RaceRow& row, const RaceStream& stream) {
   return chunked_reduce(
       V, target_stats_empty(),
       [&](int64_t begin, int64_t end) {
         TargetRowStats st = target_stats_empty();
-        for (int64_t i = begin; i < end; i += 4) {
-          float l[4];
-          const int count = static_cast<int>(std::min<int64_t>(4, end - i));
-          for (int j = 0; j < 4; ++j) l[j] = j < count ? static_cast<float>(row_ptr[i + j]) : 0.0f;
+        row_groups_each(row_ptr, begin, end, [&](int64_t i, const float(&l)[4], int count) {
           target_offer_group(st, row, stream, i >> 2, l, count);
-        }
+        });
         return st;
       },
       target_stats_merge);
@@ -37,12 +46,8 @@ TargetRowStats target_row_softmax(const T* row_ptr, int64_t V, const RaceRow& ro
       V, target_stats_empty(),
       [&](int64_t begin, int64_t end) {
         TargetRowStats acc = target_stats_empty();
-        for (int64_t i = begin; i < end; i += 4) {
-          float l[4];
-          const int count = static_cast<int>(std::min<int64_t>(4, end - i));
-          for (int j = 0; j < 4; ++j) l[j] = j < count ? static_cast<float>(row_ptr[i + j]) : 0.0f;
-          target_offer_softmax(acc, row, l, count);
-        }
+        row_groups_each(row_ptr, begin, end,
+                        [&](int64_t, const float(&l)[4], int count) { target_offer_softmax(acc, row, l, count); });
         return acc;
       },
       target_stats_merge));

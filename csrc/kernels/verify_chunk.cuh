@@ -106,13 +106,15 @@ __global__ void __launch_bounds__(kVerifyBlock, 3)
   TargetRowStats st = target_stats_empty();
   const int32_t tok = j < L.n ? a.draft_tokens[L.d0 + j] : -1;
   if (verify_row_races(mode, j, L.n, tok, a.vocab)) {
-    chunk_groups_each<kVerifyBlock, kChunkInFlight>(trow, begin, end, t_aligned,
-                                                     [&](int64_t i, const float(&l)[4], int count) {
-                                                       target_offer_group(st, row, stream, i >> 2, l, count);
-                                                     });
+    chunk_groups_each<kVerifyBlock, kChunkInFlight>(trow, begin, end, t_aligned, [&](int64_t i, const float(&l)[4],
+                                                                                     int count) {
+      target_offer_group(st, row, stream, i >> 2, l, count);
+    });
   } else {  // a draft-distribution row before the last: its race is drawn lazily (verify_residual_kernel)
-    chunk_groups_each<kVerifyBlock, kChunkInFlight>(
-        trow, begin, end, t_aligned, [&](int64_t, const float(&l)[4], int count) { target_offer_softmax(st, row, l, count); });
+    chunk_groups_each<kVerifyBlock, kChunkInFlight>(trow, begin, end, t_aligned, [&](int64_t, const float(&l)[4],
+                                                                                     int count) {
+      target_offer_softmax(st, row, l, count);
+    });
   }
   st = block_reduce<kVerifyBlock>(st, target_stats_merge, s_target, target_stats_empty());
   if (threadIdx.x == 0) target_partials[blockIdx.x] = st;
@@ -123,12 +125,10 @@ __global__ void __launch_bounds__(kVerifyBlock, 3)
   const D* __restrict__ drow = a.draft + (L.d0 + j) * a.draft_stride;
   const bool d_aligned = reinterpret_cast<uintptr_t>(drow) % (4 * sizeof(D)) == 0;
   DraftRowStats ds = draft_stats_empty();
-  chunk_groups_each<kVerifyBlock, kChunkInFlight>(drow, begin, end, d_aligned,
-                                                   [&](int64_t, const float(&l)[4], int count) {
-#pragma unroll
-                                                     for (int k = 0; k < 4; ++k)
-                                                       if (k < count) draft_offer(ds, l[k], draft_temperature);
-                                                   });
+  chunk_groups_each<kVerifyBlock, kChunkInFlight>(drow, begin, end, d_aligned, [&](int64_t, const float(&l)[4],
+                                                                                   int count) {
+    draft_offer_group(ds, l, count, draft_temperature);
+  });
   ds = block_reduce<kVerifyBlock>(ds, draft_stats_merge, s_draft, draft_stats_empty());
   if (threadIdx.x == 0) draft_partials[blockIdx.x] = ds;
 }

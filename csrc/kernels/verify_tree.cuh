@@ -134,12 +134,10 @@ __device__ DraftRowStats tree_draft_stats(const D* __restrict__ drow, int64_t V,
     const int64_t begin = chunk * kFixedChunk;
     const int64_t end = begin + kFixedChunk < V ? begin + kFixedChunk : V;
     DraftRowStats ds = draft_stats_empty();
-    chunk_groups_each<kTreeBlock, kChunkInFlight>(drow, begin, end, aligned,
-                                                   [&](int64_t, const float(&l)[4], int count) {
-#pragma unroll
-                                                     for (int k = 0; k < 4; ++k)
-                                                       if (k < count) draft_offer(ds, l[k], draft_temperature);
-                                                   });
+    chunk_groups_each<kTreeBlock, kChunkInFlight>(drow, begin, end, aligned, [&](int64_t, const float(&l)[4],
+                                                                                 int count) {
+      draft_offer_group(ds, l, count, draft_temperature);
+    });
     ds = block_reduce<kTreeBlock>(ds, draft_stats_merge, sh.draft, draft_stats_empty());
     if (threadIdx.x == 0) part[chunk] = ds;
     __syncthreads();
