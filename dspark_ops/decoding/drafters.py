@@ -3,7 +3,6 @@ drafter samples through our ops with purpose DRAFT (slot = node index: draft
 j is node j+1), never with the verifier's counters (DESIGN §2)."""
 from __future__ import annotations
 
-import weakref
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Iterator, List, Optional, Tuple
@@ -171,9 +170,10 @@ class DraftModelDrafter(Drafter):
     and the catch-up forward when every request catches up the same 1 or 2
     tokens, as at batch 1) runs from static buffers, as one CUDA graph per
     shape on a GPU with a BuiltinTarget (captured on its second step;
-    graphs.py); not with stop_below, whose stops read the host. The Draft's tensors are then
-    the graph's outputs, rewritten by the next propose(): consume them first
-    (SpeculativeDecoder copies them into its own step buffers)."""
+    graphs.py); not with stop_below, whose stops read the host. The Draft's
+    tensors are then the graph's outputs, rewritten by the next propose():
+    consume them first (SpeculativeDecoder copies them into its own step
+    buffers)."""
 
     def __init__(self, target, num_draft: int = 5, *, stop_below: float = 0.0, cuda_graph: bool = False):
         if num_draft < 1:
@@ -197,24 +197,16 @@ class DraftModelDrafter(Drafter):
         self.cache = self.model.new_cache(*shape[:2])
         self._one = torch.arange(num_requests + 1, dtype=torch.int32)  # cu_tokens of one token per request
         self._slots = [torch.full((1,), k, dtype=torch.int32, device=device) for k in range(self.num_draft + 1)]
-        self._token = None
         if self.cuda_graph:
-            self._new_graphs(getattr(self.model, "device", torch.device(device)).type == "cuda" and keeps)
+            capture = getattr(self.model, "device", torch.device(device)).type == "cuda" and keeps
+            self._graphs = StepGraphs(self._chain, capture=capture, name="the draft chain")
             self._check_graphs()
-
-    def _new_graphs(self, capture: bool) -> None:
-        chain = weakref.WeakMethod(self._chain)  # no drafter <-> graphs cycle holding the cache and the pool
-        self._graphs = StepGraphs(lambda inputs: chain()(inputs), capture=capture, name="the draft chain")
 
     def _check_graphs(self) -> None:
         """Kept graphs read the draft model's weights and lazily built tensors
         where they were at capture (graph_token): new graphs if they moved."""
-        if self._graphs is None or not hasattr(self.model, "graph_token"):
-            return
-        token = self.model.graph_token(self.cache)
-        if self._token is not None and token != self._token:
-            self._new_graphs(self._graphs.capture)
-        self._token = token
+        if self._graphs is not None and hasattr(self.model, "graph_token"):
+            self._graphs = self._graphs.renewed(self.model.graph_token(self.cache))
 
     def release(self) -> None:
         """Drop the draft cache and graphs kept between calls."""

@@ -17,7 +17,9 @@ graphs of a StepGraphs share one memory pool, which is safe because each
 one's outputs are consumed before another replays."""
 from __future__ import annotations
 
+import inspect
 import warnings
+import weakref
 from typing import Any, Callable, Dict, Hashable, Optional, Sequence
 
 import torch
@@ -47,13 +49,29 @@ class StepGraphs:
     graph. A capture that fails warns once, restores the stream, and leaves
     every later step of this StepGraphs eager."""
 
-    def __init__(self, step: StepFn, *, capture: bool, name: str = "the verify step"):
-        self.step, self.capture, self.name = step, capture, name
+    def __init__(self, step: StepFn, *, capture: bool, name: str = "the verify step", token: Any = None):
+        """step: a function or a bound method (held weakly: its owner and
+        these graphs do not keep each other alive). token: what the graphs
+        read besides their inputs (renewed)."""
+        self._source = ref = weakref.WeakMethod(step) if inspect.ismethod(step) else (lambda: step)
+        self.step = lambda inputs: ref()(inputs)
+        self.capture, self.name, self.token = capture, name, token
+        self._capture_asked = capture  # renewed graphs try again after a failed capture
         self.slots: Dict[Hashable, _Slot] = {}
         self.pool = None
         # warm-up and capture stream (none without a GPU: a capture attempt then fails into the fallback)
         self.stream = torch.cuda.Stream() if capture and torch.cuda.is_available() else None
         self.captured = 0  # graphs captured (res.stats["cuda_graphs"])
+
+    def renewed(self, token: Any) -> "StepGraphs":
+        """These graphs if they were made for `token` (e.g. a model's
+        graph_token: the addresses of the tensors they read) or none was
+        recorded yet, else new ones for it (the old ones and their pool are
+        dropped with the last reference)."""
+        if self.token is None or token == self.token:
+            self.token = token
+            return self
+        return type(self)(self._source(), capture=self._capture_asked, name=self.name, token=token)
 
     def run(self, key: Hashable, inputs: Sequence[Optional[torch.Tensor]]) -> Any:
         slot = self.slots.get(key)

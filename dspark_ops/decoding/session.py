@@ -8,7 +8,6 @@ next (when R and the bucketed sizes match) and resets it in place, so the
 CUDA graphs captured in one call replay in the next (graphs.py)."""
 from __future__ import annotations
 
-import weakref
 from typing import List, Optional, Sequence
 
 import torch
@@ -49,27 +48,15 @@ class DecodeSession:
                            for m in range(n + 1)]  # per width: a chain keeps its first entries
         self.appended = [torch.full((R,), m + 1, **i32) for m in range(n + 1)]
         self.root_parent = torch.full((R, 1), -1, **i32)
-        self.graphs = None
-        self.capture = capture
-        self.token = None  # the target's graph_token when the graphs were made
-        if graphs:
-            self._new_graphs()
-
-    def _new_graphs(self) -> None:
-        step = weakref.WeakMethod(self.verify_step)  # the session and its graphs do not keep each other alive
-        self.graphs = StepGraphs(lambda inputs: step()(inputs), capture=self.capture)
+        self.graphs = StepGraphs(self.verify_step, capture=capture) if graphs else None
 
     def check_graphs(self) -> None:
         """Before a call's first step: graphs captured in an earlier call read
         the target's weights and lazily built tensors where they were then;
         if the target rebuilt or moved them since (its graph_token), drop
         the graphs (they are captured anew)."""
-        if self.graphs is None or not hasattr(self.target, "graph_token"):
-            return
-        token = self.target.graph_token(self.cache)
-        if self.token is not None and token != self.token:
-            self._new_graphs()
-        self.token = token
+        if self.graphs is not None and hasattr(self.target, "graph_token"):
+            self.graphs = self.graphs.renewed(self.target.graph_token(self.cache))
 
     def reset(self, last_token: torch.Tensor, position: torch.Tensor, limits: torch.Tensor,
               temperature: torch.Tensor, seed: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
