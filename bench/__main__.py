@@ -138,10 +138,10 @@ def run_tree(dev: str, quick: bool, iters: int, copy_gbs: float) -> list:
     for R, nodes, V, dtype in grid:
         for mode in tree_bench.MODES:
             rows += tree_bench.run_case(R, nodes, V, dtype, mode, dev, iters, copy_gbs)
-    print(f"{'impl':24s} {'mode':13s} {'R':>3s} {'nodes':>5s} {'D':>2s} {'V':>7s} {'dtype':8s} {'median us':>10s} "
+    print(f"{'impl':34s} {'mode':13s} {'R':>3s} {'nodes':>5s} {'D':>2s} {'V':>7s} {'dtype':8s} {'median us':>10s} "
           f"{'GB/s all':>9s} {'%copy':>6s} {'GB/s path':>9s} {'x ours':>7s} {'acc':>5s} check")
     for r in rows:
-        print(f"{r['impl']:24s} {r['mode']:13s} {r['R']:3d} {r['nodes']:5d} {r['max_depth']:2d} {r['V']:7d} "
+        print(f"{r['impl']:34s} {r['mode']:13s} {r['R']:3d} {r['nodes']:5d} {r['max_depth']:2d} {r['V']:7d} "
               f"{r['dtype']:8s} {r['median_us']:10.1f} {r['GBps_one_pass']:9.1f} "
               f"{100 * r['frac_copy_bw_one_pass']:6.1f} {_fmt(r['GBps_path'], '9.1f')} {r['time_vs_dspark']:7.2f} "
               f"{_fmt(r['accepted_mean'], '5.2f')} {r['check'] or ''}")
@@ -149,7 +149,9 @@ def run_tree(dev: str, quick: bool, iters: int, copy_gbs: float) -> list:
           "a walk needs only the path's rows, so %copy can pass 100; GB/s path: the rows on our accepted path, "
           "root included (target + iid's fp32 draft row), once; D: tree depth; acc: mean nodes accepted on "
           "buffer 0 (ours; torch vectorised: its own coins, so equal only in expectation); "
-          f"trees: top-{tree_bench.TOPK} EAGLE-like (tree_bench.eagle_parents), temperature 1 (greedy: 0)")
+          f"trees: top-{tree_bench.TOPK} EAGLE-like (tree_bench.eagle_parents), temperature 1 (greedy: 0); "
+          "CUDA: ', row pass' forces the row pass (every node row's statistics by the whole GPU before the walk), "
+          "', walk only' runs without it, the plain row lets the op choose")
     for dt, mode, ratio in tree_acceptance_ratios(rows):
         print(f"# acceptance: torch reference / dspark_ops.verify_tree at R=8 nodes=16 V=32000 {dt} {mode} = "
               f"{ratio:.2f}x (target >= 3x): {'PASS' if ratio >= 3 else 'FAIL'}")

@@ -4,6 +4,7 @@ vectorised PyTorch tree walk as an engine without our kernels writes it."""
 from __future__ import annotations
 
 import math
+import os
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -174,6 +175,19 @@ def torch_tree_greedy(target: torch.Tensor, tokens: torch.Tensor, kids: torch.Te
     return out.scatter(1, accepted.unsqueeze(-1), best[rows, cur].unsqueeze(-1)), accepted
 
 
+def _row_pass_forced(fn: Callable[[], object], flag: str) -> object:
+    """fn() with DSPARK_TREE_ROW_PASS=flag (1: on, 0: off; read at each call by the CUDA op)."""
+    old = os.environ.get("DSPARK_TREE_ROW_PASS")
+    os.environ["DSPARK_TREE_ROW_PASS"] = flag
+    try:
+        return fn()
+    finally:
+        if old is None:
+            del os.environ["DSPARK_TREE_ROW_PASS"]
+        else:
+            os.environ["DSPARK_TREE_ROW_PASS"] = old
+
+
 def _differing(a: tuple, b: tuple) -> int:
     """Requests whose tokens, accepted/emitted counts, path or status differ."""
     bad = torch.zeros(a[1].shape[0], dtype=torch.bool)
@@ -266,11 +280,16 @@ def run_case(R: int, nodes: int, V: int, dtype: torch.dtype, mode: str, device: 
     tv_acc = float(vectorised(0)[1].float().mean())
 
     out = dspark_ops.empty_tree_result(R, case.max_depth, device=device)
-    ws = torch.empty(dspark_ops.workspace_size("verify_tree", num_requests=R, vocab_size=V),
+    ws = torch.empty(dspark_ops.workspace_size("verify_tree", num_requests=R, vocab_size=V, num_nodes=R * nodes),
                      dtype=torch.uint8, device=device)
 
     impls: Dict[str, Callable[[int], object]] = {
         "dspark_ops.verify_tree": lambda i: case.run(bufs[i % n_buf], mode, out=out, workspace=ws)}
+    if device != "cpu":  # the CUDA row pass forced on (every request's rows) and off: which should auto pick?
+        impls["dspark_ops.verify_tree, row pass"] = lambda i: _row_pass_forced(
+            lambda: case.run(bufs[i % n_buf], mode, out=out, workspace=ws), "1")
+        impls["dspark_ops.verify_tree, walk only"] = lambda i: _row_pass_forced(
+            lambda: case.run(bufs[i % n_buf], mode, out=out, workspace=ws), "0")
     if run_ref:
         impls["torch reference"] = lambda i: case.run_reference(bufs[i % n_buf], mode)
     impls["torch vectorised"] = vectorised
@@ -281,7 +300,7 @@ def run_case(R: int, nodes: int, V: int, dtype: torch.dtype, mode: str, device: 
         us = stats["median_us"]
         base = base or us
         gbs = once / (us * 1e-6) / 1e9
-        ours_row = name == "dspark_ops.verify_tree"
+        ours_row = name.startswith("dspark_ops.verify_tree")
         rows.append({"op": "verify_tree", "impl": name, "mode": mode, "R": R, "nodes": nodes,
                      "max_depth": case.max_depth, "V": V, "dtype": str(dtype).split(".")[-1],
                      "draft_dtype": "float32" if mode == "iid" else None,

@@ -25,7 +25,11 @@ def workspace_size(op_name: str, **sizes: int) -> int:
     **sizes : int
         ``num_requests`` (R), ``vocab_size`` (V) and, for ``"verify_chunk"``,
         ``max_draft``; for ``"schedule_verify"``, R and ``group`` (G); for
-        ``"verify_tree"``, R and V (2 x R x V floats: p and q after rejections).
+        ``"verify_tree"``, R, V (2 x R x V floats: p and q after rejections)
+        and optionally ``num_nodes``, the target rows (every node of every
+        request): room for the row pass, which reads every node row with
+        the whole GPU before the walk (faster for small batches); a
+        workspace sized without it runs verify_tree without the row pass.
 
     Returns
     -------
@@ -40,12 +44,16 @@ def workspace_size(op_name: str, **sizes: int) -> int:
     >>> dspark_ops.workspace_size("sample", num_requests=8, vocab_size=32000) > 0
     True
     """
-    unknown = set(sizes) - {"num_requests", "vocab_size", "max_draft", "group"}
+    # The op's third size: verify_chunk's max_draft, schedule_verify's group (or max_draft), verify_tree's num_nodes.
+    third = {"verify_tree": ("num_nodes",), "schedule_verify": ("group", "max_draft")}.get(op_name, ("max_draft",))
+    unknown = set(sizes) - {"num_requests", "vocab_size", *third}
     if unknown:
         raise ValueError(f"dspark_ops.workspace_size: unknown sizes {sorted(unknown)} for '{op_name}'")
-    return int(_ops.workspace_bytes(op_name, int(sizes.get("num_requests", 0)),
-                                    int(sizes.get("vocab_size", 1)),
-                                    int(sizes.get("max_draft", sizes.get("group", 0)))))
+    extra = next((int(sizes[k]) for k in third if k in sizes), 0)
+    if extra < 0:
+        raise ValueError(f"dspark_ops.workspace_size: {third[0]} must be >= 0, got {extra}")
+    return int(_ops.workspace_bytes(op_name, int(sizes.get("num_requests", 0)), int(sizes.get("vocab_size", 1)),
+                                    extra))
 
 
 # --------------------------------------------------------------------- sample

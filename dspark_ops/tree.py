@@ -131,8 +131,12 @@ def verify_tree(
     out : TreeResult, optional
         Preallocated outputs (``empty_tree_result``): the ``.out`` overload.
     workspace : Tensor, optional
-        ``workspace_size("verify_tree", num_requests=R, vocab_size=V)``
-        bytes on the device: no allocation.
+        ``workspace_size("verify_tree", num_requests=R, vocab_size=V,
+        num_nodes=M)`` bytes on the device (M = ``target_logits.shape[0]``,
+        padding rows included): no allocation. Sized without ``num_nodes`` it still works, without the
+        row pass (CUDA: every node row's statistics read by the whole GPU
+        before the walk, chosen for small batches; ``DSPARK_TREE_ROW_PASS``
+        = 1 / 0 forces it on, given the room, / off).
 
     Returns
     -------

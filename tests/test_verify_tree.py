@@ -429,3 +429,38 @@ def test_torch_compile_fullgraph():
     got = torch.compile(step, fullgraph=True, backend="aot_eager")(target, tokens, parents, cu, kw["draft_probs"], pos)
     want = step(target, tokens, parents, cu, kw["draft_probs"], pos)
     assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+def test_workspace_size_row_pass_room():
+    """num_nodes adds the CUDA row pass's arrays (a keep key, an owner and
+    a chunk partial per chunk for every node row) to the walk's workspace."""
+    base = dspark_ops.workspace_size("verify_tree", num_requests=8, vocab_size=32000)
+    more = dspark_ops.workspace_size("verify_tree", num_requests=8, vocab_size=32000, num_nodes=100)
+    assert more - base >= 100 * (4 + 4 + 4 * 28)  # V = 32000: 4 chunks of 8192
+    with pytest.raises(ValueError, match="unknown sizes"):
+        dspark_ops.workspace_size("verify_tree", num_requests=8, vocab_size=32000, nodes=100)
+    with pytest.raises(ValueError, match="unknown sizes"):  # verify_tree has no max_draft, verify_chunk no num_nodes
+        dspark_ops.workspace_size("verify_tree", num_requests=8, vocab_size=32000, max_draft=7)
+    with pytest.raises(ValueError, match="unknown sizes"):
+        dspark_ops.workspace_size("verify_chunk", num_requests=8, vocab_size=32000, num_nodes=7)
+    with pytest.raises(ValueError, match="num_nodes must be >= 0, got -1"):
+        dspark_ops.workspace_size("verify_tree", num_requests=8, vocab_size=32000, num_nodes=-1)
+
+
+@pytest.mark.parametrize("name", ["draft_probs", "draft_logits"])
+def test_empty_draft_rows_are_bad_lengths(name):
+    """A draft tensor with no rows while requests have nodes gives
+    BAD_LENGTHS (its null data pointer once skipped the row bound: a
+    segfault), for the tree and the chain; a chain request without drafts
+    needs no draft row."""
+    V = 50
+    target = torch.randn(5, V)
+    tree = dspark_ops.verify_tree(target[:4], torch.tensor([1, 2, 3, 4], dtype=torch.int32),
+                                  torch.tensor([-1, 0, 1, -1], dtype=torch.int32),
+                                  torch.tensor([0, 3, 4], dtype=torch.int32), max_depth=2, seed=1,
+                                  **{name: torch.empty(0, V)})
+    assert tree.status.tolist() == [Status.BAD_LENGTHS] * 2 and tree.tokens.tolist() == [[-1] * 3] * 2
+    chain = dspark_ops.verify_chunk(target[:4], torch.tensor([1, 2], dtype=torch.int32),
+                                    torch.tensor([0, 0, 2], dtype=torch.int32), max_draft=2, seed=1,
+                                    **{name: torch.empty(0, V)})
+    assert chain.status.tolist() == [0, Status.BAD_LENGTHS] and chain.emitted.tolist() == [1, 0]

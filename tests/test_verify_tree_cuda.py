@@ -175,6 +175,132 @@ def test_cuda_status_bits_match_cpu():
     assert big.status.tolist() == [0, Status.BAD_LENGTHS, 0] and big.tokens.tolist() == [[0, 0], [-1, -1], [0, -1]]
 
 
+def run_both_row_passes(monkeypatch, *args, **kw):
+    """verify_tree with the row pass forced on, then off (the walk reads
+    its rows itself): the two must agree bit for bit."""
+    results = []
+    for flag in ("1", "0"):
+        monkeypatch.setenv("DSPARK_TREE_ROW_PASS", flag)
+        results.append(tuple(t.cpu() for t in dspark_ops.verify_tree(*args, **kw)))
+    monkeypatch.delenv("DSPARK_TREE_ROW_PASS")
+    on, off = results
+    for name, a, b in zip(dspark_ops.TreeResult._fields, on, off):
+        assert torch.equal(a, b), f"{name}: row pass {a.tolist()} vs walk {b.tolist()}"
+    return on
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("V,dtype", [(1000, torch.float32), (16385, torch.bfloat16), (151936, torch.bfloat16)])
+def test_cuda_row_pass_equals_walk(monkeypatch, V, dtype, mode):
+    """The row pass (every node row's statistics by the whole GPU, then the
+    walk) gives the walk's own results bit for bit: same chunk sums, keep
+    keys and races (V = 16385: a last chunk of one entry)."""
+    R = 12
+    draft, kw = MODES[mode]
+    trees = sixty_four_trees(R, n=20, seed=V) + [[-1], path_parents(2)]
+    target, tokens, parents, cu, dkw = tree_batch_device(trees, V, dtype, draft=draft, seed=V + 2, scale=3.0)
+    got = run_both_row_passes(monkeypatch, target, tokens, parents, cu, max_depth=max_depth_of(trees),
+                              seed=torch.arange(R + 2, device="cuda") * 3 + 1, position=11, **dkw, **kw)
+    assert int(got[1].sum()) > 0  # some walks went below their roots
+
+
+def test_cuda_row_pass_mixed_and_malformed(monkeypatch):
+    """Greedy and sampled requests, per-request sibling modes and filters,
+    and malformed requests (bad parents, a bad code, NaN rows, a
+    non-monotone cu) in one batch: the row pass skips or mis-owns nothing
+    that the walk then trusts."""
+    V = 3001
+    g = torch.Generator().manual_seed(12)
+    trees = [random_parents(int(torch.randint(1, 30, (), generator=g)), g, chain_bias=0.4) for _ in range(24)]
+    trees[5] = [-1, 0, 2]  # parent >= child
+    trees[6] = [0, 0]  # the root has a parent
+    target, tokens, parents, cu, kw = tree_batch_device(trees, V, torch.bfloat16, draft="logits", seed=12,
+                                                        scale=2.0, device="cpu")
+    target = target.clone()
+    c = cu.tolist()
+    target[c[7], 3] = float("nan")  # request 7's root row
+    target[c[8] + 1, 4] = float("inf")  # a child's row of request 8
+    R = len(trees)
+    temperature = torch.rand(R, generator=g) + 0.3
+    temperature[::5] = 0.0
+    codes = torch.randint(0, 3, (R,), generator=g, dtype=torch.int8)
+    codes[9] = 7
+    args = dict(max_depth=max_depth_of([t for i, t in enumerate(trees) if i not in (5, 6)]) + 1,
+                temperature=temperature.cuda(), sibling_mode=codes.cuda(),
+                top_k=torch.randint(0, 30, (R,), generator=g, dtype=torch.int32).cuda(),
+                top_p=(torch.rand(R, generator=g) + 0.5).cuda(), seed=torch.arange(R).cuda(), position=4,
+                draft_logits=kw["draft_logits"].cuda())
+    got = run_both_row_passes(monkeypatch, target.cuda(), tokens.cuda(), parents.cuda(), cu.cuda(), **args)
+    want = dspark_ops.verify_tree(target, tokens, parents, cu, **{k: to(v, "cpu") for k, v in args.items()})
+    aborts = [5, 6, 7, 9]
+    assert torch.equal(got[4][aborts], want.status[aborts])
+    assert got[4][5] == got[4][6] == got[4][9] == Status.BAD_TREE and got[4][7] == Status.NONFINITE_LOGITS
+    # A non-monotone cu: request 9 (a valid code now) spans request 11's rows, so the row pass computes
+    # those rows as request 9's; request 11's walk must not use them.
+    bad = cu.clone()
+    bad[10] = bad[12] + 1
+    codes[9] = 0
+    args["sibling_mode"] = codes.cuda()
+    got = run_both_row_passes(monkeypatch, target.cuda(), tokens.cuda(), parents.cuda(), bad.cuda(), **args)
+    want = dspark_ops.verify_tree(target, tokens, parents, bad, **{k: to(v, "cpu") for k, v in args.items()})
+    assert got[4][10] == want.status[10] == Status.BAD_LENGTHS and got[4][9] == want.status[9] == Status.BAD_TREE
+
+
+def row_pass_ran(fn) -> bool:
+    """Whether fn() launched verify_tree's row pass (CUDA profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events()]
+    if not any("verify_tree_kernel" in n for n in names):  # e.g. under compute-sanitizer, which excludes CUPTI
+        pytest.skip("the CUDA profiler recorded no kernels")
+    return any("verify_tree_row_stats_kernel" in n for n in names)
+
+
+@pytest.mark.parametrize("draft", [None, "probs", "logits"])
+@pytest.mark.parametrize("num_nodes", [False, True])
+def test_cuda_workspace_with_and_without_row_pass_room(monkeypatch, num_nodes, draft):
+    """A caller's workspace sized with num_nodes runs the row pass, one
+    sized without it runs the walk alone (also without draft rows, where
+    the unused room for q must not be taken for the pass's): the same
+    results either way; DSPARK_TREE_ROW_PASS=0 turns it off; too small a
+    workspace is an error naming the bytes needed."""
+    monkeypatch.delenv("DSPARK_TREE_ROW_PASS", raising=False)
+    R, V = 6, 5000
+    trees = sixty_four_trees(R, n=12, seed=13)
+    target, tokens, parents, cu, kw = tree_batch_device(trees, V, torch.bfloat16, draft=draft, seed=13)
+    sizes = dict(num_requests=R, vocab_size=V) | (dict(num_nodes=target.shape[0]) if num_nodes else {})
+    ws = torch.empty(dspark_ops.workspace_size("verify_tree", **sizes), dtype=torch.uint8, device="cuda")
+    args = dict(max_depth=max_depth_of(trees), seed=5, top_k=40, **kw)
+    if draft is not None:
+        args["sibling_mode"] = "iid"
+    out = dspark_ops.empty_tree_result(R, args["max_depth"], device="cuda")
+    call = lambda: dspark_ops.verify_tree(target, tokens, parents, cu, out=out, workspace=ws, **args)  # noqa: E731
+    assert row_pass_ran(call) == num_nodes
+    want = run_both_row_passes(monkeypatch, target, tokens, parents, cu, **args)
+    assert all(torch.equal(a.cpu(), b) for a, b in zip(out, want))
+    assert row_pass_ran(lambda: dspark_ops.verify_tree(target, tokens, parents, cu, **args))  # R = 6: auto runs it
+    monkeypatch.setenv("DSPARK_TREE_ROW_PASS", "0")
+    assert not row_pass_ran(call)
+    small = torch.empty(64, dtype=torch.uint8, device="cuda")
+    with pytest.raises(ValueError, match="workspace must hold at least"):
+        dspark_ops.verify_tree(target, tokens, parents, cu, out=out, workspace=small, **args)
+
+
+def test_cuda_empty_draft_rows_are_bad_lengths():
+    """A draft tensor with no rows while requests have nodes: BAD_LENGTHS
+    (its null data pointer once skipped the bound and crashed)."""
+    V = 50
+    trees = [path_parents(3), [-1]]
+    target, tokens, parents, cu, _ = tree_batch_device(trees, V, torch.float32, draft=None, seed=14)
+    for name in ("draft_probs", "draft_logits"):
+        res = dspark_ops.verify_tree(target, tokens, parents, cu, max_depth=2, seed=1,
+                                     **{name: torch.empty(0, V, device="cuda")})
+        assert res.status.tolist() == [Status.BAD_LENGTHS] * 2 and res.tokens.tolist() == [[-1] * 3] * 2
+
+
 def test_cuda_strided_target_rows():
     V = 3001
     trees = sixty_four_trees(8, n=16)
@@ -205,7 +331,8 @@ def test_cuda_greedy_rows_off_alignment(dtype):
     assert int(want.accepted.sum()) > 8  # the walks went below the roots
 
 
-def test_cuda_graph_replay_no_sync_no_allocation():
+@pytest.mark.parametrize("num_nodes", [False, True])
+def test_cuda_graph_replay_no_sync_no_allocation(num_nodes):
     R, V = 8, 32000
     trees = [eagle_parents(4, 3, 3)] * R
     target, tokens, parents, cu, kw = tree_batch_device(trees, V, torch.bfloat16, draft="probs", seed=6)
@@ -214,8 +341,8 @@ def test_cuda_graph_replay_no_sync_no_allocation():
     position = torch.zeros(R, dtype=torch.int64, device="cuda")
     modes = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1], dtype=torch.int8, device="cuda")
     out = dspark_ops.empty_tree_result(R, D, device="cuda")
-    ws = torch.empty(dspark_ops.workspace_size("verify_tree", num_requests=R, vocab_size=V), dtype=torch.uint8,
-                     device="cuda")
+    sizes = dict(num_requests=R, vocab_size=V) | (dict(num_nodes=target.shape[0]) if num_nodes else {})
+    ws = torch.empty(dspark_ops.workspace_size("verify_tree", **sizes), dtype=torch.uint8, device="cuda")
 
     def step():
         dspark_ops.verify_tree(target, tokens, parents, cu, max_depth=D, sibling_mode=modes, top_p=0.95, seed=seed,

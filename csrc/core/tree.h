@@ -93,12 +93,19 @@ struct TreeWorkspace {
   DraftRowStats* draft_partials;    // [R, chunks]
   float* w;                         // [R, V] p after rejections (or live flags)
   float* qv;                        // [R, V] q after rejections (without replacement)
+  // The row pass (rows > 0): every node row's keep key, owning request and
+  // chunk partials, computed by the whole GPU before the walk.
+  uint32_t* row_keys;               // [rows]
+  int32_t* row_owner;               // [rows] the request whose sampled node the row is, or -1
+  TargetRowStats* row_partials;     // [rows, chunks]
+  DraftRowStats* row_draft_partials;  // [rows, chunks] (draft rows given)
   int64_t bytes;
 };
 
 // Carves `base` (nullptr: only sizes it) for R requests and V; qv only
-// with draft rows (workspace_size counts it always).
-inline TreeWorkspace tree_workspace(void* base, int64_t R, int64_t V, bool with_q) {
+// with draft rows (workspace_size counts it always); the row pass's arrays
+// only for rows > 0 (the number of target rows: every node of every request).
+inline TreeWorkspace tree_workspace(void* base, int64_t R, int64_t V, bool with_q, int64_t rows = 0) {
   const int64_t chunks = fixed_chunks(V);
   WorkspaceCarve c{static_cast<char*>(base)};
   TreeWorkspace w;
@@ -106,6 +113,10 @@ inline TreeWorkspace tree_workspace(void* base, int64_t R, int64_t V, bool with_
   w.draft_partials = c.take<DraftRowStats>(R * chunks);
   w.w = c.take<float>(R * V);
   w.qv = with_q ? c.take<float>(R * V) : nullptr;
+  w.row_keys = rows > 0 ? c.take<uint32_t>(rows) : nullptr;
+  w.row_owner = rows > 0 ? c.take<int32_t>(rows) : nullptr;
+  w.row_partials = rows > 0 ? c.take<TargetRowStats>(rows * chunks) : nullptr;
+  w.row_draft_partials = rows > 0 && with_q ? c.take<DraftRowStats>(rows * chunks) : nullptr;
   w.bytes = c.bytes;
   return w;
 }

@@ -61,7 +61,7 @@ DSPARK_HD VerifyLayout verify_layout(const VerifyArgs<T, D>& a, int64_t r) {
     L.n = static_cast<int32_t>(nodes - 1);
     L.d0 = L.t0 = begin;
     L.valid = begin >= 0 && nodes >= 1 && nodes <= static_cast<int64_t>(kMaxSlot) && begin + nodes <= a.num_tokens &&
-              (a.draft == nullptr || begin + nodes <= a.draft_rows) && begin + nodes <= a.target_rows;
+              (a.draft_mode == kDraftPointMass || begin + nodes <= a.draft_rows) && begin + nodes <= a.target_rows;
     return L;
   }
   L.n = static_cast<int32_t>(end - begin);
@@ -69,7 +69,7 @@ DSPARK_HD VerifyLayout verify_layout(const VerifyArgs<T, D>& a, int64_t r) {
   L.t0 = a.target_row_start ? static_cast<int64_t>(a.target_row_start[r]) : begin + r;
   const int64_t n = end - begin;
   L.valid = n >= 0 && n <= a.max_draft && n < static_cast<int64_t>(kMaxSlot) && L.d0 >= 0 &&
-            L.d0 + n <= a.num_tokens && (a.draft == nullptr || L.d0 + n <= a.draft_rows) && L.t0 >= 0 &&
+            L.d0 + n <= a.num_tokens && (a.draft_mode == kDraftPointMass || L.d0 + n <= a.draft_rows) && L.t0 >= 0 &&
             L.t0 + n + 1 <= a.target_rows;
   return L;
 }

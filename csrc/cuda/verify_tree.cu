@@ -5,12 +5,46 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <cstdlib>
+#include <cstring>
+
 #include "../kernels/verify_tree.cuh"
 #include "../tree_common.h"
 #include "workspace.h"
 
 namespace dspark {
 namespace {
+
+// Whether to run the row pass (every node row's statistics read by the
+// whole GPU before the walk) and over which requests' rows.
+struct TreeRowPass {
+  int64_t rows = 0;          // 0: none; else every target row
+  bool greedy_rows = false;  // greedy requests' rows too (else their walk's argmax pass reads them)
+};
+
+// DSPARK_TREE_ROW_PASS=1: always, every request's rows; =0: never (the
+// benchmarks and tests compare the two). Otherwise: a sampled request's
+// walk spends ~19 sequential chunk rounds on one SM per visited row, so the
+// pass's one parallel read of every row wins while rows <= 32 x SMs x
+// waves of walking blocks (about 32 nodes per request; 4224 rows for
+// R <= 132 on an H100); a greedy walk's argmax pass is much faster, so
+// greedy rows join only while rows <= 2 x SMs (bench/PERF_NOTES.md §5a;
+// thresholds to be tuned on measurements). Needs the larger workspace: a
+// caller's workspace sized without num_nodes (= target_logits.size(0))
+// runs without it.
+TreeRowPass tree_row_pass(int64_t R, int64_t rows, const c10::optional<at::Tensor>& workspace, int64_t V) {
+  const char* env = std::getenv("DSPARK_TREE_ROW_PASS");
+  if ((env != nullptr && std::strcmp(env, "0") == 0) || rows * fixed_chunks(V) > INT32_MAX) return {};
+  // workspace_size counts qv always: compare with that, not with the layout this call would carve.
+  if (workspace.has_value() &&
+      workspace->nbytes() < static_cast<size_t>(tree_workspace(nullptr, R, V, true, rows).bytes))
+    return {};
+  if (env != nullptr && std::strcmp(env, "1") == 0) return {rows, true};
+  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t waves = (R + sms - 1) / sms;
+  if (rows > 32 * sms * waves) return {};
+  return {rows, rows <= 2 * sms};
+}
 
 void verify_tree_out_cuda(const at::Tensor& target_logits, const at::Tensor& node_tokens, const at::Tensor& parents,
                           const at::Tensor& cu_num_nodes, int64_t max_depth,
@@ -27,7 +61,9 @@ void verify_tree_out_cuda(const at::Tensor& target_logits, const at::Tensor& nod
   if (R == 0) return;
   const c10::cuda::CUDAGuard guard(target_logits.device());
   const bool with_q = draft_probs.has_value() || draft_logits.has_value();
-  const int64_t need = tree_workspace(nullptr, R, target_logits.size(1), with_q).bytes;
+  const int64_t V = target_logits.size(1);
+  const TreeRowPass pass = tree_row_pass(R, target_logits.size(0), workspace, V);
+  const int64_t need = tree_workspace(nullptr, R, V, with_q, pass.rows).bytes;
   at::Tensor scratch;
   void* ws = workspace_ptr(kTreeOp, workspace, need, target_logits, scratch);
   const c10::optional<at::Tensor>& draft = draft_probs.has_value() ? draft_probs : draft_logits;
@@ -35,7 +71,8 @@ void verify_tree_out_cuda(const at::Tensor& target_logits, const at::Tensor& nod
     const auto a = make_tree_args<T, D>(target_logits, node_tokens, parents, cu_num_nodes, max_depth, draft_probs,
                                         draft_logits, draft_temperature, sibling_mode, temperature, top_k, top_p, seed,
                                         position, tokens, accepted, emitted, path, status);
-    const cudaError_t err = verify_tree_launch<T, D>(a, ws, at::cuda::getCurrentCUDAStream());
+    const cudaError_t err = verify_tree_launch<T, D>(a, ws, pass.rows, pass.greedy_rows,
+                                                    at::cuda::getCurrentCUDAStream());
     TORCH_CHECK(err == cudaSuccess, kTreeOp, ": CUDA launch failed: ", cudaGetErrorString(err));
   });
 }

@@ -5,12 +5,20 @@
 // chain's results bit for bit; rows off the accepted path are never read.
 // Framework-free: raw pointers and a stream.
 //
+//   verify_tree_row_keys_kernel   [rows] blocks (the row pass, optional):
+//                       each target row's owner (the request whose node it
+//                       is, or -1) and keep key (top-k/top-p)
+//   verify_tree_row_stats_kernel  [rows * chunks] blocks (the row pass): the
+//                       chunk partials of every owned row (and of its draft
+//                       row where the walk needs q's normaliser), so a small
+//                       batch reads its rows with the whole GPU, not one SM
 //   verify_tree_kernel  [R] blocks of 256: validate the tree, then per
 //                       visited node: keep key (top-k/top-p), row stats
-//                       (greedy rows: one vectorised argmax pass),
-//                       children in index order (coin, update of p / q on
-//                       rejection: vocabulary passes over the workspace
-//                       vectors w / qv), and the emitted token.
+//                       (from the row pass when it ran; greedy rows: one
+//                       vectorised argmax pass), children in index order
+//                       (coin, update of p / q on rejection: vocabulary
+//                       passes over the workspace vectors w / qv), and the
+//                       emitted token.
 #pragma once
 #include <cuda_runtime.h>
 
@@ -88,6 +96,35 @@ __device__ bool tree_valid(const TreeArgs<T, D>& a, int64_t c0, int32_t n, int32
   return __syncthreads_and(ok) != 0;
 }
 
+// One chunk [begin, end) of a sampled row's statistics, block-reduced
+// (valid in thread 0): the walk and the row pass both call this, so the
+// partials are the same bit for bit whichever computes them.
+template <typename T>
+__device__ __forceinline__ TargetRowStats tree_chunk_stats(const T* __restrict__ trow, int64_t begin, int64_t end,
+                                                           bool aligned, const RaceRow& row, const RaceStream& stream,
+                                                           TargetRowStats* smem) {
+  TargetRowStats st = target_stats_empty();
+  chunk_groups_each<kTreeBlock, kChunkInFlight>(trow, begin, end, aligned,
+                                                 [&](int64_t i, const float(&l)[4], int count) {
+                                                   target_offer_group(st, row, stream, i >> 2, l, count);
+                                                 });
+  return block_reduce<kTreeBlock>(st, target_stats_merge, smem, target_stats_empty());
+}
+
+// A row's statistics from its chunk partials (warp 0 merges them
+// lane-strided, as verify_decide_kernel does), broadcast to every thread.
+__device__ __forceinline__ TargetRowStats tree_merge_partials(const TargetRowStats* part, int64_t chunks,
+                                                              TreeShared& sh) {
+  if (threadIdx.x < 32) {
+    TargetRowStats st = target_stats_empty();
+    for (int64_t c = threadIdx.x; c < chunks; c += 32) st = target_stats_merge(st, part[c]);
+    st = warp_reduce(st, target_stats_merge);
+    if (threadIdx.x == 0) sh.st = st;
+  }
+  __syncthreads();
+  return sh.st;
+}
+
 // A row's statistics as verify_stats_kernel + verify_decide_kernel compute
 // them (the chunk partials pass through `part`, [chunks] in global memory).
 template <typename T>
@@ -98,23 +135,11 @@ __device__ TargetRowStats tree_target_stats(const T* __restrict__ trow, int64_t 
   for (int64_t chunk = 0; chunk < chunks; ++chunk) {
     const int64_t begin = chunk * kFixedChunk;
     const int64_t end = begin + kFixedChunk < V ? begin + kFixedChunk : V;
-    TargetRowStats st = target_stats_empty();
-    chunk_groups_each<kTreeBlock, kChunkInFlight>(trow, begin, end, aligned,
-                                                   [&](int64_t i, const float(&l)[4], int count) {
-                                                     target_offer_group(st, row, stream, i >> 2, l, count);
-                                                   });
-    st = block_reduce<kTreeBlock>(st, target_stats_merge, sh.target, target_stats_empty());
+    const TargetRowStats st = tree_chunk_stats(trow, begin, end, aligned, row, stream, sh.target);
     if (threadIdx.x == 0) part[chunk] = st;
     __syncthreads();
   }
-  if (threadIdx.x < 32) {
-    TargetRowStats st = target_stats_empty();
-    for (int64_t c = threadIdx.x; c < chunks; c += 32) st = target_stats_merge(st, part[c]);
-    st = warp_reduce(st, target_stats_merge);
-    if (threadIdx.x == 0) sh.st = st;
-  }
-  __syncthreads();
-  return sh.st;
+  return tree_merge_partials(part, chunks, sh);
 }
 
 // A greedy row's statistics (greedy_stats.cuh), broadcast to every thread.
@@ -126,22 +151,23 @@ __device__ TargetRowStats tree_greedy_stats(const T* __restrict__ trow, int64_t 
   return sh.st;
 }
 
+// One chunk of a draft-logit row's normaliser, block-reduced (valid in
+// thread 0): shared by the walk and the row pass, like tree_chunk_stats.
 template <typename D>
-__device__ DraftRowStats tree_draft_stats(const D* __restrict__ drow, int64_t V, float draft_temperature,
-                                          DraftRowStats* part, int64_t chunks, TreeShared& sh) {
-  const bool aligned = reinterpret_cast<uintptr_t>(drow) % (4 * sizeof(D)) == 0;
-  for (int64_t chunk = 0; chunk < chunks; ++chunk) {
-    const int64_t begin = chunk * kFixedChunk;
-    const int64_t end = begin + kFixedChunk < V ? begin + kFixedChunk : V;
-    DraftRowStats ds = draft_stats_empty();
-    chunk_groups_each<kTreeBlock, kChunkInFlight>(drow, begin, end, aligned, [&](int64_t, const float(&l)[4],
-                                                                                 int count) {
-      draft_offer_group(ds, l, count, draft_temperature);
-    });
-    ds = block_reduce<kTreeBlock>(ds, draft_stats_merge, sh.draft, draft_stats_empty());
-    if (threadIdx.x == 0) part[chunk] = ds;
-    __syncthreads();
-  }
+__device__ __forceinline__ DraftRowStats tree_draft_chunk_stats(const D* __restrict__ drow, int64_t begin, int64_t end,
+                                                                bool aligned, float draft_temperature,
+                                                                DraftRowStats* smem) {
+  DraftRowStats ds = draft_stats_empty();
+  chunk_groups_each<kTreeBlock, kChunkInFlight>(drow, begin, end, aligned, [&](int64_t, const float(&l)[4],
+                                                                               int count) {
+    draft_offer_group(ds, l, count, draft_temperature);
+  });
+  return block_reduce<kTreeBlock>(ds, draft_stats_merge, smem, draft_stats_empty());
+}
+
+// A draft row's normaliser from its chunk partials, broadcast to every thread.
+__device__ __forceinline__ DraftRowStats tree_merge_draft_partials(const DraftRowStats* part, int64_t chunks,
+                                                                   TreeShared& sh) {
   if (threadIdx.x < 32) {
     DraftRowStats ds = draft_stats_empty();
     for (int64_t c = threadIdx.x; c < chunks; c += 32) ds = draft_stats_merge(ds, part[c]);
@@ -150,6 +176,100 @@ __device__ DraftRowStats tree_draft_stats(const D* __restrict__ drow, int64_t V,
   }
   __syncthreads();
   return sh.ds;
+}
+
+template <typename D>
+__device__ DraftRowStats tree_draft_stats(const D* __restrict__ drow, int64_t V, float draft_temperature,
+                                          DraftRowStats* part, int64_t chunks, TreeShared& sh) {
+  const bool aligned = reinterpret_cast<uintptr_t>(drow) % (4 * sizeof(D)) == 0;
+  for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+    const int64_t begin = chunk * kFixedChunk;
+    const int64_t end = begin + kFixedChunk < V ? begin + kFixedChunk : V;
+    const DraftRowStats ds = tree_draft_chunk_stats(drow, begin, end, aligned, draft_temperature, sh.draft);
+    if (threadIdx.x == 0) part[chunk] = ds;
+    __syncthreads();
+  }
+  return tree_merge_draft_partials(part, chunks, sh);
+}
+
+// Whether request r samples with a top-k/top-p filter (a keep key per row).
+template <typename T, typename D>
+__device__ __forceinline__ bool tree_filtered(const VerifyArgs<T, D>& v, int64_t r) {
+  return v.temperature[r] > 0.0f && (topk_active(v.top_k[r], v.vocab) || topp_active(v.top_p[r]));
+}
+
+// The request whose node target row t is, if its layout and sibling mode
+// are valid and it samples (or, with greedy_rows, is greedy); -1 otherwise.
+// A malformed cu costs only the row pass: the walk uses a row's results
+// only where this names its own request.
+template <typename T, typename D>
+__device__ int64_t tree_row_owner(const TreeArgs<T, D>& a, int64_t t, bool greedy_rows) {
+  const VerifyArgs<T, D>& v = a.v;
+  if (v.num_requests <= 0 || !(v.cu[0] <= t)) return -1;
+  int64_t lo = 0, hi = v.num_requests;  // the last r < R with cu[r] <= t (exact when cu is monotone)
+  while (hi - lo > 1) {
+    const int64_t mid = lo + (hi - lo) / 2;
+    if (v.cu[mid] <= t) lo = mid;
+    else hi = mid;
+  }
+  const VerifyLayout L = verify_layout(v, lo);
+  if (!L.valid || t < L.t0 || t > L.t0 + L.n || tree_mode(a, lo) < 0) return -1;
+  return greedy_rows || v.temperature[lo] > 0.0f ? lo : -1;
+}
+
+// The row pass, 1 of 2: [rows] blocks; row t's owner and keep key.
+template <typename T, typename D>
+__global__ void __launch_bounds__(kTreeBlock, 1)
+    verify_tree_row_keys_kernel(TreeArgs<T, D> a, uint32_t* __restrict__ row_keys, int32_t* __restrict__ row_owner,
+                                bool greedy_rows) {
+  const VerifyArgs<T, D>& v = a.v;
+  const int64_t t = blockIdx.x;
+  const int64_t r = tree_row_owner(a, t, greedy_rows);
+  if (threadIdx.x == 0) row_owner[t] = static_cast<int32_t>(r);
+  uint32_t keep = 0;
+  if (r >= 0 && tree_filtered(v, r))  // uniform over the block
+    keep = block_row_keep_key<kTreeBlock>(v.target + t * v.target_stride, v.vocab, v.temperature[r], v.top_k[r],
+                                          v.top_p[r]);
+  if (threadIdx.x == 0) row_keys[t] = keep;
+}
+
+// The row pass, 2 of 2: [rows * chunks] blocks; the chunk partials of every
+// owned row, exactly as the walk would compute them at that node (a greedy
+// row's: its chunk's argmax, which merges to the walk's one-pass argmax
+// exactly, in any order).
+template <typename T, typename D>
+__global__ void __launch_bounds__(kTreeBlock)
+    verify_tree_row_stats_kernel(TreeArgs<T, D> a, const uint32_t* __restrict__ row_keys,
+                                 const int32_t* __restrict__ row_owner, TargetRowStats* __restrict__ row_partials,
+                                 DraftRowStats* __restrict__ row_draft_partials, int64_t chunks) {
+  __shared__ TargetRowStats s_target[kTreeBlock / 32];
+  __shared__ DraftRowStats s_draft[kTreeBlock / 32];
+  const VerifyArgs<T, D>& v = a.v;
+  const int64_t t = blockIdx.x / chunks, chunk = blockIdx.x - t * chunks;
+  const int64_t r = row_owner[t];
+  if (r < 0) return;
+  const int64_t begin = chunk * kFixedChunk;
+  const int64_t end = begin + kFixedChunk < v.vocab ? begin + kFixedChunk : v.vocab;
+  const T* trow = v.target + t * v.target_stride;
+  if (!(v.temperature[r] > 0.0f)) {  // greedy (uniform over the block)
+    const TargetRowStats st = block_greedy_stats<kTreeBlock>(trow + begin, end - begin, begin, s_target);
+    if (threadIdx.x == 0) row_partials[blockIdx.x] = st;
+    return;
+  }
+  const int64_t node = t - verify_layout(v, r).t0;
+  const RaceRow row{false, v.temperature[r], row_keys[t]};
+  const RaceStream stream = verify_stream(v, r, kPurposeEmit, static_cast<uint32_t>(node));
+  const bool aligned = reinterpret_cast<uintptr_t>(trow) % (4 * sizeof(T)) == 0;
+  const TargetRowStats st = tree_chunk_stats(trow, begin, end, aligned, row, stream, s_target);
+  if (threadIdx.x == 0) row_partials[blockIdx.x] = st;
+  // The draft row's normaliser where the walk needs it (draft logits, a mode that reads q).
+  if (row_draft_partials == nullptr || verify_draft_mode(v, r) != kDraftLogits ||
+      tree_mode(a, r) == kSiblingDeterministic)
+    return;
+  const D* drow = v.draft + t * v.draft_stride;
+  const bool d_aligned = reinterpret_cast<uintptr_t>(drow) % (4 * sizeof(D)) == 0;
+  const DraftRowStats ds = tree_draft_chunk_stats(drow, begin, end, d_aligned, v.draft_temperature[r], s_draft);
+  if (threadIdx.x == 0) row_draft_partials[blockIdx.x] = ds;
 }
 
 __device__ __forceinline__ float tree_block_sum(float v, TreeShared& sh) {
@@ -169,8 +289,9 @@ __device__ __forceinline__ RaceBest tree_block_race(RaceBest b, TreeShared& sh) 
 template <typename T, typename D>
 __global__ void __launch_bounds__(kTreeBlock, 1)
     verify_tree_kernel(TreeArgs<T, D> a, TargetRowStats* target_part, DraftRowStats* draft_part, float* w_all,
-                       float* qv_all,
-                       int64_t chunks) {
+                       float* qv_all, const uint32_t* __restrict__ row_keys, const int32_t* __restrict__ row_owner,
+                       const TargetRowStats* __restrict__ row_partials,
+                       const DraftRowStats* __restrict__ row_draft_partials, int64_t chunks) {
   __shared__ TreeShared sh;
   const VerifyArgs<T, D>& v = a.v;
   const int64_t r = blockIdx.x;
@@ -202,12 +323,15 @@ __global__ void __launch_bounds__(kTreeBlock, 1)
     for (;;) {
       const T* trow = v.target + (c0 + cur) * v.target_stride;
       const D* drow = v.draft != nullptr ? v.draft + (c0 + cur) * v.draft_stride : nullptr;
+      // The row pass's keep key and partials when it computed this row for this request (uniform).
+      const bool pre = row_owner != nullptr && row_owner[c0 + cur] == r;
       uint32_t keep = 0;
-      if (filtered) keep = block_row_keep_key<kTreeBlock>(trow, V, temperature, top_k, top_p);
+      if (filtered) keep = pre ? row_keys[c0 + cur] : block_row_keep_key<kTreeBlock>(trow, V, temperature, top_k, top_p);
       const RaceRow row{greedy, temperature, keep};
       const RaceStream emit_stream = verify_stream(v, r, kPurposeEmit, static_cast<uint32_t>(cur));
-      const TargetRowStats st = greedy ? tree_greedy_stats(trow, V, sh)
-                                       : tree_target_stats(trow, V, row, emit_stream, tpart, chunks, sh);
+      const TargetRowStats st = pre      ? tree_merge_partials(row_partials + (c0 + cur) * chunks, chunks, sh)
+                                : greedy ? tree_greedy_stats(trow, V, sh)
+                                         : tree_target_stats(trow, V, row, emit_stream, tpart, chunks, sh);
       if (st.flags & kNonfiniteLogits) flags |= kNonfiniteLogits;
       else if (st.race.best.index < 0) flags |= kAllMasked;
       if (flags & kAbortMask) break;
@@ -249,7 +373,9 @@ __global__ void __launch_bounds__(kTreeBlock, 1)
             continue;
           }
           if (mode != kSiblingDeterministic && !s.q_ready) {
-            if (draft_mode == kDraftLogits) ds = tree_draft_stats(drow, V, draft_temperature, dpart, chunks, sh);
+            if (draft_mode == kDraftLogits)
+              ds = pre ? tree_merge_draft_partials(row_draft_partials + (c0 + cur) * chunks, chunks, sh)
+                       : tree_draft_stats(drow, V, draft_temperature, dpart, chunks, sh);
             s.q_ready = true;
             if (ds.flags & kNonfiniteLogits) {
               flags |= kNonfiniteLogits;
@@ -365,16 +491,29 @@ __global__ void __launch_bounds__(kTreeBlock, 1)
   v.status[r] = flags;
 }
 
-// workspace: tree_workspace(nullptr, R, V, draft rows given).bytes bytes.
+// workspace: tree_workspace(nullptr, R, V, draft rows given, row_pass_rows).bytes
+// bytes. row_pass_rows: 0, or a.v.target_rows (every node of every request)
+// to run the row pass before the walk, over the sampled requests' rows and,
+// with greedy_rows, the greedy requests' too.
 template <typename T, typename D>
-cudaError_t verify_tree_launch(const TreeArgs<T, D>& a, void* workspace, cudaStream_t stream) {
+cudaError_t verify_tree_launch(const TreeArgs<T, D>& a, void* workspace, int64_t row_pass_rows, bool greedy_rows,
+                               cudaStream_t stream) {
   const int64_t R = a.v.num_requests;
   if (R == 0) return cudaSuccess;
-  const TreeWorkspace w = tree_workspace(workspace, R, a.v.vocab, a.v.draft != nullptr);
+  const TreeWorkspace w = tree_workspace(workspace, R, a.v.vocab, a.v.draft != nullptr, row_pass_rows);
   const int64_t chunks = fixed_chunks(a.v.vocab);
-  if (R > INT32_MAX) return cudaErrorInvalidConfiguration;
-  verify_tree_kernel<T, D><<<static_cast<unsigned>(R), kTreeBlock, 0, stream>>>(a, w.target_partials,
-                                                                                 w.draft_partials, w.w, w.qv, chunks);
+  // The walk reads row_owner[t] for any of its rows: the pass covers all of them or none.
+  if (R > INT32_MAX || row_pass_rows * chunks > INT32_MAX || (row_pass_rows != 0 && row_pass_rows != a.v.target_rows))
+    return cudaErrorInvalidConfiguration;
+  if (row_pass_rows > 0) {
+    verify_tree_row_keys_kernel<T, D><<<static_cast<unsigned>(row_pass_rows), kTreeBlock, 0, stream>>>(
+        a, w.row_keys, w.row_owner, greedy_rows);
+    verify_tree_row_stats_kernel<T, D><<<static_cast<unsigned>(row_pass_rows * chunks), kTreeBlock, 0, stream>>>(
+        a, w.row_keys, w.row_owner, w.row_partials, w.row_draft_partials, chunks);
+  }
+  verify_tree_kernel<T, D><<<static_cast<unsigned>(R), kTreeBlock, 0, stream>>>(
+      a, w.target_partials, w.draft_partials, w.w, w.qv, w.row_keys, w.row_owner, w.row_partials,
+      w.row_draft_partials, chunks);
   return cudaGetLastError();
 }
 
@@ -382,7 +521,8 @@ cudaError_t verify_tree_launch(const TreeArgs<T, D>& a, void* workspace, cudaStr
 
 #ifdef DSPARK_KERNEL_CHECK  // make cuda-check: compile every instantiation
 #define DSPARK_TREE_INSTANTIATE(T, D) \
-  template cudaError_t dspark::verify_tree_launch<T, D>(const dspark::TreeArgs<T, D>&, void*, cudaStream_t);
+  template cudaError_t dspark::verify_tree_launch<T, D>(const dspark::TreeArgs<T, D>&, void*, int64_t, bool, \
+                                                           cudaStream_t);
 DSPARK_TREE_INSTANTIATE(float, float)
 DSPARK_TREE_INSTANTIATE(__half, __half)
 DSPARK_TREE_INSTANTIATE(__half, float)
