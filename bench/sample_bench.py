@@ -7,7 +7,7 @@ import torch
 
 import dspark_ops
 
-from .timing import rotation_count, time_fn
+from .timing import rotation_count, time_fn, with_env
 
 MODES = {
     "temperature": dict(temperature=0.8, top_k=0, top_p=1.0),
@@ -82,6 +82,10 @@ def run_case(R: int, V: int, dtype: torch.dtype, mode: str, device: str, iters: 
                                                               out=out, workspace=ws, **kw),
              "torch (softmax+sort+multinomial)": lambda i: torch_sample(bufs[i % n_buf], kw["temperature"],
                                                                         kw["top_k"], kw["top_p"], gen)}
+    if device == "cuda" and mode == "top_k_top_p":  # the split select (small batches) against one block a row
+        impls["dspark_ops.sample, one block a row"] = lambda i: with_env(
+            "DSPARK_SPLIT_SELECT", "0",
+            lambda: dspark_ops.sample(bufs[i % n_buf], seed=seed, position=position, out=out, workspace=ws, **kw))
     if mode == "temperature":
         impls["torch (gumbel argmax)"] = lambda i: torch_gumbel(bufs[i % n_buf], kw["temperature"], gen)
     fi = flashinfer_fn(mode) if device == "cuda" else None
@@ -93,7 +97,7 @@ def run_case(R: int, V: int, dtype: torch.dtype, mode: str, device: str, iters: 
         stats = time_fn(fn, device, iters)
         us = stats["median_us"]
         base = base or us
-        passes = PASSES[mode] if name == "dspark_ops.sample" else None
+        passes = PASSES[mode] if name.startswith("dspark_ops.sample") else None
         gbs = bytes_read / (us * 1e-6) / 1e9
         rows.append({"op": "sample", "impl": name, "mode": mode, "R": R, "V": V, "dtype": str(dtype).split(".")[-1],
                      "bytes_read_once": bytes_read, "logit_passes": passes, **stats,

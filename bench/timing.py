@@ -3,6 +3,7 @@ medians and spread; rotating input buffers larger than L2 so every call
 reads from DRAM; the measured device-to-device copy bandwidth."""
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from typing import Callable, List
@@ -76,3 +77,17 @@ def rotation_count(bytes_per_input: int, device: str) -> int:
         return 1
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
     return max(1, min(64, -(-4 * l2 // bytes_per_input)))
+
+
+def with_env(name: str, value: str, fn):
+    """fn() with environment variable `name` set to `value` (a switch the
+    CUDA ops read at each call), restored afterwards."""
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        return fn()
+    finally:
+        if old is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = old

@@ -4,7 +4,6 @@ vectorised PyTorch tree walk as an engine without our kernels writes it."""
 from __future__ import annotations
 
 import math
-import os
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -12,7 +11,7 @@ import torch
 import dspark_ops
 from dspark_ops import reference
 
-from .timing import rotation_count, time_fn
+from .timing import rotation_count, time_fn, with_env
 from .verify_bench import DRAFT_NOISE, elem_size
 
 # Temperature-only target sampling (top-k / top-p off). "deterministic": no
@@ -175,19 +174,6 @@ def torch_tree_greedy(target: torch.Tensor, tokens: torch.Tensor, kids: torch.Te
     return out.scatter(1, accepted.unsqueeze(-1), best[rows, cur].unsqueeze(-1)), accepted
 
 
-def _row_pass_forced(fn: Callable[[], object], flag: str) -> object:
-    """fn() with DSPARK_TREE_ROW_PASS=flag (1: on, 0: off; read at each call by the CUDA op)."""
-    old = os.environ.get("DSPARK_TREE_ROW_PASS")
-    os.environ["DSPARK_TREE_ROW_PASS"] = flag
-    try:
-        return fn()
-    finally:
-        if old is None:
-            del os.environ["DSPARK_TREE_ROW_PASS"]
-        else:
-            os.environ["DSPARK_TREE_ROW_PASS"] = old
-
-
 def _differing(a: tuple, b: tuple) -> int:
     """Requests whose tokens, accepted/emitted counts, path or status differ."""
     bad = torch.zeros(a[1].shape[0], dtype=torch.bool)
@@ -286,10 +272,10 @@ def run_case(R: int, nodes: int, V: int, dtype: torch.dtype, mode: str, device: 
     impls: Dict[str, Callable[[int], object]] = {
         "dspark_ops.verify_tree": lambda i: case.run(bufs[i % n_buf], mode, out=out, workspace=ws)}
     if device != "cpu":  # the CUDA row pass forced on (every request's rows) and off: which should auto pick?
-        impls["dspark_ops.verify_tree, row pass"] = lambda i: _row_pass_forced(
-            lambda: case.run(bufs[i % n_buf], mode, out=out, workspace=ws), "1")
-        impls["dspark_ops.verify_tree, walk only"] = lambda i: _row_pass_forced(
-            lambda: case.run(bufs[i % n_buf], mode, out=out, workspace=ws), "0")
+        impls["dspark_ops.verify_tree, row pass"] = lambda i: with_env(
+            "DSPARK_TREE_ROW_PASS", "1", lambda: case.run(bufs[i % n_buf], mode, out=out, workspace=ws))
+        impls["dspark_ops.verify_tree, walk only"] = lambda i: with_env(
+            "DSPARK_TREE_ROW_PASS", "0", lambda: case.run(bufs[i % n_buf], mode, out=out, workspace=ws))
     if run_ref:
         impls["torch reference"] = lambda i: case.run_reference(bufs[i % n_buf], mode)
     impls["torch vectorised"] = vectorised

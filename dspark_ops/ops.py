@@ -36,6 +36,10 @@ def workspace_size(op_name: str, **sizes: int) -> int:
     int
         Bytes; pass ``torch.empty(n, dtype=torch.uint8, device=...)`` as
         ``workspace=`` to run without any allocation (CUDA-graph capture).
+        Size it for each batch size you use (or the largest over them): it is
+        not monotone in R (small batches -- ``sample``'s R <= 256 rows,
+        ``verify_chunk``'s R x (max_draft + 1) <= 256 -- also hold the split
+        top-k/top-p select's state).
         The CPU ops need none and ignore it.
 
     Example

@@ -91,3 +91,18 @@ def assert_cpp_and_fake_agree(call, args: dict, expected: str) -> None:
         with pytest.raises(ValueError) as fake:
             call(fake_args)
     assert str(fake.value) == expected
+
+
+def assert_kernel_launched(fn, kernel: str, expected: bool = True) -> None:
+    """Run fn() under the CUDA profiler and assert whether a kernel whose
+    name contains `kernel` was launched. Where the profiler records no
+    kernels at all (under compute-sanitizer, which excludes CUPTI), fn()
+    still runs and nothing is asserted."""
+    from torch.profiler import ProfilerActivity, profile
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events() if "dspark" in e.name]
+    if names:
+        assert any(kernel in n for n in names) == expected, f"{kernel} launched: expected {expected}, got {names}"

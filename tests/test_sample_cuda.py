@@ -5,7 +5,7 @@ import torch
 
 import dspark_ops
 from dspark_ops import Purpose, Status
-from helpers import assert_same_tokens, poisoned, random_logits
+from helpers import assert_kernel_launched, assert_same_tokens, off_alignment, poisoned, random_logits
 
 pytestmark = pytest.mark.cuda
 
@@ -147,3 +147,88 @@ def test_cuda_misaligned_workspace_is_an_error():
         dspark_ops.sample(logits, out=out, workspace=buf[1:])
     dspark_ops.sample(logits, out=out, workspace=buf[16:])  # aligned: fine
     torch.cuda.synchronize()
+
+
+def keys_split_and_one_block(monkeypatch, logits, temperature, top_k, top_p):
+    """keep_key on CUDA with the split select (DSPARK_SPLIT_SELECT unset)
+    and with one block per row (=0)."""
+    got = []
+    for flag in (None, "0"):
+        if flag is None:
+            monkeypatch.delenv("DSPARK_SPLIT_SELECT", raising=False)
+        else:
+            monkeypatch.setenv("DSPARK_SPLIT_SELECT", flag)
+        got.append(torch.ops.dspark_ops.keep_key(logits, temperature, top_k, top_p).cpu())
+    monkeypatch.delenv("DSPARK_SPLIT_SELECT")
+    return got
+
+
+def assert_split_select(fn, expected: bool = True) -> None:
+    """fn() launches the split select (or, expected=False, does not)."""
+    assert_kernel_launched(fn, "split_select_pass_kernel", expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("V,R,split", [(7, 3, False), (4095, 6, False), (4096, 6, True), (32001, 8, True),
+                                       (151936, 3, True), (151936, 64, True),
+                                       pytest.param(32001, 257, False, id="large_batch-32001-257")])
+def test_cuda_split_select_keys_equal_one_block(monkeypatch, V, R, split, dtype):
+    """The split top-k/top-p select (batches of <= 256 rows of >= 4096
+    entries: each row across many blocks, integer histograms) gives the
+    one-block select's keys bit for bit: top-k, top-p, both, neither,
+    greedy rows (temperature 0 or NaN), k >= V and k < 0 (off), top_p NaN,
+    <= 0 or >= 1, ties, a NaN row, an +inf row, an all -inf row, rows off
+    the 16-byte boundary; top-k-only keys also equal the CPU op's (counts
+    are exact on both)."""
+    g = torch.Generator().manual_seed(V * 31 + R)
+    logits = (torch.randn(R, V, generator=g) * 3).to(dtype)
+    temperature = torch.rand(R, generator=g) + 0.3
+    top_k = torch.randint(1, V + 3, (R,), generator=g, dtype=torch.int32)
+    top_p = torch.tensor([0.3, 0.9, 1.0, 0.999, 0.5, 0.95] * R)[:R]
+    temperature[0] = 0.0  # greedy: key 0
+    if R >= 6:
+        logits[1] = torch.round(logits[1].float()).to(dtype)  # many ties
+        logits[2, V // 2] = float("nan")
+        logits[3, 0] = float("inf")
+        logits[4] = float("-inf")
+        logits[5, :V // 3] = float("-inf")
+        top_k[1], top_k[5], top_k[3] = V, -5, 0
+        top_p[1], top_p[4], top_p[5] = float("nan"), 0.0, -0.2
+        temperature[2] = float("nan")
+    dev = off_alignment(logits)
+    args = (temperature.cuda(), top_k.cuda(), top_p.cuda())
+    monkeypatch.delenv("DSPARK_SPLIT_SELECT", raising=False)
+    assert_split_select(lambda: torch.ops.dspark_ops.keep_key(dev, *args), split)
+    split_keys, one = keys_split_and_one_block(monkeypatch, dev, *args)
+    assert torch.equal(split_keys, one)
+    only_k = keys_split_and_one_block(monkeypatch, dev, temperature.cuda(), top_k.cuda(), None)
+    want = torch.ops.dspark_ops.keep_key(logits, temperature, top_k, None)
+    finite = [r for r in range(R) if R < 6 or r not in (2, 3)]  # NaN bits differ across backends; such rows abort
+    assert torch.equal(only_k[0], only_k[1]) and torch.equal(only_k[0][finite], want[finite])
+    only_p = keys_split_and_one_block(monkeypatch, dev, temperature.cuda(), None, top_p.cuda())
+    assert torch.equal(only_p[0], only_p[1])
+
+
+@pytest.mark.parametrize("R", [1, 8, 300])
+def test_cuda_split_select_sampling_equal_one_block(monkeypatch, R):
+    """sample with top-k and top-p: the same tokens and status with the
+    split select as with one block per row, which large batches keep."""
+    V = 32001
+    logits = random_logits(R + 1, V, torch.bfloat16, seed=R, device="cuda")
+    temperature = torch.linspace(0.3, 1.5, R, device="cuda")
+    temperature[1:2] = 0.0  # a greedy request (R > 1)
+    row_start = torch.arange(R, dtype=torch.int32, device="cuda")
+    if R > 1:
+        row_start[-1] = R + 5  # out of range: BAD_LENGTHS
+    kw = dict(temperature=temperature, top_k=torch.randint(0, 100, (R,), device="cuda", dtype=torch.int32),
+              top_p=torch.full((R,), 0.9, device="cuda"), seed=torch.arange(R, device="cuda"), position=5,
+              row_start=row_start)
+    call = lambda: dspark_ops.sample(logits, **kw)  # noqa: E731
+    monkeypatch.delenv("DSPARK_SPLIT_SELECT", raising=False)
+    assert_split_select(call, R <= 256)
+    split = call()
+    monkeypatch.setenv("DSPARK_SPLIT_SELECT", "0")
+    assert_split_select(call, False)
+    one = call()
+    assert torch.equal(split.tokens, one.tokens) and torch.equal(split.status, one.status)
+    assert R == 1 or int(one.status[-1]) == Status.BAD_LENGTHS

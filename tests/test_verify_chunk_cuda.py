@@ -214,3 +214,75 @@ def test_cuda_opcheck():
     args = (target, tokens, cu, 3, kw["draft_probs"], None, t(1.0, torch.float32), t(0.9, torch.float32),
             t(10, torch.int32), None, t(1, torch.int64), t(2, torch.int64), None, None)
     torch.library.opcheck(torch.ops.dspark_ops.verify_chunk.default, args)
+
+
+def keys_and_outputs(monkeypatch, flag, dev, args, R, K, V):
+    """verify_chunk's .out form with DSPARK_SPLIT_SELECT=flag (None: unset)
+    and a 0xFF-filled workspace: (its keep keys [R * (K + 1)] int32 -- the
+    workspace's first region -- and the outputs), on the host."""
+    if flag is None:
+        monkeypatch.delenv("DSPARK_SPLIT_SELECT", raising=False)
+    else:
+        monkeypatch.setenv("DSPARK_SPLIT_SELECT", flag)
+    ws = torch.full((dspark_ops.workspace_size("verify_chunk", num_requests=R, vocab_size=V, max_draft=K),), 0xFF,
+                    dtype=torch.uint8, device="cuda")
+    out = dspark_ops.empty_verify_result(R, K, device="cuda")
+    dspark_ops.verify_chunk(*dev, out=out, workspace=ws, **args)
+    return ws[:4 * R * (K + 1)].view(torch.int32).cpu(), [t.cpu() for t in out]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("V,lengths", [(32001, [7]), (151936, [7, 0, 3, 5]), (5000, [2] * 40)])
+def test_cuda_split_select_equals_one_block(monkeypatch, V, lengths, dtype):
+    """Small batches find their top-k/top-p keys with the split select
+    (every row across many blocks): the keys verify_chunk computes (read
+    from its workspace) equal one block per row's (DSPARK_SPLIT_SELECT=0)
+    and keep_key's on each request's target rows j <= n_r (0 for greedy,
+    padding and aborted requests), with target_row_start permuted and one
+    start out of range; the outputs are the same too."""
+    from test_sample_cuda import assert_split_select
+    target, tokens, cu, kw = ragged_batch(lengths, V, dtype, "logits", seed=V + len(lengths))
+    R, K = len(lengths), max(lengths)
+    g = torch.Generator().manual_seed(R)
+    top_k = torch.randint(1, 200, (R,), generator=g, dtype=torch.int32)
+    top_k[::3] = V
+    top_p = torch.full((R,), 0.9)
+    top_p[1::4] = 1.0
+    temperature = torch.rand(R, generator=g) + 0.4
+    temperature[2::5] = 0.0
+    # each request's n_r + 1 target rows, laid out in reverse request order; the last request's start out of range
+    n = torch.tensor(lengths)
+    starts = torch.zeros(R, dtype=torch.int32)
+    at = 0
+    for r in reversed(range(R)):
+        starts[r] = at
+        at += int(n[r]) + 1
+    if R > 1:
+        starts[-1] = target.shape[0]
+    args = dict(max_draft=K, temperature=temperature.cuda(), top_k=top_k.cuda(), top_p=top_p.cuda(),
+                seed=torch.arange(R).cuda(), position=9, target_row_start=starts.cuda(),
+                **{k: to_cuda(v) for k, v in kw.items()})
+    dev = (target.cuda(), tokens.cuda(), cu.cuda())
+    monkeypatch.delenv("DSPARK_SPLIT_SELECT", raising=False)
+    assert_split_select(lambda: dspark_ops.verify_chunk(*dev, **args))
+    split_keys, split = keys_and_outputs(monkeypatch, None, dev, args, R, K, V)
+    one_keys, one = keys_and_outputs(monkeypatch, "0", dev, args, R, K, V)
+    assert torch.equal(split_keys, one_keys)
+    for name, a, b in zip(dspark_ops.VerifyResult._fields, split, one):
+        assert torch.equal(a, b), f"{name}: split select {a.tolist()} vs one block a row {b.tolist()}"
+    assert R == 1 or int(one[3][-1]) == dspark_ops.Status.BAD_LENGTHS
+    # keep_key (one block a row) on the rows each request's keys belong to
+    want = torch.zeros(R * (K + 1), dtype=torch.int32)
+    rows, owner = [], []
+    for r in range(R - 1 if R > 1 else R):  # the last of several aborted: its keys stay 0
+        if temperature[r] > 0:
+            for j in range(int(n[r]) + 1):
+                rows.append(int(starts[r]) + j)
+                owner.append((r, j))
+    if rows:
+        idx = torch.tensor([r for r, _ in owner])
+        keys = torch.ops.dspark_ops.keep_key(target.cuda()[torch.tensor(rows).cuda()], temperature[idx].cuda(),
+                                             top_k[idx].cuda(), top_p[idx].cuda()).cpu()
+        for (r, j), key in zip(owner, keys.view(torch.int32)):
+            want[r * (K + 1) + j] = key
+    assert torch.equal(split_keys, want)

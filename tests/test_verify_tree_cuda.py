@@ -7,7 +7,7 @@ import torch
 
 import dspark_ops
 from dspark_ops import Status
-from helpers import MARGIN, off_alignment
+from helpers import MARGIN, assert_kernel_launched, off_alignment
 from test_verify_tree import PATH_CASES, PATH_LENGTHS, path_batch
 from tree_helpers import (POISON, assert_well_formed, chain_form, eagle_parents, max_depth_of, path_parents,
                           poisoned_tree_result, random_parents, reference_with_margins, slice_request, star_parents,
@@ -246,17 +246,9 @@ def test_cuda_row_pass_mixed_and_malformed(monkeypatch):
     assert got[4][10] == want.status[10] == Status.BAD_LENGTHS and got[4][9] == want.status[9] == Status.BAD_TREE
 
 
-def row_pass_ran(fn) -> bool:
-    """Whether fn() launched verify_tree's row pass (CUDA profiler)."""
-    from torch.profiler import ProfilerActivity, profile
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    names = [e.name for e in prof.events()]
-    if not any("verify_tree_kernel" in n for n in names):  # e.g. under compute-sanitizer, which excludes CUPTI
-        pytest.skip("the CUDA profiler recorded no kernels")
-    return any("verify_tree_row_stats_kernel" in n for n in names)
+def assert_row_pass(fn, expected: bool = True) -> None:
+    """fn() launches verify_tree's row pass (or, expected=False, does not)."""
+    assert_kernel_launched(fn, "verify_tree_row_stats_kernel", expected)
 
 
 @pytest.mark.parametrize("draft", [None, "probs", "logits"])
@@ -278,12 +270,12 @@ def test_cuda_workspace_with_and_without_row_pass_room(monkeypatch, num_nodes, d
         args["sibling_mode"] = "iid"
     out = dspark_ops.empty_tree_result(R, args["max_depth"], device="cuda")
     call = lambda: dspark_ops.verify_tree(target, tokens, parents, cu, out=out, workspace=ws, **args)  # noqa: E731
-    assert row_pass_ran(call) == num_nodes
+    assert_row_pass(call, num_nodes)
     want = run_both_row_passes(monkeypatch, target, tokens, parents, cu, **args)
     assert all(torch.equal(a.cpu(), b) for a, b in zip(out, want))
-    assert row_pass_ran(lambda: dspark_ops.verify_tree(target, tokens, parents, cu, **args))  # R = 6: auto runs it
+    assert_row_pass(lambda: dspark_ops.verify_tree(target, tokens, parents, cu, **args))  # R = 6: auto runs it
     monkeypatch.setenv("DSPARK_TREE_ROW_PASS", "0")
-    assert not row_pass_ran(call)
+    assert_row_pass(call, False)
     small = torch.empty(64, dtype=torch.uint8, device="cuda")
     with pytest.raises(ValueError, match="workspace must hold at least"):
         dspark_ops.verify_tree(target, tokens, parents, cu, out=out, workspace=small, **args)

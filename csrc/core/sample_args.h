@@ -9,6 +9,7 @@
 #include "macros.h"
 #include "race.h"
 #include "rng.h"
+#include "split_select.h"
 #include "status.h"
 
 namespace dspark {
@@ -60,10 +61,24 @@ struct SamplePartial {
   int32_t pad;
 };
 
-// Workspace bytes: thresholds [R] uint32, then partials [R, chunks].
+// Workspace: thresholds [R] uint32, partials [R, chunks], then (batches
+// small enough for it) the split top-k/top-p select's state (split_select.h).
+struct SampleWorkspace {
+  int64_t partials_offset, split_offset, bytes;
+};
+
+inline SampleWorkspace sample_workspace(int64_t num_requests, int64_t vocab) {
+  SampleWorkspace w;
+  w.partials_offset = align_up(num_requests * 4, 256);
+  w.split_offset = w.partials_offset +
+                   align_up(num_requests * split_chunks(num_requests, vocab) * int64_t{sizeof(SamplePartial)}, 256);
+  w.bytes = w.split_offset +
+            (split_select_splits(num_requests, vocab) > 0 ? split_select_workspace_bytes(num_requests) : 0);
+  return w;
+}
+
 inline int64_t sample_workspace_bytes(int64_t num_requests, int64_t vocab) {
-  const int64_t chunks = split_chunks(num_requests, vocab);
-  return align_up(num_requests * 4, 256) + num_requests * chunks * int64_t{sizeof(SamplePartial)};
+  return sample_workspace(num_requests, vocab).bytes;
 }
 
 }  // namespace dspark

@@ -8,6 +8,7 @@
 #include "macros.h"
 #include "race.h"
 #include "rng.h"
+#include "split_select.h"
 #include "verify.h"
 
 namespace dspark {
@@ -131,6 +132,7 @@ struct VerifyWorkspace {
   DraftRowStats* draft_partials;    // [R, K + 1, chunks]
   VerifyPending* pending;           // [R]
   RaceBest* residual_partials;      // [2, R, residual chunks]: the residual's race, then p_j's
+  char* split_select;               // split_select.h's state for small batches' keep keys, or nullptr
   int64_t bytes;
 };
 
@@ -144,6 +146,7 @@ inline VerifyWorkspace verify_workspace(void* base, int64_t R, int64_t K, int64_
   w.draft_partials = c.take<DraftRowStats>(rows * chunks);
   w.pending = c.take<VerifyPending>(R);
   w.residual_partials = c.take<RaceBest>(2 * R * rchunks);
+  w.split_select = split_select_splits(rows, V) > 0 ? c.take<char>(split_select_workspace_bytes(rows)) : nullptr;
   w.bytes = c.bytes;
   return w;
 }

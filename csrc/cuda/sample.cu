@@ -7,6 +7,7 @@
 
 #include "../kernels/sample.cuh"
 #include "../sample_common.h"
+#include "split_select_env.h"
 #include "workspace.h"
 
 namespace dspark {
@@ -21,7 +22,7 @@ void launch(const at::Tensor& logits, const at::Tensor& temperature,
   const auto args = make_sample_args<Storage>(logits, temperature, top_k, top_p, seed, position,
                                               purpose, slot, row_start, tokens, status);
   const cudaError_t err = sample_launch<Storage>(args, workspace, top_k.has_value() || top_p.has_value(),
-                                                 at::cuda::getCurrentCUDAStream());
+                                                 split_select_enabled(), at::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, kSampleOp, ": CUDA launch failed: ", cudaGetErrorString(err));
 }
 
@@ -60,11 +61,22 @@ at::Tensor keep_key_cuda(const at::Tensor& logits, const at::Tensor& temperature
   const c10::cuda::CUDAGuard guard(logits.device());
   auto* out = static_cast<uint32_t*>(keys.data_ptr());
   const auto stream = at::cuda::getCurrentCUDAStream();
+  const int64_t R = logits.size(0);
+  at::Tensor split_ws;  // the split select's state, for batches that take it
+  if (split_select_enabled() && split_select_splits(R, logits.size(1)) > 0)
+    split_ws = at::empty({split_select_workspace_bytes(R)}, logits.options().dtype(at::kByte));
+  void* split = split_ws.defined() ? split_ws.data_ptr() : nullptr;
   cudaError_t err;
   switch (logits.scalar_type()) {
-    case at::kFloat: err = sample_keep_keys_launch(make_keep_key_args<float>(logits, temperature, top_k, top_p), out, stream); break;
-    case at::kHalf: err = sample_keep_keys_launch(make_keep_key_args<__half>(logits, temperature, top_k, top_p), out, stream); break;
-    default: err = sample_keep_keys_launch(make_keep_key_args<__nv_bfloat16>(logits, temperature, top_k, top_p), out, stream);
+    case at::kFloat:
+      err = sample_keep_keys_launch(make_keep_key_args<float>(logits, temperature, top_k, top_p), out, split, stream);
+      break;
+    case at::kHalf:
+      err = sample_keep_keys_launch(make_keep_key_args<__half>(logits, temperature, top_k, top_p), out, split, stream);
+      break;
+    default:
+      err = sample_keep_keys_launch(make_keep_key_args<__nv_bfloat16>(logits, temperature, top_k, top_p), out, split,
+                                    stream);
   }
   TORCH_CHECK(err == cudaSuccess, "dspark_ops.keep_key: CUDA launch failed: ", cudaGetErrorString(err));
   return keys;

@@ -7,6 +7,7 @@
 
 #include "../kernels/verify_chunk.cuh"
 #include "../verify_common.h"
+#include "split_select_env.h"
 #include "workspace.h"
 
 namespace dspark {
@@ -37,7 +38,8 @@ void verify_chunk_out_cuda(const at::Tensor& target_logits, const at::Tensor& dr
     const auto a = make_verify_args<T, D>(target_logits, draft_tokens, cu_num_draft, max_draft, draft_probs,
                                           draft_logits, draft_temperature, temperature, top_k, top_p, seed, position,
                                           draft_row_start, target_row_start, tokens, accepted, emitted, status);
-    const cudaError_t err = verify_chunk_launch<T, D>(a, ws, may_filter, at::cuda::getCurrentCUDAStream());
+    const cudaError_t err =
+        verify_chunk_launch<T, D>(a, ws, may_filter, split_select_enabled(), at::cuda::getCurrentCUDAStream());
     TORCH_CHECK(err == cudaSuccess, kVerifyOp, ": CUDA launch failed: ", cudaGetErrorString(err));
   });
 }

@@ -5,7 +5,9 @@
 //
 //   sample_threshold_kernel  one block per request; only when top-k/top-p
 //                            may be on. Re-reads the row (passes: 4 for
-//                            top-k, 1 + 4 for top-p).
+//                            top-k, 1 + 4 for top-p). Small batches take
+//                            split_select.cuh's launches instead: the same
+//                            keys, each row split across many blocks.
 //   sample_race_kernel       [R * chunks] blocks; reads each logit once.
 //   sample_finalize_kernel   a warp per request merges its chunks' partials.
 #pragma once
@@ -18,6 +20,7 @@
 #include "block_reduce.cuh"
 #include "dtype.cuh"
 #include "radix_select.cuh"
+#include "split_select.cuh"
 
 namespace dspark {
 
@@ -39,6 +42,19 @@ __global__ void __launch_bounds__(kSampleThresholdBlock, 1)
                                                                   a.temperature[r], a.top_k[r], a.top_p[r]);
   if (threadIdx.x == 0) keep_keys[r] = keep;
 }
+
+// split_select.cuh's view of a batch: request r's row, filter and parameters.
+template <typename T>
+struct SampleSelectRows {
+  SampleArgs<T> a;
+  DSPARK_HD int64_t rows() const { return a.num_requests; }
+  DSPARK_HD int64_t n() const { return a.vocab; }
+  __device__ bool filtered(int64_t r) const { return sample_row(a, r) >= 0 && sample_filtered(a, r); }
+  __device__ const T* logits(int64_t r) const { return a.logits + sample_row(a, r) * a.row_stride; }
+  __device__ float temperature(int64_t r) const { return a.temperature[r]; }
+  __device__ int32_t top_k(int64_t r) const { return a.top_k[r]; }
+  __device__ float top_p(int64_t r) const { return a.top_p[r]; }
+};
 
 // partials [R, chunks]: each block's best candidate and flags.
 template <typename T>
@@ -101,28 +117,38 @@ __global__ void __launch_bounds__(kSampleFinalizeWarps * 32)
 
 // keep_keys [R]: the top-k/top-p keep key of each request's row alone (the
 // `keep_key` op: what markov_draft masks its written logits with).
+// split_workspace: split_select_workspace_bytes(R) bytes to take the split
+// path where split_select_splits(R, V) > 0, or nullptr for one block a row.
 template <typename T>
-cudaError_t sample_keep_keys_launch(const SampleArgs<T>& a, uint32_t* keep_keys, cudaStream_t stream) {
+cudaError_t sample_keep_keys_launch(const SampleArgs<T>& a, uint32_t* keep_keys, void* split_workspace,
+                                    cudaStream_t stream) {
   if (a.num_requests == 0) return cudaSuccess;
+  const int64_t splits = split_workspace ? split_select_splits(a.num_requests, a.vocab) : 0;
+  if (splits > 0) return split_select_launch(SampleSelectRows<T>{a}, splits, split_workspace, keep_keys, stream);
   sample_threshold_kernel<T><<<static_cast<unsigned>(a.num_requests), kSampleThresholdBlock, 0, stream>>>(a, keep_keys);
   return cudaGetLastError();
 }
 
 // workspace: sample_workspace_bytes(R, V) bytes. `may_filter`: false when
 // top-k and top-p are off for every request (skips the threshold kernel).
+// `split_select`: small batches find their thresholds with each row split
+// across blocks (split_select.cuh; same keys), else one block per row.
 template <typename T>
-cudaError_t sample_launch(const SampleArgs<T>& a, void* workspace, bool may_filter,
+cudaError_t sample_launch(const SampleArgs<T>& a, void* workspace, bool may_filter, bool split_select,
                           cudaStream_t stream) {
   const int64_t R = a.num_requests;
   if (R == 0) return cudaSuccess;
   const int64_t chunks = split_chunks(R, a.vocab);  // the race is an exact argmax: any split gives the same token
   if (R * chunks > INT32_MAX) return cudaErrorInvalidConfiguration;
   const int64_t chunk_len = split_chunk_len(a.vocab, chunks);
+  const SampleWorkspace layout = sample_workspace(R, a.vocab);
   char* ws = static_cast<char*>(workspace);
   uint32_t* keep_keys = may_filter ? reinterpret_cast<uint32_t*>(ws) : nullptr;
-  auto* partials = reinterpret_cast<SamplePartial*>(ws + align_up(R * 4, 256));
+  auto* partials = reinterpret_cast<SamplePartial*>(ws + layout.partials_offset);
   if (may_filter) {
-    sample_threshold_kernel<T><<<static_cast<unsigned>(R), kSampleThresholdBlock, 0, stream>>>(a, keep_keys);
+    const cudaError_t err =
+        sample_keep_keys_launch(a, keep_keys, split_select ? ws + layout.split_offset : nullptr, stream);
+    if (err != cudaSuccess) return err;
   }
   sample_race_kernel<T><<<static_cast<unsigned>(R * chunks), kSampleRaceBlock, 0, stream>>>(
       a, keep_keys, partials, chunks, chunk_len);
@@ -134,12 +160,14 @@ cudaError_t sample_launch(const SampleArgs<T>& a, void* workspace, bool may_filt
 }  // namespace dspark
 
 #ifdef DSPARK_KERNEL_CHECK  // make cuda-check: compile every instantiation
-template cudaError_t dspark::sample_launch<float>(const dspark::SampleArgs<float>&, void*, bool, cudaStream_t);
-template cudaError_t dspark::sample_launch<__half>(const dspark::SampleArgs<__half>&, void*, bool, cudaStream_t);
-template cudaError_t dspark::sample_launch<__nv_bfloat16>(const dspark::SampleArgs<__nv_bfloat16>&, void*, bool,
+template cudaError_t dspark::sample_launch<float>(const dspark::SampleArgs<float>&, void*, bool, bool, cudaStream_t);
+template cudaError_t dspark::sample_launch<__half>(const dspark::SampleArgs<__half>&, void*, bool, bool, cudaStream_t);
+template cudaError_t dspark::sample_launch<__nv_bfloat16>(const dspark::SampleArgs<__nv_bfloat16>&, void*, bool, bool,
                                                           cudaStream_t);
-template cudaError_t dspark::sample_keep_keys_launch<float>(const dspark::SampleArgs<float>&, uint32_t*, cudaStream_t);
-template cudaError_t dspark::sample_keep_keys_launch<__half>(const dspark::SampleArgs<__half>&, uint32_t*, cudaStream_t);
+template cudaError_t dspark::sample_keep_keys_launch<float>(const dspark::SampleArgs<float>&, uint32_t*, void*,
+                                                            cudaStream_t);
+template cudaError_t dspark::sample_keep_keys_launch<__half>(const dspark::SampleArgs<__half>&, uint32_t*, void*,
+                                                             cudaStream_t);
 template cudaError_t dspark::sample_keep_keys_launch<__nv_bfloat16>(const dspark::SampleArgs<__nv_bfloat16>&, uint32_t*,
-                                                                    cudaStream_t);
+                                                                    void*, cudaStream_t);
 #endif

@@ -3,6 +3,8 @@
 // that one request fills the GPU. Framework-free: raw pointers and a stream.
 //
 //   verify_threshold_kernel  [R*(K+1)] blocks, only when top-k/top-p may be on
+//                            (small batches: split_select.cuh's launches, the
+//                            same keys with each row across many blocks)
 //   verify_greedy_kernel     [R*(K+1)*gchunks] blocks: a greedy request's
 //                            target rows (argmax and flags: no softmax, no
 //                            draws, 16-byte loads), split so that a small batch
@@ -30,6 +32,7 @@
 #include "dtype.cuh"
 #include "greedy_stats.cuh"
 #include "radix_select.cuh"
+#include "split_select.cuh"
 
 namespace dspark {
 
@@ -57,6 +60,27 @@ __global__ void __launch_bounds__(kVerifyThresholdBlock, 1)
                                                                    a.temperature[r], a.top_k[r], a.top_p[r]);
   if (threadIdx.x == 0) keep_keys[blockIdx.x] = keep;
 }
+
+// split_select.cuh's view of the target rows: row (r, j), j <= n_r, of a
+// filtered request needs a key (the rows verify_threshold_kernel serves).
+template <typename T, typename D>
+struct VerifySelectRows {
+  VerifyArgs<T, D> a;
+  DSPARK_HD int64_t rows() const { return int64_t{a.num_requests} * (a.max_draft + 1); }
+  DSPARK_HD int64_t n() const { return a.vocab; }
+  __device__ bool filtered(int64_t row_id) const {
+    const int64_t r = row_id / (a.max_draft + 1), j = row_id - r * (a.max_draft + 1);
+    const VerifyLayout L = verify_layout(a, r);
+    return L.valid && j <= L.n && verify_filtered(a, r);
+  }
+  __device__ const T* logits(int64_t row_id) const {
+    const int64_t r = row_id / (a.max_draft + 1), j = row_id - r * (a.max_draft + 1);
+    return a.target + (verify_layout(a, r).t0 + j) * a.target_stride;
+  }
+  __device__ float temperature(int64_t row_id) const { return a.temperature[row_id / (a.max_draft + 1)]; }
+  __device__ int32_t top_k(int64_t row_id) const { return a.top_k[row_id / (a.max_draft + 1)]; }
+  __device__ float top_p(int64_t row_id) const { return a.top_p[row_id / (a.max_draft + 1)]; }
+};
 
 // A greedy request's row statistics are its argmax (top two, ties to the
 // lower index: exact in any order, so the split may depend on the batch)
@@ -282,7 +306,8 @@ __global__ void __launch_bounds__(kVerifyWarpsPerBlock * 32)
 // workspace: verify_workspace(nullptr, R, max_draft, V).bytes bytes.
 // may_filter: false when top-k and top-p are off for every request.
 template <typename T, typename D>
-cudaError_t verify_chunk_launch(const VerifyArgs<T, D>& a, void* workspace, bool may_filter, cudaStream_t stream) {
+cudaError_t verify_chunk_launch(const VerifyArgs<T, D>& a, void* workspace, bool may_filter, bool split_select,
+                                cudaStream_t stream) {
   const int64_t R = a.num_requests;
   if (R == 0) return cudaSuccess;
   const int64_t K = a.max_draft;
@@ -299,8 +324,13 @@ cudaError_t verify_chunk_launch(const VerifyArgs<T, D>& a, void* workspace, bool
   const unsigned warp_blocks = static_cast<unsigned>((R + kVerifyWarpsPerBlock - 1) / kVerifyWarpsPerBlock);
   if (rows * chunks > INT32_MAX || rows * gchunks > INT32_MAX || R * rchunks > INT32_MAX)
     return cudaErrorInvalidConfiguration;
-  if (may_filter)
+  if (may_filter && split_select && w.split_select != nullptr) {  // small batches: each row across many blocks
+    const cudaError_t err = split_select_launch(VerifySelectRows<T, D>{a}, split_select_splits(rows, a.vocab),
+                                                w.split_select, w.keep_keys, stream);
+    if (err != cudaSuccess) return err;
+  } else if (may_filter) {
     verify_threshold_kernel<T, D><<<static_cast<unsigned>(rows), kVerifyThresholdBlock, 0, stream>>>(a, w.keep_keys);
+  }
   verify_greedy_kernel<T, D><<<static_cast<unsigned>(rows * gchunks), kVerifyGreedyBlock, 0, stream>>>(
       a, w.target_partials, chunks, gchunks, gchunk_len);
   verify_stats_kernel<T, D><<<static_cast<unsigned>(rows * chunks), kVerifyBlock, 0, stream>>>(
@@ -320,7 +350,8 @@ cudaError_t verify_chunk_launch(const VerifyArgs<T, D>& a, void* workspace, bool
 
 #ifdef DSPARK_KERNEL_CHECK  // make cuda-check: compile every instantiation
 #define DSPARK_VERIFY_INSTANTIATE(T, D) \
-  template cudaError_t dspark::verify_chunk_launch<T, D>(const dspark::VerifyArgs<T, D>&, void*, bool, cudaStream_t);
+  template cudaError_t dspark::verify_chunk_launch<T, D>(const dspark::VerifyArgs<T, D>&, void*, bool, bool, \
+                                                         cudaStream_t);
 DSPARK_VERIFY_INSTANTIATE(float, float)
 DSPARK_VERIFY_INSTANTIATE(__half, __half)
 DSPARK_VERIFY_INSTANTIATE(__half, float)

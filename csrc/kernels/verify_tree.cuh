@@ -111,18 +111,19 @@ __device__ __forceinline__ TargetRowStats tree_chunk_stats(const T* __restrict__
   return block_reduce<kTreeBlock>(st, target_stats_merge, smem, target_stats_empty());
 }
 
-// A row's statistics from its chunk partials (warp 0 merges them
-// lane-strided, as verify_decide_kernel does), broadcast to every thread.
-__device__ __forceinline__ TargetRowStats tree_merge_partials(const TargetRowStats* part, int64_t chunks,
-                                                              TreeShared& sh) {
+// A row's statistics (TargetRowStats or DraftRowStats) from its chunk
+// partials: warp 0 merges them lane-strided, as verify_decide_kernel does;
+// the result goes through `shared` to every thread.
+template <typename S, typename Merge>
+__device__ __forceinline__ S tree_merge_partials(const S* part, int64_t chunks, Merge merge, S empty, S& shared) {
   if (threadIdx.x < 32) {
-    TargetRowStats st = target_stats_empty();
-    for (int64_t c = threadIdx.x; c < chunks; c += 32) st = target_stats_merge(st, part[c]);
-    st = warp_reduce(st, target_stats_merge);
-    if (threadIdx.x == 0) sh.st = st;
+    S st = empty;
+    for (int64_t c = threadIdx.x; c < chunks; c += 32) st = merge(st, part[c]);
+    st = warp_reduce(st, merge);
+    if (threadIdx.x == 0) shared = st;
   }
   __syncthreads();
-  return sh.st;
+  return shared;
 }
 
 // A row's statistics as verify_stats_kernel + verify_decide_kernel compute
@@ -139,7 +140,7 @@ __device__ TargetRowStats tree_target_stats(const T* __restrict__ trow, int64_t 
     if (threadIdx.x == 0) part[chunk] = st;
     __syncthreads();
   }
-  return tree_merge_partials(part, chunks, sh);
+  return tree_merge_partials(part, chunks, target_stats_merge, target_stats_empty(), sh.st);
 }
 
 // A greedy row's statistics (greedy_stats.cuh), broadcast to every thread.
@@ -165,19 +166,6 @@ __device__ __forceinline__ DraftRowStats tree_draft_chunk_stats(const D* __restr
   return block_reduce<kTreeBlock>(ds, draft_stats_merge, smem, draft_stats_empty());
 }
 
-// A draft row's normaliser from its chunk partials, broadcast to every thread.
-__device__ __forceinline__ DraftRowStats tree_merge_draft_partials(const DraftRowStats* part, int64_t chunks,
-                                                                   TreeShared& sh) {
-  if (threadIdx.x < 32) {
-    DraftRowStats ds = draft_stats_empty();
-    for (int64_t c = threadIdx.x; c < chunks; c += 32) ds = draft_stats_merge(ds, part[c]);
-    ds = warp_reduce(ds, draft_stats_merge);
-    if (threadIdx.x == 0) sh.ds = ds;
-  }
-  __syncthreads();
-  return sh.ds;
-}
-
 template <typename D>
 __device__ DraftRowStats tree_draft_stats(const D* __restrict__ drow, int64_t V, float draft_temperature,
                                           DraftRowStats* part, int64_t chunks, TreeShared& sh) {
@@ -189,7 +177,7 @@ __device__ DraftRowStats tree_draft_stats(const D* __restrict__ drow, int64_t V,
     if (threadIdx.x == 0) part[chunk] = ds;
     __syncthreads();
   }
-  return tree_merge_draft_partials(part, chunks, sh);
+  return tree_merge_partials(part, chunks, draft_stats_merge, draft_stats_empty(), sh.ds);
 }
 
 // Whether request r samples with a top-k/top-p filter (a keep key per row).
@@ -326,12 +314,15 @@ __global__ void __launch_bounds__(kTreeBlock, 1)
       // The row pass's keep key and partials when it computed this row for this request (uniform).
       const bool pre = row_owner != nullptr && row_owner[c0 + cur] == r;
       uint32_t keep = 0;
-      if (filtered) keep = pre ? row_keys[c0 + cur] : block_row_keep_key<kTreeBlock>(trow, V, temperature, top_k, top_p);
+      if (filtered)
+        keep = pre ? row_keys[c0 + cur] : block_row_keep_key<kTreeBlock>(trow, V, temperature, top_k, top_p);
       const RaceRow row{greedy, temperature, keep};
       const RaceStream emit_stream = verify_stream(v, r, kPurposeEmit, static_cast<uint32_t>(cur));
-      const TargetRowStats st = pre      ? tree_merge_partials(row_partials + (c0 + cur) * chunks, chunks, sh)
-                                : greedy ? tree_greedy_stats(trow, V, sh)
-                                         : tree_target_stats(trow, V, row, emit_stream, tpart, chunks, sh);
+      const TargetRowStats st =
+          pre      ? tree_merge_partials(row_partials + (c0 + cur) * chunks, chunks, target_stats_merge,
+                                         target_stats_empty(), sh.st)
+          : greedy ? tree_greedy_stats(trow, V, sh)
+                   : tree_target_stats(trow, V, row, emit_stream, tpart, chunks, sh);
       if (st.flags & kNonfiniteLogits) flags |= kNonfiniteLogits;
       else if (st.race.best.index < 0) flags |= kAllMasked;
       if (flags & kAbortMask) break;
@@ -374,7 +365,8 @@ __global__ void __launch_bounds__(kTreeBlock, 1)
           }
           if (mode != kSiblingDeterministic && !s.q_ready) {
             if (draft_mode == kDraftLogits)
-              ds = pre ? tree_merge_draft_partials(row_draft_partials + (c0 + cur) * chunks, chunks, sh)
+              ds = pre ? tree_merge_partials(row_draft_partials + (c0 + cur) * chunks, chunks, draft_stats_merge,
+                                             draft_stats_empty(), sh.ds)
                        : tree_draft_stats(drow, V, draft_temperature, dpart, chunks, sh);
             s.q_ready = true;
             if (ds.flags & kNonfiniteLogits) {
