@@ -341,3 +341,27 @@ def test_cuda_markov_draft_never_synchronises():
         dspark_ops.markov_draft(U, anchor, w1, w2, **kw)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("R,V", [(1, 32001), (5, 8192), (300, 4099)])
+def test_cuda_split_select_equals_one_block(monkeypatch, dtype, R, V):
+    """Each filtered step's keep keys come from the split select for small
+    batches (every row across many blocks, DESIGN-exact integer
+    histograms): tokens, written logits and status equal one block per
+    row's (DSPARK_SPLIT_SELECT=0) bit for bit; R = 300 keeps one block a row."""
+    from test_sample_cuda import assert_split_select
+    U, anchor, w1, w2 = head(R, 4, V, 32, dtype, seed=R + V)
+    g = torch.Generator().manual_seed(R)
+    kw = dict(temperature=(torch.rand(R, generator=g) + 0.5).cuda(), top_k=torch.randint(0, 60, (R,), generator=g,
+              dtype=torch.int32).cuda(), top_p=torch.full((R,), 0.85).cuda(), seed=3, position=2)
+    call = lambda: dspark_ops.markov_draft(U.cuda(), anchor.cuda(), w1.cuda(), w2.cuda(), **kw)  # noqa: E731
+    monkeypatch.delenv("DSPARK_SPLIT_SELECT", raising=False)
+    assert_split_select(call, R <= 256)
+    split = [t.cpu() for t in call()]
+    monkeypatch.setenv("DSPARK_SPLIT_SELECT", "0")
+    assert_split_select(call, False)
+    one = [t.cpu() for t in call()]
+    for name, a, b in zip(dspark_ops.MarkovResult._fields, split, one):  # written logits: -inf where masked, no NaN
+        assert torch.equal(a, b), f"{name} differs"

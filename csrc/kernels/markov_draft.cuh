@@ -6,7 +6,8 @@
 //                             in the logits' dtype; raced right there unless
 //                             the request is top-k/top-p filtered.
 //   sample_threshold_kernel   (filtered requests only) the keep key of the
-//                             written row at temperature 1 (sample.cuh).
+//                             written row at temperature 1 (sample.cuh; small
+//                             batches: split_select.cuh, the same keys).
 //   markov_mask_race_kernel   (filtered requests only) masks below the key,
 //                             writes -inf there, races what is kept.
 //   markov_finalize_kernel    a warp per request: merges the race, writes
@@ -38,6 +39,7 @@ struct MarkovBuffers {
   uint32_t* keep_keys;                 // [R]
   SamplePartial* partials;             // [R, chunks]
   PerRequest<float> race_temperature;  // 1 (stochastic) or 0 (greedy): the keep key's temperature
+  void* split_select;                  // split_select_workspace_bytes(R) for small batches' keys, or nullptr
 };
 
 inline int64_t markov_chunks(int64_t R, int64_t V) { return split_chunks(R, V); }
@@ -201,7 +203,8 @@ cudaError_t markov_step_launch(const MarkovArgs<T>& a, int32_t k, const MarkovBu
     s.position = PerRequest<int64_t>{nullptr, 0, 0};
     s.slot = PerRequest<int32_t>{nullptr, 0, 0};
     s.purpose = kPurposeDraft;
-    sample_threshold_kernel<T><<<static_cast<unsigned>(R), kSampleThresholdBlock, 0, stream>>>(s, b.keep_keys);
+    const cudaError_t err = sample_keep_keys_launch(s, b.keep_keys, b.split_select, stream);
+    if (err != cudaSuccess) return err;
     markov_mask_race_kernel<T><<<grid, kMarkovBlock, 0, stream>>>(a, k, b, chunks, chunk_len);
   }
   const unsigned fin = static_cast<unsigned>((R + kMarkovFinalizeWarps - 1) / kMarkovFinalizeWarps);
