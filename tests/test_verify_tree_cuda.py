@@ -199,9 +199,16 @@ def test_cuda_row_pass_equals_walk(monkeypatch, V, dtype, mode):
     draft, kw = MODES[mode]
     trees = sixty_four_trees(R, n=20, seed=V) + [[-1], path_parents(2)]
     target, tokens, parents, cu, dkw = tree_batch_device(trees, V, dtype, draft=draft, seed=V + 2, scale=3.0)
-    got = run_both_row_passes(monkeypatch, target, tokens, parents, cu, max_depth=max_depth_of(trees),
-                              seed=torch.arange(R + 2, device="cuda") * 3 + 1, position=11, **dkw, **kw)
+    args = dict(max_depth=max_depth_of(trees), seed=torch.arange(R + 2, device="cuda") * 3 + 1, position=11,
+                **dkw, **kw)
+    got = run_both_row_passes(monkeypatch, target, tokens, parents, cu, **args)
     assert int(got[1].sum()) > 0  # some walks went below their roots
+    # 243 rows: a filtered batch's row pass takes its keys from the split select; no filter, no select
+    monkeypatch.setenv("DSPARK_TREE_ROW_PASS", "1")
+    monkeypatch.delenv("DSPARK_SPLIT_SELECT", raising=False)
+    assert_kernel_launched(lambda: dspark_ops.verify_tree(target, tokens, parents, cu, **args),
+                           "split_select_pass_kernel", "top" in mode and V >= 4096)
+    monkeypatch.delenv("DSPARK_TREE_ROW_PASS")
 
 
 def test_cuda_row_pass_mixed_and_malformed(monkeypatch):

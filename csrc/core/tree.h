@@ -10,6 +10,7 @@
 #include "broadcast.h"
 #include "chunks.h"
 #include "macros.h"
+#include "split_select.h"
 #include "status.h"
 #include "verify.h"
 #include "verify_args.h"
@@ -99,6 +100,7 @@ struct TreeWorkspace {
   int32_t* row_owner;               // [rows] the request whose sampled node the row is, or -1
   TargetRowStats* row_partials;     // [rows, chunks]
   DraftRowStats* row_draft_partials;  // [rows, chunks] (draft rows given)
+  char* row_split_select;           // split_select.h's state for the rows' keys, where they are few enough
   int64_t bytes;
 };
 
@@ -117,6 +119,8 @@ inline TreeWorkspace tree_workspace(void* base, int64_t R, int64_t V, bool with_
   w.row_owner = rows > 0 ? c.take<int32_t>(rows) : nullptr;
   w.row_partials = rows > 0 ? c.take<TargetRowStats>(rows * chunks) : nullptr;
   w.row_draft_partials = rows > 0 && with_q ? c.take<DraftRowStats>(rows * chunks) : nullptr;
+  w.row_split_select =
+      rows > 0 && split_select_splits(rows, V) > 0 ? c.take<char>(split_select_workspace_bytes(rows)) : nullptr;
   w.bytes = c.bytes;
   return w;
 }

@@ -41,12 +41,12 @@ void run(const at::Tensor& base, const at::Tensor& anchor, const at::Tensor& w1,
   b.keep_keys = carve.take<uint32_t>(R);
   b.partials = carve.take<SamplePartial>(R * markov_chunks(R, V));
   b.race_temperature = per_request<float>(race_t, 1.0f);
-  at::Tensor split_ws;  // the split select's state, for batches that take it
-  if (split_select_enabled() && split_select_splits(R, V) > 0)
+  const bool may_filter = top_k.has_value() || top_p.has_value();
+  at::Tensor split_ws;  // the split select's state, for filtered batches that take it
+  if (may_filter && split_select_enabled() && split_select_splits(R, V) > 0)
     split_ws = at::empty({split_select_workspace_bytes(R)}, base.options().dtype(at::kByte));
   b.split_select = split_ws.defined() ? split_ws.data_ptr() : nullptr;
   cudaError_t err = markov_start_launch<Storage>(args, b, stream);
-  const bool may_filter = top_k.has_value() || top_p.has_value();
   for (int32_t k = 1; k <= args.group && err == cudaSuccess; ++k) {
     if (half_gemm) {
       at::mm_out(bias, w1g.index_select(0, prev), w2g, at::kFloat);

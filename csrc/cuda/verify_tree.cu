@@ -10,6 +10,7 @@
 
 #include "../kernels/verify_tree.cuh"
 #include "../tree_common.h"
+#include "split_select_env.h"
 #include "workspace.h"
 
 namespace dspark {
@@ -71,7 +72,9 @@ void verify_tree_out_cuda(const at::Tensor& target_logits, const at::Tensor& nod
     const auto a = make_tree_args<T, D>(target_logits, node_tokens, parents, cu_num_nodes, max_depth, draft_probs,
                                         draft_logits, draft_temperature, sibling_mode, temperature, top_k, top_p, seed,
                                         position, tokens, accepted, emitted, path, status);
+    const bool may_filter = top_k.has_value() || top_p.has_value();
     const cudaError_t err = verify_tree_launch<T, D>(a, ws, pass.rows, pass.greedy_rows,
+                                                    may_filter && split_select_enabled(),
                                                     at::cuda::getCurrentCUDAStream());
     TORCH_CHECK(err == cudaSuccess, kTreeOp, ": CUDA launch failed: ", cudaGetErrorString(err));
   });

@@ -7,7 +7,8 @@
 //
 //   verify_tree_row_keys_kernel   [rows] blocks (the row pass, optional):
 //                       each target row's owner (the request whose node it
-//                       is, or -1) and keep key (top-k/top-p)
+//                       is, or -1) and keep key (top-k/top-p; few rows:
+//                       split_select.cuh's launches compute the keys next)
 //   verify_tree_row_stats_kernel  [rows * chunks] blocks (the row pass): the
 //                       chunk partials of every owned row (and of its draft
 //                       row where the walk needs q's normaliser), so a small
@@ -30,6 +31,7 @@
 #include "dtype.cuh"
 #include "greedy_stats.cuh"
 #include "radix_select.cuh"
+#include "split_select.cuh"
 
 namespace dspark {
 
@@ -205,21 +207,38 @@ __device__ int64_t tree_row_owner(const TreeArgs<T, D>& a, int64_t t, bool greed
   return greedy_rows || v.temperature[lo] > 0.0f ? lo : -1;
 }
 
-// The row pass, 1 of 2: [rows] blocks; row t's owner and keep key.
+// The row pass, 1 of 2: [rows] blocks; row t's owner and, unless the split
+// select computes them next (keys_too false), its keep key.
 template <typename T, typename D>
 __global__ void __launch_bounds__(kTreeBlock, 1)
     verify_tree_row_keys_kernel(TreeArgs<T, D> a, uint32_t* __restrict__ row_keys, int32_t* __restrict__ row_owner,
-                                bool greedy_rows) {
+                                bool greedy_rows, bool keys_too) {
   const VerifyArgs<T, D>& v = a.v;
   const int64_t t = blockIdx.x;
   const int64_t r = tree_row_owner(a, t, greedy_rows);
   if (threadIdx.x == 0) row_owner[t] = static_cast<int32_t>(r);
+  if (!keys_too) return;
   uint32_t keep = 0;
   if (r >= 0 && tree_filtered(v, r))  // uniform over the block
     keep = block_row_keep_key<kTreeBlock>(v.target + t * v.target_stride, v.vocab, v.temperature[r], v.top_k[r],
                                           v.top_p[r]);
   if (threadIdx.x == 0) row_keys[t] = keep;
 }
+
+// split_select.cuh's view of the node rows once their owners are known: an
+// owned row of a filtered request needs a key.
+template <typename T, typename D>
+struct TreeSelectRows {
+  VerifyArgs<T, D> v;
+  const int32_t* owner;  // [rows] (verify_tree_row_keys_kernel)
+  DSPARK_HD int64_t rows() const { return v.target_rows; }
+  DSPARK_HD int64_t n() const { return v.vocab; }
+  __device__ bool filtered(int64_t t) const { return owner[t] >= 0 && tree_filtered(v, owner[t]); }
+  __device__ const T* logits(int64_t t) const { return v.target + t * v.target_stride; }
+  __device__ float temperature(int64_t t) const { return v.temperature[owner[t]]; }
+  __device__ int32_t top_k(int64_t t) const { return v.top_k[owner[t]]; }
+  __device__ float top_p(int64_t t) const { return v.top_p[owner[t]]; }
+};
 
 // The row pass, 2 of 2: [rows * chunks] blocks; the chunk partials of every
 // owned row, exactly as the walk would compute them at that node (a greedy
@@ -486,10 +505,11 @@ __global__ void __launch_bounds__(kTreeBlock, 1)
 // workspace: tree_workspace(nullptr, R, V, draft rows given, row_pass_rows).bytes
 // bytes. row_pass_rows: 0, or a.v.target_rows (every node of every request)
 // to run the row pass before the walk, over the sampled requests' rows and,
-// with greedy_rows, the greedy requests' too.
+// with greedy_rows, the greedy requests' too; split_select: their keep keys
+// by split_select.cuh where the rows are few enough (the same keys).
 template <typename T, typename D>
 cudaError_t verify_tree_launch(const TreeArgs<T, D>& a, void* workspace, int64_t row_pass_rows, bool greedy_rows,
-                               cudaStream_t stream) {
+                               bool split_select, cudaStream_t stream) {
   const int64_t R = a.v.num_requests;
   if (R == 0) return cudaSuccess;
   const TreeWorkspace w = tree_workspace(workspace, R, a.v.vocab, a.v.draft != nullptr, row_pass_rows);
@@ -498,8 +518,15 @@ cudaError_t verify_tree_launch(const TreeArgs<T, D>& a, void* workspace, int64_t
   if (R > INT32_MAX || row_pass_rows * chunks > INT32_MAX || (row_pass_rows != 0 && row_pass_rows != a.v.target_rows))
     return cudaErrorInvalidConfiguration;
   if (row_pass_rows > 0) {
+    const bool split = split_select && w.row_split_select != nullptr;  // the rows' keys by the split select
     verify_tree_row_keys_kernel<T, D><<<static_cast<unsigned>(row_pass_rows), kTreeBlock, 0, stream>>>(
-        a, w.row_keys, w.row_owner, greedy_rows);
+        a, w.row_keys, w.row_owner, greedy_rows, !split);
+    if (split) {
+      const cudaError_t err = split_select_launch(TreeSelectRows<T, D>{a.v, w.row_owner},
+                                                  split_select_splits(row_pass_rows, a.v.vocab), w.row_split_select,
+                                                  w.row_keys, stream);
+      if (err != cudaSuccess) return err;
+    }
     verify_tree_row_stats_kernel<T, D><<<static_cast<unsigned>(row_pass_rows * chunks), kTreeBlock, 0, stream>>>(
         a, w.row_keys, w.row_owner, w.row_partials, w.row_draft_partials, chunks);
   }
@@ -513,7 +540,7 @@ cudaError_t verify_tree_launch(const TreeArgs<T, D>& a, void* workspace, int64_t
 
 #ifdef DSPARK_KERNEL_CHECK  // make cuda-check: compile every instantiation
 #define DSPARK_TREE_INSTANTIATE(T, D) \
-  template cudaError_t dspark::verify_tree_launch<T, D>(const dspark::TreeArgs<T, D>&, void*, int64_t, bool, \
+  template cudaError_t dspark::verify_tree_launch<T, D>(const dspark::TreeArgs<T, D>&, void*, int64_t, bool, bool, \
                                                            cudaStream_t);
 DSPARK_TREE_INSTANTIATE(float, float)
 DSPARK_TREE_INSTANTIATE(__half, __half)
