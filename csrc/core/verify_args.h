@@ -75,6 +75,12 @@ DSPARK_HD VerifyLayout verify_layout(const VerifyArgs<T, D>& a, int64_t r) {
   return L;
 }
 
+// Whether request r samples with a top-k/top-p filter (its rows need keep keys).
+template <typename T, typename D>
+DSPARK_HD bool verify_filtered(const VerifyArgs<T, D>& a, int64_t r) {
+  return a.temperature[r] > 0.0f && (topk_active(a.top_k[r], a.vocab) || topp_active(a.top_p[r]));
+}
+
 template <typename T, typename D>
 DSPARK_HD int32_t verify_draft_mode(const VerifyArgs<T, D>& a, int64_t r) {
   return a.draft_mode == kDraftPointMass || !(a.draft_temperature[r] > 0.0f) ? kDraftPointMass : a.draft_mode;

@@ -9,7 +9,7 @@
 
 #include "../kernels/markov_draft.cuh"
 #include "../markov_common.h"
-#include "split_select_env.h"
+#include "env_switch.h"
 
 namespace dspark {
 namespace {
@@ -43,9 +43,7 @@ void run(const at::Tensor& base, const at::Tensor& anchor, const at::Tensor& w1,
   b.race_temperature = per_request<float>(race_t, 1.0f);
   const bool may_filter = top_k.has_value() || top_p.has_value();
   at::Tensor split_ws;  // the split select's state, for filtered batches that take it
-  if (may_filter && split_select_enabled() && split_select_splits(R, V) > 0)
-    split_ws = at::empty({split_select_workspace_bytes(R)}, base.options().dtype(at::kByte));
-  b.split_select = split_ws.defined() ? split_ws.data_ptr() : nullptr;
+  b.split_select = may_filter ? split_select_scratch(R, V, base, split_ws) : nullptr;
   cudaError_t err = markov_start_launch<Storage>(args, b, stream);
   for (int32_t k = 1; k <= args.group && err == cudaSuccess; ++k) {
     if (half_gemm) {

@@ -7,7 +7,7 @@
 
 #include "../kernels/sample.cuh"
 #include "../sample_common.h"
-#include "split_select_env.h"
+#include "env_switch.h"
 #include "workspace.h"
 
 namespace dspark {
@@ -61,11 +61,8 @@ at::Tensor keep_key_cuda(const at::Tensor& logits, const at::Tensor& temperature
   const c10::cuda::CUDAGuard guard(logits.device());
   auto* out = static_cast<uint32_t*>(keys.data_ptr());
   const auto stream = at::cuda::getCurrentCUDAStream();
-  const int64_t R = logits.size(0);
-  at::Tensor split_ws;  // the split select's state, for batches that take it
-  if (split_select_enabled() && split_select_splits(R, logits.size(1)) > 0)
-    split_ws = at::empty({split_select_workspace_bytes(R)}, logits.options().dtype(at::kByte));
-  void* split = split_ws.defined() ? split_ws.data_ptr() : nullptr;
+  at::Tensor split_ws;
+  void* split = split_select_scratch(logits.size(0), logits.size(1), logits, split_ws);
   cudaError_t err;
   switch (logits.scalar_type()) {
     case at::kFloat:

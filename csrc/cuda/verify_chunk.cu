@@ -7,7 +7,7 @@
 
 #include "../kernels/verify_chunk.cuh"
 #include "../verify_common.h"
-#include "split_select_env.h"
+#include "env_switch.h"
 #include "workspace.h"
 
 namespace dspark {

@@ -5,12 +5,9 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include <cstdlib>
-#include <cstring>
-
 #include "../kernels/verify_tree.cuh"
 #include "../tree_common.h"
-#include "split_select_env.h"
+#include "env_switch.h"
 #include "workspace.h"
 
 namespace dspark {
@@ -34,13 +31,13 @@ struct TreeRowPass {
 // caller's workspace sized without num_nodes (= target_logits.size(0))
 // runs without it.
 TreeRowPass tree_row_pass(int64_t R, int64_t rows, const c10::optional<at::Tensor>& workspace, int64_t V) {
-  const char* env = std::getenv("DSPARK_TREE_ROW_PASS");
-  if ((env != nullptr && std::strcmp(env, "0") == 0) || rows * fixed_chunks(V) > INT32_MAX) return {};
+  const EnvSwitch env = env_switch("DSPARK_TREE_ROW_PASS");
+  if (env == EnvSwitch::kOff || rows * fixed_chunks(V) > INT32_MAX) return {};
   // workspace_size counts qv always: compare with that, not with the layout this call would carve.
   if (workspace.has_value() &&
       workspace->nbytes() < static_cast<size_t>(tree_workspace(nullptr, R, V, true, rows).bytes))
     return {};
-  if (env != nullptr && std::strcmp(env, "1") == 0) return {rows, true};
+  if (env == EnvSwitch::kOn) return {rows, true};
   const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const int64_t waves = (R + sms - 1) / sms;
   if (rows > 32 * sms * waves) return {};

@@ -42,11 +42,6 @@ constexpr int kVerifyWarpsPerBlock = 4;
 constexpr int kVerifyGreedyBlock = 256;
 
 template <typename T, typename D>
-__device__ __forceinline__ bool verify_filtered(const VerifyArgs<T, D>& a, int64_t r) {
-  return a.temperature[r] > 0.0f && (topk_active(a.top_k[r], a.vocab) || topp_active(a.top_p[r]));
-}
-
-template <typename T, typename D>
 __global__ void __launch_bounds__(kVerifyThresholdBlock, 1)
     verify_threshold_kernel(VerifyArgs<T, D> a, uint32_t* __restrict__ keep_keys) {
   const int64_t K1 = a.max_draft + 1;

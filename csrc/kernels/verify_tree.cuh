@@ -182,12 +182,6 @@ __device__ DraftRowStats tree_draft_stats(const D* __restrict__ drow, int64_t V,
   return tree_merge_partials(part, chunks, draft_stats_merge, draft_stats_empty(), sh.ds);
 }
 
-// Whether request r samples with a top-k/top-p filter (a keep key per row).
-template <typename T, typename D>
-__device__ __forceinline__ bool tree_filtered(const VerifyArgs<T, D>& v, int64_t r) {
-  return v.temperature[r] > 0.0f && (topk_active(v.top_k[r], v.vocab) || topp_active(v.top_p[r]));
-}
-
 // The request whose node target row t is, if its layout and sibling mode
 // are valid and it samples (or, with greedy_rows, is greedy); -1 otherwise.
 // A malformed cu costs only the row pass: the walk uses a row's results
@@ -219,7 +213,7 @@ __global__ void __launch_bounds__(kTreeBlock, 1)
   if (threadIdx.x == 0) row_owner[t] = static_cast<int32_t>(r);
   if (!keys_too) return;
   uint32_t keep = 0;
-  if (r >= 0 && tree_filtered(v, r))  // uniform over the block
+  if (r >= 0 && verify_filtered(v, r))  // uniform over the block
     keep = block_row_keep_key<kTreeBlock>(v.target + t * v.target_stride, v.vocab, v.temperature[r], v.top_k[r],
                                           v.top_p[r]);
   if (threadIdx.x == 0) row_keys[t] = keep;
@@ -233,7 +227,7 @@ struct TreeSelectRows {
   const int32_t* owner;  // [rows] (verify_tree_row_keys_kernel)
   DSPARK_HD int64_t rows() const { return v.target_rows; }
   DSPARK_HD int64_t n() const { return v.vocab; }
-  __device__ bool filtered(int64_t t) const { return owner[t] >= 0 && tree_filtered(v, owner[t]); }
+  __device__ bool filtered(int64_t t) const { return owner[t] >= 0 && verify_filtered(v, owner[t]); }
   __device__ const T* logits(int64_t t) const { return v.target + t * v.target_stride; }
   __device__ float temperature(int64_t t) const { return v.temperature[owner[t]]; }
   __device__ int32_t top_k(int64_t t) const { return v.top_k[owner[t]]; }
