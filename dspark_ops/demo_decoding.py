@@ -3,7 +3,9 @@ embedded default pair — a byte-level target and draft trained on the Python
 standard library (dspark_ops/decoding/weights, never downloaded, never
 trained here). Plain greedy decoding against speculative decoding with
 prompt lookup (NGramDrafter) and with the draft model (DraftModelDrafter),
-and with an n-gram tree (verify_tree), on the same Python-code prompts:
+with an n-gram tree (verify_tree), and with DSpark's block drafter (one head
+forward + markov_draft per step; optionally cut by schedule_verify's
+early_stop), on the same Python-code prompts:
 accepted length, tokens/s, speed-up, and a check that the greedy outputs are
 identical token for token."""
 from __future__ import annotations
@@ -24,15 +26,25 @@ PROMPTS = [
 ]
 
 
-def _methods(draft, num_ngram: int, num_model: int, graphs: str):
+def _methods(target, draft, num_ngram: int, num_model: int, graphs: str, weights_dir):
     """(name, drafter factory, cuda_graph) per row; graphs: off, on or both
-    (every method eagerly, then with its verify step as CUDA graphs)."""
-    from .decoding import DraftModelDrafter, NGramDrafter
+    (every method eagerly, then with its verify step as CUDA graphs). The
+    DSpark rows need the head in the weights' record (tools/train_dspark.py)."""
+    from .decoding import DraftModelDrafter, NGramDrafter, load_default_dspark
+    from .decoding.default import default_record
+    from .decoding.dspark import target_sps_table
     base = [("plain (target only)", lambda g: None),
             (f"n-gram lookup, {num_ngram} drafts", lambda g: NGramDrafter(max_ngram=3, num_draft=num_ngram)),
             ("n-gram tree, 3 branches, 12 nodes", lambda g: NGramDrafter(max_ngram=3, num_draft=12, branches=3)),
             (f"draft model, {num_model} drafts",
              lambda g: DraftModelDrafter(draft, num_draft=num_model, cuda_graph=g))]
+    if "dspark" in default_record(weights_dir):
+        G = default_record(weights_dir)["dspark"]["config"]["block"]
+        sps = target_sps_table(target, G + 1)  # measured now, on this machine: early_stop's cost model
+        base += [(f"DSpark block + Markov head, {G} drafts", lambda g: load_default_dspark(target,
+                                                                                          weights_dir=weights_dir)),
+                 ("DSpark + early_stop schedule", lambda g: load_default_dspark(
+                     target, weights_dir=weights_dir, schedule="early_stop", sps_table=sps))]
     rows = [(name, lambda make=make: make(False), False) for name, make in base] if graphs != "on" else []
     if graphs != "off":
         rows += [(name + " +graphs", lambda make=make: make(True), True) for name, make in base]
@@ -82,7 +94,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
     prompts = [tokenizer.encode(p) for p in PROMPTS]
     graphs = args.cuda_graph or ("both" if device.startswith("cuda") else "off")
-    methods = _methods(draft, args.ngram_drafts, args.model_drafts, graphs)
+    methods = _methods(target, draft, args.ngram_drafts, args.model_drafts, graphs, args.weights_dir)
     # One decoder per method for the whole run (with CUDA graphs it keeps its device state and graphs from call
     # to call while the sizes fall in the same 256-entry bucket); a warm-up (first-call allocations, lazy inits)
     # on a short generation each.
@@ -124,7 +136,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         print(f"  {name:42s} {acc:13.2f} {new / steps:11.2f} {new / secs:9.0f} {plain_s / secs:7.2f}x   {per}"
               + ("" if same else "   (OUTPUT DIFFERS)"))
     print(f"\n  greedy outputs identical to plain decoding, token for token: {identical}")
-    sample = results[methods[-1][0]][3]
+    sample = results[methods[0][0]][3]
     print("\n  one sample (prompt | continuation, the same from every method):")
     text = PROMPTS[3] + "\u2502" + tokenizer.decode(sample.tokens[0])
     print("\n".join("    " + line for line in text.splitlines()))

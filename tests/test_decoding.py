@@ -34,8 +34,9 @@ from torch.utils._pytree import tree_flatten
 import dspark_ops.decoding.drafters as drafters_mod
 import dspark_ops.decoding.session as session_mod
 from dspark_ops import Purpose
-from dspark_ops.decoding import (BuiltinModel, BuiltinTarget, Draft, Drafter, DraftModelDrafter, ModelConfig,
-                                 NGramDrafter, SpeculativeDecoder, request_seed)
+from dspark_ops.decoding import (BuiltinModel, BuiltinTarget, Draft, Drafter, DraftModelDrafter, DSparkConfig,
+                                 DSparkDrafter, DSparkHead, ModelConfig, NGramDrafter, SpeculativeDecoder,
+                                 request_seed)
 from dspark_ops.decoding.model import tree_ancestors
 
 
@@ -951,9 +952,22 @@ def test_early_finish_does_not_change_other_requests(kind, temperature):
 # ---------------------------------------------------------------------------
 # cuda_graph=True: the verify step from static buffers (captured on a GPU)
 
-GRAPH_KINDS = {"plain": lambda d, g: None, "ngram": lambda d, g: NGramDrafter(3, 4),
-               "ngram_tree": lambda d, g: NGramDrafter(3, 8, branches=3),
-               "draft_model": lambda d, g: DraftModelDrafter(BuiltinTarget(d), 3, cuda_graph=g)}
+def _dspark(target_model: BuiltinModel) -> DSparkDrafter:
+    """A DSpark drafter with a random head (seeded) on the target's layers 0 and 1."""
+    g = torch.Generator().manual_seed(40)
+    head = DSparkHead(DSparkConfig(dim=target_model.cfg.dim, vocab_size=target_model.cfg.vocab_size,
+                                   hidden_layers=(0, 1), block=3, mlp_hidden=16, rank=4))
+    with torch.no_grad():
+        for p in head.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    return DSparkDrafter(target_model, head)
+
+
+# per kind: (target model, draft model, cuda_graph) -> drafter
+GRAPH_KINDS = {"plain": lambda t, d, g: None, "ngram": lambda t, d, g: NGramDrafter(3, 4),
+               "ngram_tree": lambda t, d, g: NGramDrafter(3, 8, branches=3),
+               "draft_model": lambda t, d, g: DraftModelDrafter(BuiltinTarget(d), 3, cuda_graph=g),
+               "dspark": lambda t, d, g: _dspark(t)}
 
 
 @pytest.mark.parametrize("kind", list(GRAPH_KINDS))
@@ -967,7 +981,7 @@ def test_static_step_buffers_equal_the_plain_loop(gpu_attention_path, greedy_set
     model, draft_model, prompts, _, stops, _ = greedy_setup
 
     def run(cuda_graph):
-        dec = SpeculativeDecoder(BuiltinTarget(model), GRAPH_KINDS[kind](draft_model, cuda_graph),
+        dec = SpeculativeDecoder(BuiltinTarget(model), GRAPH_KINDS[kind](model, draft_model, cuda_graph),
                                  cuda_graph=cuda_graph)
         return dec.generate(prompts, MAX_NEW, temperature=temperature, seed=11, stop_tokens=stops)
     eager, static = run(False), run(True)
@@ -1031,7 +1045,7 @@ def test_every_run_of_a_step_shape_repeats_its_first(gpu_attention_path, greedy_
     monkeypatch.setattr(session_mod, "StepGraphs", Traced)
     monkeypatch.setattr(drafters_mod, "StepGraphs", Traced)
     model, draft_model, prompts, _, stops, _ = greedy_setup
-    dec = SpeculativeDecoder(BuiltinTarget(model), GRAPH_KINDS[kind](draft_model, True), cuda_graph=True)
+    dec = SpeculativeDecoder(BuiltinTarget(model), GRAPH_KINDS[kind](model, draft_model, True), cuda_graph=True)
     for seed in (11, 12):  # a second call reuses the session: its runs must repeat the first call's too
         dec.generate(prompts, MAX_NEW, temperature=0.9, seed=seed, stop_tokens=stops)
     assert traces and max(len(runs) for runs in traces.values()) >= 3
@@ -1050,7 +1064,7 @@ def test_a_kept_session_equals_fresh_decoders(gpu_attention_path, greedy_setup, 
     prompts, sampling parameters, seeds and stop tokens, a batch of another
     size in between -- it gives what fresh decoders give."""
     model, draft_model, prompts, _, stops, _ = greedy_setup
-    kept = SpeculativeDecoder(BuiltinTarget(model), GRAPH_KINDS[kind](draft_model, True), cuda_graph=True)
+    kept = SpeculativeDecoder(BuiltinTarget(model), GRAPH_KINDS[kind](model, draft_model, True), cuda_graph=True)
     calls = [(prompts[:4], dict(temperature=0.9, seed=1, stop_tokens=stops)),
              (prompts[4:], dict(temperature=0.0, stop_tokens=stops[::-1])),
              (prompts[:2], dict(temperature=0.7, top_k=5, seed=3)),  # another batch size: a new session
@@ -1058,7 +1072,7 @@ def test_a_kept_session_equals_fresh_decoders(gpu_attention_path, greedy_setup, 
              (prompts[:4], dict(temperature=0.9, seed=1, stop_tokens=stops))]
     sessions = []
     for i, (batch, kw) in enumerate(calls):
-        fresh = SpeculativeDecoder(BuiltinTarget(model), GRAPH_KINDS[kind](draft_model, False))
+        fresh = SpeculativeDecoder(BuiltinTarget(model), GRAPH_KINDS[kind](model, draft_model, False))
         want, got = fresh.generate(batch, MAX_NEW, **kw), kept.generate(batch, MAX_NEW, **kw)
         assert got.tokens == want.tokens and got.errors == want.errors, f"call {i}"
         sessions.append(kept._session)
@@ -1150,7 +1164,8 @@ def test_cuda_graph_steps_equal_eager_steps(greedy_setup, kind, temperature):
     gpu, gpu_draft = copy.deepcopy(model).cuda(), copy.deepcopy(draft_model).cuda()
 
     def make(cuda_graph):
-        return SpeculativeDecoder(BuiltinTarget(gpu), GRAPH_KINDS[kind](gpu_draft, cuda_graph), cuda_graph=cuda_graph)
+        return SpeculativeDecoder(BuiltinTarget(gpu), GRAPH_KINDS[kind](gpu, gpu_draft, cuda_graph),
+                                  cuda_graph=cuda_graph)
     kw = dict(temperature=temperature, stop_tokens=stops)
     eager = [make(False).generate(prompts, MAX_NEW, seed=s, **kw) for s in (11, 12)]
     graphed_dec = make(True)

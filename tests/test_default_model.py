@@ -8,10 +8,10 @@ import torch
 
 from dspark_ops.decoding import DraftModelDrafter, NGramDrafter, SpeculativeDecoder, tokenizer
 from dspark_ops.decoding.default import (WEIGHTS_DIR, DefaultWeightsError, default_record, load_default,
-                                         verify_default)
+                                         load_default_dspark, verify_default)
 
 pytest.importorskip("safetensors")
-FILES = ("default.json", "default_target.safetensors", "default_draft.safetensors")
+FILES = ("default.json", "default_target.safetensors", "default_draft.safetensors", "default_dspark.safetensors")
 pytestmark = pytest.mark.skipif(not all((WEIGHTS_DIR / f).is_file() for f in FILES),
                                 reason="the embedded default weights are not present (tools/train_default.py)")
 
@@ -23,10 +23,10 @@ def pair():
 
 def test_record_and_checksums():
     rec = verify_default()
-    for role in ("target", "draft"):
+    for role in ("target", "draft", "dspark"):
         assert len(rec[role]["sha256"]) == 64
         assert (WEIGHTS_DIR / rec[role]["file"]).stat().st_size == rec[role]["bytes"]
-    assert rec["total_bytes"] <= 5_000_000
+    assert rec["total_bytes"] == sum(rec[r]["bytes"] for r in ("target", "draft", "dspark")) <= 5_000_000
     assert rec["cost_ratio_flops_per_token"] >= 8
     assert rec["target"]["cost"]["flops_per_token"] >= 8 * rec["draft"]["cost"]["flops_per_token"]
 
@@ -70,3 +70,30 @@ def test_greedy_speculative_equals_plain(pair):
     assert ngram.tokens == plain.tokens
     assert model.tokens == plain.tokens
     assert ngram.stats["target_passes"] <= plain.stats["target_passes"]
+
+
+def test_dspark_head_loads_checked_and_drafts_what_the_target_accepts(pair, tmp_path):
+    target, _ = pair
+    rec = default_record()["dspark"]
+    drafter = load_default_dspark(target)
+    assert sum(p.numel() for p in drafter.head.parameters()) == rec["params"]
+    assert drafter.temperatures.tolist() == pytest.approx(rec["confidence_temperatures"])
+    # trained, not random: on held-out files most first drafts agree with the target
+    assert rec["held_out"]["greedy_agreement_per_position"][0] > 0.6
+    assert rec["held_out"]["expected_accepted_t1"] > 4 * rec["held_out_before"]["expected_accepted_t1"]
+    prompts = [tokenizer.encode("class Point:\n\n    def __init__(self, x, y):\n        self.x = x\n        "),
+               tokenizer.encode("import os\n")]
+    plain = SpeculativeDecoder(target).generate(prompts, max_new_tokens=32)
+    res = SpeculativeDecoder(target, drafter).generate(prompts, max_new_tokens=32)
+    assert res.tokens == plain.tokens
+    assert res.stats["mean_accepted"] > 1.0, res.stats["mean_accepted"]
+    for f in FILES:
+        shutil.copy(WEIGHTS_DIR / f, tmp_path / f)
+    path = tmp_path / "default_dspark.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-7] ^= 0x10
+    path.write_bytes(bytes(data))
+    with pytest.raises(DefaultWeightsError, match="altered"):
+        load_default_dspark(target, weights_dir=tmp_path)
+    with pytest.raises(DefaultWeightsError, match="altered"):
+        verify_default(tmp_path)

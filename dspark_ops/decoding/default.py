@@ -12,6 +12,7 @@ from typing import Optional, Tuple, Union
 
 import torch
 
+from .dspark import DSparkConfig, DSparkDrafter, DSparkHead
 from .model import BuiltinModel, ModelConfig
 from .targets import BuiltinTarget
 
@@ -53,12 +54,14 @@ def _read_checked(weights_dir: pathlib.Path, entry: dict, role: str) -> bytes:
 
 
 def verify_default(weights_dir: Optional[Union[str, pathlib.Path]] = None) -> dict:
-    """Check both files against their sha256 in default.json; returns the
-    record (raises DefaultWeightsError when a file is missing or altered)."""
+    """Check every shipped file (target, draft, and the DSpark head when the
+    record lists one) against its sha256 in default.json; returns the record
+    (raises DefaultWeightsError when a file is missing or altered)."""
     d = _dir(weights_dir)
     record = default_record(d)
-    for role in ("target", "draft"):
-        _read_checked(d, record[role], role)
+    for role in ("target", "draft", "dspark"):
+        if role in record or role != "dspark":
+            _read_checked(d, record[role], role)
     return record
 
 
@@ -93,3 +96,34 @@ def load_default(device: Union[str, torch.device] = "cpu", dtype: torch.dtype = 
         entry = record[role]
         out.append(BuiltinTarget(_build(_read_checked(d, entry, role), entry, role, device, dtype)))
     return out[0], out[1]
+
+
+def load_default_dspark(target: BuiltinTarget, *, weights_dir: Optional[Union[str, pathlib.Path]] = None,
+                        **drafter_kwargs) -> DSparkDrafter:
+    """The DSpark block drafter of the embedded default target (its head
+    trained by tools/train_dspark.py on the frozen target; checksum verified
+    first), with the calibrated confidence temperatures of its record.
+    drafter_kwargs go to DSparkDrafter (num_draft, schedule, sps_table,
+    threshold):
+
+        target, _ = load_default()
+        dec = SpeculativeDecoder(target, load_default_dspark(target))
+    """
+    try:
+        from safetensors.torch import load as load_safetensors
+    except ImportError:
+        raise ImportError("the embedded default model needs `safetensors` (pip install safetensors, or "
+                          "dspark_ops[demo])") from None
+    d = _dir(weights_dir)
+    record = default_record(d)
+    if "dspark" not in record:
+        raise DefaultWeightsError(f"{d / RECORD} has no DSpark head (train it with tools/train_dspark.py)")
+    entry = record["dspark"]
+    head = DSparkHead(DSparkConfig(**entry["config"]))
+    try:
+        head.load_state_dict({k: v.float() for k, v in load_safetensors(_read_checked(d, entry, "dspark")).items()},
+                             strict=True)
+    except RuntimeError as e:
+        raise DefaultWeightsError(f"the default DSpark head does not match its config: {e}") from None
+    drafter_kwargs.setdefault("temperatures", torch.tensor(entry["confidence_temperatures"], dtype=torch.float32))
+    return DSparkDrafter(target, head, **drafter_kwargs)

@@ -44,9 +44,19 @@ class Drafter(ABC):
     and DSpark's block drafter, which also fills Draft.confidence)."""
 
     num_draft: int
+    # Target layers whose hidden states the drafter reads (DSpark's context features): the loop asks the
+    # target's passes for them and hands observe() each request's row at its last processed token.
+    hidden_layers: Tuple[int, ...] = ()
 
     def start(self, num_requests: int, max_len: int, device: torch.device) -> None:
         """A new generate() call with these requests."""
+
+    def observe(self, hidden: Optional[torch.Tensor]) -> None:
+        """hidden [R, len(hidden_layers), d]: the target's hidden states at
+        each request's last processed token (after the prefill and after
+        each step; zeros for a one-token prompt; None when every prompt was
+        one token). Only called when hidden_layers is not empty; the tensor
+        is valid until the next step."""
 
     @abstractmethod
     def propose(self, seqs: List[List[int]], state: RequestState, sampling: Sampling) -> Draft:

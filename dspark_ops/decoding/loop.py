@@ -14,7 +14,7 @@ import torch
 
 from .._host import to_device
 from .drafters import Drafter
-from .session import DecodeSession, session_key
+from .session import DecodeSession, gather_last_rows, session_key
 
 _M64 = (1 << 64) - 1
 
@@ -119,10 +119,21 @@ class SpeculativeDecoder:
         cu = [0]
         for p in pre:
             cu.append(cu[-1] + len(p))
+        layers = tuple(getattr(self.drafter, "hidden_layers", ()) or ()) if n else ()
+        sess.hidden_layers = layers
+        hidden = None
         if cu[-1]:
-            target.forward(to_device([t for p in pre for t in p], torch.int64, dev),
-                           to_device([i for p in pre for i in range(len(p))], torch.int64, dev),
-                           torch.tensor(cu, dtype=torch.int32), cache)
+            _, hidden = target.forward(to_device([t for p in pre for t in p], torch.int64, dev),
+                                       to_device([i for p in pre for i in range(len(p))], torch.int64, dev),
+                                       torch.tensor(cu, dtype=torch.int32), cache, hidden_layers=layers)
+        if layers:  # the drafter's first context: each prompt's last prefilled token (none: zeros)
+            if hidden is None:  # every prompt is one token: no context yet
+                self.drafter.observe(None)
+            else:
+                rows = to_device([c - 1 if c > b else -1 for b, c in zip(cu[:-1], cu[1:])], torch.int64, dev)
+                first = gather_last_rows(hidden, rows)
+                sess.reserve_features(first)
+                self.drafter.observe(first)
         sess.check_graphs()  # graphs kept from an earlier call still read where the target's tensors are
         captured_before = self._graphs_captured()
         out = [[] for _ in range(R)]
@@ -159,6 +170,8 @@ class SpeculativeDecoder:
             accepted_per_step.append(sum(acc_step) / max(len(acc_step), 1))
             if self.drafter is not None:
                 self.drafter.commit([row[-3] for row in host], [bool(row[-1]) for row in host])
+                if layers:
+                    self.drafter.observe(sess.features)
             if all(finished):
                 break
         elapsed = time.perf_counter() - t0

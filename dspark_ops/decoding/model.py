@@ -416,11 +416,19 @@ class BuiltinModel(nn.Module):
         """Plain causal forward over ids [B, L] at positions 0..L-1 (no
         cache), for training: logits [B, L, V], the same modules and maths
         as forward()."""
+        return self.train_hidden(ids)[0]
+
+    def train_hidden(self, ids: torch.Tensor, hidden_layers: Sequence[int] = ()
+                     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """train_forward plus the hidden states after the named layers:
+        (logits [B, L, V], hidden [B, L, len(hidden_layers), dim] or None),
+        as forward() returns them (a drafter's training features)."""
         cfg, hd = self.cfg, self.cfg.head_dim
         B, L = ids.shape
         positions = torch.arange(L, device=ids.device)
         h = self.embed(ids)
-        for blk in self.blocks:
+        hidden = []
+        for layer, blk in enumerate(self.blocks):
             x = blk.attn_norm(h)
             q = _rope(blk.wq(x).view(B, L, cfg.n_heads, hd), positions, cfg.rope_theta)
             k = _rope(blk.wk(x).view(B, L, cfg.n_kv_heads, hd), positions, cfg.rope_theta)
@@ -431,4 +439,6 @@ class BuiltinModel(nn.Module):
             h = h + blk.wo(out.transpose(1, 2).reshape(B, L, cfg.n_heads * hd))
             x = blk.mlp_norm(h)
             h = h + blk.w2(F.silu(blk.w1(x)) * blk.w3(x))
-        return self.head(self.norm(h))
+            if layer in hidden_layers:
+                hidden.append(h)
+        return self.head(self.norm(h)), (torch.stack(hidden, 2) if hidden else None)

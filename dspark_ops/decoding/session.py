@@ -48,6 +48,9 @@ class DecodeSession:
                            for m in range(n + 1)]  # per width: a chain keeps its first entries
         self.appended = [torch.full((R,), m + 1, **i32) for m in range(n + 1)]
         self.root_parent = torch.full((R, 1), -1, **i32)
+        self.row_base = [torch.arange(R, dtype=torch.int64, device=dev) * (m + 1) for m in range(n + 1)]
+        self.hidden_layers: tuple = ()  # the drafter's (Drafter.hidden_layers), set per call
+        self.features: Optional[torch.Tensor] = None  # [R, k, d]: hidden states at each last processed token
         self.graphs = StepGraphs(self.verify_step, capture=capture) if graphs else None
 
     def check_graphs(self) -> None:
@@ -104,6 +107,9 @@ class DecodeSession:
         nodes = torch.cat([state.last_token.unsqueeze(1), toks], 1)  # [R, m + 1]: the root, then the drafts
         ids = nodes.clamp(min=0).reshape(-1).long()
         base = target.lengths(cache).clone()
+        if tree_parents is not None and self.hidden_layers:
+            raise NotImplementedError("SpeculativeDecoder: a drafter that reads hidden states drafts chains, "
+                                      "not trees")
         if tree_parents is not None:  # node j's parent: -1 for the root (the cached prefix), else a node < j
             parents = torch.cat([self.root_parent, tree_parents], 1)
             depth = tree_ancestors(parents).sum(-1) - 1  # [R, m + 1]
@@ -111,7 +117,7 @@ class DecodeSession:
             logits, _ = target.forward(ids, positions, self.chain_cus[m], cache, tree_parents=parents)
         else:
             positions = ((state.position - 1).unsqueeze(1) + torch.arange(m + 1, device=self.dev)).reshape(-1)
-            logits, _ = target.forward(ids, positions, self.chain_cus[m], cache)
+            logits, hidden = target.forward(ids, positions, self.chain_cus[m], cache, hidden_layers=self.hidden_layers)
         if logits.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             logits = logits.float()  # e.g. float64 test models: the ops take fp32/fp16/bf16
         V = logits.shape[-1]
@@ -126,6 +132,8 @@ class DecodeSession:
                                temperature=sampling.temperature, top_k=self.top_k, top_p=self.top_p,
                                seed=sampling.seed, position=state.position)
             keep_index = self.keep_chain[m]
+            if self.hidden_layers:  # the drafter's context: the row of each request's last accepted token
+                self._keep_features(hidden.index_select(0, self.row_base[m] + res.accepted.clamp(0, m).long()))
         was_finished = state.finished.clone()
         old_len = state.out_len.clone()
         commit_tokens(state, res.tokens, res.emitted, res.status, stop_tokens=self.stop)
@@ -135,6 +143,27 @@ class DecodeSession:
         target.rollback(cache, base, self.appended[m], keep_index, num_keep)
         return torch.cat([res.tokens, old_len.unsqueeze(1), state.out_len.unsqueeze(1), res.accepted.unsqueeze(1),
                           state.finished.int().unsqueeze(1), was_finished.int().unsqueeze(1)], 1)
+
+
+    def reserve_features(self, like: torch.Tensor) -> None:
+        """Make the features buffer [R, k, d] like `like` (rows of the
+        prefill's hidden states) before the first step, unless it is already
+        (a kept session's): its address stays fixed for the graphs that
+        write it, and every step runs the same ops."""
+        if self.features is None or self.features.shape != like.shape or self.features.dtype != like.dtype:
+            self.features = torch.empty_like(like)
+
+    def _keep_features(self, rows: torch.Tensor) -> None:
+        """Write rows [R, k, d] into the features buffer (made here only when
+        no prefill reserved it: every prompt was one token)."""
+        self.reserve_features(rows)
+        self.features.copy_(rows)
+
+
+def gather_last_rows(hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """hidden [T, k, dim], rows [R] int64 (-1: none) -> [R, k, dim], zeros where rows < 0."""
+    out = hidden.index_select(0, rows.clamp(min=0))
+    return torch.where((rows >= 0).view(-1, 1, 1), out, torch.zeros((), dtype=out.dtype, device=out.device))
 
 
 def session_key(target, prompt_lengths: List[int], max_new_tokens: int, n: int, num_stop: int, *,

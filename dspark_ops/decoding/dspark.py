@@ -1,0 +1,244 @@
+"""DSpark's block drafter (RESEARCH.md; DESIGN §3) for a BuiltinModel target.
+
+One drafting step is one small forward plus one op:
+
+1. **Parallel backbone.** The target's hidden states after a few layers at
+   each request's last processed token (the context features; the loop
+   gathers them from the verify pass, DecodeSession.features) are fused
+   (linear + RMSNorm), the anchor's embedding (the target's, frozen) and a
+   learned embedding per block position are added, and one residual
+   SwiGLU MLP runs over the G positions at once. The target's own final
+   norm and LM head (frozen, shared) turn them into base logits
+   U_1..U_G [R, G, V]. (A simplification of DFlash's backbone, which also
+   attends over every earlier token's features: here the context is the
+   last token's, which the target's attention has already summarised.)
+2. **Markov head.** ``markov_draft`` samples the block left to right from
+   ``U_k + w1[x_{k-1}] @ w2`` (x_0 = the anchor), purpose DRAFT, slot k, and
+   writes exactly the logits it sampled from, which ``verify_chunk`` reads
+   in place: lossless.
+3. **Confidence head** (optional scheduling). c_k = sigmoid(w . [h_k;
+   w1[x_{k-1}]] + b), trained toward 1 - TV(p_draft, p_target); with
+   ``schedule=`` the drafter cuts each request's block with
+   ``schedule_verify`` (lossless modes only) before the target pass.
+
+The trainable weights (DSparkHead) are ~0.2 M parameters for the embedded
+default target; tools/train_dspark.py trains them on the frozen target."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..markov import markov_draft
+from ..schedule import measure_sps, schedule_verify
+from .drafters import Draft, Drafter
+from .model import _normalize, _version
+
+
+@dataclass
+class DSparkConfig:
+    """Shape of a DSparkHead for a target of width `dim` and `vocab_size`."""
+
+    dim: int
+    vocab_size: int
+    hidden_layers: Tuple[int, ...] = (2, 4)  # target layers whose outputs are the context features
+    block: int = 5  # G: positions drafted per step
+    mlp_hidden: int = 192
+    rank: int = 64  # r of the Markov head's w1 [V, r] and w2 [r, V]
+    norm_eps: float = 1e-5
+
+    def __post_init__(self):
+        self.hidden_layers = tuple(int(x) for x in self.hidden_layers)
+        if not self.hidden_layers or self.block < 1 or self.rank < 1 or self.mlp_hidden < 1:
+            raise ValueError(f"DSparkConfig: need hidden_layers, block, rank and mlp_hidden >= 1, got {self}")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["hidden_layers"] = list(self.hidden_layers)
+        return d
+
+
+class DSparkHead(nn.Module):
+    """DSpark's trainable drafting weights. The embedding, the final norm
+    and the LM head are the target's and are passed in, never stored."""
+
+    def __init__(self, cfg: DSparkConfig):
+        super().__init__()
+        self.cfg = cfg
+        d, k = cfg.dim, len(cfg.hidden_layers)
+        self.fuse = nn.Linear(k * d, d, bias=False)
+        self.fuse_norm = nn.RMSNorm(d, eps=cfg.norm_eps)
+        self.pos = nn.Parameter(torch.zeros(cfg.block, d))
+        self.mlp_norm = nn.RMSNorm(d, eps=cfg.norm_eps)
+        self.w_gate = nn.Linear(d, cfg.mlp_hidden, bias=False)
+        self.w_up = nn.Linear(d, cfg.mlp_hidden, bias=False)
+        self.w_down = nn.Linear(cfg.mlp_hidden, d, bias=False)
+        self.markov_w1 = nn.Parameter(torch.zeros(cfg.vocab_size, cfg.rank))  # zero: training starts at U_k
+        self.markov_w2 = nn.Parameter(torch.randn(cfg.rank, cfg.vocab_size) * 0.02)
+        self.conf = nn.Linear(d + cfg.rank, 1)
+        for lin in (self.fuse, self.w_gate, self.w_up, self.w_down):
+            nn.init.normal_(lin.weight, std=0.02)
+
+    def block_hidden(self, features: torch.Tensor, anchor: torch.Tensor, embed: torch.Tensor) -> torch.Tensor:
+        """features [..., k, dim] (the target's hidden states at the last
+        processed token), anchor [...] (the token after it), embed [V, dim]
+        (the target's) -> the block's hidden states [..., G, dim]."""
+        z = self.fuse_norm(self.fuse(features.flatten(-2))) + F.embedding(anchor.long(), embed)
+        x = z.unsqueeze(-2) + self.pos
+        y = self.mlp_norm(x)
+        return x + self.w_down(F.silu(self.w_gate(y)) * self.w_up(y))
+
+    def fused(self, dtype: torch.dtype) -> Tuple[torch.Tensor, ...]:
+        """The inference path's weights in `dtype` (the target's): fuse,
+        fuse_norm's weight, pos, w_gate and w_up in one matrix with
+        mlp_norm's weight folded in, w_down^T, and w1, w2 in float32 (for
+        markov_draft). Cached while every parameter keeps its storage and
+        version (like BuiltinModel's fused weights)."""
+        ps = tuple(self.parameters())
+        key = (dtype,) + tuple(p.data_ptr() for p in ps) + tuple(_version(p) for p in ps)
+        cached = getattr(self, "_fused", None)
+        if cached is None or cached[0] != key:
+            with torch.inference_mode(False), torch.no_grad():
+                g = self.mlp_norm.weight
+                w13 = torch.cat([self.w_gate.weight * g, self.w_up.weight * g])
+                built = tuple(t.to(dtype).contiguous() for t in (self.fuse.weight, self.fuse_norm.weight, self.pos,
+                                                                 w13, self.w_down.weight.t()))
+                built += (self.markov_w1.float().contiguous(), self.markov_w2.float().contiguous())
+            cached = self._fused = (key, built, ps)  # ps: keeps the storages alive (their addresses are the key)
+        return cached[1]
+
+    def infer_block(self, features: torch.Tensor, anchor: torch.Tensor, embed: torch.Tensor, n: int
+                    ) -> torch.Tensor:
+        """block_hidden's first n positions for inference, in the target's
+        dtype (the features' and embed's), on the fused weights with
+        RMSNorm as BuiltinModel's forward computes it: [R, n, dim]."""
+        w_fuse, g_fuse, pos, w13, w_down_t, _, _ = self.fused(features.dtype)
+        eps = self.cfg.norm_eps
+        z = _normalize(F.linear(features.flatten(1), w_fuse), eps) * g_fuse + F.embedding(anchor.long(), embed)
+        x = (z.unsqueeze(1) + pos[:n]).flatten(0, 1)  # [R n, dim]
+        gate, up = F.linear(_normalize(x, eps), w13).chunk(2, -1)
+        x = torch.addmm(x, F.silu(gate) * up, w_down_t)
+        return x.view(-1, n, x.shape[-1])
+
+    def confidence_logits(self, block: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
+        """block [..., G, dim], prev [..., G] (x_{k-1}: the anchor, then the
+        drafts) -> confidence logits [..., G] (sigmoid: P(x_k survives | its
+        prefix survived))."""
+        w1 = F.embedding(prev.long().clamp(min=0), self.markov_w1)
+        return self.conf(torch.cat([block, w1.to(block.dtype)], -1)).squeeze(-1)
+
+
+class DSparkDrafter(Drafter):
+    """DSpark's block drafter on a BuiltinTarget (or any target whose
+    `.model` is a BuiltinModel): one head forward and one markov_draft per
+    step, no host read (unless `schedule` is set). Draft j is sampled with
+    the request's temperature (greedy at 0: verified as a point mass).
+
+    schedule: None (verify every drafted token), or a lossless
+    schedule_verify mode, "early_stop" (needs sps_table) or "threshold"
+    (needs threshold): each request's block is cut before the target pass
+    (cut positions are -1, answered by the target), and the pass is trimmed
+    to the longest kept block (one host read per step). Draft.confidence
+    holds the calibrated confidences [R, n] when scheduling or with
+    with_confidence=True (else None: the confidence head is not run);
+    temperatures [G]: the per-position calibration (confidence =
+    sigmoid(logit / T_k); fit_sequential_temperatures)."""
+
+    def __init__(self, target, head: DSparkHead, *, num_draft: Optional[int] = None, schedule: Optional[str] = None,
+                 sps_table: Optional[torch.Tensor] = None, threshold: Optional[float] = None,
+                 temperatures: Optional[torch.Tensor] = None, with_confidence: bool = False):
+        model = getattr(target, "model", target)
+        cfg = head.cfg
+        if (model.cfg.dim, model.cfg.vocab_size) != (cfg.dim, cfg.vocab_size):
+            raise ValueError(f"DSparkDrafter: the head is for dim {cfg.dim} and vocab {cfg.vocab_size}, the target "
+                             f"has {model.cfg.dim} and {model.cfg.vocab_size}")
+        if max(cfg.hidden_layers) >= model.cfg.n_layers or min(cfg.hidden_layers) < 0:
+            raise ValueError(f"DSparkDrafter: hidden_layers {cfg.hidden_layers} outside the target's "
+                             f"{model.cfg.n_layers} layers")
+        n = cfg.block if num_draft is None else int(num_draft)
+        if not 1 <= n <= cfg.block:
+            raise ValueError(f"DSparkDrafter: num_draft must be in [1, {cfg.block}] (the head's block), got {n}")
+        if schedule not in (None, "early_stop", "threshold"):
+            raise ValueError(f"DSparkDrafter: schedule must be None, 'early_stop' or 'threshold' (the lossless "
+                             f"modes a drafter can apply alone), got {schedule!r}")
+        if schedule == "early_stop" and sps_table is None:
+            raise ValueError("DSparkDrafter: schedule='early_stop' needs sps_table (dspark_ops.measure_sps)")
+        if schedule == "threshold" and threshold is None:
+            raise ValueError("DSparkDrafter: schedule='threshold' needs threshold")
+        self.model, self.head, self.num_draft = model, head, n
+        self.hidden_layers = cfg.hidden_layers
+        self.schedule, self.threshold, self.with_confidence = schedule, threshold, with_confidence
+        self.sps_table = None if sps_table is None else sps_table.to(torch.float64)
+        self.temperatures = None if temperatures is None else temperatures.to(torch.float32)[:n]
+        self.features: Optional[torch.Tensor] = None
+        head.to(device=model.embed.weight.device).eval()
+
+    def start(self, num_requests, max_len, device) -> None:
+        self.features = None  # until observe()
+        self._dev = torch.device(device)
+        self._counts = torch.full((num_requests,), self.num_draft, dtype=torch.int32, device=device)
+
+    def observe(self, hidden: Optional[torch.Tensor]) -> None:
+        """hidden [R, k, dim]: the target's hidden states (self.hidden_layers)
+        at each request's last processed token, read by the next propose()
+        (None: no context yet, zero features)."""
+        self.features = hidden
+
+    @torch.inference_mode()
+    def propose(self, seqs, state, sampling) -> Draft:
+        R, n, dev = len(seqs), self.num_draft, state.last_token.device
+        embed = self.model.embed.weight
+        if self.features is None:  # no context yet (every prompt was one token): zero features
+            self.features = torch.zeros(R, len(self.hidden_layers), embed.shape[1], dtype=embed.dtype, device=dev)
+        head = self.head
+        block = head.infer_block(self.features, state.last_token, embed, n)  # [R, n, dim]
+        base = F.linear(_normalize(block.flatten(0, 1), head.cfg.norm_eps), self.model._head_weight())
+        base = base.view(R, n, -1)  # [R, n, V]: U_1..U_n
+        w1, w2 = head.fused(embed.dtype)[-2:]
+        if base.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            base = base.float()  # e.g. float64 test models: the op takes fp32/fp16/bf16
+        res = markov_draft(base, state.last_token, w1, w2, temperature=sampling.temperature, seed=sampling.seed,
+                           position=state.position)
+        tokens, draft_logits = res.tokens, res.draft_logits
+        draft_t = (sampling.temperature > 0).to(torch.float32)  # markov_draft wrote the processed logits (T = 1)
+        if self.schedule is None and not self.with_confidence:
+            return Draft(tokens, draft_logits, draft_t)
+        prev = torch.cat([state.last_token.unsqueeze(1).to(torch.int32), tokens[:, :-1]], 1)
+        conf_logits = head.confidence_logits(block.to(next(head.parameters()).dtype), prev).float()
+        temps = self.temperatures
+        conf = torch.sigmoid(conf_logits / temps.to(dev) if temps is not None else conf_logits)
+        if self.schedule is None:
+            return Draft(tokens, draft_logits, draft_t, confidence=conf)
+        sps = self.sps_table if self.sps_table is not None else torch.ones(R * (n + 1) + 1, dtype=torch.float64)
+        length = schedule_verify(conf, self._counts[:R], sps.to(dev), mode=self.schedule, threshold=self.threshold)
+        width = int(length.max())  # the step's one extra host read: the target pass's width
+        keep = torch.arange(n, device=dev) < length.unsqueeze(1)
+        tokens = torch.where(keep, tokens, -1)[:, :width].contiguous()
+        return Draft(tokens, draft_logits[:, :width].contiguous(), draft_t, confidence=conf[:, :width],
+                     width=width if width < n else None)
+
+
+def target_sps_table(target, max_tokens: int, *, context: int = 128, warmup: int = 3, iters: int = 9
+                     ) -> torch.Tensor:
+    """The SPS table [max_tokens + 1] (float64) schedule_verify's early_stop
+    needs at batch 1: the target's forward of B = 1..max_tokens new tokens
+    after `context` cached ones, timed by measure_sps (CUDA events on a
+    GPU, wall clock on the CPU; medians). With one request, B = 1 + the
+    drafts it verifies."""
+    dev = target.device
+    cache = target.new_cache(1, context + max_tokens)
+    ids = torch.zeros(max_tokens, dtype=torch.int64, device=dev)
+    pos = torch.arange(context, context + max_tokens, device=dev)
+
+    @torch.inference_mode()
+    def step(B: int) -> None:
+        target.lengths(cache).fill_(context)
+        target.forward(ids[:B], pos[:B], torch.tensor([0, B], dtype=torch.int32), cache)
+
+    return measure_sps(step, range(1, max_tokens + 1), warmup=warmup, iters=iters, device=dev.type)
+
+
+__all__: Sequence[str] = ("DSparkConfig", "DSparkDrafter", "DSparkHead", "target_sps_table")

@@ -1,0 +1,298 @@
+"""DSparkDrafter (dspark_ops/decoding/dspark.py) in the speculative loop, on
+tiny random BuiltinModels and random heads:
+
+1. greedy speculative output == greedy target-only output (batched, ragged,
+   one-token prompts, stop tokens; every schedule);
+2. the context features the drafter sees are the target's hidden states at
+   each request's last processed token (an independent forward);
+3. sampled output follows the target distribution (chi-square on the first
+   two tokens), also with a confidence schedule cutting blocks;
+4. the drafter samples through markov_draft with the verifier's seed and
+   position (purpose DRAFT inside the op), and its schedule cuts blocks as
+   schedule_verify says; argument errors."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dspark_ops.decoding.dspark as dspark_mod
+import dspark_ops.decoding.session as session_mod
+from dspark_ops import schedule_verify
+from dspark_ops.decoding import (BuiltinTarget, DSparkConfig, DSparkDrafter, DSparkHead, SpeculativeDecoder,
+                                 request_seed)
+from test_decoding import (LENGTHS, MAX_NEW, N_STATS, STATS_CFG, STATS_PROMPT, V_GREEDY, V_STATS, cut_at_stop,
+                           exact_joint, goodness_of_fit, make_model, make_prompts, naive_greedy, pick_stops,
+                           ragged_forward)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def make_head(dim: int, vocab: int, layers, *, block: int = 4, seed: int = 0, scale: float = 0.5) -> DSparkHead:
+    """A random head whose drafts depend on the features and the anchor
+    (the default init's near-zero Markov head would hide bugs in them)."""
+    torch.manual_seed(seed)
+    head = DSparkHead(DSparkConfig(dim=dim, vocab_size=vocab, hidden_layers=tuple(layers), block=block,
+                                   mlp_hidden=24, rank=6))
+    with torch.no_grad():
+        for p in head.parameters():
+            p.normal_(0.0, scale)
+    return head
+
+
+@pytest.fixture(scope="module")
+def greedy_setup():
+    model = make_model(V_GREEDY, 0)
+    prompts = make_prompts(V_GREEDY, LENGTHS, seed=2)
+    nostop = [naive_greedy(model, p, MAX_NEW) for p in prompts]
+    stops = pick_stops(nostop, MAX_NEW)
+    return model, prompts, nostop, stops, [cut_at_stop(o, stops) for o in nostop]
+
+
+STEEP_SPS = torch.tensor([0.0] + [1000.0 / (1 + 0.6 * b) for b in range(1, 80)], dtype=torch.float64)
+
+
+def drafter_for(target, head, schedule):
+    kw = {None: {}, "threshold": dict(threshold=0.4), "early_stop": dict(sps_table=STEEP_SPS)}[schedule]
+    return DSparkDrafter(target, head, schedule=schedule, **kw)
+
+
+class FeatureRecorder(DSparkDrafter):
+    """Records each step's sequences and the features it drafts from."""
+
+    def start(self, num_requests, max_len, device):
+        super().start(num_requests, max_len, device)
+        self.seen = []
+
+    def propose(self, seqs, state, sampling):
+        draft = super().propose(seqs, state, sampling)
+        self.seen.append(([list(s) for s in seqs], self.features.clone(), draft.tokens.clone()))
+        return draft
+
+
+@pytest.mark.parametrize("schedule", [None, "threshold", "early_stop"])
+def test_greedy_equals_target_greedy(greedy_setup, schedule):
+    model, prompts, nostop, stops, expected = greedy_setup
+    target = BuiltinTarget(model)
+    drafter = drafter_for(target, make_head(32, V_GREEDY, (0, 1)), schedule)
+    res = SpeculativeDecoder(target, drafter).generate(prompts, MAX_NEW, stop_tokens=stops)
+    assert res.tokens == expected
+    assert res.errors == [0] * len(prompts)
+    res = SpeculativeDecoder(target, drafter).generate(prompts, MAX_NEW)
+    assert res.tokens == nostop
+    assert res.stats["steps"] <= MAX_NEW
+
+
+def test_one_token_prompts_start_from_zero_features(greedy_setup):
+    model = greedy_setup[0]
+    target = BuiltinTarget(model)
+    drafter = FeatureRecorder(target, make_head(32, V_GREEDY, (1,)))
+    prompts = [[5], [9]]
+    res = SpeculativeDecoder(target, drafter).generate(prompts, 6)
+    assert res.tokens == [naive_greedy(model, p, 6) for p in prompts]
+    assert not drafter.seen[0][1].any()  # no context yet: zeros
+    assert drafter.seen[1][1].abs().sum() > 0
+
+
+def test_features_are_the_targets_hidden_states_at_the_last_processed_token(greedy_setup):
+    """The drafter drafts after seq (its last token the anchor, not yet
+    through the target): its features must be the target's hidden states
+    (layers 0 and 1) at seq[-2], exactly what a fresh forward of seq[:-1]
+    gives there — including after steps that accepted drafts."""
+    model, prompts, *_ = greedy_setup
+    target = BuiltinTarget(model)
+    drafter = FeatureRecorder(target, make_head(32, V_GREEDY, (0, 1), seed=3))
+    prompts = prompts[1:5]  # lengths >= 2: every request has a context from the prefill on
+    SpeculativeDecoder(target, drafter).generate(prompts, MAX_NEW, temperature=0.0)
+    checked = 0
+    for seqs, feats, _ in drafter.seen:
+        for r, seq in enumerate(seqs):
+            cache = target.new_cache(1, len(seq) + 1)
+            with torch.inference_mode():
+                _, hidden = target.forward(torch.tensor(seq[:-1]), torch.arange(len(seq) - 1),
+                                           torch.tensor([0, len(seq) - 1], dtype=torch.int32), cache,
+                                           hidden_layers=(0, 1))
+            torch.testing.assert_close(feats[r], hidden[-1], rtol=1e-9, atol=1e-9)
+            checked += 1
+    assert checked == sum(len(s) for s, _, _ in drafter.seen)
+
+
+def test_the_markov_head_chains_each_draft_on_the_one_before(greedy_setup):
+    """A head with a zero backbone and a dominant Markov head encoding a
+    fixed map a -> nxt[a]: greedy drafts must be nxt[anchor],
+    nxt[nxt[anchor]], ... (step k conditions on the draft x_{k-1} it just
+    sampled), and the output is still the target's own."""
+    model, prompts, *_ = greedy_setup
+    target = BuiltinTarget(model)
+    V = V_GREEDY
+    nxt = torch.randint(0, V, (V,), generator=torch.Generator().manual_seed(5))
+    head = DSparkHead(DSparkConfig(dim=32, vocab_size=V, hidden_layers=(1,), block=4, mlp_hidden=24, rank=V))
+    with torch.no_grad():
+        for p in head.parameters():
+            p.zero_()
+        head.markov_w1.copy_(torch.eye(V, dtype=torch.float32) * 100)  # w1[a] @ w2 = 100 x onehot(nxt[a])
+        head.markov_w2.copy_(torch.eye(V, dtype=torch.float32)[nxt])
+    rec = FeatureRecorder(target, head)
+    res = SpeculativeDecoder(target, rec).generate(prompts, MAX_NEW)
+    assert res.tokens == SpeculativeDecoder(target).generate(prompts, MAX_NEW).tokens
+    for seqs, _, toks in rec.seen:
+        for r, seq in enumerate(seqs):
+            a = seq[-1]
+            for j in range(toks.shape[1]):
+                a = int(nxt[a])
+                assert int(toks[r, j]) == a
+
+
+@pytest.fixture(scope="module")
+def stats_target():
+    return BuiltinTarget(make_model(V_STATS, 20, cfg=STATS_CFG, dtype=torch.float32))
+
+
+@pytest.mark.parametrize("temperature,top_k,schedule", [(1.0, 0, None), (0.7, 3, None), (1.0, 0, "threshold")])
+def test_sampled_output_follows_target_distribution(stats_target, temperature, top_k, schedule):
+    head = make_head(16, V_STATS, (0,), block=3, seed=7, scale=0.3)
+    drafter = DSparkDrafter(stats_target, head, schedule=schedule, threshold=0.45)
+    res = SpeculativeDecoder(stats_target, drafter).generate([STATS_PROMPT] * N_STATS, 2, temperature=temperature,
+                                                             top_k=top_k, seed=4321)
+    assert res.errors == [0] * N_STATS
+    pvalue, tv = goodness_of_fit(exact_joint(stats_target, STATS_PROMPT, temperature, top_k, 1.0), res.tokens)
+    assert pvalue > 1e-3, (pvalue, tv, res.stats["mean_accepted"])
+    assert res.stats["mean_accepted"] > 0.1  # drafts were accepted, not only rejected
+
+
+def test_drafts_come_from_markov_draft_with_the_verifiers_seed_and_position(monkeypatch):
+    V = 40
+    model = make_model(V, 30, dtype=torch.float32)
+    target = BuiltinTarget(model)
+    draft_calls, verify_calls = [], []
+    real_markov, real_verify = dspark_mod.markov_draft, session_mod.verify_chunk
+
+    def rec_markov(*args, **kw):
+        res = real_markov(*args, **kw)
+        draft_calls.append(({k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()},
+                            res.draft_logits.clone()))
+        return res
+
+    def rec_verify(*args, **kw):
+        verify_calls.append({k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()})
+        return real_verify(*args, **kw)
+
+    monkeypatch.setattr(dspark_mod, "markov_draft", rec_markov)
+    monkeypatch.setattr(session_mod, "verify_chunk", rec_verify)
+    prompts = make_prompts(V, [3, 8, 1], seed=32)
+    temps = [0.9, 0.0, 1.3]
+    res = SpeculativeDecoder(target, DSparkDrafter(target, make_head(32, V, (1,)))).generate(
+        prompts, 10, temperature=temps, seed=77)
+    assert len(draft_calls) == len(verify_calls) == res.stats["steps"]
+    seeds = torch.tensor([request_seed(77, r) for r in range(len(prompts))])
+    for (kw, logits), vkw in zip(draft_calls, verify_calls):
+        assert torch.equal(kw["seed"], seeds) and torch.equal(vkw["seed"], seeds)
+        assert torch.equal(kw["position"], vkw["position"])
+        # verification reads exactly what markov_draft wrote, at temperature 1 (0: a greedy point mass)
+        torch.testing.assert_close(vkw["draft_logits"], logits, rtol=0, atol=0)
+        assert vkw["draft_temperature"].tolist() == [1.0, 0.0, 1.0]
+
+
+@pytest.mark.parametrize("schedule", ["threshold", "early_stop"])
+def test_schedule_cuts_blocks_as_schedule_verify_says(greedy_setup, schedule):
+    model, prompts, *_ = greedy_setup
+    target = BuiltinTarget(model)
+    head = make_head(32, V_GREEDY, (0, 1), seed=9)
+    kw = dict(threshold=0.4) if schedule == "threshold" else dict(sps_table=STEEP_SPS)
+    drafter = DSparkDrafter(target, head, schedule=schedule, **kw)
+    uncut = DSparkDrafter(target, head, with_confidence=True)
+    widths = []
+
+    def checked(seqs, state, sampling):
+        uncut.features = drafter.features
+        full = uncut.propose(seqs, state, sampling)  # the same draws (greedy), not cut
+        cut = DSparkDrafter.propose(drafter, seqs, state, sampling)
+        R, n = full.tokens.shape
+        length = schedule_verify(full.confidence, torch.full((R,), n, dtype=torch.int32), STEEP_SPS, mode=schedule,
+                                 threshold=0.4)
+        width = int(length.max())
+        assert cut.tokens.shape == (R, width)
+        for r in range(R):
+            L = int(length[r])
+            assert cut.tokens[r, :L].tolist() == full.tokens[r, :L].tolist()
+            assert (cut.tokens[r, L:] == -1).all()
+        widths.append(width)
+        return cut
+
+    drafter.propose = checked
+    res = SpeculativeDecoder(target, drafter).generate(prompts, MAX_NEW)
+    assert res.errors == [0] * len(prompts)
+    assert min(widths) < head.cfg.block and max(widths) > 0, widths  # cut, but not to nothing
+
+
+def test_confidence_is_the_heads_on_the_drafted_prefix(greedy_setup):
+    """Draft.confidence[r, k] = sigmoid(conf(h_k, w1[x_{k-1}]) / T_k) with
+    x_0 the anchor and x_k the drafts, recomputed from the head."""
+    model, prompts, *_ = greedy_setup
+    target = BuiltinTarget(model)
+    head = make_head(32, V_GREEDY, (0, 1), seed=11)
+    temps = torch.tensor([0.5, 1.0, 2.0, 4.0])
+    drafter = DSparkDrafter(target, head, temperatures=temps, with_confidence=True)
+    seen = []
+    real = DSparkDrafter.propose
+
+    def spy(seqs, state, sampling):
+        feats = None if drafter.features is None else drafter.features.clone()  # the session rewrites it
+        d = real(drafter, seqs, state, sampling)
+        seen.append((feats, state.last_token.clone(), d.tokens.clone(), d.confidence.clone()))
+        return d
+
+    drafter.propose = spy
+    SpeculativeDecoder(target, drafter).generate(prompts, 8)
+    embed = model.embed.weight.float()
+    with torch.no_grad():
+        for feats, anchor, toks, conf in seen:
+            if feats is None:
+                continue
+            block = head.block_hidden(feats.float(), anchor, embed)
+            prev = torch.cat([anchor.unsqueeze(1).long(), toks[:, :-1].long()], 1)
+            want = torch.sigmoid(head.confidence_logits(block, prev) / temps)
+            torch.testing.assert_close(conf, want, rtol=1e-5, atol=1e-6)
+    assert len(seen) > 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_inference_block_equals_the_training_block(dtype):
+    """infer_block (fused weights, the target's RMSNorm form, the target's
+    dtype) computes what block_hidden (the modules training uses) does, and
+    follows weight updates."""
+    head = make_head(24, 50, (0, 2), block=5, seed=13)
+    feats, anchor = torch.randn(7, 2, 24), torch.randint(0, 50, (7,))
+    embed = torch.randn(50, 24)
+    tol = dict(rtol=3e-2, atol=8e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
+    for _ in range(2):
+        want = head.block_hidden(feats, anchor, embed)[:, :3]
+        got = head.infer_block(feats.to(dtype), anchor, embed.to(dtype), 3)
+        assert got.dtype == dtype
+        torch.testing.assert_close(got.float(), want.detach(), **tol)
+        with torch.no_grad():
+            head.w_up.weight.mul_(1.5)  # in place: the fused weights must be rebuilt
+
+
+def test_bad_arguments(greedy_setup):
+    model = greedy_setup[0]
+    target = BuiltinTarget(model)
+    with pytest.raises(ValueError, match="dim 16"):
+        DSparkDrafter(target, make_head(16, V_GREEDY, (0,)))
+    with pytest.raises(ValueError, match="hidden_layers"):
+        DSparkDrafter(target, make_head(32, V_GREEDY, (2,)))
+    with pytest.raises(ValueError, match="num_draft"):
+        DSparkDrafter(target, make_head(32, V_GREEDY, (0,), block=3), num_draft=4)
+    with pytest.raises(ValueError, match="lossless"):
+        DSparkDrafter(target, make_head(32, V_GREEDY, (0,)), schedule="global")
+    with pytest.raises(ValueError, match="sps_table"):
+        DSparkDrafter(target, make_head(32, V_GREEDY, (0,)), schedule="early_stop")
+    with pytest.raises(ValueError, match="threshold"):
+        DSparkDrafter(target, make_head(32, V_GREEDY, (0,)), schedule="threshold")
+    with pytest.raises(ValueError, match="hidden_layers"):
+        DSparkConfig(dim=8, vocab_size=8, hidden_layers=())
