@@ -26,7 +26,7 @@ PROMPTS = [
 ]
 
 
-def _methods(target, draft, num_ngram: int, num_model: int, graphs: str, weights_dir):
+def _methods(target, draft, num_ngram: int, num_model: int, num_dspark: int, graphs: str, weights_dir):
     """(name, drafter factory, cuda_graph) per row; graphs: off, on or both
     (every method eagerly, then with its verify step as CUDA graphs). The
     DSpark rows need the head in the weights' record (tools/train_dspark.py)."""
@@ -39,16 +39,31 @@ def _methods(target, draft, num_ngram: int, num_model: int, graphs: str, weights
             (f"draft model, {num_model} drafts",
              lambda g: DraftModelDrafter(draft, num_draft=num_model, cuda_graph=g))]
     if "dspark" in default_record(weights_dir):
-        G = default_record(weights_dir)["dspark"]["config"]["block"]
-        sps = target_sps_table(target, G + 1)  # measured now, on this machine: early_stop's cost model
-        base += [(f"DSpark block + Markov head, {G} drafts", lambda g: load_default_dspark(target,
-                                                                                          weights_dir=weights_dir)),
+        G = min(num_dspark, default_record(weights_dir)["dspark"]["config"]["block"])
+        sps = _step_sps(target, G, weights_dir)
+        base += [(f"DSpark block + Markov head, {G} drafts",
+                  lambda g: load_default_dspark(target, weights_dir=weights_dir, num_draft=G)),
                  ("DSpark + early_stop schedule", lambda g: load_default_dspark(
-                     target, weights_dir=weights_dir, schedule="early_stop", sps_table=sps))]
+                     target, weights_dir=weights_dir, num_draft=G, schedule="early_stop", sps_table=sps))]
     rows = [(name, lambda make=make: make(False), False) for name, make in base] if graphs != "on" else []
     if graphs != "off":
         rows += [(name + " +graphs", lambda make=make: make(True), True) for name, make in base]
     return rows
+
+
+def _step_sps(target, G: int, weights_dir) -> torch.Tensor:
+    """early_stop's cost model, measured now on this machine: the target's
+    forward at 1..G+1 tokens plus what a DSpark step spends outside it
+    (a short unscheduled run's mean step time minus its forward's)."""
+    from .decoding import SpeculativeDecoder, load_default_dspark, tokenizer
+    from .decoding.dspark import target_sps_table
+    bare = target_sps_table(target, G + 1)
+    dec = SpeculativeDecoder(target, load_default_dspark(target, weights_dir=weights_dir, num_draft=G))
+    prompt = tokenizer.encode(PROMPTS[0])
+    dec.generate([prompt], 16)
+    res = min((dec.generate([prompt], 48) for _ in range(3)), key=lambda r: r.stats["seconds"])
+    overhead = max(res.stats["seconds"] / res.stats["steps"] - 1.0 / float(bare[G + 1]), 0.0)
+    return target_sps_table(target, G + 1, overhead_s=overhead)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -58,6 +73,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     ap.add_argument("--max-new-tokens", type=int, default=96)
     ap.add_argument("--ngram-drafts", type=int, default=7)
     ap.add_argument("--model-drafts", type=int, default=5)
+    ap.add_argument("--dspark-drafts", type=int, default=6, help="at most the head's block")
     ap.add_argument("--weights-dir", default=None, help="another copy of the default pair (default: the embedded one)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--rounds", type=int, default=3, help="rounds per (method, prompt); the fastest counts")
@@ -94,7 +110,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
     prompts = [tokenizer.encode(p) for p in PROMPTS]
     graphs = args.cuda_graph or ("both" if device.startswith("cuda") else "off")
-    methods = _methods(target, draft, args.ngram_drafts, args.model_drafts, graphs, args.weights_dir)
+    methods = _methods(target, draft, args.ngram_drafts, args.model_drafts, args.dspark_drafts, graphs,
+                       args.weights_dir)
     # One decoder per method for the whole run (with CUDA graphs it keeps its device state and graphs from call
     # to call while the sizes fall in the same 256-entry bucket); a warm-up (first-call allocations, lazy inits)
     # on a short generation each.

@@ -3,8 +3,10 @@ tiny random BuiltinModels and random heads:
 
 1. greedy speculative output == greedy target-only output (batched, ragged,
    one-token prompts, stop tokens; every schedule);
-2. the context features the drafter sees are the target's hidden states at
-   each request's last processed token (an independent forward);
+2. the context the drafter sees is the target's hidden states of the
+   processed tokens (an independent forward): the last token's features,
+   and with context attention every token's keys and values; the inference
+   form equals the training form;
 3. sampled output follows the target distribution (chi-square on the first
    two tokens), also with a confidence schedule cutting blocks;
 4. the drafter samples through markov_draft with the verifier's seed and
@@ -14,12 +16,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import dspark_ops.decoding.dspark as dspark_mod
 import dspark_ops.decoding.session as session_mod
 from dspark_ops import schedule_verify
-from dspark_ops.decoding import (BuiltinTarget, DSparkConfig, DSparkDrafter, DSparkHead, SpeculativeDecoder,
-                                 request_seed)
+from dspark_ops.decoding import (BuiltinTarget, Draft, DSparkConfig, DSparkDrafter, DSparkHead,
+                                 SpeculativeDecoder, request_seed)
+from dspark_ops.decoding.dspark import target_sps_table
 from test_decoding import (LENGTHS, MAX_NEW, N_STATS, STATS_CFG, STATS_PROMPT, V_GREEDY, V_STATS, cut_at_stop,
                            exact_joint, goodness_of_fit, make_model, make_prompts, naive_greedy, pick_stops,
                            ragged_forward)
@@ -33,16 +37,25 @@ def _one_thread():
     torch.set_num_threads(old)
 
 
-def make_head(dim: int, vocab: int, layers, *, block: int = 4, seed: int = 0, scale: float = 0.5) -> DSparkHead:
+def make_head(dim: int, vocab: int, layers, *, block: int = 4, seed: int = 0, scale: float = 0.5,
+              heads: int = 0) -> DSparkHead:
     """A random head whose drafts depend on the features and the anchor
-    (the default init's near-zero Markov head would hide bugs in them)."""
+    (the default init's near-zero Markov head would hide bugs in them);
+    heads > 0: with context attention."""
     torch.manual_seed(seed)
     head = DSparkHead(DSparkConfig(dim=dim, vocab_size=vocab, hidden_layers=tuple(layers), block=block,
-                                   mlp_hidden=24, rank=6))
+                                   mlp_hidden=24, rank=6, context_heads=heads, context_head_dim=8))
     with torch.no_grad():
         for p in head.parameters():
             p.normal_(0.0, scale)
     return head
+
+
+def share_context(dst: DSparkDrafter, src: DSparkDrafter) -> None:
+    """dst drafts from src's context (its last features and key/value cache)."""
+    dst.c_last = src.c_last
+    if src.head.cfg.context_heads:
+        dst.keys, dst.values, dst.lengths = src.keys, src.values, src.lengths
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +76,8 @@ def drafter_for(target, head, schedule):
 
 
 class FeatureRecorder(DSparkDrafter):
-    """Records each step's sequences and the features it drafts from."""
+    """Records each step's sequences, the context it drafts from (the last
+    features, and with attention the key/value cache) and its drafts."""
 
     def start(self, num_requests, max_len, device):
         super().start(num_requests, max_len, device)
@@ -71,15 +85,31 @@ class FeatureRecorder(DSparkDrafter):
 
     def propose(self, seqs, state, sampling):
         draft = super().propose(seqs, state, sampling)
-        self.seen.append(([list(s) for s in seqs], self.features.clone(), draft.tokens.clone()))
+        kv = (self.keys.clone(), self.values.clone(), self.lengths.clone()) if self.head.cfg.context_heads else None
+        self.seen.append(([list(s) for s in seqs], self.c_last.clone(), kv, draft.tokens.clone()))
         return draft
 
 
+class OracleRecorder(FeatureRecorder):
+    """Records like FeatureRecorder, but proposes the target's own greedy
+    continuation with its last draft made wrong (point masses): every step
+    accepts n - 1 drafts and rejects one, so the rows after the accepted
+    ones must be left out of the context."""
+
+    def propose(self, seqs, state, sampling):
+        super().propose(seqs, state, sampling)
+        n = self.num_draft
+        rows = [naive_greedy(self.oracle, s, n) for s in seqs]
+        rows = [r[:-1] + [(r[-1] + 1) % V_GREEDY] for r in rows]
+        return Draft(torch.tensor(rows, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("heads", [0, 2])
 @pytest.mark.parametrize("schedule", [None, "threshold", "early_stop"])
-def test_greedy_equals_target_greedy(greedy_setup, schedule):
+def test_greedy_equals_target_greedy(greedy_setup, schedule, heads):
     model, prompts, nostop, stops, expected = greedy_setup
     target = BuiltinTarget(model)
-    drafter = drafter_for(target, make_head(32, V_GREEDY, (0, 1)), schedule)
+    drafter = drafter_for(target, make_head(32, V_GREEDY, (0, 1), heads=heads), schedule)
     res = SpeculativeDecoder(target, drafter).generate(prompts, MAX_NEW, stop_tokens=stops)
     assert res.tokens == expected
     assert res.errors == [0] * len(prompts)
@@ -88,38 +118,54 @@ def test_greedy_equals_target_greedy(greedy_setup, schedule):
     assert res.stats["steps"] <= MAX_NEW
 
 
-def test_one_token_prompts_start_from_zero_features(greedy_setup):
+@pytest.mark.parametrize("heads", [0, 2])
+def test_one_token_prompts_start_from_zero_features(greedy_setup, heads):
     model = greedy_setup[0]
     target = BuiltinTarget(model)
-    drafter = FeatureRecorder(target, make_head(32, V_GREEDY, (1,)))
+    drafter = FeatureRecorder(target, make_head(32, V_GREEDY, (1,), heads=heads))
     prompts = [[5], [9]]
     res = SpeculativeDecoder(target, drafter).generate(prompts, 6)
     assert res.tokens == [naive_greedy(model, p, 6) for p in prompts]
     assert not drafter.seen[0][1].any()  # no context yet: zeros
     assert drafter.seen[1][1].abs().sum() > 0
+    if heads:
+        assert drafter.seen[0][2][2].tolist() == [0, 0] and drafter.seen[1][2][2].min() >= 1
 
 
-def test_features_are_the_targets_hidden_states_at_the_last_processed_token(greedy_setup):
+@pytest.mark.parametrize("heads", [0, 2])
+def test_context_is_the_targets_hidden_states_of_the_processed_tokens(greedy_setup, heads):
     """The drafter drafts after seq (its last token the anchor, not yet
-    through the target): its features must be the target's hidden states
-    (layers 0 and 1) at seq[-2], exactly what a fresh forward of seq[:-1]
-    gives there — including after steps that accepted drafts."""
+    through the target): its last context features must be those of the
+    target's hidden states (layers 0 and 1) at seq[-2], and with context
+    attention its cache must hold the keys and values of every token of
+    seq[:-1], in order — exactly what a fresh forward of seq[:-1] gives,
+    also after steps that accepted drafts (which skip the rejected rows)."""
     model, prompts, *_ = greedy_setup
     target = BuiltinTarget(model)
-    drafter = FeatureRecorder(target, make_head(32, V_GREEDY, (0, 1), seed=3))
-    prompts = prompts[1:5]  # lengths >= 2: every request has a context from the prefill on
-    SpeculativeDecoder(target, drafter).generate(prompts, MAX_NEW, temperature=0.0)
+    head = make_head(32, V_GREEDY, (0, 1), seed=3, heads=heads)
+    drafter = OracleRecorder(target, head)
+    drafter.oracle = model
+    prompts = [prompts[1], prompts[2], prompts[4]]  # lengths >= 2
+    res = SpeculativeDecoder(target, drafter).generate(prompts, 12, temperature=0.0)
     checked = 0
-    for seqs, feats, _ in drafter.seen:
+    for seqs, c_last, kv, _ in drafter.seen:
         for r, seq in enumerate(seqs):
-            cache = target.new_cache(1, len(seq) + 1)
+            L = len(seq) - 1
+            cache = target.new_cache(1, L + 1)
             with torch.inference_mode():
-                _, hidden = target.forward(torch.tensor(seq[:-1]), torch.arange(len(seq) - 1),
-                                           torch.tensor([0, len(seq) - 1], dtype=torch.int32), cache,
-                                           hidden_layers=(0, 1))
-            torch.testing.assert_close(feats[r], hidden[-1], rtol=1e-9, atol=1e-9)
+                _, hidden = target.forward(torch.tensor(seq[:-1]), torch.arange(L),
+                                           torch.tensor([0, L], dtype=torch.int32), cache, hidden_layers=(0, 1))
+                c = head.infer_context(hidden.unsqueeze(0))[0]  # [L, dim]
+            torch.testing.assert_close(c_last[r], c[-1], rtol=1e-9, atol=1e-9)
+            if heads:
+                keys, values, lengths = kv
+                assert int(lengths[r]) == L
+                wk, wv = head.fused(c.dtype)[8:10]
+                torch.testing.assert_close(keys[r, :L].flatten(1), c @ wk.t(), rtol=1e-9, atol=1e-9)
+                torch.testing.assert_close(values[r, :L].flatten(1), c @ wv.t(), rtol=1e-9, atol=1e-9)
             checked += 1
-    assert checked == sum(len(s) for s, _, _ in drafter.seen)
+    assert checked == sum(len(s) for s, *_ in drafter.seen)
+    assert res.stats["mean_accepted"] == drafter.num_draft - 1  # each step: the rejected row left out
 
 
 def test_the_markov_head_chains_each_draft_on_the_one_before(greedy_setup):
@@ -140,7 +186,7 @@ def test_the_markov_head_chains_each_draft_on_the_one_before(greedy_setup):
     rec = FeatureRecorder(target, head)
     res = SpeculativeDecoder(target, rec).generate(prompts, MAX_NEW)
     assert res.tokens == SpeculativeDecoder(target).generate(prompts, MAX_NEW).tokens
-    for seqs, _, toks in rec.seen:
+    for seqs, _, _, toks in rec.seen:
         for r, seq in enumerate(seqs):
             a = seq[-1]
             for j in range(toks.shape[1]):
@@ -153,9 +199,10 @@ def stats_target():
     return BuiltinTarget(make_model(V_STATS, 20, cfg=STATS_CFG, dtype=torch.float32))
 
 
-@pytest.mark.parametrize("temperature,top_k,schedule", [(1.0, 0, None), (0.7, 3, None), (1.0, 0, "threshold")])
-def test_sampled_output_follows_target_distribution(stats_target, temperature, top_k, schedule):
-    head = make_head(16, V_STATS, (0,), block=3, seed=7, scale=0.3)
+@pytest.mark.parametrize("temperature,top_k,schedule,heads", [(1.0, 0, None, 0), (0.7, 3, None, 0),
+                                                               (1.0, 0, "threshold", 0), (1.0, 0, None, 2)])
+def test_sampled_output_follows_target_distribution(stats_target, temperature, top_k, schedule, heads):
+    head = make_head(16, V_STATS, (0,), block=3, seed=7, scale=0.3, heads=heads)
     drafter = DSparkDrafter(stats_target, head, schedule=schedule, threshold=0.45)
     res = SpeculativeDecoder(stats_target, drafter).generate([STATS_PROMPT] * N_STATS, 2, temperature=temperature,
                                                              top_k=top_k, seed=4321)
@@ -209,7 +256,7 @@ def test_schedule_cuts_blocks_as_schedule_verify_says(greedy_setup, schedule):
     widths = []
 
     def checked(seqs, state, sampling):
-        uncut.features = drafter.features
+        share_context(uncut, drafter)
         full = uncut.propose(seqs, state, sampling)  # the same draws (greedy), not cut
         cut = DSparkDrafter.propose(drafter, seqs, state, sampling)
         R, n = full.tokens.shape
@@ -242,41 +289,69 @@ def test_confidence_is_the_heads_on_the_drafted_prefix(greedy_setup):
     real = DSparkDrafter.propose
 
     def spy(seqs, state, sampling):
-        feats = None if drafter.features is None else drafter.features.clone()  # the session rewrites it
+        c_last = None if drafter.c_last is None else drafter.c_last.clone()  # observe() replaces it
         d = real(drafter, seqs, state, sampling)
-        seen.append((feats, state.last_token.clone(), d.tokens.clone(), d.confidence.clone()))
+        seen.append((c_last, state.last_token.clone(), d.tokens.clone(), d.confidence.clone()))
         return d
 
     drafter.propose = spy
     SpeculativeDecoder(target, drafter).generate(prompts, 8)
     embed = model.embed.weight.float()
     with torch.no_grad():
-        for feats, anchor, toks, conf in seen:
-            if feats is None:
+        for c_last, anchor, toks, conf in seen:
+            if c_last is None:
                 continue
-            block = head.block_hidden(feats.float(), anchor, embed)
+            x = (c_last.float() + embed[anchor.long()]).unsqueeze(1) + head.pos  # the training form's MLP
+            y = head.mlp_norm(x)
+            block = x + head.w_down(F.silu(head.w_gate(y)) * head.w_up(y))
             prev = torch.cat([anchor.unsqueeze(1).long(), toks[:, :-1].long()], 1)
             want = torch.sigmoid(head.confidence_logits(block, prev) / temps)
             torch.testing.assert_close(conf, want, rtol=1e-5, atol=1e-6)
     assert len(seen) > 2
 
 
+@pytest.mark.parametrize("heads", [0, 2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-def test_inference_block_equals_the_training_block(dtype):
-    """infer_block (fused weights, the target's RMSNorm form, the target's
-    dtype) computes what block_hidden (the modules training uses) does, and
-    follows weight updates."""
-    head = make_head(24, 50, (0, 2), block=5, seed=13)
-    feats, anchor = torch.randn(7, 2, 24), torch.randint(0, 50, (7,))
+def test_inference_block_equals_the_training_block(dtype, heads):
+    """The inference form (fused weights, the target's RMSNorm form and
+    dtype, a key/value cache grown row by row, the attention vectorised over
+    the block) computes what the training form computes over a window, for
+    every block of the window, and follows weight updates."""
+    head = make_head(24, 50, (0, 2), block=5, seed=13, heads=heads)
+    L, n = 9, 4
+    feats, anchors = torch.randn(2, L, 2, 24), torch.randint(0, 50, (2, L))
     embed = torch.randn(50, 24)
-    tol = dict(rtol=3e-2, atol=8e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
+    tol = dict(rtol=5e-2, atol=0.25) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)  # bf16: 8 bits
     for _ in range(2):
-        want = head.block_hidden(feats, anchor, embed)[:, :3]
-        got = head.infer_block(feats.to(dtype), anchor, embed.to(dtype), 3)
-        assert got.dtype == dtype
-        torch.testing.assert_close(got.float(), want.detach(), **tol)
+        want = head.block_hidden(feats, anchors, embed).detach()  # [2, L, G, dim]
+        drafter_c = head.infer_context(feats.to(dtype))  # [2, L, dim]
+        S = L + n + 2
+        keys = torch.zeros(2, S, max(heads, 1), 8, dtype=dtype)
+        values = torch.zeros_like(keys)
+        if heads:
+            wk, wv = head.fused(dtype)[8:10]
+            keys[:, :L] = (drafter_c @ wk.t()).view(2, L, heads, 8)
+            values[:, :L] = (drafter_c @ wv.t()).view(2, L, heads, 8)
+        for t in range(L):
+            kv = (keys, values, torch.full((2,), t + 1)) if heads else None
+            got = head.infer_block(drafter_c[:, t], anchors[:, t], embed.to(dtype), n, kv)
+            assert got.dtype == dtype
+            torch.testing.assert_close(got.float(), want[:, t, :n], **tol)
         with torch.no_grad():
             head.w_up.weight.mul_(1.5)  # in place: the fused weights must be rebuilt
+            if heads:
+                head.ctx_v.weight.mul_(0.5)
+
+
+def test_target_sps_table(greedy_setup):
+    """Steps per second of the target's forward at 1..n tokens (a table
+    schedule_verify takes), and the per-step overhead added to each time."""
+    target = BuiltinTarget(greedy_setup[0])
+    table = target_sps_table(target, 4, context=16, warmup=1, iters=3)
+    assert table.shape == (5,) and table.dtype == torch.float64
+    assert bool((table > 0).all()) and bool(torch.isfinite(table).all())
+    slow = target_sps_table(target, 4, context=16, overhead_s=0.5, warmup=1, iters=3)
+    assert bool((slow < 2.0).all()) and bool((slow > 1.0 / (0.5 + 1.0)).all())  # 1 / (forward + 0.5 s)
 
 
 def test_bad_arguments(greedy_setup):

@@ -45,18 +45,20 @@ class Drafter(ABC):
 
     num_draft: int
     # Target layers whose hidden states the drafter reads (DSpark's context features): the loop asks the
-    # target's passes for them and hands observe() each request's row at its last processed token.
+    # target's passes for them and hands them to observe().
     hidden_layers: Tuple[int, ...] = ()
 
     def start(self, num_requests: int, max_len: int, device: torch.device) -> None:
         """A new generate() call with these requests."""
 
-    def observe(self, hidden: Optional[torch.Tensor]) -> None:
-        """hidden [R, len(hidden_layers), d]: the target's hidden states at
-        each request's last processed token (after the prefill and after
-        each step; zeros for a one-token prompt; None when every prompt was
-        one token). Only called when hidden_layers is not empty; the tensor
-        is valid until the next step."""
+    def observe(self, rows: Optional[torch.Tensor], processed: Optional[torch.Tensor]) -> None:
+        """The target's hidden states (layers hidden_layers) of its last
+        pass, rows [R, w, len(hidden_layers), d], of which each request's
+        first processed[r] ([R] int32) are now processed tokens of its
+        sequence, in order (after the prefill: the prompt but its last
+        token, 0 for a one-token prompt; after a step: the root and the
+        accepted drafts); None, None when the prefill had no tokens. Only
+        called when hidden_layers is not empty; valid until the next step."""
 
     @abstractmethod
     def propose(self, seqs: List[List[int]], state: RequestState, sampling: Sampling) -> Draft:

@@ -49,10 +49,15 @@ class DSparkConfig:
     mlp_hidden: int = 192
     rank: int = 64  # r of the Markov head's w1 [V, r] and w2 [r, V]
     norm_eps: float = 1e-5
+    # Context attention (0: none): the block attends over every processed token's features; block position k
+    # reads the value k - 1 tokens after the key it matched (a copy of what followed an earlier occurrence).
+    context_heads: int = 0
+    context_head_dim: int = 32
 
     def __post_init__(self):
         self.hidden_layers = tuple(int(x) for x in self.hidden_layers)
-        if not self.hidden_layers or self.block < 1 or self.rank < 1 or self.mlp_hidden < 1:
+        if (not self.hidden_layers or self.block < 1 or self.rank < 1 or self.mlp_hidden < 1
+                or self.context_heads < 0 or self.context_head_dim < 1):
             raise ValueError(f"DSparkConfig: need hidden_layers, block, rank and mlp_hidden >= 1, got {self}")
 
     def to_dict(self) -> dict:
@@ -79,24 +84,56 @@ class DSparkHead(nn.Module):
         self.markov_w1 = nn.Parameter(torch.zeros(cfg.vocab_size, cfg.rank))  # zero: training starts at U_k
         self.markov_w2 = nn.Parameter(torch.randn(cfg.rank, cfg.vocab_size) * 0.02)
         self.conf = nn.Linear(d + cfg.rank, 1)
-        for lin in (self.fuse, self.w_gate, self.w_up, self.w_down):
+        lins = [self.fuse, self.w_gate, self.w_up, self.w_down]
+        if cfg.context_heads:
+            inner = cfg.context_heads * cfg.context_head_dim
+            self.attn_norm = nn.RMSNorm(d, eps=cfg.norm_eps)
+            self.ctx_q, self.ctx_k, self.ctx_v = (nn.Linear(d, inner, bias=False) for _ in range(3))
+            self.ctx_o = nn.Linear(inner, d, bias=False)
+            lins += [self.ctx_q, self.ctx_k, self.ctx_v, self.ctx_o]
+        for lin in lins:
             nn.init.normal_(lin.weight, std=0.02)
 
+    def context(self, features: torch.Tensor) -> torch.Tensor:
+        """features [..., k, dim] (the target's hidden states of processed
+        tokens) -> the fused context features [..., dim]."""
+        return self.fuse_norm(self.fuse(features.flatten(-2)))
+
     def block_hidden(self, features: torch.Tensor, anchor: torch.Tensor, embed: torch.Tensor) -> torch.Tensor:
-        """features [..., k, dim] (the target's hidden states at the last
-        processed token), anchor [...] (the token after it), embed [V, dim]
-        (the target's) -> the block's hidden states [..., G, dim]."""
-        z = self.fuse_norm(self.fuse(features.flatten(-2))) + F.embedding(anchor.long(), embed)
-        x = z.unsqueeze(-2) + self.pos
+        """Training form. features [B, L, k, dim]: the target's hidden states
+        of a window of L processed tokens; anchor [B, T] (T <= L): block t
+        drafts after tokens 0..t, its anchor the token at t + 1; embed
+        [V, dim] (the target's) -> the blocks' hidden states [B, T, G, dim]."""
+        c = self.context(features)  # [B, L, dim]
+        T = anchor.shape[1]
+        x = (c[:, :T] + F.embedding(anchor.long(), embed)).unsqueeze(2) + self.pos
+        if self.cfg.context_heads:
+            x = x + self._attend_window(x, c)
         y = self.mlp_norm(x)
         return x + self.w_down(F.silu(self.w_gate(y)) * self.w_up(y))
+
+    def _attend_window(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """Context attention, training form: block t, position g + 1 attends
+        to keys j with j + g <= t and reads value j + g (plus a zero sink)."""
+        B, T, G, _ = x.shape
+        L, H, hd = c.shape[1], self.cfg.context_heads, self.cfg.context_head_dim
+        q = self.ctx_q(self.attn_norm(x)).view(B, T, G, H, hd) * hd ** -0.5
+        k, v = self.ctx_k(c).view(B, L, H, hd), self.ctx_v(c).view(B, L, H, hd)
+        t, j = torch.arange(T, device=x.device).unsqueeze(1), torch.arange(L, device=x.device)
+        outs = []
+        for g in range(G):
+            s = torch.einsum("bthd,bjhd->bhtj", q[:, :, g], k).masked_fill(j + g > t, float("-inf"))
+            p = torch.softmax(torch.cat([s, s.new_zeros(B, H, T, 1)], -1), -1)[..., :L]
+            outs.append(torch.einsum("bhtj,bjhd->bthd", p, F.pad(v[:, g:], (0, 0, 0, 0, 0, g))))
+        return self.ctx_o(torch.stack(outs, 2).flatten(-2))
 
     def fused(self, dtype: torch.dtype) -> Tuple[torch.Tensor, ...]:
         """The inference path's weights in `dtype` (the target's): fuse,
         fuse_norm's weight, pos, w_gate and w_up in one matrix with
-        mlp_norm's weight folded in, w_down^T, and w1, w2 in float32 (for
-        markov_draft). Cached while every parameter keeps its storage and
-        version (like BuiltinModel's fused weights)."""
+        mlp_norm's weight folded in, w_down^T, w1 and w2 in float32 (for
+        markov_draft), then with context attention ctx_q (attn_norm's weight
+        folded in), ctx_k, ctx_v and ctx_o^T. Cached while every parameter
+        keeps its storage and version (like BuiltinModel's fused weights)."""
         ps = tuple(self.parameters())
         key = (dtype,) + tuple(p.data_ptr() for p in ps) + tuple(_version(p) for p in ps)
         cached = getattr(self, "_fused", None)
@@ -107,21 +144,60 @@ class DSparkHead(nn.Module):
                 built = tuple(t.to(dtype).contiguous() for t in (self.fuse.weight, self.fuse_norm.weight, self.pos,
                                                                  w13, self.w_down.weight.t()))
                 built += (self.markov_w1.float().contiguous(), self.markov_w2.float().contiguous())
+                if self.cfg.context_heads:
+                    built += tuple(t.to(dtype).contiguous() for t in (
+                        self.ctx_q.weight * self.attn_norm.weight, self.ctx_k.weight, self.ctx_v.weight,
+                        self.ctx_o.weight.t()))
             cached = self._fused = (key, built, ps)  # ps: keeps the storages alive (their addresses are the key)
         return cached[1]
 
-    def infer_block(self, features: torch.Tensor, anchor: torch.Tensor, embed: torch.Tensor, n: int
-                    ) -> torch.Tensor:
+    def infer_context(self, features: torch.Tensor) -> torch.Tensor:
+        """context() for inference: features [R, w, k, dim] in the target's
+        dtype -> [R, w, dim], on the fused weights."""
+        w_fuse, g_fuse = self.fused(features.dtype)[:2]
+        R, w = features.shape[:2]
+        c = _normalize(F.linear(features.reshape(R * w, -1), w_fuse), self.cfg.norm_eps) * g_fuse
+        return c.view(R, w, -1)
+
+    def infer_block(self, c_last: torch.Tensor, anchor: torch.Tensor, embed: torch.Tensor, n: int,
+                    kv: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
         """block_hidden's first n positions for inference, in the target's
-        dtype (the features' and embed's), on the fused weights with
-        RMSNorm as BuiltinModel's forward computes it: [R, n, dim]."""
-        w_fuse, g_fuse, pos, w13, w_down_t, _, _ = self.fused(features.dtype)
+        dtype, on the fused weights with RMSNorm as BuiltinModel's forward
+        computes it. c_last [R, dim]: the last processed token's context
+        features; kv (with context attention): keys and values of every
+        processed token [R, S, heads, head_dim] and how many there are [R].
+        Returns [R, n, dim]."""
+        fw = self.fused(c_last.dtype)
+        _, _, pos, w13, w_down_t = fw[:5]
         eps = self.cfg.norm_eps
-        z = _normalize(F.linear(features.flatten(1), w_fuse), eps) * g_fuse + F.embedding(anchor.long(), embed)
-        x = (z.unsqueeze(1) + pos[:n]).flatten(0, 1)  # [R n, dim]
+        R = c_last.shape[0]
+        x = (c_last + F.embedding(anchor.long(), embed)).unsqueeze(1) + pos[:n]  # [R, n, dim]
+        if self.cfg.context_heads:
+            x = x + self._attend_cache(x, kv, fw[7:])
+        x = x.flatten(0, 1)
         gate, up = F.linear(_normalize(x, eps), w13).chunk(2, -1)
         x = torch.addmm(x, F.silu(gate) * up, w_down_t)
-        return x.view(-1, n, x.shape[-1])
+        return x.view(R, n, -1)
+
+    def _attend_cache(self, x: torch.Tensor, kv, weights) -> torch.Tensor:
+        """Context attention, inference form (what _attend_window computes
+        for t = lengths - 1), vectorised over the block's positions:
+        position g + 1's weights over keys j, moved to value j + g."""
+        wq, _, _, wo_t = weights
+        keys, values, lengths = kv
+        R, n, d = x.shape
+        S, H, hd = keys.shape[1], self.cfg.context_heads, self.cfg.context_head_dim
+        q = F.linear(_normalize(x.reshape(R * n, d), self.cfg.norm_eps), wq).view(R, n, H, hd) * hd ** -0.5
+        s = torch.einsum("rghd,rjhd->rghj", q, keys)  # [R, n, H, S]
+        g = torch.arange(n, device=x.device)
+        valid = (torch.arange(S, device=x.device) + g.unsqueeze(1)) < lengths.view(R, 1, 1)  # [R, n, S]
+        s = s.masked_fill(~valid.unsqueeze(2), float("-inf"))
+        p = torch.softmax(torch.cat([s, s.new_zeros(R, n, H, 1)], -1), -1)[..., :S]
+        # value index j' = j + g: p_shift[..., j'] = p[..., j' - g] (0 for j' < g)
+        idx = (torch.arange(S, device=x.device) - g.unsqueeze(1) + n).view(1, n, 1, S).expand(R, n, H, S)
+        p_shift = F.pad(p, (n, 0)).gather(-1, idx)
+        out = torch.einsum("rghj,rjhd->rghd", p_shift, values).reshape(R * n, H * hd)
+        return (out @ wo_t).view(R, n, d)
 
     def confidence_logits(self, block: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
         """block [..., G, dim], prev [..., G] (x_{k-1}: the anchor, then the
@@ -173,31 +249,53 @@ class DSparkDrafter(Drafter):
         self.schedule, self.threshold, self.with_confidence = schedule, threshold, with_confidence
         self.sps_table = None if sps_table is None else sps_table.to(torch.float64)
         self.temperatures = None if temperatures is None else temperatures.to(torch.float32)[:n]
-        self.features: Optional[torch.Tensor] = None
+        self.c_last: Optional[torch.Tensor] = None
         head.to(device=model.embed.weight.device).eval()
 
     def start(self, num_requests, max_len, device) -> None:
-        self.features = None  # until observe()
-        self._dev = torch.device(device)
+        self.c_last = None  # until observe(): each request's last processed token's context features
         self._counts = torch.full((num_requests,), self.num_draft, dtype=torch.int32, device=device)
+        cfg = self.head.cfg
+        if cfg.context_heads:  # keys and values of every processed token (room for a step's rows past max_len)
+            shape = (num_requests, max_len + self.num_draft + 2, cfg.context_heads, cfg.context_head_dim)
+            dt = self.model.embed.weight.dtype
+            self.keys = torch.zeros(shape, dtype=dt, device=device)
+            self.values = torch.zeros(shape, dtype=dt, device=device)
+            self.lengths = torch.zeros(num_requests, dtype=torch.int64, device=device)
 
-    def observe(self, hidden: Optional[torch.Tensor]) -> None:
-        """hidden [R, k, dim]: the target's hidden states (self.hidden_layers)
-        at each request's last processed token, read by the next propose()
-        (None: no context yet, zero features)."""
-        self.features = hidden
+    @torch.inference_mode()
+    def observe(self, rows: Optional[torch.Tensor], processed: Optional[torch.Tensor]) -> None:
+        """Keeps the last processed token's context features per request
+        and, with context attention, appends the processed rows' keys and
+        values (all w rows are written; the lengths advance by processed)."""
+        if rows is None:
+            return
+        R, w = rows.shape[:2]
+        c = self.head.infer_context(rows)  # [R, w, dim]
+        last = c[torch.arange(R, device=c.device), (processed.long() - 1).clamp(min=0)]
+        fresh = (processed > 0).unsqueeze(1)
+        self.c_last = torch.where(fresh, last, self.c_last if self.c_last is not None else torch.zeros_like(last))
+        if self.head.cfg.context_heads:
+            wk, wv = self.head.fused(c.dtype)[8:10]
+            H, hd = self.keys.shape[2:]
+            at = (self.lengths.unsqueeze(1) + torch.arange(w, device=c.device)).clamp(max=self.keys.shape[1] - 1)
+            r = torch.arange(R, device=c.device).unsqueeze(1)
+            self.keys[r, at] = F.linear(c, wk).view(R, w, H, hd)
+            self.values[r, at] = F.linear(c, wv).view(R, w, H, hd)
+            self.lengths += processed.long()
 
     @torch.inference_mode()
     def propose(self, seqs, state, sampling) -> Draft:
         R, n, dev = len(seqs), self.num_draft, state.last_token.device
         embed = self.model.embed.weight
-        if self.features is None:  # no context yet (every prompt was one token): zero features
-            self.features = torch.zeros(R, len(self.hidden_layers), embed.shape[1], dtype=embed.dtype, device=dev)
+        if self.c_last is None:  # no context yet (every prompt was one token): zero features
+            self.c_last = torch.zeros(R, embed.shape[1], dtype=embed.dtype, device=dev)
         head = self.head
-        block = head.infer_block(self.features, state.last_token, embed, n)  # [R, n, dim]
+        kv = (self.keys, self.values, self.lengths) if head.cfg.context_heads else None
+        block = head.infer_block(self.c_last, state.last_token, embed, n, kv)  # [R, n, dim]
         base = F.linear(_normalize(block.flatten(0, 1), head.cfg.norm_eps), self.model._head_weight())
         base = base.view(R, n, -1)  # [R, n, V]: U_1..U_n
-        w1, w2 = head.fused(embed.dtype)[-2:]
+        w1, w2 = head.fused(embed.dtype)[5:7]
         if base.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             base = base.float()  # e.g. float64 test models: the op takes fp32/fp16/bf16
         res = markov_draft(base, state.last_token, w1, w2, temperature=sampling.temperature, seed=sampling.seed,
@@ -221,13 +319,16 @@ class DSparkDrafter(Drafter):
                      width=width if width < n else None)
 
 
-def target_sps_table(target, max_tokens: int, *, context: int = 128, warmup: int = 3, iters: int = 9
-                     ) -> torch.Tensor:
+def target_sps_table(target, max_tokens: int, *, context: int = 128, overhead_s: float = 0.0, warmup: int = 3,
+                     iters: int = 9) -> torch.Tensor:
     """The SPS table [max_tokens + 1] (float64) schedule_verify's early_stop
-    needs at batch 1: the target's forward of B = 1..max_tokens new tokens
-    after `context` cached ones, timed by measure_sps (CUDA events on a
-    GPU, wall clock on the CPU; medians). With one request, B = 1 + the
-    drafts it verifies."""
+    needs at batch 1: steps per second of the target's forward of
+    B = 1..max_tokens new tokens after `context` cached ones, timed by
+    measure_sps (CUDA events on a GPU, wall clock on the CPU; medians),
+    with `overhead_s` added to each step's time (what a step spends outside
+    the target's forward: drafting, verification, bookkeeping — on a small
+    model not negligible, and it makes a longer pass relatively cheaper).
+    With one request, B = 1 + the drafts it verifies."""
     dev = target.device
     cache = target.new_cache(1, context + max_tokens)
     ids = torch.zeros(max_tokens, dtype=torch.int64, device=dev)
@@ -238,7 +339,8 @@ def target_sps_table(target, max_tokens: int, *, context: int = 128, warmup: int
         target.lengths(cache).fill_(context)
         target.forward(ids[:B], pos[:B], torch.tensor([0, B], dtype=torch.int32), cache)
 
-    return measure_sps(step, range(1, max_tokens + 1), warmup=warmup, iters=iters, device=dev.type)
+    sps = measure_sps(step, range(1, max_tokens + 1), warmup=warmup, iters=iters, device=dev.type)
+    return 1.0 / (1.0 / sps + overhead_s)
 
 
 __all__: Sequence[str] = ("DSparkConfig", "DSparkDrafter", "DSparkHead", "target_sps_table")

@@ -14,7 +14,7 @@ import torch
 
 from .._host import to_device
 from .drafters import Drafter
-from .session import DecodeSession, gather_last_rows, session_key
+from .session import DecodeSession, pad_rows, session_key
 
 _M64 = (1 << 64) - 1
 
@@ -126,14 +126,9 @@ class SpeculativeDecoder:
             _, hidden = target.forward(to_device([t for p in pre for t in p], torch.int64, dev),
                                        to_device([i for p in pre for i in range(len(p))], torch.int64, dev),
                                        torch.tensor(cu, dtype=torch.int32), cache, hidden_layers=layers)
-        if layers:  # the drafter's first context: each prompt's last prefilled token (none: zeros)
-            if hidden is None:  # every prompt is one token: no context yet
-                self.drafter.observe(None)
-            else:
-                rows = to_device([c - 1 if c > b else -1 for b, c in zip(cu[:-1], cu[1:])], torch.int64, dev)
-                first = gather_last_rows(hidden, rows)
-                sess.reserve_features(first)
-                self.drafter.observe(first)
+        if layers:  # the drafter's first context: the prefilled tokens (none when every prompt is one token)
+            self.drafter.observe(None if hidden is None else pad_rows(hidden, cu),
+                                 None if hidden is None else to_device([len(p) for p in pre], torch.int32, dev))
         sess.check_graphs()  # graphs kept from an earlier call still read where the target's tensors are
         captured_before = self._graphs_captured()
         out = [[] for _ in range(R)]
@@ -155,7 +150,8 @@ class SpeculativeDecoder:
             if tree_parents is not None and draft_logits is not None:
                 raise NotImplementedError("SpeculativeDecoder: tree drafts are verified as point masses "
                                           "(deterministic siblings); a tree with draft distributions is not supported")
-            packed = sess.run_step(toks, tree_parents, None if tree_parents is not None else draft_logits, draft_t)
+            packed, rows, processed = sess.run_step(toks, tree_parents,
+                                                    None if tree_parents is not None else draft_logits, draft_t)
             # The step's one host synchronisation: what was appended, and who finished.
             host = packed.tolist()
             acc_step = []
@@ -171,7 +167,7 @@ class SpeculativeDecoder:
             if self.drafter is not None:
                 self.drafter.commit([row[-3] for row in host], [bool(row[-1]) for row in host])
                 if layers:
-                    self.drafter.observe(sess.features)
+                    self.drafter.observe(rows, processed)
             if all(finished):
                 break
         elapsed = time.perf_counter() - t0

@@ -15,7 +15,7 @@ import torch
 from ..chain import verify_chunk
 from ..kv import RequestState, commit_tokens
 from ..tree import verify_tree
-from .._host import host_to_device
+from .._host import host_to_device, to_device
 from .drafters import Sampling
 from .graphs import StepGraphs
 from .model import tree_ancestors
@@ -48,9 +48,7 @@ class DecodeSession:
                            for m in range(n + 1)]  # per width: a chain keeps its first entries
         self.appended = [torch.full((R,), m + 1, **i32) for m in range(n + 1)]
         self.root_parent = torch.full((R, 1), -1, **i32)
-        self.row_base = [torch.arange(R, dtype=torch.int64, device=dev) * (m + 1) for m in range(n + 1)]
         self.hidden_layers: tuple = ()  # the drafter's (Drafter.hidden_layers), set per call
-        self.features: Optional[torch.Tensor] = None  # [R, k, d]: hidden states at each last processed token
         self.graphs = StepGraphs(self.verify_step, capture=capture) if graphs else None
 
     def check_graphs(self) -> None:
@@ -82,8 +80,8 @@ class DecodeSession:
             self.stop.copy_(stop)
 
     def run_step(self, toks: torch.Tensor, tree_parents: Optional[torch.Tensor],
-                 draft_logits: Optional[torch.Tensor], draft_t: Optional[torch.Tensor]) -> torch.Tensor:
-        """One step, through the graphs when the session has them."""
+                 draft_logits: Optional[torch.Tensor], draft_t: Optional[torch.Tensor]) -> tuple:
+        """One step (verify_step's outputs), through the graphs when the session has them."""
         inputs = (toks, tree_parents, draft_logits, draft_t)
         if self.graphs is None:
             return self.verify_step(inputs)
@@ -98,9 +96,12 @@ class DecodeSession:
         request's [last token, drafts], verify_chunk (a chain) or
         verify_tree (a tree: the pass attends along each node's ancestors),
         commit_tokens, and the rollback that keeps what was committed.
-        Returns what the host reads: [R, W + 5] int32, the committed tokens
-        then old length, new length, accepted drafts, finished, finished
-        before."""
+        Returns (packed, rows, processed): what the host reads, [R, W + 5]
+        int32, the committed tokens then old length, new length, accepted
+        drafts, finished, finished before; and when the drafter reads hidden
+        states (hidden_layers), the pass's [R, m + 1, k, d] and how many of
+        each request's rows are now processed tokens [R] int32 (its root and
+        accepted drafts), else None, None."""
         toks, tree_parents, draft_logits, draft_t = inputs
         R, target, cache, state, sampling = self.R, self.target, self.cache, self.state, self.sampling
         m = toks.shape[1]
@@ -132,8 +133,6 @@ class DecodeSession:
                                temperature=sampling.temperature, top_k=self.top_k, top_p=self.top_p,
                                seed=sampling.seed, position=state.position)
             keep_index = self.keep_chain[m]
-            if self.hidden_layers:  # the drafter's context: the row of each request's last accepted token
-                self._keep_features(hidden.index_select(0, self.row_base[m] + res.accepted.clamp(0, m).long()))
         was_finished = state.finished.clone()
         old_len = state.out_len.clone()
         commit_tokens(state, res.tokens, res.emitted, res.status, stop_tokens=self.stop)
@@ -141,29 +140,25 @@ class DecodeSession:
         # cut at a stop token or max_new_tokens; nothing for finished or aborted requests.
         num_keep = torch.where(was_finished, 0, state.out_len - old_len).to(torch.int32)
         target.rollback(cache, base, self.appended[m], keep_index, num_keep)
-        return torch.cat([res.tokens, old_len.unsqueeze(1), state.out_len.unsqueeze(1), res.accepted.unsqueeze(1),
-                          state.finished.int().unsqueeze(1), was_finished.int().unsqueeze(1)], 1)
+        packed = torch.cat([res.tokens, old_len.unsqueeze(1), state.out_len.unsqueeze(1),
+                            res.accepted.unsqueeze(1), state.finished.int().unsqueeze(1),
+                            was_finished.int().unsqueeze(1)], 1)
+        if not self.hidden_layers:
+            return packed, None, None
+        # The drafter's context (Drafter.observe): this pass's hidden states, of which the root and the
+        # accepted drafts are now processed tokens.
+        return packed, hidden.view(R, m + 1, *hidden.shape[1:]), (res.accepted.clamp(0, m) + 1).to(torch.int32)
 
 
-    def reserve_features(self, like: torch.Tensor) -> None:
-        """Make the features buffer [R, k, d] like `like` (rows of the
-        prefill's hidden states) before the first step, unless it is already
-        (a kept session's): its address stays fixed for the graphs that
-        write it, and every step runs the same ops."""
-        if self.features is None or self.features.shape != like.shape or self.features.dtype != like.dtype:
-            self.features = torch.empty_like(like)
-
-    def _keep_features(self, rows: torch.Tensor) -> None:
-        """Write rows [R, k, d] into the features buffer (made here only when
-        no prefill reserved it: every prompt was one token)."""
-        self.reserve_features(rows)
-        self.features.copy_(rows)
-
-
-def gather_last_rows(hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """hidden [T, k, dim], rows [R] int64 (-1: none) -> [R, k, dim], zeros where rows < 0."""
-    out = hidden.index_select(0, rows.clamp(min=0))
-    return torch.where((rows >= 0).view(-1, 1, 1), out, torch.zeros((), dtype=out.dtype, device=out.device))
+def pad_rows(hidden: torch.Tensor, cu: List[int]) -> torch.Tensor:
+    """Ragged rows hidden [T, ...] (request r's at cu[r]:cu[r+1], host
+    offsets) -> [R, max rows, ...], each request's rows first (the rest
+    repeat its last row, or row 0 for a request with none)."""
+    counts = [b - a for a, b in zip(cu[:-1], cu[1:])]
+    width = max(counts)
+    idx = [[a + min(i, max(c - 1, 0)) if c else 0 for i in range(width)] for a, c in zip(cu[:-1], counts)]
+    return hidden.index_select(0, to_device([i for row in idx for i in row], torch.int64, hidden.device)).view(
+        len(counts), width, *hidden.shape[1:])
 
 
 def session_key(target, prompt_lengths: List[int], max_new_tokens: int, n: int, num_stop: int, *,
