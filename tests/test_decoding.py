@@ -952,15 +952,18 @@ def test_early_finish_does_not_change_other_requests(kind, temperature):
 # ---------------------------------------------------------------------------
 # cuda_graph=True: the verify step from static buffers (captured on a GPU)
 
-def _dspark(target_model: BuiltinModel) -> DSparkDrafter:
-    """A DSpark drafter with a random head (seeded) on the target's layers 0 and 1."""
+def _dspark(target_model: BuiltinModel, **kw) -> DSparkDrafter:
+    """A DSpark drafter with a random head (seeded) on the target's layers 0
+    and 1, with context attention and its confidences (every device path
+    of a step without a host read); kw: DSparkDrafter's (a schedule)."""
     g = torch.Generator().manual_seed(40)
     head = DSparkHead(DSparkConfig(dim=target_model.cfg.dim, vocab_size=target_model.cfg.vocab_size,
-                                   hidden_layers=(0, 1), block=3, mlp_hidden=16, rank=4))
+                                   hidden_layers=(0, 1), block=3, mlp_hidden=16, rank=4, context_heads=2,
+                                   context_head_dim=8))
     with torch.no_grad():
         for p in head.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-    return DSparkDrafter(target_model, head)
+    return DSparkDrafter(target_model, head, with_confidence=True, temperatures=torch.ones(3), **kw)
 
 
 # per kind: (target model, draft model, cuda_graph) -> drafter
@@ -1139,13 +1142,14 @@ def test_failed_capture_warns_and_runs_eagerly():
 # On a GPU: the same guarantees, and one host synchronisation per step
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("kind", ["plain", "ngram", "ngram_tree", "draft_model"])
+@pytest.mark.parametrize("kind", ["plain", "ngram", "ngram_tree", "draft_model", "dspark"])
 def test_cuda_greedy_equals_cpu_greedy(greedy_setup, kind):
     model, draft_model, prompts, nostop, _, _ = greedy_setup
     gpu, gpu_draft = copy.deepcopy(model).cuda(), copy.deepcopy(draft_model).cuda()
     drafter = {"plain": lambda: None, "ngram": lambda: NGramDrafter(3, 5),
                "ngram_tree": lambda: NGramDrafter(3, 8, branches=3),
-               "draft_model": lambda: DraftModelDrafter(BuiltinTarget(gpu_draft), 3)}[kind]()
+               "draft_model": lambda: DraftModelDrafter(BuiltinTarget(gpu_draft), 3),
+               "dspark": lambda: _dspark(gpu), "dspark_budget": lambda: _dspark(gpu, schedule="budget", budget=6)}[kind]()
     res = SpeculativeDecoder(BuiltinTarget(gpu), drafter).generate(prompts, MAX_NEW)
     assert res.tokens == nostop and res.errors == [0] * len(prompts)
 
@@ -1181,7 +1185,7 @@ def test_cuda_graph_steps_equal_eager_steps(greedy_setup, kind, temperature):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("cuda_graph", [False, True])
-@pytest.mark.parametrize("kind", ["plain", "ngram", "ngram_tree", "draft_model"])
+@pytest.mark.parametrize("kind", ["plain", "ngram", "ngram_tree", "draft_model", "dspark", "dspark_budget"])
 def test_cuda_one_synchronisation_per_step(greedy_setup, kind, cuda_graph):
     """DESIGN §3: no host synchronisation inside a step but the finished
     check. torch's sync debug mode warns at every synchronising call; the
@@ -1192,7 +1196,8 @@ def test_cuda_one_synchronisation_per_step(greedy_setup, kind, cuda_graph):
     gpu, gpu_draft = copy.deepcopy(model).cuda(), copy.deepcopy(draft_model).cuda()
     make = {"plain": lambda: None, "ngram": lambda: NGramDrafter(3, 5),
             "ngram_tree": lambda: NGramDrafter(3, 8, branches=3),
-            "draft_model": lambda: DraftModelDrafter(BuiltinTarget(gpu_draft), 3, cuda_graph=cuda_graph)}[kind]
+            "draft_model": lambda: DraftModelDrafter(BuiltinTarget(gpu_draft), 3, cuda_graph=cuda_graph),
+            "dspark": lambda: _dspark(gpu), "dspark_budget": lambda: _dspark(gpu, schedule="budget", budget=6)}[kind]
     dec = SpeculativeDecoder(BuiltinTarget(gpu), make(), cuda_graph=cuda_graph)
     dec.generate(prompts, 4)  # warm-up: lazy initialisation, pinned-memory pools
     dec = SpeculativeDecoder(BuiltinTarget(gpu), make(), cuda_graph=cuda_graph)

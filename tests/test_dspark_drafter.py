@@ -71,7 +71,8 @@ STEEP_SPS = torch.tensor([0.0] + [1000.0 / (1 + 0.6 * b) for b in range(1, 80)],
 
 
 def drafter_for(target, head, schedule):
-    kw = {None: {}, "threshold": dict(threshold=0.4), "early_stop": dict(sps_table=STEEP_SPS)}[schedule]
+    kw = {None: {}, "threshold": dict(threshold=0.4), "early_stop": dict(sps_table=STEEP_SPS),
+          "budget": dict(budget=5)}[schedule]
     return DSparkDrafter(target, head, schedule=schedule, **kw)
 
 
@@ -105,7 +106,7 @@ class OracleRecorder(FeatureRecorder):
 
 
 @pytest.mark.parametrize("heads", [0, 2])
-@pytest.mark.parametrize("schedule", [None, "threshold", "early_stop"])
+@pytest.mark.parametrize("schedule", [None, "threshold", "early_stop", "budget"])
 def test_greedy_equals_target_greedy(greedy_setup, schedule, heads):
     model, prompts, nostop, stops, expected = greedy_setup
     target = BuiltinTarget(model)
@@ -115,7 +116,6 @@ def test_greedy_equals_target_greedy(greedy_setup, schedule, heads):
     assert res.errors == [0] * len(prompts)
     res = SpeculativeDecoder(target, drafter).generate(prompts, MAX_NEW)
     assert res.tokens == nostop
-    assert res.stats["steps"] <= MAX_NEW
 
 
 @pytest.mark.parametrize("heads", [0, 2])
@@ -199,11 +199,16 @@ def stats_target():
     return BuiltinTarget(make_model(V_STATS, 20, cfg=STATS_CFG, dtype=torch.float32))
 
 
-@pytest.mark.parametrize("temperature,top_k,schedule,heads", [(1.0, 0, None, 0), (0.7, 3, None, 0),
-                                                               (1.0, 0, "threshold", 0), (1.0, 0, None, 2)])
+@pytest.mark.parametrize("temperature,top_k,schedule,heads", [
+    (1.0, 0, None, 0), (0.7, 3, None, 0),  # top-k: the drafts are filtered too
+    (1.0, 0, "threshold", 0), (1.0, 0, "early_stop", 0), (0.7, 3, "budget", 0),  # cut blocks: -1 from p
+    (1.0, 0, None, 2)])
 def test_sampled_output_follows_target_distribution(stats_target, temperature, top_k, schedule, heads):
     head = make_head(16, V_STATS, (0,), block=3, seed=7, scale=0.3, heads=heads)
-    drafter = DSparkDrafter(stats_target, head, schedule=schedule, threshold=0.45)
+    # early_stop: a steep table (each token of the batch costs more), covering R (n + 1) tokens
+    sps = 1.0 / (1.0 + torch.arange(4 * N_STATS + 1, dtype=torch.float64) / (1.5 * N_STATS))
+    drafter = DSparkDrafter(stats_target, head, schedule=schedule, threshold=0.45, sps_table=sps,
+                            budget=N_STATS)
     res = SpeculativeDecoder(stats_target, drafter).generate([STATS_PROMPT] * N_STATS, 2, temperature=temperature,
                                                              top_k=top_k, seed=4321)
     assert res.errors == [0] * N_STATS
@@ -234,7 +239,7 @@ def test_drafts_come_from_markov_draft_with_the_verifiers_seed_and_position(monk
     prompts = make_prompts(V, [3, 8, 1], seed=32)
     temps = [0.9, 0.0, 1.3]
     res = SpeculativeDecoder(target, DSparkDrafter(target, make_head(32, V, (1,)))).generate(
-        prompts, 10, temperature=temps, seed=77)
+        prompts, 10, temperature=temps, top_k=[0, 0, 3], seed=77)
     assert len(draft_calls) == len(verify_calls) == res.stats["steps"]
     seeds = torch.tensor([request_seed(77, r) for r in range(len(prompts))])
     for (kw, logits), vkw in zip(draft_calls, verify_calls):
@@ -243,6 +248,8 @@ def test_drafts_come_from_markov_draft_with_the_verifiers_seed_and_position(monk
         # verification reads exactly what markov_draft wrote, at temperature 1 (0: a greedy point mass)
         torch.testing.assert_close(vkw["draft_logits"], logits, rtol=0, atol=0)
         assert vkw["draft_temperature"].tolist() == [1.0, 0.0, 1.0]
+        assert kw["top_k"].tolist() == [0, 0, 3]  # the request's top-k filters its drafts
+        assert (torch.isfinite(logits[2]).sum(-1) <= 3).all() and (torch.isfinite(logits[0]).sum(-1) == V).all()
 
 
 @pytest.mark.parametrize("schedule", ["threshold", "early_stop"])
@@ -260,8 +267,8 @@ def test_schedule_cuts_blocks_as_schedule_verify_says(greedy_setup, schedule):
         full = uncut.propose(seqs, state, sampling)  # the same draws (greedy), not cut
         cut = DSparkDrafter.propose(drafter, seqs, state, sampling)
         R, n = full.tokens.shape
-        length = schedule_verify(full.confidence, torch.full((R,), n, dtype=torch.int32), STEEP_SPS, mode=schedule,
-                                 threshold=0.4)
+        counts = torch.where(state.finished, 0, n).to(torch.int32)  # finished requests draft nothing
+        length = schedule_verify(full.confidence, counts, STEEP_SPS, mode=schedule, threshold=0.4)
         width = int(length.max())
         assert cut.tokens.shape == (R, width)
         for r in range(R):
@@ -272,6 +279,7 @@ def test_schedule_cuts_blocks_as_schedule_verify_says(greedy_setup, schedule):
         return cut
 
     drafter.propose = checked
+    uncut.start(len(prompts), 1, torch.device("cpu"))  # its context comes from drafter's (share_context)
     res = SpeculativeDecoder(target, drafter).generate(prompts, MAX_NEW)
     assert res.errors == [0] * len(prompts)
     assert min(widths) < head.cfg.block and max(widths) > 0, widths  # cut, but not to nothing
@@ -352,6 +360,45 @@ def test_target_sps_table(greedy_setup):
     assert bool((table > 0).all()) and bool(torch.isfinite(table).all())
     slow = target_sps_table(target, 4, context=16, overhead_s=0.5, warmup=1, iters=3)
     assert bool((slow < 2.0).all()) and bool((slow > 1.0 / (0.5 + 1.0)).all())  # 1 / (forward + 0.5 s)
+    batch = target_sps_table(target, 9, requests=3, context=16, warmup=1, iters=3)  # 3 requests, 1..3 tokens each
+    assert batch.shape == (10,) and bool((batch > 0).all())
+    with pytest.raises(ValueError, match="requests"):
+        target_sps_table(target, 2, requests=3)
+
+
+def test_budget_schedule_has_a_width_known_in_advance(greedy_setup):
+    """schedule='budget': the pass is min(n, budget) wide every step (no
+    host read decides it), at most `budget` drafts are verified across the
+    batch, each request's a prefix of its block."""
+    model, prompts, *_ = greedy_setup
+    target = BuiltinTarget(model)
+    drafter = DSparkDrafter(target, make_head(32, V_GREEDY, (0, 1), seed=21), schedule="budget", budget=3)
+    seen = []
+    real = DSparkDrafter.propose
+
+    def spy(seqs, state, sampling):
+        d = real(drafter, seqs, state, sampling)
+        seen.append((d.tokens.clone(), state.finished.clone()))
+        return d
+
+    drafter.propose = spy
+    res = SpeculativeDecoder(target, drafter).generate(prompts, MAX_NEW)
+    assert res.tokens == SpeculativeDecoder(target).generate(prompts, MAX_NEW).tokens
+    for toks, finished in seen:
+        assert toks.shape == (len(prompts), 3)
+        kept = toks >= 0
+        assert int(kept.sum()) <= 3 and not kept[finished].any()
+        assert bool((kept[:, 1:] <= kept[:, :-1]).all())  # prefixes
+    assert any(int((t >= 0).sum()) == 3 for t, _ in seen)
+
+
+def test_early_stop_needs_a_table_covering_the_batch(greedy_setup):
+    model, prompts, *_ = greedy_setup
+    target = BuiltinTarget(model)
+    drafter = DSparkDrafter(target, make_head(32, V_GREEDY, (0,)), schedule="early_stop", sps_table=torch.ones(10))
+    with pytest.raises(ValueError, match="covers token batches up to 9"):
+        SpeculativeDecoder(target, drafter).generate(prompts, 4)
+    SpeculativeDecoder(target, drafter).generate(prompts[:1], 4)  # 1 request x 5 tokens: covered
 
 
 def test_bad_arguments(greedy_setup):
@@ -369,5 +416,11 @@ def test_bad_arguments(greedy_setup):
         DSparkDrafter(target, make_head(32, V_GREEDY, (0,)), schedule="early_stop")
     with pytest.raises(ValueError, match="threshold"):
         DSparkDrafter(target, make_head(32, V_GREEDY, (0,)), schedule="threshold")
+    with pytest.raises(ValueError, match="budget"):
+        DSparkDrafter(target, make_head(32, V_GREEDY, (0,)), schedule="budget")
+    with pytest.raises(ValueError, match="temperatures"):
+        DSparkDrafter(target, make_head(32, V_GREEDY, (0,)), temperatures=torch.ones(2))
     with pytest.raises(ValueError, match="hidden_layers"):
         DSparkConfig(dim=8, vocab_size=8, hidden_layers=())
+    with pytest.raises(ValueError, match="distinct"):
+        DSparkConfig(dim=8, vocab_size=8, hidden_layers=(1, 1))

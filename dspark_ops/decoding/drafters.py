@@ -37,6 +37,8 @@ class Sampling:
 
     temperature: torch.Tensor
     seed: torch.Tensor
+    top_k: Optional[torch.Tensor] = None  # int32 (0: off); a drafter may filter its drafts with them (DSpark's does)
+    top_p: Optional[torch.Tensor] = None  # float32 (1: off)
 
 
 class Drafter(ABC):

@@ -2,16 +2,18 @@
 
 One drafting step is one small forward plus one op:
 
-1. **Parallel backbone.** The target's hidden states after a few layers at
-   each request's last processed token (the context features; the loop
-   gathers them from the verify pass, DecodeSession.features) are fused
-   (linear + RMSNorm), the anchor's embedding (the target's, frozen) and a
-   learned embedding per block position are added, and one residual
-   SwiGLU MLP runs over the G positions at once. The target's own final
-   norm and LM head (frozen, shared) turn them into base logits
-   U_1..U_G [R, G, V]. (A simplification of DFlash's backbone, which also
-   attends over every earlier token's features: here the context is the
-   last token's, which the target's attention has already summarised.)
+1. **Parallel backbone.** The target's hidden states after a few layers
+   (the loop hands them over through Drafter.observe: the prefill's rows
+   and each verify pass's processed rows) are fused (linear + RMSNorm) into
+   context features. The last processed token's, the anchor's embedding
+   (the target's, frozen) and a learned embedding per block position are
+   added; optional context attention over every processed token's features
+   (block position k attends to keys j and reads value j + k - 1, from a
+   key/value cache the drafter grows) and one residual SwiGLU MLP run over
+   the G positions at once. The target's own final norm and LM head
+   (frozen, shared) turn them into base logits U_1..U_G [R, G, V]. (DFlash's
+   backbone adds the features to the keys and values of several draft
+   layers; this is a one-layer, cheaper form of it.)
 2. **Markov head.** ``markov_draft`` samples the block left to right from
    ``U_k + w1[x_{k-1}] @ w2`` (x_0 = the anchor), purpose DRAFT, slot k, and
    writes exactly the logits it sampled from, which ``verify_chunk`` reads
@@ -56,9 +58,10 @@ class DSparkConfig:
 
     def __post_init__(self):
         self.hidden_layers = tuple(int(x) for x in self.hidden_layers)
-        if (not self.hidden_layers or self.block < 1 or self.rank < 1 or self.mlp_hidden < 1
-                or self.context_heads < 0 or self.context_head_dim < 1):
-            raise ValueError(f"DSparkConfig: need hidden_layers, block, rank and mlp_hidden >= 1, got {self}")
+        if (not self.hidden_layers or len(set(self.hidden_layers)) != len(self.hidden_layers) or self.block < 1
+                or self.rank < 1 or self.mlp_hidden < 1 or self.context_heads < 0 or self.context_head_dim < 1):
+            raise ValueError(f"DSparkConfig: need distinct hidden_layers, block, rank, mlp_hidden and "
+                             f"context_head_dim >= 1 and context_heads >= 0, got {self}")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -210,22 +213,31 @@ class DSparkHead(nn.Module):
 class DSparkDrafter(Drafter):
     """DSpark's block drafter on a BuiltinTarget (or any target whose
     `.model` is a BuiltinModel): one head forward and one markov_draft per
-    step, no host read (unless `schedule` is set). Draft j is sampled with
-    the request's temperature (greedy at 0: verified as a point mass).
+    step. Draft j is sampled from the corrected logits with the request's
+    temperature, top-k and top-p (greedy at temperature 0: verified as a
+    point mass).
 
-    schedule: None (verify every drafted token), or a lossless
-    schedule_verify mode, "early_stop" (needs sps_table) or "threshold"
-    (needs threshold): each request's block is cut before the target pass
-    (cut positions are -1, answered by the target), and the pass is trimmed
-    to the longest kept block (one host read per step). Draft.confidence
-    holds the calibrated confidences [R, n] when scheduling or with
-    with_confidence=True (else None: the confidence head is not run);
-    temperatures [G]: the per-position calibration (confidence =
-    sigmoid(logit / T_k); fit_sequential_temperatures)."""
+    schedule: how many of each request's drafts the target verifies —
+    None: all n; or a lossless schedule_verify mode on the head's
+    calibrated confidences (cut positions are -1, which verify_chunk
+    answers from the target):
+      * "budget" (needs budget: drafted tokens admitted across the batch,
+        the highest survivals first): the pass's width is min(n, budget),
+        known before drafting — no host read (DESIGN §3's orchestrator mode);
+      * "early_stop" (needs sps_table [B_max + 1] covering token batches up
+        to R (n + 1): DSpark's Algorithm 1) and "threshold" (needs
+        threshold): the pass is trimmed to the longest kept block, which
+        costs one host read per step.
+    Draft.confidence holds the confidences of the verified positions when
+    scheduling or with with_confidence=True (else None: the confidence head
+    is not run). temperatures [G]: the per-position calibration (confidence
+    = sigmoid(logit / T_k); fit_sequential_temperatures). Without a
+    schedule (or with "budget") no step reads the host."""
 
     def __init__(self, target, head: DSparkHead, *, num_draft: Optional[int] = None, schedule: Optional[str] = None,
                  sps_table: Optional[torch.Tensor] = None, threshold: Optional[float] = None,
-                 temperatures: Optional[torch.Tensor] = None, with_confidence: bool = False):
+                 budget: Optional[int] = None, temperatures: Optional[torch.Tensor] = None,
+                 with_confidence: bool = False):
         model = getattr(target, "model", target)
         cfg = head.cfg
         if (model.cfg.dim, model.cfg.vocab_size) != (cfg.dim, cfg.vocab_size):
@@ -237,31 +249,52 @@ class DSparkDrafter(Drafter):
         n = cfg.block if num_draft is None else int(num_draft)
         if not 1 <= n <= cfg.block:
             raise ValueError(f"DSparkDrafter: num_draft must be in [1, {cfg.block}] (the head's block), got {n}")
-        if schedule not in (None, "early_stop", "threshold"):
-            raise ValueError(f"DSparkDrafter: schedule must be None, 'early_stop' or 'threshold' (the lossless "
-                             f"modes a drafter can apply alone), got {schedule!r}")
+        if schedule not in (None, "budget", "early_stop", "threshold"):
+            raise ValueError(f"DSparkDrafter: schedule must be None, 'budget', 'early_stop' or 'threshold' (the "
+                             f"lossless modes), got {schedule!r}")
         if schedule == "early_stop" and sps_table is None:
-            raise ValueError("DSparkDrafter: schedule='early_stop' needs sps_table (dspark_ops.measure_sps)")
+            raise ValueError("DSparkDrafter: schedule='early_stop' needs sps_table (dspark_ops.measure_sps, "
+                             "target_sps_table)")
         if schedule == "threshold" and threshold is None:
             raise ValueError("DSparkDrafter: schedule='threshold' needs threshold")
+        if schedule == "budget" and (budget is None or int(budget) < 0):
+            raise ValueError(f"DSparkDrafter: schedule='budget' needs budget >= 0 (drafted tokens a step), got "
+                             f"{budget}")
+        if temperatures is not None and temperatures.numel() < n:
+            raise ValueError(f"DSparkDrafter: temperatures needs {n} entries (one per drafted position), got "
+                             f"{temperatures.numel()}")
         self.model, self.head, self.num_draft = model, head, n
         self.hidden_layers = cfg.hidden_layers
         self.schedule, self.threshold, self.with_confidence = schedule, threshold, with_confidence
-        self.sps_table = None if sps_table is None else sps_table.to(torch.float64)
-        self.temperatures = None if temperatures is None else temperatures.to(torch.float32)[:n]
+        self.budget = None if budget is None else int(budget)
+        self._sps = None if sps_table is None else sps_table.detach().to(torch.float64).reshape(-1)
+        self._temps = None if temperatures is None else temperatures.detach().to(torch.float32).reshape(-1)[:n]
         self.c_last: Optional[torch.Tensor] = None
         head.to(device=model.embed.weight.device).eval()
 
+    @property
+    def temperatures(self) -> Optional[torch.Tensor]:
+        return self._temps
+
     def start(self, num_requests, max_len, device) -> None:
+        R, n, cfg = num_requests, self.num_draft, self.head.cfg
+        if self.schedule == "early_stop" and self._sps.numel() < R * (n + 1) + 1:
+            raise ValueError(f"DSparkDrafter: the SPS table covers token batches up to {self._sps.numel() - 1}; "
+                             f"{R} requests with {n} drafts need up to {R * (n + 1)} (beyond it SPS is 0 and "
+                             f"nothing would be drafted): measure it there (target_sps_table(..., requests={R}))")
         self.c_last = None  # until observe(): each request's last processed token's context features
-        self._counts = torch.full((num_requests,), self.num_draft, dtype=torch.int32, device=device)
-        cfg = self.head.cfg
+        # Device copies made once per call: no step copies from the host.
+        self.temps_dev = None if self._temps is None else self._temps.to(device)
+        self.sps_dev = (self._sps if self._sps is not None
+                        else torch.ones(R * (n + 1) + 1, dtype=torch.float64)).to(device)
+        self.budget_dev = None if self.budget is None else torch.full((1,), self.budget, dtype=torch.int64,
+                                                                      device=device)
         if cfg.context_heads:  # keys and values of every processed token (room for a step's rows past max_len)
-            shape = (num_requests, max_len + self.num_draft + 2, cfg.context_heads, cfg.context_head_dim)
+            shape = (R, max_len + n + 2, cfg.context_heads, cfg.context_head_dim)
             dt = self.model.embed.weight.dtype
             self.keys = torch.zeros(shape, dtype=dt, device=device)
             self.values = torch.zeros(shape, dtype=dt, device=device)
-            self.lengths = torch.zeros(num_requests, dtype=torch.int64, device=device)
+            self.lengths = torch.zeros(R, dtype=torch.int64, device=device)
 
     @torch.inference_mode()
     def observe(self, rows: Optional[torch.Tensor], processed: Optional[torch.Tensor]) -> None:
@@ -271,17 +304,21 @@ class DSparkDrafter(Drafter):
         if rows is None:
             return
         R, w = rows.shape[:2]
-        c = self.head.infer_context(rows)  # [R, w, dim]
-        last = c[torch.arange(R, device=c.device), (processed.long() - 1).clamp(min=0)]
+        r = torch.arange(R, device=rows.device)
         fresh = (processed > 0).unsqueeze(1)
+        attend = self.head.cfg.context_heads > 0
+        if attend:
+            c = self.head.infer_context(rows)  # [R, w, dim]: every row has a key and a value
+            last = c[r, (processed.long() - 1).clamp(min=0)]
+        else:  # only the last processed row matters
+            last = self.head.infer_context(rows[r, (processed.long() - 1).clamp(min=0)].unsqueeze(1))[:, 0]
         self.c_last = torch.where(fresh, last, self.c_last if self.c_last is not None else torch.zeros_like(last))
-        if self.head.cfg.context_heads:
+        if attend:
             wk, wv = self.head.fused(c.dtype)[8:10]
             H, hd = self.keys.shape[2:]
             at = (self.lengths.unsqueeze(1) + torch.arange(w, device=c.device)).clamp(max=self.keys.shape[1] - 1)
-            r = torch.arange(R, device=c.device).unsqueeze(1)
-            self.keys[r, at] = F.linear(c, wk).view(R, w, H, hd)
-            self.values[r, at] = F.linear(c, wv).view(R, w, H, hd)
+            self.keys[r.unsqueeze(1), at] = F.linear(c, wk).view(R, w, H, hd)
+            self.values[r.unsqueeze(1), at] = F.linear(c, wv).view(R, w, H, hd)
             self.lengths += processed.long()
 
     @torch.inference_mode()
@@ -298,48 +335,56 @@ class DSparkDrafter(Drafter):
         w1, w2 = head.fused(embed.dtype)[5:7]
         if base.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             base = base.float()  # e.g. float64 test models: the op takes fp32/fp16/bf16
+        filters = {} if sampling.top_k is None else dict(top_k=sampling.top_k, top_p=sampling.top_p)
         res = markov_draft(base, state.last_token, w1, w2, temperature=sampling.temperature, seed=sampling.seed,
-                           position=state.position)
+                           position=state.position, **filters)
         tokens, draft_logits = res.tokens, res.draft_logits
         draft_t = (sampling.temperature > 0).to(torch.float32)  # markov_draft wrote the processed logits (T = 1)
         if self.schedule is None and not self.with_confidence:
             return Draft(tokens, draft_logits, draft_t)
         prev = torch.cat([state.last_token.unsqueeze(1).to(torch.int32), tokens[:, :-1]], 1)
         conf_logits = head.confidence_logits(block.to(next(head.parameters()).dtype), prev).float()
-        temps = self.temperatures
-        conf = torch.sigmoid(conf_logits / temps.to(dev) if temps is not None else conf_logits)
+        conf = torch.sigmoid(conf_logits / self.temps_dev if self.temps_dev is not None else conf_logits)
         if self.schedule is None:
             return Draft(tokens, draft_logits, draft_t, confidence=conf)
-        sps = self.sps_table if self.sps_table is not None else torch.ones(R * (n + 1) + 1, dtype=torch.float64)
-        length = schedule_verify(conf, self._counts[:R], sps.to(dev), mode=self.schedule, threshold=self.threshold)
-        width = int(length.max())  # the step's one extra host read: the target pass's width
+        counts = torch.where(state.finished, 0, n).to(torch.int32)  # finished requests take no budget
+        length = schedule_verify(conf, counts, self.sps_dev, mode=self.schedule, threshold=self.threshold,
+                                 budget=self.budget_dev)
+        # The pass's width: known in advance for a budget, else the longest kept block (a host read).
+        width = min(n, self.budget) if self.schedule == "budget" else int(length.max())
         keep = torch.arange(n, device=dev) < length.unsqueeze(1)
         tokens = torch.where(keep, tokens, -1)[:, :width].contiguous()
         return Draft(tokens, draft_logits[:, :width].contiguous(), draft_t, confidence=conf[:, :width],
                      width=width if width < n else None)
 
 
-def target_sps_table(target, max_tokens: int, *, context: int = 128, overhead_s: float = 0.0, warmup: int = 3,
-                     iters: int = 9) -> torch.Tensor:
+def target_sps_table(target, max_tokens: int, *, requests: int = 1, context: int = 128, overhead_s: float = 0.0,
+                     warmup: int = 3, iters: int = 9) -> torch.Tensor:
     """The SPS table [max_tokens + 1] (float64) schedule_verify's early_stop
-    needs at batch 1: steps per second of the target's forward of
-    B = 1..max_tokens new tokens after `context` cached ones, timed by
-    measure_sps (CUDA events on a GPU, wall clock on the CPU; medians),
-    with `overhead_s` added to each step's time (what a step spends outside
-    the target's forward: drafting, verification, bookkeeping — on a small
+    needs: steps per second of the target's forward of B = requests ..
+    max_tokens new tokens, spread evenly over `requests` requests with
+    `context` cached tokens each, timed by measure_sps (CUDA events on a
+    GPU, wall clock on the CPU; medians; flat below B = requests), with
+    `overhead_s` added to each step's time (what a step spends outside the
+    target's forward: drafting, verification, bookkeeping — on a small
     model not negligible, and it makes a longer pass relatively cheaper).
-    With one request, B = 1 + the drafts it verifies."""
+    R requests with n drafts need max_tokens >= R (n + 1)."""
+    if requests < 1 or max_tokens < requests:
+        raise ValueError(f"target_sps_table: need 1 <= requests <= max_tokens, got {requests} and {max_tokens}")
     dev = target.device
-    cache = target.new_cache(1, context + max_tokens)
+    per = -(-max_tokens // requests)
+    cache = target.new_cache(requests, context + per)
     ids = torch.zeros(max_tokens, dtype=torch.int64, device=dev)
-    pos = torch.arange(context, context + max_tokens, device=dev)
 
     @torch.inference_mode()
     def step(B: int) -> None:
+        counts = [B // requests + (1 if r < B % requests else 0) for r in range(requests)]
+        cu = torch.tensor([0] + counts, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        pos = torch.cat([torch.arange(context, context + c) for c in counts]).to(dev)
         target.lengths(cache).fill_(context)
-        target.forward(ids[:B], pos[:B], torch.tensor([0, B], dtype=torch.int32), cache)
+        target.forward(ids[:B], pos, cu, cache)
 
-    sps = measure_sps(step, range(1, max_tokens + 1), warmup=warmup, iters=iters, device=dev.type)
+    sps = measure_sps(step, range(requests, max_tokens + 1), warmup=warmup, iters=iters, device=dev.type)
     return 1.0 / (1.0 / sps + overhead_s)
 
 

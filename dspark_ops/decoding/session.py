@@ -39,8 +39,8 @@ class DecodeSession:
         self.cache = target.new_cache(R, max_len)
         i32, f32, i64 = (dict(dtype=d, device=dev) for d in (torch.int32, torch.float32, torch.int64))
         self.state = RequestState.new(torch.zeros(R, **i32), torch.ones(R, **i64), 1, max_total)
-        self.sampling = Sampling(torch.zeros(R, **f32), torch.zeros(R, **i64))
         self.top_k, self.top_p = torch.zeros(R, **i32), torch.ones(R, **f32)
+        self.sampling = Sampling(torch.zeros(R, **f32), torch.zeros(R, **i64), self.top_k, self.top_p)
         self.stop = torch.zeros(num_stop, **i32) if num_stop else None
         self.chain_cus = [torch.arange(R + 1, dtype=torch.int32) * (m + 1) for m in range(n + 1)]  # host, per width
         self.node_cus = [host_to_device(c, dev) for c in self.chain_cus]  # the same on the device, for verify_tree
@@ -86,7 +86,7 @@ class DecodeSession:
         if self.graphs is None:
             return self.verify_step(inputs)
         key = (toks.shape[1], tree_parents is not None, None if draft_logits is None else draft_logits.dtype,
-               draft_t is None)
+               draft_t is None, self.hidden_layers)
         return self.graphs.run(key, inputs)
 
     def verify_step(self, inputs: Sequence[Optional[torch.Tensor]]) -> torch.Tensor:
