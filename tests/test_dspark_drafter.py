@@ -24,17 +24,9 @@ from dspark_ops import schedule_verify
 from dspark_ops.decoding import (BuiltinTarget, Draft, DSparkConfig, DSparkDrafter, DSparkHead,
                                  SpeculativeDecoder, request_seed)
 from dspark_ops.decoding.dspark import target_sps_table
+from test_decoding import _one_thread  # noqa: F401 (the autouse fixture: one torch thread for tiny models)
 from test_decoding import (LENGTHS, MAX_NEW, N_STATS, STATS_CFG, STATS_PROMPT, V_GREEDY, V_STATS, cut_at_stop,
-                           exact_joint, goodness_of_fit, make_model, make_prompts, naive_greedy, pick_stops,
-                           ragged_forward)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+                           exact_joint, goodness_of_fit, make_model, make_prompts, naive_greedy, pick_stops)
 
 
 def make_head(dim: int, vocab: int, layers, *, block: int = 4, seed: int = 0, scale: float = 0.5,
