@@ -6,7 +6,7 @@ default_dspark.safetensors (fp16) next to the default pair and adds a
 "dspark" entry (config, sha256, training and held-out record) to
 default.json, keeping every shipped file under 5 MB together.
 
-    .venv/bin/python tools/train_dspark.py                    # 14 min on 2 CPU cores (what ships)
+    .venv/bin/python tools/train_dspark.py                    # 32 min on 2 CPU cores (what ships)
     .venv/bin/python tools/train_dspark.py --minutes 0.5 --out /tmp/w   # a smoke run (copies the pair first)
 
 Per training window of 256 bytes and every position t: features h_t, the
@@ -105,7 +105,7 @@ def evaluate(head, target, windows, chunk: int = 8, seed: int = 0) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(WEIGHTS_DIR))
-    ap.add_argument("--minutes", type=float, default=14.0)
+    ap.add_argument("--minutes", type=float, default=32.0)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--threads", type=int, default=2)
