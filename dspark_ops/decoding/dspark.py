@@ -137,7 +137,9 @@ class DSparkHead(nn.Module):
         markov_draft), then with context attention ctx_q (attn_norm's weight
         folded in), ctx_k, ctx_v and ctx_o^T. Cached while every parameter
         keeps its storage and version (like BuiltinModel's fused weights)."""
-        ps = tuple(self.parameters())
+        ps = self.__dict__.get("_params")
+        if ps is None:  # the Parameter objects are fixed at construction; .to() and updates change their data
+            ps = self.__dict__["_params"] = tuple(self.parameters())
         key = (dtype,) + tuple(p.data_ptr() for p in ps) + tuple(_version(p) for p in ps)
         cached = getattr(self, "_fused", None)
         if cached is None or cached[0] != key:
