@@ -38,8 +38,9 @@ def _methods(target, draft, num_ngram: int, num_model: int, num_dspark: int, gra
             ("n-gram tree, 3 branches, 12 nodes", lambda g: NGramDrafter(max_ngram=3, num_draft=12, branches=3)),
             (f"draft model, {num_model} drafts",
              lambda g: DraftModelDrafter(draft, num_draft=num_model, cuda_graph=g))]
-    if "dspark" in default_record(weights_dir):
-        G = min(num_dspark, default_record(weights_dir)["dspark"]["config"]["block"])
+    record = default_record(weights_dir)
+    if "dspark" in record:
+        G = min(num_dspark, record["dspark"]["config"]["block"])
         sps = _step_sps(target, G, weights_dir)
         base += [(f"DSpark block + Markov head, {G} drafts",
                   lambda g: load_default_dspark(target, weights_dir=weights_dir, num_draft=G)),

@@ -152,9 +152,9 @@ def test_context_is_the_targets_hidden_states_of_the_processed_tokens(greedy_set
             if heads:
                 keys, values, lengths = kv
                 assert int(lengths[r]) == L
-                wk, wv = head.fused(c.dtype)[8:10]
-                torch.testing.assert_close(keys[r, :L].flatten(1), c @ wk.t(), rtol=1e-9, atol=1e-9)
-                torch.testing.assert_close(values[r, :L].flatten(1), c @ wv.t(), rtol=1e-9, atol=1e-9)
+                fw = head.fused(c.dtype)
+                torch.testing.assert_close(keys[r, :L].flatten(1), c @ fw.ctx_k.t(), rtol=1e-9, atol=1e-9)
+                torch.testing.assert_close(values[r, :L].flatten(1), c @ fw.ctx_v.t(), rtol=1e-9, atol=1e-9)
             checked += 1
     assert checked == sum(len(s) for s, *_ in drafter.seen)
     assert res.stats["mean_accepted"] == drafter.num_draft - 1  # each step: the rejected row left out
@@ -329,9 +329,9 @@ def test_inference_block_equals_the_training_block(dtype, heads):
         keys = torch.zeros(2, S, max(heads, 1), 8, dtype=dtype)
         values = torch.zeros_like(keys)
         if heads:
-            wk, wv = head.fused(dtype)[8:10]
-            keys[:, :L] = (drafter_c @ wk.t()).view(2, L, heads, 8)
-            values[:, :L] = (drafter_c @ wv.t()).view(2, L, heads, 8)
+            fw = head.fused(dtype)
+            keys[:, :L] = (drafter_c @ fw.ctx_k.t()).view(2, L, heads, 8)
+            values[:, :L] = (drafter_c @ fw.ctx_v.t()).view(2, L, heads, 8)
         for t in range(L):
             kv = (keys, values, torch.full((2,), t + 1)) if heads else None
             got = head.infer_block(drafter_c[:, t], anchors[:, t], embed.to(dtype), n, kv)

@@ -47,7 +47,8 @@ HEAD_FILE = "default_dspark.safetensors"
 
 def block_terms(head: DSparkHead, target, w: torch.Tensor):
     """Windows w [B, L + 1] -> (corrected logits [B, T, G, V], labels
-    [B, T, G], TV [B, T, G], confidence logits [B, T, G]), T = L - G."""
+    [B, T, G], TV [B, T, G], confidence logits [B, T, G], the target's
+    logits for the same tokens [B, T, G, V]), T = L - G."""
     G = head.cfg.block
     ids = w[:, :-1]
     L = ids.shape[1]
@@ -56,17 +57,18 @@ def block_terms(head: DSparkHead, target, w: torch.Tensor):
     T = L - G
     pos = torch.arange(T).unsqueeze(1) + torch.arange(1, G + 1)  # [T, G]: x_{t+k}, the draft's predecessor
     prev, labels = w[:, pos], w[:, pos + 1]
-    p_target = torch.softmax(tgt[:, pos].float(), -1)
+    tgt = tgt[:, pos]
+    p_target = torch.softmax(tgt.float(), -1)
     block = head.block_hidden(hid, w[:, 1:T + 1], target.embed.weight)
     base = F.linear(target.norm(block), target.head.weight)
     corr = base + F.embedding(prev, head.markov_w1) @ head.markov_w2
     tv = 0.5 * (torch.softmax(corr.float(), -1) - p_target).abs().sum(-1)
-    return corr, labels, tv, head.confidence_logits(block, prev)
+    return corr, labels, tv, head.confidence_logits(block, prev), tgt
 
 
 def loss_of(head, target, w, bf16: bool):
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        corr, labels, tv, conf = block_terms(head, target, w)
+        corr, labels, tv, conf, _ = block_terms(head, target, w)
     ce = F.cross_entropy(corr.float().flatten(0, 2), labels.flatten())
     bce = F.binary_cross_entropy_with_logits(conf.float(), (1 - tv).detach())
     return 0.1 * ce + 0.9 * tv.mean() + bce, ce, tv
@@ -82,13 +84,8 @@ def evaluate(head, target, windows, chunk: int = 8, seed: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed)
     for i in range(0, len(windows), chunk):
         w = windows[i:i + chunk]
-        corr, labels, tv, conf = block_terms(head, target, w)
-        with torch.no_grad():
-            tgt = target.train_forward(w[:, :-1])
-        G = head.cfg.block
-        T = w.shape[1] - 1 - G
-        pos = torch.arange(T).unsqueeze(1) + torch.arange(1, G + 1)
-        agree.append((corr.argmax(-1) == tgt[:, pos].argmax(-1)).float().flatten(0, 1))
+        corr, labels, tv, conf, tgt = block_terms(head, target, w)
+        agree.append((corr.argmax(-1) == tgt.argmax(-1)).float().flatten(0, 1))
         tvs.append(tv.flatten(0, 1))
         confs.append(conf.flatten(0, 1))
         ok = torch.rand(tv.flatten(0, 1).shape, generator=g) < (1 - tv.flatten(0, 1))

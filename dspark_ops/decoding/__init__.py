@@ -11,6 +11,6 @@ from .model import BuiltinModel, KVCache, ModelConfig
 from .targets import BuiltinTarget, Target
 
 __all__ = ["BuiltinModel", "BuiltinTarget", "DSparkConfig", "DSparkDrafter", "DSparkHead", "Draft", "DraftModelDrafter",
-           "Drafter", "GenerateResult", "HFCache",
-           "HFTarget", "KVCache", "ModelConfig", "NGramDrafter", "builtin_from_hf", "load_default", "load_default_dspark", "Sampling",
-           "SpeculativeDecoder", "Target", "request_seed"]
+           "Drafter", "GenerateResult", "HFCache", "HFTarget", "KVCache", "ModelConfig", "NGramDrafter",
+           "builtin_from_hf", "load_default", "load_default_dspark", "Sampling", "SpeculativeDecoder", "Target",
+           "request_seed"]

@@ -59,20 +59,24 @@ def verify_default(weights_dir: Optional[Union[str, pathlib.Path]] = None) -> di
     (raises DefaultWeightsError when a file is missing or altered)."""
     d = _dir(weights_dir)
     record = default_record(d)
-    for role in ("target", "draft", "dspark"):
-        if role in record or role != "dspark":
-            _read_checked(d, record[role], role)
+    for role in ("target", "draft") + (("dspark",) if "dspark" in record else ()):
+        _read_checked(d, record[role], role)
     return record
 
 
-def _build(data: bytes, entry: dict, role: str, device, dtype) -> BuiltinModel:
+def _tensors(data: bytes) -> dict:
+    """The tensors of a safetensors file's bytes."""
     try:
         from safetensors.torch import load as load_safetensors
     except ImportError:
         raise ImportError("the embedded default model needs `safetensors` (pip install safetensors, or "
                           "dspark_ops[demo])") from None
+    return load_safetensors(data)
+
+
+def _build(data: bytes, entry: dict, role: str, device, dtype) -> BuiltinModel:
     model = BuiltinModel(ModelConfig(**entry["config"]))
-    tensors = load_safetensors(data)
+    tensors = _tensors(data)
     try:
         model.load_state_dict({k: v.to(dtype) for k, v in tensors.items()}, strict=True)
     except RuntimeError as e:
@@ -109,11 +113,6 @@ def load_default_dspark(target: BuiltinTarget, *, weights_dir: Optional[Union[st
         target, _ = load_default()
         dec = SpeculativeDecoder(target, load_default_dspark(target))
     """
-    try:
-        from safetensors.torch import load as load_safetensors
-    except ImportError:
-        raise ImportError("the embedded default model needs `safetensors` (pip install safetensors, or "
-                          "dspark_ops[demo])") from None
     d = _dir(weights_dir)
     record = default_record(d)
     if "dspark" not in record:
@@ -121,7 +120,7 @@ def load_default_dspark(target: BuiltinTarget, *, weights_dir: Optional[Union[st
     entry = record["dspark"]
     head = DSparkHead(DSparkConfig(**entry["config"]))
     try:
-        head.load_state_dict({k: v.float() for k, v in load_safetensors(_read_checked(d, entry, "dspark")).items()},
+        head.load_state_dict({k: v.float() for k, v in _tensors(_read_checked(d, entry, "dspark")).items()},
                              strict=True)
     except RuntimeError as e:
         raise DefaultWeightsError(f"the default DSpark head does not match its config: {e}") from None

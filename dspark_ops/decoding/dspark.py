@@ -28,7 +28,7 @@ default target; tools/train_dspark.py trains them on the frozen target."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Optional, Sequence, Tuple
+from typing import NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -67,6 +67,24 @@ class DSparkConfig:
         d = asdict(self)
         d["hidden_layers"] = list(self.hidden_layers)
         return d
+
+
+class FusedWeights(NamedTuple):
+    """DSparkHead's inference weights (DSparkHead.fused): in the target's
+    dtype but w1, w2 (float32, for markov_draft); ctx_* None without context
+    attention."""
+
+    fuse: torch.Tensor  # [dim, k dim]
+    fuse_norm: torch.Tensor  # [dim]: fuse_norm's weight
+    pos: torch.Tensor  # [G, dim]
+    w13: torch.Tensor  # [2 mlp_hidden, dim]: w_gate and w_up, mlp_norm's weight folded in
+    w_down_t: torch.Tensor  # [mlp_hidden, dim]
+    ctx_q: Optional[torch.Tensor]  # [heads head_dim, dim], attn_norm's weight folded in
+    ctx_k: Optional[torch.Tensor]
+    ctx_v: Optional[torch.Tensor]
+    ctx_o_t: Optional[torch.Tensor]  # [heads head_dim, dim]
+    w1: torch.Tensor  # [V, r] float32
+    w2: torch.Tensor  # [r, V] float32
 
 
 class DSparkHead(nn.Module):
@@ -130,13 +148,11 @@ class DSparkHead(nn.Module):
             outs.append(torch.einsum("bhtj,bjhd->bthd", p, F.pad(v[:, g:], (0, 0, 0, 0, 0, g))))
         return self.ctx_o(torch.stack(outs, 2).flatten(-2))
 
-    def fused(self, dtype: torch.dtype) -> Tuple[torch.Tensor, ...]:
-        """The inference path's weights in `dtype` (the target's): fuse,
-        fuse_norm's weight, pos, w_gate and w_up in one matrix with
-        mlp_norm's weight folded in, w_down^T, w1 and w2 in float32 (for
-        markov_draft), then with context attention ctx_q (attn_norm's weight
-        folded in), ctx_k, ctx_v and ctx_o^T. Cached while every parameter
-        keeps its storage and version (like BuiltinModel's fused weights)."""
+    def fused(self, dtype: torch.dtype) -> "FusedWeights":
+        """The inference path's weights in `dtype` (the target's), with the
+        RMSNorm weights folded into the matrices after them (FusedWeights).
+        Cached while every parameter keeps its storage and version (like
+        BuiltinModel's fused weights)."""
         ps = self.__dict__.get("_params")
         if ps is None:  # the Parameter objects are fixed at construction; .to() and updates change their data
             ps = self.__dict__["_params"] = tuple(self.parameters())
@@ -146,22 +162,21 @@ class DSparkHead(nn.Module):
             with torch.inference_mode(False), torch.no_grad():
                 g = self.mlp_norm.weight
                 w13 = torch.cat([self.w_gate.weight * g, self.w_up.weight * g])
-                built = tuple(t.to(dtype).contiguous() for t in (self.fuse.weight, self.fuse_norm.weight, self.pos,
-                                                                 w13, self.w_down.weight.t()))
-                built += (self.markov_w1.float().contiguous(), self.markov_w2.float().contiguous())
-                if self.cfg.context_heads:
-                    built += tuple(t.to(dtype).contiguous() for t in (
-                        self.ctx_q.weight * self.attn_norm.weight, self.ctx_k.weight, self.ctx_v.weight,
-                        self.ctx_o.weight.t()))
-            cached = self._fused = (key, built, ps)  # ps: keeps the storages alive (their addresses are the key)
+                attn = (self.ctx_q.weight * self.attn_norm.weight, self.ctx_k.weight, self.ctx_v.weight,
+                        self.ctx_o.weight.t()) if self.cfg.context_heads else (None,) * 4
+                built = FusedWeights(*(None if t is None else t.to(dtype).contiguous() for t in (
+                    self.fuse.weight, self.fuse_norm.weight, self.pos, w13, self.w_down.weight.t(), *attn)),
+                    w1=self.markov_w1.float().contiguous(), w2=self.markov_w2.float().contiguous())
+                # the detached parameters keep the storages the key names alive (no address is reused meanwhile)
+                cached = self._fused = (key, built, tuple(p.detach() for p in ps))
         return cached[1]
 
     def infer_context(self, features: torch.Tensor) -> torch.Tensor:
         """context() for inference: features [R, w, k, dim] in the target's
         dtype -> [R, w, dim], on the fused weights."""
-        w_fuse, g_fuse = self.fused(features.dtype)[:2]
+        fw = self.fused(features.dtype)
         R, w = features.shape[:2]
-        c = _normalize(F.linear(features.reshape(R * w, -1), w_fuse), self.cfg.norm_eps) * g_fuse
+        c = _normalize(F.linear(features.reshape(R * w, -1), fw.fuse), self.cfg.norm_eps) * fw.fuse_norm
         return c.view(R, w, -1)
 
     def infer_block(self, c_last: torch.Tensor, anchor: torch.Tensor, embed: torch.Tensor, n: int,
@@ -173,26 +188,23 @@ class DSparkHead(nn.Module):
         processed token [R, S, heads, head_dim] and how many there are [R].
         Returns [R, n, dim]."""
         fw = self.fused(c_last.dtype)
-        _, _, pos, w13, w_down_t = fw[:5]
-        eps = self.cfg.norm_eps
         R = c_last.shape[0]
-        x = (c_last + F.embedding(anchor.long(), embed)).unsqueeze(1) + pos[:n]  # [R, n, dim]
+        x = (c_last + F.embedding(anchor.long(), embed)).unsqueeze(1) + fw.pos[:n]  # [R, n, dim]
         if self.cfg.context_heads:
-            x = x + self._attend_cache(x, kv, fw[7:])
+            x = x + self._attend_cache(x, kv, fw)
         x = x.flatten(0, 1)
-        gate, up = F.linear(_normalize(x, eps), w13).chunk(2, -1)
-        x = torch.addmm(x, F.silu(gate) * up, w_down_t)
+        gate, up = F.linear(_normalize(x, self.cfg.norm_eps), fw.w13).chunk(2, -1)
+        x = torch.addmm(x, F.silu(gate) * up, fw.w_down_t)
         return x.view(R, n, -1)
 
-    def _attend_cache(self, x: torch.Tensor, kv, weights) -> torch.Tensor:
+    def _attend_cache(self, x: torch.Tensor, kv, fw: "FusedWeights") -> torch.Tensor:
         """Context attention, inference form (what _attend_window computes
         for t = lengths - 1), vectorised over the block's positions:
         position g + 1's weights over keys j, moved to value j + g."""
-        wq, _, _, wo_t = weights
         keys, values, lengths = kv
         R, n, d = x.shape
         S, H, hd = keys.shape[1], self.cfg.context_heads, self.cfg.context_head_dim
-        q = F.linear(_normalize(x.reshape(R * n, d), self.cfg.norm_eps), wq).view(R, n, H, hd) * hd ** -0.5
+        q = F.linear(_normalize(x.reshape(R * n, d), self.cfg.norm_eps), fw.ctx_q).view(R, n, H, hd) * hd ** -0.5
         s = torch.einsum("rghd,rjhd->rghj", q, keys)  # [R, n, H, S]
         g = torch.arange(n, device=x.device)
         valid = (torch.arange(S, device=x.device) + g.unsqueeze(1)) < lengths.view(R, 1, 1)  # [R, n, S]
@@ -202,7 +214,7 @@ class DSparkHead(nn.Module):
         idx = (torch.arange(S, device=x.device) - g.unsqueeze(1) + n).view(1, n, 1, S).expand(R, n, H, S)
         p_shift = F.pad(p, (n, 0)).gather(-1, idx)
         out = torch.einsum("rghj,rjhd->rghd", p_shift, values).reshape(R * n, H * hd)
-        return (out @ wo_t).view(R, n, d)
+        return (out @ fw.ctx_o_t).view(R, n, d)
 
     def confidence_logits(self, block: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
         """block [..., G, dim], prev [..., G] (x_{k-1}: the anchor, then the
@@ -270,13 +282,9 @@ class DSparkDrafter(Drafter):
         self.schedule, self.threshold, self.with_confidence = schedule, threshold, with_confidence
         self.budget = None if budget is None else int(budget)
         self._sps = None if sps_table is None else sps_table.detach().to(torch.float64).reshape(-1)
-        self._temps = None if temperatures is None else temperatures.detach().to(torch.float32).reshape(-1)[:n]
+        self.temperatures = None if temperatures is None else temperatures.detach().to(torch.float32).reshape(-1)[:n]
         self.c_last: Optional[torch.Tensor] = None
         head.to(device=model.embed.weight.device).eval()
-
-    @property
-    def temperatures(self) -> Optional[torch.Tensor]:
-        return self._temps
 
     def start(self, num_requests, max_len, device) -> None:
         R, n, cfg = num_requests, self.num_draft, self.head.cfg
@@ -286,7 +294,7 @@ class DSparkDrafter(Drafter):
                              f"nothing would be drafted): measure it there (target_sps_table(..., requests={R}))")
         self.c_last = None  # until observe(): each request's last processed token's context features
         # Device copies made once per call: no step copies from the host.
-        self.temps_dev = None if self._temps is None else self._temps.to(device)
+        self.temps_dev = None if self.temperatures is None else self.temperatures.to(device)
         self.sps_dev = (self._sps if self._sps is not None
                         else torch.ones(R * (n + 1) + 1, dtype=torch.float64)).to(device)
         self.budget_dev = None if self.budget is None else torch.full((1,), self.budget, dtype=torch.int64,
@@ -316,11 +324,11 @@ class DSparkDrafter(Drafter):
             last = self.head.infer_context(rows[r, (processed.long() - 1).clamp(min=0)].unsqueeze(1))[:, 0]
         self.c_last = torch.where(fresh, last, self.c_last if self.c_last is not None else torch.zeros_like(last))
         if attend:
-            wk, wv = self.head.fused(c.dtype)[8:10]
+            fw = self.head.fused(c.dtype)
             H, hd = self.keys.shape[2:]
             at = (self.lengths.unsqueeze(1) + torch.arange(w, device=c.device)).clamp(max=self.keys.shape[1] - 1)
-            self.keys[r.unsqueeze(1), at] = F.linear(c, wk).view(R, w, H, hd)
-            self.values[r.unsqueeze(1), at] = F.linear(c, wv).view(R, w, H, hd)
+            self.keys[r.unsqueeze(1), at] = F.linear(c, fw.ctx_k).view(R, w, H, hd)
+            self.values[r.unsqueeze(1), at] = F.linear(c, fw.ctx_v).view(R, w, H, hd)
             self.lengths += processed.long()
 
     @torch.inference_mode()
@@ -334,11 +342,11 @@ class DSparkDrafter(Drafter):
         block = head.infer_block(self.c_last, state.last_token, embed, n, kv)  # [R, n, dim]
         base = F.linear(_normalize(block.flatten(0, 1), head.cfg.norm_eps), self.model._head_weight())
         base = base.view(R, n, -1)  # [R, n, V]: U_1..U_n
-        w1, w2 = head.fused(embed.dtype)[5:7]
+        fw = head.fused(embed.dtype)
         if base.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             base = base.float()  # e.g. float64 test models: the op takes fp32/fp16/bf16
         filters = {} if sampling.top_k is None else dict(top_k=sampling.top_k, top_p=sampling.top_p)
-        res = markov_draft(base, state.last_token, w1, w2, temperature=sampling.temperature, seed=sampling.seed,
+        res = markov_draft(base, state.last_token, fw.w1, fw.w2, temperature=sampling.temperature, seed=sampling.seed,
                            position=state.position, **filters)
         tokens, draft_logits = res.tokens, res.draft_logits
         draft_t = (sampling.temperature > 0).to(torch.float32)  # markov_draft wrote the processed logits (T = 1)
