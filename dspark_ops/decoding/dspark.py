@@ -246,7 +246,9 @@ class DSparkDrafter(Drafter):
     scheduling or with with_confidence=True (else None: the confidence head
     is not run). temperatures [G]: the per-position calibration (confidence
     = sigmoid(logit / T_k); fit_sequential_temperatures). Without a
-    schedule (or with "budget") no step reads the host."""
+    schedule (or with "budget") no step reads the host. The head is moved
+    to the target's device and put in eval mode (as BuiltinTarget does
+    with its model)."""
 
     def __init__(self, target, head: DSparkHead, *, num_draft: Optional[int] = None, schedule: Optional[str] = None,
                  sps_table: Optional[torch.Tensor] = None, threshold: Optional[float] = None,
