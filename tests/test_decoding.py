@@ -660,6 +660,7 @@ class SharedCountersDrafter(DraftModelDrafter):
 def run_distribution(stats_models, drafter_kind, temperature, top_k=0, top_p=1.0, seed=1234):
     target, near, far = stats_models
     drafter = {"near": lambda: DraftModelDrafter(near, 3), "far": lambda: DraftModelDrafter(far, 3),
+               "near_unfiltered": lambda: DraftModelDrafter(near, 3, filter_drafts=False),
                "near_stop": lambda: DraftModelDrafter(near, 4, stop_below=0.25),
                "ngram": lambda: NGramDrafter(2, 3), "plain": lambda: None,
                "ngram_tree": lambda: NGramDrafter(2, 6, branches=3),
@@ -674,7 +675,9 @@ def run_distribution(stats_models, drafter_kind, temperature, top_k=0, top_p=1.0
 
 @pytest.mark.parametrize("drafter_kind,temperature,top_k,top_p", [
     ("near", 1.0, 0, 1.0),   # a perturbed copy of the target: accepts ~2 of 3
-    ("near", 0.7, 3, 1.0),   # draft sampled without top-k: tokens outside it are always rejected
+    ("near", 0.7, 3, 1.0),   # drafts sampled from the draft's own top-k rows, verified against those rows
+    ("near", 0.8, 0, 0.7),   # ... and top-p
+    ("near_unfiltered", 0.7, 3, 1.0),  # drafts from unfiltered rows: tokens outside the top-k always rejected
     ("far", 1.0, 0, 1.0),    # an unrelated model: mostly rejections and residual sampling
     ("near_stop", 1.0, 0, 1.0),  # confidence early stop: -1 padded positions are sampled from the target
     ("near_stop", 0.7, 3, 1.0),
@@ -687,16 +690,18 @@ def run_distribution(stats_models, drafter_kind, temperature, top_k=0, top_p=1.0
 def test_sampled_output_follows_target_distribution(stats_models, drafter_kind, temperature, top_k, top_p):
     pvalue, tv, st = run_distribution(stats_models, drafter_kind, temperature, top_k, top_p)
     assert pvalue > 1e-3, (pvalue, tv, st["mean_accepted"])
-    if drafter_kind in ("near", "near_stop", "ngram", "ngram_tree"):
+    if drafter_kind in ("near", "near_unfiltered", "near_stop", "ngram", "ngram_tree"):
         assert st["mean_accepted"] > 0.2  # drafts were accepted, not only rejected
 
 
-@pytest.mark.parametrize("temperature,top_k", [(1.0, 0), (0.7, 3)])
-def test_drafter_sharing_verifier_counters_is_detected(stats_models, temperature, top_k):
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 0, 0.8)])
+def test_drafter_sharing_verifier_counters_is_detected(stats_models, temperature, top_k, top_p):
     """Same test, same size: the shared-counter drafter fails it (measured
-    p = 1e-15 and 5e-25, TV 0.053 and 0.055, against p = 0.07 and 0.39, TV
-    0.021 and 0.011 for the same drafter on its own DRAFT counters)."""
-    pvalue, tv, st = run_distribution(stats_models, "shared", temperature, top_k)
+    p = 1e-15 and 2.5e-9, TV 0.053 and 0.020, against p = 0.07 and 0.51, TV
+    0.021 and 0.007 for the same drafter on its own DRAFT counters). With
+    top-k 3 the filtered drafts race fewer tokens and the bias is smaller
+    (p = 2e-4 at this size), so that case is not a control."""
+    pvalue, tv, st = run_distribution(stats_models, "shared", temperature, top_k, top_p)
     assert pvalue < 1e-6, (pvalue, tv)
     assert st["mean_accepted"] > 0.2
 
@@ -884,7 +889,8 @@ def test_finished_request_cache_stays_in_bounds():
     prompt + max_new + n + 2 -> IndexError in the model's cache write."""
     model = make_model(50, 45)
     target = BuiltinTarget(model)
-    dec = SpeculativeDecoder(target, DraftModelDrafter(target, num_draft=4))  # q == p for request 0: all accepted
+    # q == p for request 0: all accepted; unfiltered drafts (filter_drafts=False) for request 1
+    dec = SpeculativeDecoder(target, DraftModelDrafter(target, num_draft=4, filter_drafts=False))
     # request 0 (greedy, longest prompt): 5 tokens a step, cut at 6 on step 2; request 1 (top_k=1 target vs an
     # untruncated draft: mostly rejected) keeps the loop going for several more steps
     res = dec.generate([[1, 2, 3, 4, 5], [6]], 6, temperature=[0.0, 1.0], top_k=[0, 1], seed=0)
@@ -974,19 +980,23 @@ GRAPH_KINDS = {"plain": lambda t, d, g: None, "ngram": lambda t, d, g: NGramDraf
 
 
 @pytest.mark.parametrize("kind", list(GRAPH_KINDS))
-@pytest.mark.parametrize("temperature", [0.0, 0.9])
-def test_static_step_buffers_equal_the_plain_loop(gpu_attention_path, greedy_setup, kind, temperature):
+@pytest.mark.parametrize("temperature,filtered", [(0.0, False), (0.9, False), (0.9, True)])
+def test_static_step_buffers_equal_the_plain_loop(gpu_attention_path, greedy_setup, kind, temperature, filtered):
     """The graph path's plumbing (drafts copied into per-shape static
     buffers, the step -- and the draft model's chain -- run from them,
-    eagerly here) changes nothing: the same tokens, greedy and sampled,
-    batched with stop tokens; on the forward's GPU path (static shapes),
-    where capture would happen."""
+    eagerly here) changes nothing: the same tokens, greedy and sampled
+    (with per-request top-k / top-p: filtered drafts), batched with stop
+    tokens; on the forward's GPU path (static shapes), where capture would
+    happen."""
     model, draft_model, prompts, _, stops, _ = greedy_setup
+    R = len(prompts)
+    filters = dict(top_k=[(0, 4, 2)[r % 3] for r in range(R)], top_p=[(0.8, 1.0, 0.9)[r % 3] for r in range(R)]) \
+        if filtered else {}
 
     def run(cuda_graph):
         dec = SpeculativeDecoder(BuiltinTarget(model), GRAPH_KINDS[kind](model, draft_model, cuda_graph),
                                  cuda_graph=cuda_graph)
-        return dec.generate(prompts, MAX_NEW, temperature=temperature, seed=11, stop_tokens=stops)
+        return dec.generate(prompts, MAX_NEW, temperature=temperature, seed=11, stop_tokens=stops, **filters)
     eager, static = run(False), run(True)
     assert static.tokens == eager.tokens and static.errors == eager.errors
     assert static.stats["steps"] == eager.stats["steps"] and static.stats["cuda_graphs"] == 0
@@ -1156,8 +1166,8 @@ def test_cuda_greedy_equals_cpu_greedy(greedy_setup, kind):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("kind", list(GRAPH_KINDS))
-@pytest.mark.parametrize("temperature", [0.0, 0.9])
-def test_cuda_graph_steps_equal_eager_steps(greedy_setup, kind, temperature):
+@pytest.mark.parametrize("temperature,filtered", [(0.0, False), (0.9, False), (0.9, True)])
+def test_cuda_graph_steps_equal_eager_steps(greedy_setup, kind, temperature, filtered):
     """cuda_graph=True captures the verify step (one graph per step shape,
     from the second step of that shape on) and the draft model's chain, and
     replays them -- in the call that captured them and in the next, and
@@ -1171,6 +1181,9 @@ def test_cuda_graph_steps_equal_eager_steps(greedy_setup, kind, temperature):
         return SpeculativeDecoder(BuiltinTarget(gpu), GRAPH_KINDS[kind](gpu, gpu_draft, cuda_graph),
                                   cuda_graph=cuda_graph)
     kw = dict(temperature=temperature, stop_tokens=stops)
+    if filtered:  # per-request top-k / top-p: the draft chain's graph filters its rows
+        kw.update(top_k=[(0, 4, 2)[r % 3] for r in range(len(prompts))],
+                  top_p=[(0.8, 1.0, 0.9)[r % 3] for r in range(len(prompts))])
     eager = [make(False).generate(prompts, MAX_NEW, seed=s, **kw) for s in (11, 12)]
     graphed_dec = make(True)
     with warnings.catch_warnings():

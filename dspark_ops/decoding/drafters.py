@@ -13,6 +13,7 @@ from .._enums import Purpose
 from ..kv import RequestState
 from ..ops import sample
 from .._host import to_device
+from .filtering import filter_top_k_top_p
 from .graphs import StepGraphs
 
 
@@ -37,8 +38,14 @@ class Sampling:
 
     temperature: torch.Tensor
     seed: torch.Tensor
-    top_k: Optional[torch.Tensor] = None  # int32 (0: off); a drafter may filter its drafts with them (DSpark's does)
+    top_k: Optional[torch.Tensor] = None  # int32 (0: off); drafters filter their drafts with them
     top_p: Optional[torch.Tensor] = None  # float32 (1: off)
+    # Known on the host: some request has top-k or top-p on (False: drafters may skip the filters' work).
+    filters: bool = True
+
+    def filtering(self) -> bool:
+        """Whether drafts should be filtered by top_k / top_p."""
+        return self.filters and self.top_k is not None and self.top_p is not None
 
 
 class Drafter(ABC):
@@ -169,8 +176,17 @@ class NGramDrafter(Drafter):
 class DraftModelDrafter(Drafter):
     """A small model drafting a chain autoregressively: up to num_draft
     single-token steps per verification, sampled with the request's
-    temperature (no top-k/top-p, so q = softmax(logits / T) is exactly what
-    was sampled).
+    temperature, top-k and top-p: each row is filtered on the device
+    (filter_top_k_top_p: -inf outside the kept set) and sampled with the
+    filters off, and the filtered rows are the Draft's logits, so q =
+    softmax(row / T) is exactly what was sampled (lossless). Filtering
+    keeps drafts out of the low-probability tail, which the target's own
+    filters cut and which is then always rejected: on the embedded pair it
+    raised the accepted drafts per step from 2.89 to 3.17 (T = 1, top-p
+    0.9), 3.01 to 3.73 (T = 0.7, top-p 0.7) and 2.63 to 3.08 (top-k 5);
+    with top-k 20 at T = 0.8 it lowered them from 2.91 to 2.84 (the draft's
+    kept set then misses some of the target's). filter_drafts=False samples
+    the unfiltered rows (at the request's temperature).
 
     stop_below: a request stops drafting at position k when the draft's top
     probability there (softmax of its logits at temperature 1) is below this
@@ -189,13 +205,15 @@ class DraftModelDrafter(Drafter):
     consume them first (SpeculativeDecoder copies them into its own step
     buffers)."""
 
-    def __init__(self, target, num_draft: int = 5, *, stop_below: float = 0.0, cuda_graph: bool = False):
+    def __init__(self, target, num_draft: int = 5, *, stop_below: float = 0.0, cuda_graph: bool = False,
+                 filter_drafts: bool = True):
         if num_draft < 1:
             raise ValueError(f"DraftModelDrafter: num_draft must be >= 1, got {num_draft}")
         if not 0.0 <= stop_below < 1.0:
             raise ValueError(f"DraftModelDrafter: stop_below must be in [0, 1), got {stop_below}")
         self.model, self.num_draft, self.stop_below = target, num_draft, stop_below
         self.cuda_graph = cuda_graph and stop_below == 0
+        self.filter_drafts = filter_drafts
 
     def start(self, num_requests, max_len, device) -> None:
         self.fed = [0] * num_requests  # tokens of each sequence in the draft cache
@@ -241,14 +259,16 @@ class DraftModelDrafter(Drafter):
         requests' position, temperature and seed [R]. Returns (tokens [R, n]
         int32, rows [R, n, V], the draft cache's lengths before the chain's
         forwards [R])."""
-        ids, positions, row0, position, temperature, seed = inputs
+        ids, positions, row0, position, temperature, seed, top_k, top_p = inputs
         R = position.shape[0]
         if ids is not None:
             w = ids.shape[0] // R
             logits, _ = self.model.forward(ids, positions, torch.arange(R + 1, dtype=torch.int32) * w, self.cache)
             row0 = logits.view(R, w, -1)[:, -1].float()
         base = self.model.lengths(self.cache).clone()
-        rows, toks = [row0], []
+        filtered = (lambda row: row) if top_k is None else (
+            lambda row: filter_top_k_top_p(row, temperature, top_k, top_p))
+        rows, toks = [filtered(row0)], []
         for k in range(1, self.num_draft + 1):
             tok = sample(rows[-1], temperature=temperature, seed=seed, position=position, purpose=Purpose.DRAFT,
                          slot=self._slots[k]).tokens
@@ -256,19 +276,20 @@ class DraftModelDrafter(Drafter):
             if k == self.num_draft:
                 break
             step_logits, _ = self.model.forward(tok.clamp(min=0).long(), position + (k - 1), self._one, self.cache)
-            rows.append(step_logits.float())
+            rows.append(filtered(step_logits.float()))
         return torch.stack(toks, 1), torch.stack(rows, 1), base
 
     def propose(self, seqs, state, sampling) -> Draft:
         R, n, dev = len(seqs), self.num_draft, state.last_token.device
+        filters = (sampling.top_k, sampling.top_p) if self.filter_drafts and sampling.filtering() else (None, None)
         catch = [s[f:] for s, f in zip(seqs, self.fed)]  # what the cache has not seen (1 or 2 tokens, or the prompt)
         ids = to_device([t for c in catch for t in c], torch.int64, dev)
         positions = to_device([f + i for c, f in zip(catch, self.fed) for i in range(len(c))], torch.int64, dev)
         w = len(catch[0])
         if self._graphs is not None and w <= 2 and all(len(c) == w for c in catch):
             # every request catches up w tokens: that forward and the chain in one graph (a shape of its own)
-            inputs = (ids, positions, None, state.position, sampling.temperature, sampling.seed)
-            tokens, draft_rows, self.base = self._graphs.run(("catch-up", w, R), inputs)
+            inputs = (ids, positions, None, state.position, sampling.temperature, sampling.seed, *filters)
+            tokens, draft_rows, self.base = self._graphs.run(("catch-up", w, R, filters[0] is None), inputs)
             self.fed, self.forwarded = [len(s) for s in seqs], n - 1
             return Draft(tokens, draft_rows, sampling.temperature)
         cu = [0]
@@ -280,8 +301,8 @@ class DraftModelDrafter(Drafter):
         rows = [(logits if one_each else logits.index_select(0, last)).float()]  # each request's last row
         self.fed = [len(s) for s in seqs]
         if self.stop_below == 0:  # the whole chain (from static buffers, a CUDA graph on a GPU, with cuda_graph)
-            inputs = (None, None, rows[0], state.position, sampling.temperature, sampling.seed)
-            tokens, draft_rows, self.base = (self._graphs.run(("row", R), inputs) if self._graphs
+            inputs = (None, None, rows[0], state.position, sampling.temperature, sampling.seed, *filters)
+            tokens, draft_rows, self.base = (self._graphs.run(("row", R, filters[0] is None), inputs) if self._graphs
                                              else self._chain(inputs))
             self.forwarded = n - 1
             return Draft(tokens, draft_rows, sampling.temperature)
@@ -294,6 +315,8 @@ class DraftModelDrafter(Drafter):
             live = confident if live is None else live & confident
             if not bool(live.any()):  # every request stopped: the step's drafts end here
                 break
+            if filters[0] is not None:
+                rows[-1] = filter_top_k_top_p(rows[-1], sampling.temperature, *filters)
             tok = sample(rows[-1], temperature=sampling.temperature, seed=sampling.seed, position=state.position,
                          purpose=Purpose.DRAFT, slot=self._slots[k]).tokens
             toks.append(torch.where(live, tok, -1))

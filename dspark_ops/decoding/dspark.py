@@ -347,7 +347,7 @@ class DSparkDrafter(Drafter):
         fw = head.fused(embed.dtype)
         if base.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             base = base.float()  # e.g. float64 test models: the op takes fp32/fp16/bf16
-        filters = {} if sampling.top_k is None else dict(top_k=sampling.top_k, top_p=sampling.top_p)
+        filters = dict(top_k=sampling.top_k, top_p=sampling.top_p) if sampling.filtering() else {}
         res = markov_draft(base, state.last_token, fw.w1, fw.w2, temperature=sampling.temperature, seed=sampling.seed,
                            position=state.position, **filters)
         tokens, draft_logits = res.tokens, res.draft_logits

@@ -48,6 +48,19 @@ def _per_request(value, R: int, dtype, device) -> torch.Tensor:
     return torch.full((R,), value, dtype=dtype, device=device)
 
 
+def _host_values(value) -> list:
+    """A scalar, a per-prompt list or a tensor as a host list (a tensor is
+    read once per call, before any step)."""
+    if isinstance(value, torch.Tensor):
+        return value.reshape(-1).tolist()
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def filters_on(top_k, top_p) -> bool:
+    """Whether some request samples with top-k (> 0) or top-p (< 1)."""
+    return any(int(k) > 0 for k in _host_values(top_k)) or any(float(p) < 1 for p in _host_values(top_p))
+
+
 class SpeculativeDecoder:
     """Speculative decoding of a target with a drafter (None: plain decoding,
     one token per target pass, through the same verify op with no drafts)."""
@@ -112,6 +125,7 @@ class SpeculativeDecoder:
                    _per_request(temperature, R, torch.float32, dev), _per_request(seeds, R, torch.int64, dev),
                    _per_request(top_k, R, torch.int32, dev), _per_request(top_p, R, torch.float32, dev),
                    to_device(list(stop_tokens), torch.int32, dev) if stop_tokens else None, reused=reused)
+        sampling.filters = filters_on(top_k, top_p)  # drafters skip the filters' work otherwise
         if self.drafter is not None:
             self.drafter.start(R, max_len, dev)
         # Prefill every prompt but its last token (the first step's root).

@@ -1,0 +1,162 @@
+"""Drafts sampled under the request's top-k / top-p (decoding/filtering.py,
+DraftModelDrafter): the device-side filter against a brute-force float64
+one (ties and every off value included), the drafter handing verification
+exactly the filtered rows it sampled from, and the host-known switch that
+skips the filters' work when every request has them off. Losslessness with
+filtered drafts is tested in test_decoding.py (goodness of fit)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dspark_ops.decoding.drafters as drafters_mod
+import dspark_ops.decoding.dspark as dspark_mod
+from dspark_ops.decoding import (BuiltinModel, BuiltinTarget, DraftModelDrafter, DSparkConfig, DSparkDrafter,
+                                 DSparkHead, ModelConfig, SpeculativeDecoder)
+from dspark_ops.decoding.filtering import filter_top_k_top_p
+from dspark_ops.decoding.loop import filters_on
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def brute_keep(row: torch.Tensor, t: float, k: int, p: float):
+    """DESIGN §2's kept set of one row in float64 by definition, and whether
+    a top-p mass lies within 1e-6 of p (a boundary float32 may decide
+    either way)."""
+    V = row.numel()
+    x = row.double()
+    if t <= 0:
+        return torch.ones(V, dtype=torch.bool), False
+    keep = torch.ones(V, dtype=torch.bool)
+    if 0 < k < V:
+        keep = (x.unsqueeze(0) > x.unsqueeze(1)).sum(1) < k  # fewer than k strictly larger
+    probs = torch.softmax((x / t).masked_fill(~keep, float("-inf")), 0)
+    above = ((probs.unsqueeze(0) > probs.unsqueeze(1)) * probs.unsqueeze(0)).sum(1)  # strictly more probable mass
+    if p < 1:
+        keep &= above < p
+    top = int(torch.argmax(x))
+    keep[top] = True  # the argmax (the lowest index among ties) always
+    near = (above - p).abs() < 1e-6
+    near[top] = False
+    return keep, bool(near.any()) if p < 1 else False
+
+
+@pytest.mark.parametrize("V", [7, 50, 259])
+def test_filter_matches_brute_force(V):
+    g = torch.Generator().manual_seed(V)
+    R = 96
+    logits = torch.randn(R, V, generator=g) * 2
+    logits[::3] = (logits[::3] * 2).round() / 2  # ties
+    temperature = torch.tensor([0.0, 0.5, 1.0, 2.0])[torch.randint(0, 4, (R,), generator=g)]
+    top_k = torch.tensor([0, 1, 3, V, V + 5, -1])[torch.randint(0, 6, (R,), generator=g)].to(torch.int32)
+    top_p = torch.tensor([1.0, 0.95, 0.6, 0.0, 1.5])[torch.randint(0, 5, (R,), generator=g)]
+    before = logits.clone()
+    out = filter_top_k_top_p(logits, temperature, top_k, top_p)
+    assert torch.equal(logits, before)  # the input is not modified
+    kept = torch.isfinite(out)
+    assert torch.equal(out[kept], logits[kept])  # kept logits unchanged, the rest -inf
+    assert bool((out[~kept] == float("-inf")).all())
+    checked = 0
+    for r in range(R):
+        want, close = brute_keep(logits[r], float(temperature[r]), int(top_k[r]), float(top_p[r]))
+        if close:
+            continue
+        assert torch.equal(kept[r], want), (r, float(temperature[r]), int(top_k[r]), float(top_p[r]))
+        checked += 1
+    assert checked > R * 0.9
+
+
+def test_filter_keeps_the_lowest_tied_argmax_at_top_p_zero():
+    logits = torch.tensor([[1.0, 3.0, 3.0, 0.0], [2.0, 2.0, 2.0, 2.0]])
+    out = filter_top_k_top_p(logits, torch.ones(2), torch.zeros(2, dtype=torch.int32), torch.zeros(2))
+    assert torch.isfinite(out).tolist() == [[False, True, False, False], [True, False, False, False]]
+
+
+def test_filters_on():
+    assert not filters_on(0, 1.0) and not filters_on([0, 0], [1.0, 1.5])
+    assert filters_on(5, 1.0) and filters_on(0, 0.9) and filters_on([0, 3], 1.0) and filters_on(0, [1.0, 0.5])
+    assert filters_on(torch.tensor([0, 2]), 1.0) and not filters_on(torch.zeros(3), torch.ones(3))
+
+
+def _pair(V=40):
+    torch.manual_seed(5)
+    cfg = ModelConfig(vocab_size=V, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden=64, max_seq_len=128)
+    target, draft = BuiltinModel(cfg), BuiltinModel(cfg)
+    for m in (target, draft):
+        with torch.no_grad():
+            m.head.weight.mul_(100.0)  # peaked enough that top-p cuts
+    return BuiltinTarget(target), BuiltinTarget(draft)
+
+
+class _Recording(DraftModelDrafter):
+    """Keeps every Draft it proposes."""
+
+    def propose(self, seqs, state, sampling):
+        d = super().propose(seqs, state, sampling)
+        self.drafts = getattr(self, "drafts", []) + [(d.tokens.clone(), d.draft_logits.clone())]
+        return d
+
+
+@pytest.mark.parametrize("top_k,top_p", [(1, 1.0), (3, 1.0), (0, 0.5), (4, 0.7)])
+def test_draft_model_drafts_come_from_the_filtered_rows_it_hands_over(monkeypatch, top_k, top_p):
+    target, draft = _pair()
+    filtered = []  # (the draft model's row, its filtered form) per draw
+    real = drafters_mod.filter_top_k_top_p
+
+    def recording(rows, *a):
+        out = real(rows, *a)
+        filtered.append((rows.clone(), out.clone()))
+        return out
+    monkeypatch.setattr(drafters_mod, "filter_top_k_top_p", recording)
+    rec = _Recording(draft, 4)
+    prompts = [[1, 2, 3], [7], [9, 9, 9, 9, 2]]
+    SpeculativeDecoder(target, rec).generate(prompts, 12, temperature=1.0, top_k=top_k, top_p=top_p, seed=3)
+    assert len(filtered) == 4 * len(rec.drafts)
+    saw_cut = False
+    for step, (tokens, rows) in enumerate(rec.drafts):
+        draws = filtered[4 * step: 4 * step + 4]
+        assert torch.equal(rows, torch.stack([out for _, out in draws], 1))  # verification reads what was sampled
+        finite = torch.isfinite(rows)  # [R, n, V]
+        assert bool(finite.gather(2, tokens.long().clamp(min=0).unsqueeze(-1)).all())  # each draft inside its row
+        for raw, out in draws:  # the filter on the draft model's own rows, against the brute-force one
+            for r in range(raw.shape[0]):
+                want, close = brute_keep(raw[r], 1.0, top_k, top_p)
+                assert close or torch.equal(torch.isfinite(out[r]), want)
+        saw_cut |= bool((~finite).any())
+    assert saw_cut
+
+
+def test_filter_drafts_false_and_filters_off_sample_unfiltered_rows(monkeypatch):
+    target, draft = _pair()
+    calls = []
+    real = drafters_mod.filter_top_k_top_p
+    monkeypatch.setattr(drafters_mod, "filter_top_k_top_p", lambda *a: calls.append(1) or real(*a))
+    for drafter, kw in ((_Recording(draft, 3, filter_drafts=False), dict(top_k=2)),
+                        (_Recording(draft, 3), dict(top_k=0, top_p=1.0))):
+        SpeculativeDecoder(target, drafter).generate([[1, 2, 3]], 8, temperature=1.0, seed=4, **kw)
+        assert all(bool(torch.isfinite(rows).all()) for _, rows in drafter.drafts)
+    assert calls == []
+    SpeculativeDecoder(target, _Recording(draft, 3)).generate([[1, 2, 3]], 8, temperature=1.0, top_k=2, seed=4)
+    assert calls
+
+
+def test_dspark_passes_filters_to_markov_draft_only_when_some_request_uses_them(monkeypatch):
+    target, _ = _pair()
+    m = target.model
+    head = DSparkHead(DSparkConfig(dim=m.cfg.dim, vocab_size=m.cfg.vocab_size, hidden_layers=(0, 1), block=3,
+                                   mlp_hidden=16, rank=4))
+    seen = []
+    real = dspark_mod.markov_draft
+    monkeypatch.setattr(dspark_mod, "markov_draft", lambda *a, **kw: seen.append("top_k" in kw) or real(*a, **kw))
+    dec = SpeculativeDecoder(target, DSparkDrafter(m, head))
+    dec.generate([[1, 2], [3]], 5, temperature=[1.0, 0.5], seed=1)
+    assert seen and not any(seen)
+    seen.clear()
+    dec.generate([[1, 2], [3]], 5, temperature=1.0, top_p=[1.0, 0.8], seed=1)
+    assert seen and all(seen)
