@@ -11,6 +11,7 @@ import torch
 
 import dspark_ops.decoding.drafters as drafters_mod
 import dspark_ops.decoding.dspark as dspark_mod
+from dspark_ops import Purpose, sample
 from dspark_ops.decoding import (BuiltinModel, BuiltinTarget, DraftModelDrafter, DSparkConfig, DSparkDrafter,
                                  DSparkHead, ModelConfig, SpeculativeDecoder)
 from dspark_ops.decoding.filtering import filter_top_k_top_p
@@ -79,9 +80,25 @@ def test_filter_keeps_the_lowest_tied_argmax_at_top_p_zero():
 
 
 def test_filters_on():
-    assert not filters_on(0, 1.0) and not filters_on([0, 0], [1.0, 1.5])
-    assert filters_on(5, 1.0) and filters_on(0, 0.9) and filters_on([0, 3], 1.0) and filters_on(0, [1.0, 0.5])
-    assert filters_on(torch.tensor([0, 2]), 1.0) and not filters_on(torch.zeros(3), torch.ones(3))
+    assert not filters_on(1.0, 0, 1.0) and not filters_on(0.7, [0, 0], [1.0, 1.5])
+    assert filters_on(1.0, 5, 1.0) and filters_on(1.0, 0, 0.9) and filters_on(1.0, [0, 3], 1.0)
+    assert filters_on(0.5, 0, [1.0, 0.5]) and filters_on(1.0, torch.tensor([0, 2]), 1.0)
+    assert not filters_on(1.0, torch.zeros(3), torch.ones(3))
+    assert not filters_on(0.0, 50, 0.9)  # greedy requests: nothing to filter
+    assert not filters_on([0.0, 1.0], [50, 0], [1.0, 1.0]) and filters_on([0.0, 1.0], [0, 50], 1.0)
+    assert not filters_on(1.0, float("nan"), float("nan"))
+
+
+def test_filter_in_half_precision_and_with_one_filter():
+    logits = torch.tensor([[0.0, 2.0, 1.0, 2.0], [3.0, 0.0, 0.0, -1.0]])
+    t = torch.tensor([1e-9, 1.0])  # a tiny temperature is not greedy: top-p keeps the argmax only
+    want = filter_top_k_top_p(logits, t, None, torch.tensor([0.5, 0.5]))
+    assert torch.isfinite(want).tolist() == [[False, True, False, True], [True, False, False, False]]
+    for dtype in (torch.float16, torch.bfloat16):
+        out = filter_top_k_top_p(logits.to(dtype), t, None, torch.tensor([0.5, 0.5]))
+        assert out.dtype == dtype and torch.equal(torch.isfinite(out), torch.isfinite(want))
+    k_only = filter_top_k_top_p(logits, torch.ones(2), torch.tensor([1, -3]), None)  # negative: off
+    assert torch.isfinite(k_only).tolist() == [[False, True, False, True], [True] * 4]
 
 
 def _pair(V=40):
@@ -95,11 +112,12 @@ def _pair(V=40):
 
 
 class _Recording(DraftModelDrafter):
-    """Keeps every Draft it proposes."""
+    """Keeps every Draft it proposes, and the counters it drew with."""
 
     def propose(self, seqs, state, sampling):
         d = super().propose(seqs, state, sampling)
         self.drafts = getattr(self, "drafts", []) + [(d.tokens.clone(), d.draft_logits.clone())]
+        self.counters = getattr(self, "counters", []) + [(sampling.seed.clone(), state.position.clone())]
         return d
 
 
@@ -116,20 +134,45 @@ def test_draft_model_drafts_come_from_the_filtered_rows_it_hands_over(monkeypatc
     monkeypatch.setattr(drafters_mod, "filter_top_k_top_p", recording)
     rec = _Recording(draft, 4)
     prompts = [[1, 2, 3], [7], [9, 9, 9, 9, 2]]
-    SpeculativeDecoder(target, rec).generate(prompts, 12, temperature=1.0, top_k=top_k, top_p=top_p, seed=3)
+    T = 0.7
+    SpeculativeDecoder(target, rec).generate(prompts, 12, temperature=T, top_k=top_k, top_p=top_p, seed=3)
     assert len(filtered) == 4 * len(rec.drafts)
     saw_cut = False
-    for step, (tokens, rows) in enumerate(rec.drafts):
+    for step, ((tokens, rows), (seed, position)) in enumerate(zip(rec.drafts, rec.counters)):
         draws = filtered[4 * step: 4 * step + 4]
         assert torch.equal(rows, torch.stack([out for _, out in draws], 1))  # verification reads what was sampled
-        finite = torch.isfinite(rows)  # [R, n, V]
-        assert bool(finite.gather(2, tokens.long().clamp(min=0).unsqueeze(-1)).all())  # each draft inside its row
+        for j in range(rows.shape[1]):  # ... and each draft is the draw from its handed row (DRAFT, slot j + 1)
+            again = sample(rows[:, j], temperature=T, seed=seed, position=position, purpose=Purpose.DRAFT, slot=j + 1)
+            assert torch.equal(again.tokens, tokens[:, j])
         for raw, out in draws:  # the filter on the draft model's own rows, against the brute-force one
             for r in range(raw.shape[0]):
-                want, close = brute_keep(raw[r], 1.0, top_k, top_p)
+                want, close = brute_keep(raw[r], T, top_k, top_p)
                 assert close or torch.equal(torch.isfinite(out[r]), want)
-        saw_cut |= bool((~finite).any())
-    assert saw_cut
+        saw_cut |= bool((~torch.isfinite(rows)).any())
+    assert saw_cut  # the filter cut something (the goodness-of-fit tests pass with or without it: lossless either way)
+
+
+def test_greedy_requests_beside_filtered_ones_decode_as_the_target_alone():
+    target, draft = _pair()
+    prompts = [[1, 2, 3], [7], [9, 9, 9, 9, 2]]
+    greedy = SpeculativeDecoder(target).generate(prompts, 10, temperature=0.0).tokens
+    mixed = SpeculativeDecoder(target, DraftModelDrafter(draft, 3)).generate(
+        prompts, 10, temperature=[0.0, 1.0, 0.0], top_k=3, top_p=[1.0, 0.8, 0.5], seed=2)
+    assert mixed.tokens[0] == greedy[0] and mixed.tokens[2] == greedy[2]
+
+
+def test_a_kept_draft_chain_switches_between_filtered_and_unfiltered_calls():
+    """cuda_graph=True keeps the draft chain's static buffers between calls
+    (eager on the CPU); a filtered and an unfiltered chain are different
+    step shapes: each call equals a fresh eager decoder's."""
+    target, draft = _pair()
+    prompts = [[1, 2, 3], [7]]
+    kept = SpeculativeDecoder(target, DraftModelDrafter(draft, 3, cuda_graph=True), cuda_graph=True)
+    for kw in (dict(top_k=3), dict(), dict(top_p=[0.6, 1.0]), dict(top_k=torch.tensor([2, 0]), top_p=0.9), dict()):
+        fresh = SpeculativeDecoder(target, DraftModelDrafter(draft, 3)).generate(prompts, 9, temperature=0.8,
+                                                                                 seed=5, **kw)
+        again = kept.generate(prompts, 9, temperature=0.8, seed=5, **kw)
+        assert again.tokens == fresh.tokens and again.stats["steps"] == fresh.stats["steps"]
 
 
 def test_filter_drafts_false_and_filters_off_sample_unfiltered_rows(monkeypatch):

@@ -398,6 +398,8 @@ def test_bad_arguments(greedy_setup):
     target = BuiltinTarget(model)
     with pytest.raises(ValueError, match="dim 16"):
         DSparkDrafter(target, make_head(16, V_GREEDY, (0,)))
+    with pytest.raises(ValueError, match="target must be a BuiltinTarget.*got Linear"):
+        DSparkDrafter(torch.nn.Linear(2, 2), make_head(32, V_GREEDY, (0,)))  # e.g. not a BuiltinModel
     with pytest.raises(ValueError, match="hidden_layers"):
         DSparkDrafter(target, make_head(32, V_GREEDY, (2,)))
     with pytest.raises(ValueError, match="num_draft"):

@@ -40,12 +40,13 @@ class Sampling:
     seed: torch.Tensor
     top_k: Optional[torch.Tensor] = None  # int32 (0: off); drafters filter their drafts with them
     top_p: Optional[torch.Tensor] = None  # float32 (1: off)
-    # Known on the host: some request has top-k or top-p on (False: drafters may skip the filters' work).
+    # Known on the host: some sampled request (temperature > 0) has top-k or top-p on (False: drafters may skip
+    # the filters' work; SpeculativeDecoder.generate sets it per call).
     filters: bool = True
 
     def filtering(self) -> bool:
-        """Whether drafts should be filtered by top_k / top_p."""
-        return self.filters and self.top_k is not None and self.top_p is not None
+        """Whether drafts should be filtered by top_k / top_p (a None one is off)."""
+        return self.filters and (self.top_k is not None or self.top_p is not None)
 
 
 class Drafter(ABC):
@@ -255,10 +256,12 @@ class DraftModelDrafter(Drafter):
         request (ids, positions [R w], what the draft cache has not seen),
         then draws 1..n from the first row and the n - 1 single-token
         forwards between them. inputs: (ids, positions) or (None, None), the
-        first row [R, V] float32 or None (from the catch-up), and the
-        requests' position, temperature and seed [R]. Returns (tokens [R, n]
-        int32, rows [R, n, V], the draft cache's lengths before the chain's
-        forwards [R])."""
+        first row [R, V] float32 or None (from the catch-up), the requests'
+        position, temperature and seed [R], and their top_k and top_p [R]
+        (None: that filter off; both None: rows unfiltered). Returns (tokens
+        [R, n] int32, the rows each draw sampled from [R, n, V] (filtered:
+        -inf outside the kept set), the draft cache's lengths before the
+        chain's forwards [R])."""
         ids, positions, row0, position, temperature, seed, top_k, top_p = inputs
         R = position.shape[0]
         if ids is not None:
@@ -266,7 +269,7 @@ class DraftModelDrafter(Drafter):
             logits, _ = self.model.forward(ids, positions, torch.arange(R + 1, dtype=torch.int32) * w, self.cache)
             row0 = logits.view(R, w, -1)[:, -1].float()
         base = self.model.lengths(self.cache).clone()
-        filtered = (lambda row: row) if top_k is None else (
+        filtered = (lambda row: row) if top_k is None and top_p is None else (
             lambda row: filter_top_k_top_p(row, temperature, top_k, top_p))
         rows, toks = [filtered(row0)], []
         for k in range(1, self.num_draft + 1):
@@ -289,7 +292,8 @@ class DraftModelDrafter(Drafter):
         if self._graphs is not None and w <= 2 and all(len(c) == w for c in catch):
             # every request catches up w tokens: that forward and the chain in one graph (a shape of its own)
             inputs = (ids, positions, None, state.position, sampling.temperature, sampling.seed, *filters)
-            tokens, draft_rows, self.base = self._graphs.run(("catch-up", w, R, filters[0] is None), inputs)
+            key = ("catch-up", w, R, *(f is None for f in filters))
+            tokens, draft_rows, self.base = self._graphs.run(key, inputs)
             self.fed, self.forwarded = [len(s) for s in seqs], n - 1
             return Draft(tokens, draft_rows, sampling.temperature)
         cu = [0]
@@ -302,8 +306,8 @@ class DraftModelDrafter(Drafter):
         self.fed = [len(s) for s in seqs]
         if self.stop_below == 0:  # the whole chain (from static buffers, a CUDA graph on a GPU, with cuda_graph)
             inputs = (None, None, rows[0], state.position, sampling.temperature, sampling.seed, *filters)
-            tokens, draft_rows, self.base = (self._graphs.run(("row", R, filters[0] is None), inputs) if self._graphs
-                                             else self._chain(inputs))
+            tokens, draft_rows, self.base = (self._graphs.run(("row", R, *(f is None for f in filters)), inputs)
+                                             if self._graphs else self._chain(inputs))
             self.forwarded = n - 1
             return Draft(tokens, draft_rows, sampling.temperature)
         self.base = self.model.lengths(self.cache).clone()
@@ -315,7 +319,7 @@ class DraftModelDrafter(Drafter):
             live = confident if live is None else live & confident
             if not bool(live.any()):  # every request stopped: the step's drafts end here
                 break
-            if filters[0] is not None:
+            if filters != (None, None):
                 rows[-1] = filter_top_k_top_p(rows[-1], sampling.temperature, *filters)
             tok = sample(rows[-1], temperature=sampling.temperature, seed=sampling.seed, position=state.position,
                          purpose=Purpose.DRAFT, slot=self._slots[k]).tokens

@@ -37,7 +37,7 @@ from torch import nn
 from ..markov import markov_draft
 from ..schedule import measure_sps, schedule_verify
 from .drafters import Draft, Drafter
-from .model import _normalize, _version
+from .model import BuiltinModel, _normalize, _version
 
 
 @dataclass
@@ -255,6 +255,11 @@ class DSparkDrafter(Drafter):
                  budget: Optional[int] = None, temperatures: Optional[torch.Tensor] = None,
                  with_confidence: bool = False):
         model = getattr(target, "model", target)
+        if not isinstance(model, BuiltinModel):
+            raise ValueError(f"DSparkDrafter: target must be a BuiltinTarget or a BuiltinModel (the head shares its "
+                             f"embedding, final norm and LM head, and reads its hidden states), got "
+                             f"{type(target).__name__}; a Hugging Face Llama converts with "
+                             f"BuiltinTarget(builtin_from_hf(model))")
         cfg = head.cfg
         if (model.cfg.dim, model.cfg.vocab_size) != (cfg.dim, cfg.vocab_size):
             raise ValueError(f"DSparkDrafter: the head is for dim {cfg.dim} and vocab {cfg.vocab_size}, the target "

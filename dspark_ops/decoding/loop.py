@@ -56,9 +56,16 @@ def _host_values(value) -> list:
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
-def filters_on(top_k, top_p) -> bool:
-    """Whether some request samples with top-k (> 0) or top-p (< 1)."""
-    return any(int(k) > 0 for k in _host_values(top_k)) or any(float(p) < 1 for p in _host_values(top_p))
+def filters_on(temperature, top_k, top_p) -> bool:
+    """Whether some sampled request (temperature > 0) has top-k (> 0) or
+    top-p (< 1) on; each argument a scalar, a per-prompt list or a tensor
+    (a one-entry one broadcasts)."""
+    t, k, p = (_host_values(v) for v in (temperature, top_k, top_p))
+    R = max(len(t), len(k), len(p))
+
+    def at(values, r):
+        return float(values[r if len(values) > 1 else 0])
+    return any(at(t, r) > 0 and (at(k, r) > 0 or at(p, r) < 1) for r in range(R))
 
 
 class SpeculativeDecoder:
@@ -125,7 +132,7 @@ class SpeculativeDecoder:
                    _per_request(temperature, R, torch.float32, dev), _per_request(seeds, R, torch.int64, dev),
                    _per_request(top_k, R, torch.int32, dev), _per_request(top_p, R, torch.float32, dev),
                    to_device(list(stop_tokens), torch.int32, dev) if stop_tokens else None, reused=reused)
-        sampling.filters = filters_on(top_k, top_p)  # drafters skip the filters' work otherwise
+        sampling.filters = filters_on(temperature, top_k, top_p)  # drafters skip the filters' work otherwise
         if self.drafter is not None:
             self.drafter.start(R, max_len, dev)
         # Prefill every prompt but its last token (the first step's root).
