@@ -660,7 +660,7 @@ class SharedCountersDrafter(DraftModelDrafter):
 def run_distribution(stats_models, drafter_kind, temperature, top_k=0, top_p=1.0, seed=1234):
     target, near, far = stats_models
     drafter = {"near": lambda: DraftModelDrafter(near, 3), "far": lambda: DraftModelDrafter(far, 3),
-               "near_unfiltered": lambda: DraftModelDrafter(near, 3, filter_drafts=False),
+               "near_filtered": lambda: DraftModelDrafter(near, 3, filter_drafts=True),
                "near_stop": lambda: DraftModelDrafter(near, 4, stop_below=0.25),
                "ngram": lambda: NGramDrafter(2, 3), "plain": lambda: None,
                "ngram_tree": lambda: NGramDrafter(2, 6, branches=3),
@@ -675,9 +675,9 @@ def run_distribution(stats_models, drafter_kind, temperature, top_k=0, top_p=1.0
 
 @pytest.mark.parametrize("drafter_kind,temperature,top_k,top_p", [
     ("near", 1.0, 0, 1.0),   # a perturbed copy of the target: accepts ~2 of 3
-    ("near", 0.7, 3, 1.0),   # drafts sampled from the draft's own top-k rows, verified against those rows
-    ("near", 0.8, 0, 0.7),   # ... and top-p
-    ("near_unfiltered", 0.7, 3, 1.0),  # drafts from unfiltered rows: tokens outside the top-k always rejected
+    ("near", 0.7, 3, 1.0),   # draft sampled without top-k: tokens outside it are always rejected
+    ("near_filtered", 0.7, 3, 1.0),  # filter_drafts: drafts from the draft's own top-k rows, verified on them
+    ("near_filtered", 0.8, 0, 0.7),  # ... and top-p
     ("far", 1.0, 0, 1.0),    # an unrelated model: mostly rejections and residual sampling
     ("near_stop", 1.0, 0, 1.0),  # confidence early stop: -1 padded positions are sampled from the target
     ("near_stop", 0.7, 3, 1.0),
@@ -690,7 +690,7 @@ def run_distribution(stats_models, drafter_kind, temperature, top_k=0, top_p=1.0
 def test_sampled_output_follows_target_distribution(stats_models, drafter_kind, temperature, top_k, top_p):
     pvalue, tv, st = run_distribution(stats_models, drafter_kind, temperature, top_k, top_p)
     assert pvalue > 1e-3, (pvalue, tv, st["mean_accepted"])
-    if drafter_kind in ("near", "near_unfiltered", "near_stop", "ngram", "ngram_tree"):
+    if drafter_kind in ("near", "near_filtered", "near_stop", "ngram", "ngram_tree"):
         assert st["mean_accepted"] > 0.2  # drafts were accepted, not only rejected
 
 
@@ -889,8 +889,7 @@ def test_finished_request_cache_stays_in_bounds():
     prompt + max_new + n + 2 -> IndexError in the model's cache write."""
     model = make_model(50, 45)
     target = BuiltinTarget(model)
-    # q == p for request 0: all accepted; unfiltered drafts (filter_drafts=False) for request 1
-    dec = SpeculativeDecoder(target, DraftModelDrafter(target, num_draft=4, filter_drafts=False))
+    dec = SpeculativeDecoder(target, DraftModelDrafter(target, num_draft=4))  # q == p for request 0: all accepted
     # request 0 (greedy, longest prompt): 5 tokens a step, cut at 6 on step 2; request 1 (top_k=1 target vs an
     # untruncated draft: mostly rejected) keeps the loop going for several more steps
     res = dec.generate([[1, 2, 3, 4, 5], [6]], 6, temperature=[0.0, 1.0], top_k=[0, 1], seed=0)
@@ -976,6 +975,8 @@ def _dspark(target_model: BuiltinModel, **kw) -> DSparkDrafter:
 GRAPH_KINDS = {"plain": lambda t, d, g: None, "ngram": lambda t, d, g: NGramDrafter(3, 4),
                "ngram_tree": lambda t, d, g: NGramDrafter(3, 8, branches=3),
                "draft_model": lambda t, d, g: DraftModelDrafter(BuiltinTarget(d), 3, cuda_graph=g),
+               "draft_model_filtered": lambda t, d, g: DraftModelDrafter(BuiltinTarget(d), 3, cuda_graph=g,
+                                                                         filter_drafts=True),
                "dspark": lambda t, d, g: _dspark(t)}
 
 
@@ -1059,8 +1060,9 @@ def test_every_run_of_a_step_shape_repeats_its_first(gpu_attention_path, greedy_
     monkeypatch.setattr(drafters_mod, "StepGraphs", Traced)
     model, draft_model, prompts, _, stops, _ = greedy_setup
     dec = SpeculativeDecoder(BuiltinTarget(model), GRAPH_KINDS[kind](model, draft_model, True), cuda_graph=True)
+    filters = dict(top_k=3, top_p=0.9) if kind == "draft_model_filtered" else {}
     for seed in (11, 12):  # a second call reuses the session: its runs must repeat the first call's too
-        dec.generate(prompts, MAX_NEW, temperature=0.9, seed=seed, stop_tokens=stops)
+        dec.generate(prompts, MAX_NEW, temperature=0.9, seed=seed, stop_tokens=stops, **filters)
     assert traces and max(len(runs) for runs in traces.values()) >= 3
     for (_, name, key), runs in traces.items():
         for i, run in enumerate(runs[1:], 1):
@@ -1193,7 +1195,7 @@ def test_cuda_graph_steps_equal_eager_steps(greedy_setup, kind, temperature, fil
         again = graphed_dec.generate(prompts, MAX_NEW, seed=12, **kw)
     for g, e in zip(graphed + [again], eager + [eager[1]]):
         assert g.tokens == e.tokens and g.errors == e.errors
-    assert graphed[0].stats["cuda_graphs"] >= (2 if kind == "draft_model" else 1)  # the draft chain's graph too
+    assert graphed[0].stats["cuda_graphs"] >= (2 if kind.startswith("draft_model") else 1)  # the chain's graph too
 
 
 @pytest.mark.cuda

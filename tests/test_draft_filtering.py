@@ -41,8 +41,8 @@ def brute_keep(row: torch.Tensor, t: float, k: int, p: float):
     above = ((probs.unsqueeze(0) > probs.unsqueeze(1)) * probs.unsqueeze(0)).sum(1)  # strictly more probable mass
     if p < 1:
         keep &= above < p
-    top = int(torch.argmax(x))
-    keep[top] = True  # the argmax (the lowest index among ties) always
+    top = x == x.max()
+    keep |= top  # the largest logit (and its ties) always
     near = (above - p).abs() < 1e-6
     near[top] = False
     return keep, bool(near.any()) if p < 1 else False
@@ -73,10 +73,12 @@ def test_filter_matches_brute_force(V):
     assert checked > R * 0.9
 
 
-def test_filter_keeps_the_lowest_tied_argmax_at_top_p_zero():
-    logits = torch.tensor([[1.0, 3.0, 3.0, 0.0], [2.0, 2.0, 2.0, 2.0]])
-    out = filter_top_k_top_p(logits, torch.ones(2), torch.zeros(2, dtype=torch.int32), torch.zeros(2))
-    assert torch.isfinite(out).tolist() == [[False, True, False, False], [True, False, False, False]]
+def test_filter_keeps_or_cuts_ties_together():
+    logits = torch.tensor([[1.0, 3.0, 3.0, 0.0], [2.0, 2.0, 2.0, 2.0], [5.0, 1.0, 1.0, 1.0]])
+    out = filter_top_k_top_p(logits, torch.ones(3), torch.zeros(3, dtype=torch.int32), torch.zeros(3))
+    assert torch.isfinite(out).tolist() == [[False, True, True, False], [True] * 4, [True, False, False, False]]
+    out = filter_top_k_top_p(logits, torch.ones(3), torch.tensor([2, 1, 2]), None)  # ties with the k-th kept
+    assert torch.isfinite(out).tolist() == [[False, True, True, False], [True] * 4, [True] * 4]
 
 
 def test_filters_on():
@@ -132,7 +134,7 @@ def test_draft_model_drafts_come_from_the_filtered_rows_it_hands_over(monkeypatc
         filtered.append((rows.clone(), out.clone()))
         return out
     monkeypatch.setattr(drafters_mod, "filter_top_k_top_p", recording)
-    rec = _Recording(draft, 4)
+    rec = _Recording(draft, 4, filter_drafts=True)
     prompts = [[1, 2, 3], [7], [9, 9, 9, 9, 2]]
     T = 0.7
     SpeculativeDecoder(target, rec).generate(prompts, 12, temperature=T, top_k=top_k, top_p=top_p, seed=3)
@@ -156,7 +158,7 @@ def test_greedy_requests_beside_filtered_ones_decode_as_the_target_alone():
     target, draft = _pair()
     prompts = [[1, 2, 3], [7], [9, 9, 9, 9, 2]]
     greedy = SpeculativeDecoder(target).generate(prompts, 10, temperature=0.0).tokens
-    mixed = SpeculativeDecoder(target, DraftModelDrafter(draft, 3)).generate(
+    mixed = SpeculativeDecoder(target, DraftModelDrafter(draft, 3, filter_drafts=True)).generate(
         prompts, 10, temperature=[0.0, 1.0, 0.0], top_k=3, top_p=[1.0, 0.8, 0.5], seed=2)
     assert mixed.tokens[0] == greedy[0] and mixed.tokens[2] == greedy[2]
 
@@ -167,10 +169,11 @@ def test_a_kept_draft_chain_switches_between_filtered_and_unfiltered_calls():
     step shapes: each call equals a fresh eager decoder's."""
     target, draft = _pair()
     prompts = [[1, 2, 3], [7]]
-    kept = SpeculativeDecoder(target, DraftModelDrafter(draft, 3, cuda_graph=True), cuda_graph=True)
+    kept = SpeculativeDecoder(target, DraftModelDrafter(draft, 3, cuda_graph=True, filter_drafts=True),
+                              cuda_graph=True)
     for kw in (dict(top_k=3), dict(), dict(top_p=[0.6, 1.0]), dict(top_k=torch.tensor([2, 0]), top_p=0.9), dict()):
-        fresh = SpeculativeDecoder(target, DraftModelDrafter(draft, 3)).generate(prompts, 9, temperature=0.8,
-                                                                                 seed=5, **kw)
+        fresh = SpeculativeDecoder(target, DraftModelDrafter(draft, 3, filter_drafts=True)).generate(
+            prompts, 9, temperature=0.8, seed=5, **kw)
         again = kept.generate(prompts, 9, temperature=0.8, seed=5, **kw)
         assert again.tokens == fresh.tokens and again.stats["steps"] == fresh.stats["steps"]
 
@@ -180,12 +183,13 @@ def test_filter_drafts_false_and_filters_off_sample_unfiltered_rows(monkeypatch)
     calls = []
     real = drafters_mod.filter_top_k_top_p
     monkeypatch.setattr(drafters_mod, "filter_top_k_top_p", lambda *a: calls.append(1) or real(*a))
-    for drafter, kw in ((_Recording(draft, 3, filter_drafts=False), dict(top_k=2)),
-                        (_Recording(draft, 3), dict(top_k=0, top_p=1.0))):
+    for drafter, kw in ((_Recording(draft, 3), dict(top_k=2)),  # the default: unfiltered
+                        (_Recording(draft, 3, filter_drafts=True), dict(top_k=0, top_p=1.0))):
         SpeculativeDecoder(target, drafter).generate([[1, 2, 3]], 8, temperature=1.0, seed=4, **kw)
         assert all(bool(torch.isfinite(rows).all()) for _, rows in drafter.drafts)
     assert calls == []
-    SpeculativeDecoder(target, _Recording(draft, 3)).generate([[1, 2, 3]], 8, temperature=1.0, top_k=2, seed=4)
+    SpeculativeDecoder(target, _Recording(draft, 3, filter_drafts=True)).generate([[1, 2, 3]], 8, temperature=1.0,
+                                                                                  top_k=2, seed=4)
     assert calls
 
 

@@ -177,17 +177,24 @@ class NGramDrafter(Drafter):
 class DraftModelDrafter(Drafter):
     """A small model drafting a chain autoregressively: up to num_draft
     single-token steps per verification, sampled with the request's
-    temperature, top-k and top-p: each row is filtered on the device
-    (filter_top_k_top_p: -inf outside the kept set) and sampled with the
-    filters off, and the filtered rows are the Draft's logits, so q =
-    softmax(row / T) is exactly what was sampled (lossless). Filtering
-    keeps drafts out of the low-probability tail, which the target's own
-    filters cut and which is then always rejected: on the embedded pair it
-    raised the accepted drafts per step from 2.89 to 3.17 (T = 1, top-p
-    0.9), 3.01 to 3.73 (T = 0.7, top-p 0.7) and 2.63 to 3.08 (top-k 5);
-    with top-k 20 at T = 0.8 it lowered them from 2.91 to 2.84 (the draft's
-    kept set then misses some of the target's). filter_drafts=False samples
-    the unfiltered rows (at the request's temperature).
+    temperature from softmax(logits / T), which verify_chunk reads as the
+    draft rows: exactly what was sampled (lossless).
+
+    filter_drafts=True also applies the request's top-k and top-p: each row
+    is filtered on the device (filter_top_k_top_p: -inf outside the kept
+    set), sampled with the filters off, and the filtered rows are the
+    Draft's, so q is still exactly what was sampled. Drafts then stay out of
+    the tail the target's own filters cut (always rejected there): on the
+    embedded pair, 16 requests a batch, it raised the accepted drafts per
+    step from 2.89 to 3.17 (T = 1, top-p 0.9), 3.01 to 3.73 (T = 0.7, top-p
+    0.7) and 2.63 to 3.08 (top-k 5), and lowered them from 2.91 to 2.84 at
+    top-k 20. But the filter's ~12 small ops per draft token cost about as
+    much as that gains with this tiny draft model on a CPU: tokens/s went
+    from -14 % to +8 % at batch 16 and fell 2-20 % at batch 1
+    (bench/bench_sampled_drafts.py, bench/results/sampled_drafts_*), so it
+    is off by default. With a draft model whose step costs far more than
+    those ops (a real one on a GPU, where the chain is one CUDA graph) it
+    should pay; not measured.
 
     stop_below: a request stops drafting at position k when the draft's top
     probability there (softmax of its logits at temperature 1) is below this
@@ -207,7 +214,7 @@ class DraftModelDrafter(Drafter):
     buffers)."""
 
     def __init__(self, target, num_draft: int = 5, *, stop_below: float = 0.0, cuda_graph: bool = False,
-                 filter_drafts: bool = True):
+                 filter_drafts: bool = False):
         if num_draft < 1:
             raise ValueError(f"DraftModelDrafter: num_draft must be >= 1, got {num_draft}")
         if not 0.0 <= stop_below < 1.0:

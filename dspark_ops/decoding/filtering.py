@@ -32,8 +32,9 @@ def filter_top_k_top_p(logits: torch.Tensor, temperature: torch.Tensor, top_k: O
     top_p : Tensor [R] float, or None (off)
         Of those, keep tokens whose strictly-more-probable mass under
         softmax(logits / temperature), renormalised over the top-k set, is
-        < top_p (in float32); >= 1 = off. The argmax (the lowest index among
-        ties) is always kept.
+        < top_p (in float32); >= 1 = off. The largest logit is always kept
+        (with its ties: the kept set is every logit at or above the
+        smallest kept one, so tied logits are kept or cut together).
 
     Returns
     -------
@@ -50,24 +51,26 @@ def filter_top_k_top_p(logits: torch.Tensor, temperature: torch.Tensor, top_k: O
     """
     R, V = logits.shape
     x = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
-    sorted_l, order = torch.sort(x, dim=-1, descending=True, stable=True)  # ties: the lower index first
-    keep = torch.ones(R, V, dtype=torch.bool, device=logits.device)
+    sorted_l = torch.sort(x, dim=-1, descending=True).values
+    # The kept set is every logit >= the smallest kept one: ties at a boundary are kept or cut together (their
+    # strictly-larger count and strictly-more-probable mass are the group's first member's).
+    floor = None
     if top_k is not None:
         k = top_k.to(torch.int64).view(R, 1)
-        kth = sorted_l.gather(1, (k.clamp(1, V) - 1))  # the k-th largest logit
-        keep = (k <= 0) | (k >= V) | (sorted_l >= kth)  # ties with the k-th are kept
+        floor = torch.where((k <= 0) | (k >= V), float("-inf"), sorted_l.gather(1, k.clamp(1, V) - 1))
     t = temperature.to(sorted_l.dtype).view(R, 1)
     if top_p is not None:
-        probs = torch.softmax((sorted_l / t.clamp(min=1e-30)).masked_fill(~keep, float("-inf")), -1)
-        before = probs.cumsum(-1) - probs  # mass of the entries sorted before each one
-        # Strictly more probable: the mass before the first entry of each run of equal logits.
-        col = torch.arange(V, device=logits.device).expand(R, V)
-        starts = torch.ones_like(keep)
-        starts[:, 1:] = sorted_l[:, 1:] != sorted_l[:, :-1]
-        first = torch.where(starts, col, 0).cummax(-1).values
+        z = sorted_l / t.clamp(min=1e-30)
+        if floor is not None:
+            z = z.masked_fill(sorted_l < floor, float("-inf"))
+        probs = torch.softmax(z, -1)
         p = top_p.to(probs.dtype).view(R, 1)
-        keep &= (p >= 1) | (before.gather(1, first) < p)
-    keep[:, 0] = True  # the argmax
-    keep |= t <= 0  # greedy: unfiltered
-    mask = torch.empty_like(keep).scatter_(1, order, keep)
-    return logits.masked_fill(~mask, float("-inf"))
+        before = probs.cumsum(-1) - probs  # 0 exactly for the argmax, >= its probability after it
+        cut = (before >= p) & (before > 0) & (p < 1)  # the mass sorted before reaches top_p (>= 1: off); the argmax
+        # stays (no in-place write of a Python scalar: the draft chain may be a CUDA graph)
+        p_floor = sorted_l.masked_fill(cut, float("inf")).amin(-1, keepdim=True)
+        floor = p_floor if floor is None else torch.maximum(floor, p_floor)
+    if floor is None:
+        return logits.clone()
+    floor = floor.masked_fill(t <= 0, float("-inf"))  # greedy: unfiltered
+    return logits.masked_fill(x < floor, float("-inf"))
