@@ -63,7 +63,8 @@ def _step_sps(target, G: int, weights_dir) -> torch.Tensor:
     prompt = tokenizer.encode(PROMPTS[0])
     dec.generate([prompt], 16)
     res = min((dec.generate([prompt], 48) for _ in range(3)), key=lambda r: r.stats["seconds"])
-    overhead = max(res.stats["seconds"] / res.stats["steps"] - 1.0 / float(bare[G + 1]), 0.0)
+    step_s = (res.stats["seconds"] - res.stats["prefill_seconds"]) / res.stats["steps"]
+    overhead = max(step_s - 1.0 / float(bare[G + 1]), 0.0)
     return target_sps_table(target, G + 1, overhead_s=overhead)
 
 

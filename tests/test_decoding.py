@@ -189,6 +189,7 @@ class Recorder(Drafter):
     def __init__(self, inner: Drafter, target: Optional[CapturingTarget] = None, check_caches: bool = False):
         self.inner, self.target, self.check = inner, target, check_caches
         self.num_draft = inner.num_draft
+        self.hidden_layers = getattr(inner, "hidden_layers", ())
         self.finished_per_step: List[List[bool]] = []
         self.checked = 0
 
@@ -213,6 +214,9 @@ class Recorder(Drafter):
 
     def commit(self, accepted, finished_before):
         self.inner.commit(accepted, finished_before)
+
+    def observe(self, rows, processed):
+        self.inner.observe(rows, processed)
 
 
 def assert_cache_holds(target, cache, r: int, tokens: List[int], *, exact_length: bool = True):
@@ -513,7 +517,8 @@ def test_per_prompt_max_new_tokens(greedy_setup):
 @pytest.mark.parametrize("kind,temperature", [("ngram", 0.0), ("ngram_tree", 0.0), ("decoy_tree", 0.0),
                                               ("decoy_tree", 1.0),
                                               ("draft_model", 1.0), ("draft_model", 0.0),
-                                              ("draft_model_stop", 1.0), ("self", 0.0), ("self", 1.0)])
+                                              ("draft_model_stop", 1.0), ("self", 0.0), ("self", 1.0),
+                                              ("dspark_threshold", 0.0), ("dspark_threshold", 1.0)])
 def test_caches_after_rollback_equal_plain_prefill(kind, temperature):
     V = 61
     model = make_model(V, 10)
@@ -525,7 +530,9 @@ def test_caches_after_rollback_equal_plain_prefill(kind, temperature):
              "decoy_tree": lambda: DecoyTreeDrafter(model, 3),
              "draft_model": lambda: DraftModelDrafter(BuiltinTarget(draft_model), 4),
              "draft_model_stop": lambda: DraftModelDrafter(BuiltinTarget(draft_model), 4, stop_below=0.2),
-             "self": lambda: DraftModelDrafter(BuiltinTarget(model), 4)}[kind]()
+             "self": lambda: DraftModelDrafter(BuiltinTarget(model), 4),
+             # a schedule cutting blocks per request: ragged target passes (DecodeSession.ragged_step)
+             "dspark_threshold": lambda: _dspark(model, schedule="threshold", threshold=0.3)}[kind]()
     rec = Recorder(inner, target, check_caches=True)
     max_new = 16
     res = SpeculativeDecoder(target, rec).generate(prompts, max_new, temperature=temperature, seed=5)
@@ -861,7 +868,8 @@ def test_stats(kind):
     prompts = make_prompts(V, [1, 9, 4, 14], seed=42)
     res = SpeculativeDecoder(BuiltinTarget(model), drafter).generate(prompts, 12, temperature=0.8, seed=1)
     st = res.stats
-    for key in ("steps", "target_passes", "mean_accepted", "accepted_per_step", "tokens_per_s", "new_tokens"):
+    for key in ("steps", "target_passes", "mean_accepted", "accepted_per_step", "tokens_per_s", "new_tokens",
+                "seconds", "prefill_seconds"):
         assert key in st, key
     assert res.errors == [0] * len(prompts)
     assert all(len(o) == 12 for o in res.tokens)
@@ -872,6 +880,7 @@ def test_stats(kind):
     assert all(0 <= a <= n for a in st["accepted_per_step"])
     assert st["mean_accepted"] == pytest.approx(sum(st["accepted_per_step"]) / st["steps"])
     assert 0 < st["tokens_per_s"] < float("inf")
+    assert 0 < st["prefill_seconds"] < st["seconds"]
     if kind == "plain":
         assert st["steps"] == 12 and st["mean_accepted"] == 0
     else:

@@ -14,6 +14,8 @@ tiny random BuiltinModels and random heads:
    schedule_verify says; argument errors."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -275,6 +277,44 @@ def test_schedule_cuts_blocks_as_schedule_verify_says(greedy_setup, schedule):
     res = SpeculativeDecoder(target, drafter).generate(prompts, MAX_NEW)
     assert res.errors == [0] * len(prompts)
     assert min(widths) < head.cfg.block and max(widths) > 0, widths  # cut, but not to nothing
+
+
+class PaddedPasses(DSparkDrafter):
+    """The same drafts without their host-known lengths: the loop pads
+    every request's block to the longest with -1 (one uniform pass)."""
+
+    def propose(self, seqs, state, sampling):
+        return dataclasses.replace(super().propose(seqs, state, sampling), lengths=None)
+
+
+@pytest.mark.parametrize("schedule", ["threshold", "early_stop"])
+@pytest.mark.parametrize("temperature,top_k", [(0.0, 0), (0.9, 0), (1.0, 5)])
+def test_ragged_scheduled_passes_equal_padded_ones(greedy_setup, monkeypatch, schedule, temperature, top_k):
+    """A schedule that cuts each request's block differently sends a ragged
+    target pass (each request's root and its own kept drafts: the token
+    batch the SPS table priced); it decodes exactly as the padded pass the
+    loop sent before (a -1 ends a chain where the count does; the emitted
+    token uses the same row and slot): same tokens, same accepted counts,
+    greedy and sampled, batched with stop tokens."""
+    model, prompts, _, stops, _ = greedy_setup
+    target = BuiltinTarget(model)
+    head = make_head(32, V_GREEDY, (0, 1), seed=9)
+    kw = dict(threshold=0.4) if schedule == "threshold" else dict(sps_table=STEEP_SPS)
+    ragged_calls = []
+    real = session_mod.DecodeSession.ragged_step
+
+    def counting(self, toks, draft_logits, draft_t, lengths):
+        ragged_calls.append(list(lengths))
+        return real(self, toks, draft_logits, draft_t, lengths)
+    monkeypatch.setattr(session_mod.DecodeSession, "ragged_step", counting)
+    runs = []
+    for cls in (DSparkDrafter, PaddedPasses):
+        dec = SpeculativeDecoder(target, cls(target, head, schedule=schedule, **kw))
+        runs.append(dec.generate(prompts, MAX_NEW, temperature=temperature, top_k=top_k, seed=4, stop_tokens=stops))
+    ragged, padded = runs
+    assert ragged.tokens == padded.tokens and ragged.errors == padded.errors == [0] * len(prompts)
+    assert ragged.stats["accepted_per_step"] == padded.stats["accepted_per_step"]
+    assert len(ragged_calls) >= 3 and all(len(set(c)) > 1 for c in ragged_calls)  # ragged passes were sent
 
 
 def test_confidence_is_the_heads_on_the_drafted_prefix(greedy_setup):

@@ -161,6 +161,40 @@ def test_measure_sps_interpolates():
     assert abs(float(table[6]) - (float(table[4]) + float(table[8])) / 2) < 1e-9 * float(table[4])
 
 
+def test_measure_sps_fits():
+    """Step times with a dip (B = 3 faster than B = 2: noise on a real
+    machine) and a non-convex rise: "convex" (the default) gives their
+    greatest convex non-decreasing minorant (the lower hull: 2, 3, 4, 10 ms
+    here), so early_stop's first stop is its best; "monotone" the isotonic
+    fit (2, 6, 6, 10); "raw" the medians."""
+    import time
+    delays = {1: 0.002, 2: 0.008, 3: 0.004, 4: 0.010}
+    step = lambda B: time.sleep(delays[B])  # noqa: E731
+    tables = {fit: dspark_ops.measure_sps(step, [1, 2, 3, 4], warmup=0, iters=3, device="cpu", fit=fit)
+              for fit in ("convex", "monotone", "raw")}
+    for fit, want in (("convex", [2, 3, 4, 10]), ("monotone", [2, 6, 6, 10]), ("raw", [2, 8, 4, 10])):
+        got = [1e3 / float(x) for x in tables[fit][1:]]
+        assert got == pytest.approx(want, rel=0.25, abs=0.5), (fit, got)
+    assert bool((tables["convex"][1:] <= tables["convex"][:-1]).all())
+    with pytest.raises(ValueError, match="fit must be"):
+        dspark_ops.measure_sps(step, [1], fit="smooth")
+
+
+def test_convex_fit_is_a_convex_non_decreasing_minorant():
+    from dspark_ops.schedule import _convex_non_decreasing
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        n = int(torch.randint(1, 12, (1,), generator=g))
+        xs = sorted(set(torch.randint(1, 100, (n,), generator=g).tolist()))
+        ys = (torch.rand(len(xs), generator=g) * 10).tolist()
+        f = _convex_non_decreasing([float(x) for x in xs], ys)
+        assert all(a <= b + 1e-12 for a, b in zip(f, ys))  # below the points
+        assert all(a <= b + 1e-12 for a, b in zip(f, f[1:]))  # non-decreasing
+        slopes = [(f[i + 1] - f[i]) / (xs[i + 1] - xs[i]) for i in range(len(xs) - 1)]
+        assert all(a <= b + 1e-9 for a, b in zip(slopes, slopes[1:]))  # convex
+        assert min(f) == pytest.approx(min(ys))  # the greatest such: it touches the lowest point
+
+
 def test_opcheck_and_compile():
     conf, n, sps = random_case(6, 4, 2)
     budget = torch.tensor([5])

@@ -26,6 +26,9 @@ class Draft:
     draft_temperature: Optional[torch.Tensor] = None  # [R] float32
     confidence: Optional[torch.Tensor] = None  # [R, n]: per-position confidence for schedule_verify
     width: Optional[int] = None  # host-known proposals of the longest row (< n): the target pass is trimmed to it
+    # Host-known proposals per request (each row's first lengths[r] tokens; -1 after): when they differ, the
+    # target pass is ragged (each request's root and its own drafts, no -1 padding). None: padded to the width.
+    lengths: Optional[List[int]] = None
     # [R, n] int32: a tree draft — draft j (node j+1) is a child of node parents[r, j] (0 = the root, the last
     # committed token; else a draft node, < j + 1); verified with verify_tree, as point masses (draft_logits
     # None: deterministic siblings). None: a chain.

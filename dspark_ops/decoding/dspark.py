@@ -240,8 +240,10 @@ class DSparkDrafter(Drafter):
         known before drafting — no host read (DESIGN §3's orchestrator mode);
       * "early_stop" (needs sps_table [B_max + 1] covering token batches up
         to R (n + 1): DSpark's Algorithm 1) and "threshold" (needs
-        threshold): the pass is trimmed to the longest kept block, which
-        costs one host read per step.
+        threshold): each request's kept length is read on the host (one
+        read per step, Draft.lengths) and the target pass is ragged: each
+        request's root and its kept drafts, the token batch the SPS table
+        priced.
     Draft.confidence holds the confidences of the verified positions when
     scheduling or with with_confidence=True (else None: the confidence head
     is not run). temperatures [G]: the per-position calibration (confidence
@@ -367,12 +369,15 @@ class DSparkDrafter(Drafter):
         counts = torch.where(state.finished, 0, n).to(torch.int32)  # finished requests take no budget
         length = schedule_verify(conf, counts, self.sps_dev, mode=self.schedule, threshold=self.threshold,
                                  budget=self.budget_dev)
-        # The pass's width: known in advance for a budget, else the longest kept block (a host read).
-        width = min(n, self.budget) if self.schedule == "budget" else int(length.max())
+        # The pass: for a budget min(n, budget) wide, known in advance (no host read); else each request's kept
+        # block, read on the host (the step's one read): a ragged pass of exactly the admitted tokens, the batch
+        # the SPS table priced.
+        lengths = None if self.schedule == "budget" else length.tolist()
+        width = min(n, self.budget) if lengths is None else max(lengths)
         keep = torch.arange(n, device=dev) < length.unsqueeze(1)
         tokens = torch.where(keep, tokens, -1)[:, :width].contiguous()
         return Draft(tokens, draft_logits[:, :width].contiguous(), draft_t, confidence=conf[:, :width],
-                     width=width if width < n else None)
+                     width=width if width < n else None, lengths=lengths)
 
 
 def target_sps_table(target, max_tokens: int, *, requests: int = 1, context: int = 128, overhead_s: float = 0.0,

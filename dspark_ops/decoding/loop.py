@@ -48,6 +48,24 @@ def _per_request(value, R: int, dtype, device) -> torch.Tensor:
     return torch.full((R,), value, dtype=dtype, device=device)
 
 
+class _Mark:
+    """A point in a generate() call: host time, and on a GPU a CUDA event
+    (no synchronisation), so that seconds_since reads the device's timeline
+    after the loop's host reads have synchronised."""
+
+    def __init__(self, device: torch.device):
+        self.host = time.perf_counter()
+        self.event = None
+        if device.type == "cuda":
+            self.event = torch.cuda.Event(enable_timing=True)
+            self.event.record()
+
+    def seconds_since(self, earlier: "_Mark") -> float:
+        if self.event is not None and earlier.event is not None:
+            return earlier.event.elapsed_time(self.event) / 1e3
+        return self.host - earlier.host
+
+
 def _host_values(value) -> list:
     """A scalar, a per-prompt list or a tensor as a host list (a tensor is
     read once per call, before any step)."""
@@ -113,6 +131,7 @@ class SpeculativeDecoder:
         max_new_tokens = max(int(m) for m in limits)
         t0 = time.perf_counter()
         R, dev, target = len(seqs), self.target.device, self.target
+        started = _Mark(dev)
         n = self.drafter.num_draft if self.drafter is not None else 0
         # A session outlives the call only with graphs to replay, on a target whose cache resets in place.
         keep = self.cuda_graph and getattr(target, "graph_capturable", False)
@@ -150,6 +169,7 @@ class SpeculativeDecoder:
         if layers:  # the drafter's first context: the prefilled tokens (none when every prompt is one token)
             self.drafter.observe(None if hidden is None else pad_rows(hidden, cu),
                                  None if hidden is None else to_device([len(p) for p in pre], torch.int32, dev))
+        prefilled = _Mark(dev)  # the first step starts here: what came before is set-up and the prefill
         sess.check_graphs()  # graphs kept from an earlier call still read where the target's tensors are
         captured_before = self._graphs_captured()
         out = [[] for _ in range(R)]
@@ -172,7 +192,8 @@ class SpeculativeDecoder:
                 raise NotImplementedError("SpeculativeDecoder: tree drafts are verified as point masses "
                                           "(deterministic siblings); a tree with draft distributions is not supported")
             packed, rows, processed = sess.run_step(toks, tree_parents,
-                                                    None if tree_parents is not None else draft_logits, draft_t)
+                                                    None if tree_parents is not None else draft_logits, draft_t,
+                                                    lengths=draft.lengths if draft is not None else None)
             # The step's one host synchronisation: what was appended, and who finished.
             host = packed.tolist()
             acc_step = []
@@ -197,5 +218,6 @@ class SpeculativeDecoder:
                  "mean_accepted": sum(accepted_per_step) / len(accepted_per_step),
                  "accepted_per_step": accepted_per_step, "new_tokens": total,
                  "tokens_per_s": total / elapsed if elapsed > 0 else float("inf"), "seconds": elapsed,
+                 "prefill_seconds": prefilled.seconds_since(started),
                  "cuda_graphs": self._graphs_captured() - captured_before}  # captured in this call
         return GenerateResult(out, stats, state.error.tolist())

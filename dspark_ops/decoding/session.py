@@ -47,6 +47,7 @@ class DecodeSession:
         self.keep_chain = [torch.arange(m + 1, **i32).expand(R, -1).contiguous()
                            for m in range(n + 1)]  # per width: a chain keeps its first entries
         self.appended = [torch.full((R,), m + 1, **i32) for m in range(n + 1)]
+        self.draft_row_starts = [torch.arange(R, **i32) * m for m in range(n + 1)]  # request r's drafts at r m
         self.root_parent = torch.full((R, 1), -1, **i32)
         self.hidden_layers: tuple = ()  # the drafter's (Drafter.hidden_layers), set per call
         self.graphs = StepGraphs(self.verify_step, capture=capture) if graphs else None
@@ -80,8 +81,14 @@ class DecodeSession:
             self.stop.copy_(stop)
 
     def run_step(self, toks: torch.Tensor, tree_parents: Optional[torch.Tensor],
-                 draft_logits: Optional[torch.Tensor], draft_t: Optional[torch.Tensor]) -> tuple:
-        """One step (verify_step's outputs), through the graphs when the session has them."""
+                 draft_logits: Optional[torch.Tensor], draft_t: Optional[torch.Tensor],
+                 lengths: Optional[List[int]] = None) -> tuple:
+        """One step (verify_step's outputs), through the graphs when the
+        session has them; a chain whose per-request draft counts the host
+        knows and which differ (lengths) as a ragged pass (ragged_step,
+        eager: its shape changes from step to step)."""
+        if lengths is not None and tree_parents is None and len(set(lengths)) > 1:
+            return self.ragged_step(toks, draft_logits, draft_t, lengths)
         inputs = (toks, tree_parents, draft_logits, draft_t)
         if self.graphs is None:
             return self.verify_step(inputs)
@@ -148,6 +155,52 @@ class DecodeSession:
         # The drafter's context (Drafter.observe): this pass's hidden states, of which the root and the
         # accepted drafts are now processed tokens.
         return packed, hidden.view(R, m + 1, *hidden.shape[1:]), (res.accepted.clamp(0, m) + 1).to(torch.int32)
+
+
+    def ragged_step(self, toks: torch.Tensor, draft_logits: Optional[torch.Tensor], draft_t: Optional[torch.Tensor],
+                    lengths: List[int]) -> tuple:
+        """verify_step for a chain of lengths[r] <= m drafts per request
+        (toks [R, m], -1 past them; draft logits [R, m, V] or None): the
+        target pass carries each request's root and its own drafts only —
+        sum(lengths) + R tokens, the token batch schedule_verify's SPS
+        table prices (DESIGN §3) — not R (m + 1) with -1 padding. The same
+        outputs as verify_step on the padded drafts: a -1 ends a chain
+        where its count does, and the emitted token uses the same row and
+        random-number slot."""
+        R, target, cache, state, sampling, dev = self.R, self.target, self.cache, self.state, self.sampling, self.dev
+        m = toks.shape[1]
+        counts = [n + 1 for n in lengths]  # the root and the kept drafts
+        cu = [0]
+        for c in counts:
+            cu.append(cu[-1] + c)
+        pick = to_device([r * (m + 1) + j for r, c in enumerate(counts) for j in range(c)], torch.int64, dev)
+        nodes = torch.cat([state.last_token.unsqueeze(1), toks], 1)  # [R, m + 1]
+        ids = nodes.reshape(-1).index_select(0, pick).clamp(min=0).long()
+        positions = ((state.position - 1).unsqueeze(1) + torch.arange(m + 1, device=dev)).reshape(-1).index_select(0, pick)
+        base = target.lengths(cache).clone()
+        logits, hidden = target.forward(ids, positions, torch.tensor(cu, dtype=torch.int32), cache,
+                                        hidden_layers=self.hidden_layers)
+        if logits.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            logits = logits.float()
+        V = logits.shape[-1]
+        cu_draft = to_device([c - r for r, c in enumerate(cu)], torch.int32, dev)  # [R + 1]: drafts before request r
+        rows = self.draft_row_starts[m]  # request r's drafts (tokens and rows) at r m of the padded [R m] layout
+        res = verify_chunk(logits, toks.reshape(-1), cu_draft, max_draft=max(lengths),
+                           draft_logits=None if draft_logits is None else draft_logits.reshape(R * m, V),
+                           draft_temperature=1.0 if draft_t is None else draft_t,
+                           temperature=sampling.temperature, top_k=self.top_k, top_p=self.top_p,
+                           seed=sampling.seed, position=state.position, draft_row_start=rows)
+        was_finished = state.finished.clone()
+        old_len = state.out_len.clone()
+        commit_tokens(state, res.tokens, res.emitted, res.status, stop_tokens=self.stop)
+        num_keep = torch.where(was_finished, 0, state.out_len - old_len).to(torch.int32)
+        target.rollback(cache, base, to_device(counts, torch.int32, dev), self.keep_chain[m], num_keep)
+        packed = torch.cat([res.tokens, old_len.unsqueeze(1), state.out_len.unsqueeze(1),
+                            res.accepted.unsqueeze(1), state.finished.int().unsqueeze(1),
+                            was_finished.int().unsqueeze(1)], 1)
+        if not self.hidden_layers:
+            return packed, None, None
+        return packed, pad_rows(hidden, cu), (res.accepted.clamp(0, m) + 1).to(torch.int32)
 
 
 def pad_rows(hidden: torch.Tensor, cu: List[int]) -> torch.Tensor:

@@ -1,0 +1,89 @@
+"""DSpark's drafter on the embedded default pair with each lossless
+verification schedule, batched, beside plain decoding:
+
+    python bench/bench_dspark_schedules.py [--batch 16] [--max-new 64] [--repeats 3] [--out DIR]
+
+The demo's four Python prompts repeated to --batch requests, decoded in one
+batch (greedy, and sampled at temperature 1, seed 3). Methods: plain;
+DSpark verifying all 5 drafts; `schedule="early_stop"` (DSpark's
+Algorithm 1) on an SPS table measured first, target_sps_table(target,
+R (n + 1), requests=R, overhead_s=...) with the step's measured overhead
+outside the forward; `schedule="budget"` with 48 and 32 drafted tokens a
+step. Accepted drafts per step and tokens/s (best of --repeats interleaved
+runs, wall time). Writes dspark_schedules_b<batch>_<device>_<date>.json to
+--out (default bench/results)."""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from dspark_ops.decoding import SpeculativeDecoder, load_default_dspark, tokenizer  # noqa: E402
+from dspark_ops.decoding.default import load_default  # noqa: E402
+from dspark_ops.decoding.dspark import target_sps_table  # noqa: E402
+from dspark_ops.demo_decoding import PROMPTS  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--max-new", type=int, default=64)
+    ap.add_argument("--num-draft", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    args = ap.parse_args()
+    target, _ = load_default(args.device)
+    R, n = args.batch, args.num_draft
+    encoded = [tokenizer.encode(p) for p in PROMPTS]
+    prompts = [encoded[i % len(encoded)] for i in range(R)]
+    # early_stop's cost model: the forward at R..R(n+1) tokens plus what a step spends outside it
+    bare = target_sps_table(target, R * (n + 1), requests=R)
+    probe = SpeculativeDecoder(target, load_default_dspark(target, num_draft=n))
+    probe.generate(prompts, 16)
+    st = min((probe.generate(prompts, args.max_new).stats for _ in range(2)), key=lambda s: s["seconds"])
+    overhead = max((st["seconds"] - st["prefill_seconds"]) / st["steps"] - 1.0 / float(bare[R * (n + 1)]), 0.0)
+    sps = target_sps_table(target, R * (n + 1), requests=R, overhead_s=overhead)
+    makers = {"plain": lambda: None,
+              "DSpark, all drafts": lambda: load_default_dspark(target, num_draft=n),
+              "DSpark + early_stop": lambda: load_default_dspark(target, num_draft=n, schedule="early_stop",
+                                                                 sps_table=sps),
+              "DSpark + budget 48": lambda: load_default_dspark(target, num_draft=n, schedule="budget", budget=48),
+              "DSpark + budget 32": lambda: load_default_dspark(target, num_draft=n, schedule="budget", budget=32)}
+    decoders = {name: SpeculativeDecoder(target, make()) for name, make in makers.items()}
+    for dec in decoders.values():
+        dec.generate(prompts, 16)
+    rows = []
+    for temperature in (0.0, 1.0):
+        best = {}
+        for _ in range(args.repeats):
+            for name, dec in decoders.items():
+                res = dec.generate(prompts, args.max_new, temperature=temperature, seed=3)
+                if name not in best or res.stats["seconds"] < best[name].stats["seconds"]:
+                    best[name] = res
+        plain = best["plain"].stats["tokens_per_s"]
+        for name, res in best.items():
+            s = res.stats
+            rows.append({"temperature": temperature, "method": name, "accepted_per_step": s["mean_accepted"],
+                         "tokens_per_s": s["tokens_per_s"], "speedup_vs_plain": s["tokens_per_s"] / plain,
+                         "steps": s["steps"]})
+            print(f"T={temperature}  {name:22s} accepted/step {s['mean_accepted']:5.2f}  {s['tokens_per_s']:7.0f} "
+                  f"tok/s  {s['tokens_per_s'] / plain:5.2f}x", flush=True)
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else \
+        f"CPU_{platform.machine()}_x{torch.get_num_threads()}_threads"
+    out = Path(args.out) / f"dspark_schedules_b{R}_{device.replace(' ', '_')}_{datetime.date.today()}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"device": device, "torch": torch.__version__, "args": vars(args),
+                               "step_overhead_s": overhead, "sps_table": sps.tolist(), "rows": rows}, indent=1))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
