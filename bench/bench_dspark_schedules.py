@@ -15,35 +15,25 @@ runs, wall time). Writes dspark_schedules_b<batch>_<device>_<date>.json to
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import platform
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch  # noqa: E402
 
-from dspark_ops.decoding import SpeculativeDecoder, load_default_dspark, tokenizer  # noqa: E402
+from bench.decode_bench import add_common_args, demo_batch, write_results  # noqa: E402
+from dspark_ops.decoding import SpeculativeDecoder, load_default_dspark  # noqa: E402
 from dspark_ops.decoding.default import load_default  # noqa: E402
 from dspark_ops.decoding.dspark import target_sps_table  # noqa: E402
-from dspark_ops.demo_decoding import PROMPTS  # noqa: E402
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--max-new", type=int, default=64)
-    ap.add_argument("--num-draft", type=int, default=5)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    add_common_args(ap, batch=16, max_new=64)
     args = ap.parse_args()
     target, _ = load_default(args.device)
     R, n = args.batch, args.num_draft
-    encoded = [tokenizer.encode(p) for p in PROMPTS]
-    prompts = [encoded[i % len(encoded)] for i in range(R)]
+    prompts = demo_batch(R)
     # early_stop's cost model: the forward at R..R(n+1) tokens plus what a step spends outside it
     bare = target_sps_table(target, R * (n + 1), requests=R)
     probe = SpeculativeDecoder(target, load_default_dspark(target, num_draft=n))
@@ -76,13 +66,7 @@ def main() -> None:
                          "steps": s["steps"]})
             print(f"T={temperature}  {name:22s} accepted/step {s['mean_accepted']:5.2f}  {s['tokens_per_s']:7.0f} "
                   f"tok/s  {s['tokens_per_s'] / plain:5.2f}x", flush=True)
-    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else \
-        f"CPU_{platform.machine()}_x{torch.get_num_threads()}_threads"
-    out = Path(args.out) / f"dspark_schedules_b{R}_{device.replace(' ', '_')}_{datetime.date.today()}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"device": device, "torch": torch.__version__, "args": vars(args),
-                               "step_overhead_s": overhead, "sps_table": sps.tolist(), "rows": rows}, indent=1))
-    print(f"wrote {out}")
+    write_results(args, "dspark_schedules", {"step_overhead_s": overhead, "sps_table": sps.tolist(), "rows": rows})
 
 
 if __name__ == "__main__":

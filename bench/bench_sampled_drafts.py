@@ -16,17 +16,14 @@ to --out (default bench/results)."""
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import platform
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch  # noqa: E402
 
-from dspark_ops.decoding import DraftModelDrafter, SpeculativeDecoder, load_default_dspark, tokenizer  # noqa: E402
+from bench.decode_bench import add_common_args, demo_batch, write_results  # noqa: E402
+from dspark_ops.decoding import DraftModelDrafter, SpeculativeDecoder, load_default_dspark  # noqa: E402
 from dspark_ops.decoding.default import load_default  # noqa: E402
 from dspark_ops.demo_decoding import PROMPTS  # noqa: E402
 
@@ -35,17 +32,11 @@ SETTINGS = [(1.0, 0, 0.9), (0.8, 0, 0.9), (0.7, 0, 0.7), (1.0, 5, 1.0), (0.8, 20
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--max-new", type=int, default=64)
-    ap.add_argument("--num-draft", type=int, default=5)
-    ap.add_argument("--repeats", type=int, default=3)
+    add_common_args(ap, batch=16, max_new=64)
     ap.add_argument("--seed", type=int, default=7)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = ap.parse_args()
     target, draft = load_default(args.device)
-    encoded = [tokenizer.encode(p) for p in PROMPTS]
-    batches = [[p] for p in encoded] if args.batch == 1 else [[encoded[i % len(encoded)] for i in range(args.batch)]]
+    batches = [[p] for p in demo_batch(len(PROMPTS))] if args.batch == 1 else [demo_batch(args.batch)]
     n = args.num_draft
     decoders = {"plain": SpeculativeDecoder(target),
                 "draft model, filtered": SpeculativeDecoder(target, DraftModelDrafter(draft, n, filter_drafts=True)),
@@ -76,13 +67,7 @@ def main() -> None:
                          "steps": t["steps"]})
             print(f"T={temperature:<4} top_k={top_k:<3} top_p={top_p:<4} {name:24s} accepted/step "
                   f"{acc:5.2f}  {tps:7.0f} tok/s  {tps / plain:5.2f}x", flush=True)
-    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else \
-        f"CPU_{platform.machine()}_x{torch.get_num_threads()}_threads"
-    out = Path(args.out) / f"sampled_drafts_b{args.batch}_{device.replace(' ', '_')}_{datetime.date.today()}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"device": device, "torch": torch.__version__, "args": vars(args), "rows": rows},
-                              indent=1))
-    print(f"wrote {out}")
+    write_results(args, "sampled_drafts", {"rows": rows})
 
 
 if __name__ == "__main__":

@@ -16,14 +16,7 @@ from dspark_ops.decoding import (BuiltinModel, BuiltinTarget, DraftModelDrafter,
                                  DSparkHead, ModelConfig, SpeculativeDecoder)
 from dspark_ops.decoding.filtering import filter_top_k_top_p
 from dspark_ops.decoding.loop import filters_on
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+from test_decoding import _one_thread  # noqa: F401 (the autouse fixture: one torch thread for tiny models)
 
 
 def brute_keep(row: torch.Tensor, t: float, k: int, p: float):
