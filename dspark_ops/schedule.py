@@ -197,26 +197,28 @@ def _convex_non_decreasing(xs: List[float], ys: List[float]) -> List[float]:
 
 
 def measure_sps(step_fn: Callable[[int], object], batch_sizes: Sequence[int], *, warmup: int = 2, iters: int = 5,
-                device: Optional[str] = None, fit: str = "convex") -> torch.Tensor:
+                device: Optional[str] = None, fit: str = "raw") -> torch.Tensor:
     """Steps per second of ``step_fn(B)`` (a target forward at token batch B)
-    at the given sizes, linearly interpolated into a table [B_max + 1]
-    float64 (B_max = the largest size; flat below the smallest) — what
-    ``schedule_verify`` consumes. CUDA events on the GPU, wall clock on the
-    CPU; the median of `iters` calls per size.
+    at the given sizes, as the table [B_max + 1] float64 ``schedule_verify``
+    consumes (B_max = the largest size): the step time interpolated
+    linearly between sizes (flat below the smallest), inverted. CUDA events
+    on the GPU, wall clock on the CPU; the median of `iters` calls per size.
 
-    fit: what the median step times become before they are inverted.
-      * "convex" (default): their greatest convex minorant, made
-        non-decreasing. ``early_stop`` admits candidates in order of
-        survival while tau x SPS(B) rises and stops at the first that does
-        not; tau is concave in B (survivals sorted descending), so with a
-        convex non-decreasing step time tau x SPS is unimodal and that first
-        stop is the best admission. Measured tables are neither: timing
-        noise between neighbouring sizes, or a real jump (on the CPU a
-        ragged pass of 17 tokens for 16 requests cost ~10 % more than the
-        uniform 16), stopped it at the first draft (16 requests: 0.0-0.5
-        drafts accepted a step against 2.84 unscheduled).
-      * "monotone": their least-squares non-decreasing fit (isotonic).
-      * "raw": as measured."""
+    fit: what the median step times become first.
+      * "raw" (default): as measured.
+      * "convex": their greatest convex non-decreasing minorant — what
+        ``early_stop`` needs (target_sps_table uses it). It admits
+        candidates in order of survival while tau x SPS(B) rises and stops
+        at the first that does not; tau is concave in B (survivals sorted
+        descending), so with a convex rising step time (linear between
+        sizes keeps it convex) tau x SPS is unimodal and that first stop is
+        the best admission. Measured times are neither: noise between
+        neighbouring sizes, or a real jump (on the CPU a ragged pass of 17
+        tokens for 16 requests cost ~10 % more than the uniform 16), stopped
+        it at the first draft (16 requests: 0.0-0.5 drafts accepted a step
+        against 2.84 unscheduled). The minorant is optimistic where the
+        times jump or scatter: it prices the cheapest trend through them.
+      * "monotone": their least-squares non-decreasing fit (isotonic)."""
     if fit not in ("convex", "monotone", "raw"):
         raise ValueError(f"dspark_ops.measure_sps: fit must be 'convex', 'monotone' or 'raw', got {fit!r}")
     sizes = sorted(set(int(b) for b in batch_sizes))
@@ -249,10 +251,9 @@ def measure_sps(step_fn: Callable[[int], object], batch_sizes: Sequence[int], *,
         medians = _convex_non_decreasing([float(b) for b in sizes], medians)
     elif fit == "monotone":
         medians = _non_decreasing(medians)
-    sps = [1.0 / max(t, 1e-12) for t in medians]
-    table = torch.empty(sizes[-1] + 1, dtype=torch.float64)
+    table = torch.empty(sizes[-1] + 1, dtype=torch.float64)  # step times first, inverted at the end
     xs = torch.tensor(sizes, dtype=torch.float64)
-    ys = torch.tensor(sps, dtype=torch.float64)
+    ys = torch.tensor(medians, dtype=torch.float64)
     for B in range(sizes[-1] + 1):
         if B <= sizes[0]:
             table[B] = ys[0]
@@ -260,4 +261,4 @@ def measure_sps(step_fn: Callable[[int], object], batch_sizes: Sequence[int], *,
             i = int(torch.searchsorted(xs, torch.tensor(float(B))))
             x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
             table[B] = y0 + (y1 - y0) * (B - x0) / (x1 - x0)
-    return table
+    return 1.0 / table.clamp(min=1e-12)

@@ -314,7 +314,8 @@ def test_ragged_scheduled_passes_equal_padded_ones(greedy_setup, monkeypatch, sc
     ragged, padded = runs
     assert ragged.tokens == padded.tokens and ragged.errors == padded.errors == [0] * len(prompts)
     assert ragged.stats["accepted_per_step"] == padded.stats["accepted_per_step"]
-    assert len(ragged_calls) >= 3 and all(len(set(c)) > 1 for c in ragged_calls)  # ragged passes were sent
+    assert len(ragged_calls) >= 3  # ragged passes were sent, some with differing blocks of drafting requests
+    assert any(len({n for n in c if n > 0}) > 1 for c in ragged_calls), ragged_calls
 
 
 def test_confidence_is_the_heads_on_the_drafted_prefix(greedy_setup):

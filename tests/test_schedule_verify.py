@@ -4,6 +4,7 @@ import torch
 
 import dspark_ops
 from dspark_ops import reference as ref
+import dspark_ops.schedule as schedule_mod
 from dspark_ops.schedule import expected_calibration_error
 from helpers import chi_square_pvalue
 
@@ -154,45 +155,94 @@ def test_fit_sequential_temperatures_lowers_ece():
     assert abs(float(temps[0]) - 3.0) < 0.6
 
 
-def test_measure_sps_interpolates():
-    table = dspark_ops.measure_sps(lambda B: sum(range(B * 1000)), [4, 1, 8], iters=3, device="cpu")
+class FakeClock:
+    """time.perf_counter for measure_sps on the CPU: a step of batch B
+    advances it by delays[B] seconds (no real sleeps: exact on a loaded
+    machine)."""
+
+    def __init__(self, delays):
+        self.now, self.delays = 0.0, delays
+
+    def perf_counter(self):
+        return self.now
+
+    def step(self, B):
+        self.now += self.delays[B]
+
+
+def fake_measure(monkeypatch, delays, sizes, **kw):
+    clock = FakeClock(delays)
+    monkeypatch.setattr(schedule_mod, "time", clock)
+    return dspark_ops.measure_sps(clock.step, sizes, warmup=0, iters=3, device="cpu", **kw)
+
+
+def test_measure_sps_interpolates_the_step_time(monkeypatch):
+    table = fake_measure(monkeypatch, {1: 0.001, 4: 0.002, 8: 0.006}, [4, 1, 8])
     assert table.shape == (9,) and table.dtype == torch.float64
-    assert float(table[0]) == float(table[1]) and bool((table > 0).all())
-    assert abs(float(table[6]) - (float(table[4]) + float(table[8])) / 2) < 1e-9 * float(table[4])
+    assert float(table[0]) == float(table[1]) == pytest.approx(1000.0)
+    assert 1 / float(table[6]) == pytest.approx(0.004)  # halfway between 2 and 6 ms
+    assert 1 / float(table[3]) == pytest.approx(0.001 + 2 / 3 * 0.001)
 
 
-def test_measure_sps_fits():
+def test_measure_sps_fits(monkeypatch):
     """Step times with a dip (B = 3 faster than B = 2: noise on a real
-    machine) and a non-convex rise: "convex" (the default) gives their
-    greatest convex non-decreasing minorant (the lower hull: 2, 3, 4, 10 ms
-    here), so early_stop's first stop is its best; "monotone" the isotonic
-    fit (2, 6, 6, 10); "raw" the medians."""
-    import time
+    machine) and a non-convex rise: "convex" gives their greatest convex
+    non-decreasing minorant (the lower hull: 2, 3, 4, 10 ms), "monotone"
+    the isotonic fit (2, 6, 6, 10), "raw" (the default) the medians."""
     delays = {1: 0.002, 2: 0.008, 3: 0.004, 4: 0.010}
-    step = lambda B: time.sleep(delays[B])  # noqa: E731
-    tables = {fit: dspark_ops.measure_sps(step, [1, 2, 3, 4], warmup=0, iters=3, device="cpu", fit=fit)
-              for fit in ("convex", "monotone", "raw")}
-    for fit, want in (("convex", [2, 3, 4, 10]), ("monotone", [2, 6, 6, 10]), ("raw", [2, 8, 4, 10])):
-        got = [1e3 / float(x) for x in tables[fit][1:]]
-        assert got == pytest.approx(want, rel=0.25, abs=0.5), (fit, got)
-    assert bool((tables["convex"][1:] <= tables["convex"][:-1]).all())
+    for fit, want in (("convex", [2, 3, 4, 10]), ("monotone", [2, 6, 6, 10]), ("raw", [2, 8, 4, 10]),
+                      (None, [2, 8, 4, 10])):
+        table = fake_measure(monkeypatch, delays, [1, 2, 3, 4], **({} if fit is None else dict(fit=fit)))
+        assert [1e3 / float(x) for x in table[1:]] == pytest.approx(want), fit
     with pytest.raises(ValueError, match="fit must be"):
-        dspark_ops.measure_sps(step, [1], fit="smooth")
+        dspark_ops.measure_sps(lambda B: None, [1], fit="smooth")
 
 
-def test_convex_fit_is_a_convex_non_decreasing_minorant():
+@pytest.mark.parametrize("fixed_ms,c,best", [(0, 0.99, 0), (10, 0.7, 4)])
+def test_early_stop_on_a_convex_table_stops_at_its_best_admission(monkeypatch, fixed_ms, c, best):
+    """A step time of fixed + B ms measured at sparse sizes (1, 2, 10):
+    interpolating the time, not the SPS, keeps it convex, so early_stop's
+    first stop is the best admission count (brute force over every count).
+    Interpolating the SPS made the time concave between 2 and 10: at 0 ms
+    fixed the objective then peaked at 5 drafts while early_stop stopped at
+    the first (measured by the review)."""
+    table = fake_measure(monkeypatch, {B: (fixed_ms + B) * 1e-3 for B in (1, 2, 10)}, [1, 2, 10], fit="convex")
+    conf = torch.full((1, 9), c)
+    n = torch.tensor([9], dtype=torch.int32)
+    got = int(dspark_ops.schedule_verify(conf, n, table, mode="early_stop")[0])
+    surv = torch.cumprod(conf[0].double(), 0)
+    objective = [float((1 + surv[:k].sum()) * table[1 + k]) for k in range(10)]
+    assert got == max(range(10), key=lambda k: objective[k]) == best
+
+
+def brute_minorant(xs, ys):
+    """The greatest convex non-decreasing minorant by definition: at each x,
+    the lowest chord between points on either side (or the point itself),
+    then held at its minimum left of it."""
+    n = len(xs)
+    f = []
+    for i in range(n):
+        best = ys[i]
+        for j in range(i + 1):
+            for k in range(i, n):
+                if j < k:
+                    best = min(best, ys[j] + (ys[k] - ys[j]) * (xs[i] - xs[j]) / (xs[k] - xs[j]))
+        f.append(best)
+    k = f.index(min(f))
+    return [f[k]] * k + f[k:]
+
+
+def test_convex_fit_is_the_greatest_convex_non_decreasing_minorant():
     from dspark_ops.schedule import _convex_non_decreasing
     g = torch.Generator().manual_seed(0)
-    for _ in range(50):
+    for case in range(200):
         n = int(torch.randint(1, 12, (1,), generator=g))
         xs = sorted(set(torch.randint(1, 100, (n,), generator=g).tolist()))
         ys = (torch.rand(len(xs), generator=g) * 10).tolist()
+        if case % 4 == 0:
+            ys = [2.0 + 0.5 * x for x in xs]  # collinear
         f = _convex_non_decreasing([float(x) for x in xs], ys)
-        assert all(a <= b + 1e-12 for a, b in zip(f, ys))  # below the points
-        assert all(a <= b + 1e-12 for a, b in zip(f, f[1:]))  # non-decreasing
-        slopes = [(f[i + 1] - f[i]) / (xs[i + 1] - xs[i]) for i in range(len(xs) - 1)]
-        assert all(a <= b + 1e-9 for a, b in zip(slopes, slopes[1:]))  # convex
-        assert min(f) == pytest.approx(min(ys))  # the greatest such: it touches the lowest point
+        assert f == pytest.approx(brute_minorant(xs, ys), abs=1e-9), (xs, ys)
 
 
 def test_opcheck_and_compile():

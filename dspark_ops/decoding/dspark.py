@@ -381,7 +381,7 @@ class DSparkDrafter(Drafter):
 
 
 def target_sps_table(target, max_tokens: int, *, requests: int = 1, context: int = 128, overhead_s: float = 0.0,
-                     warmup: int = 3, iters: int = 9) -> torch.Tensor:
+                     warmup: int = 3, iters: int = 9, fit: str = "convex") -> torch.Tensor:
     """The SPS table [max_tokens + 1] (float64) schedule_verify's early_stop
     needs: steps per second of the target's forward of B = requests ..
     max_tokens new tokens, spread evenly over `requests` requests with
@@ -390,7 +390,9 @@ def target_sps_table(target, max_tokens: int, *, requests: int = 1, context: int
     `overhead_s` added to each step's time (what a step spends outside the
     target's forward: drafting, verification, bookkeeping — on a small
     model not negligible, and it makes a longer pass relatively cheaper).
-    R requests with n drafts need max_tokens >= R (n + 1)."""
+    R requests with n drafts need max_tokens >= R (n + 1). fit: measure_sps's
+    (default "convex": the fit under which early_stop's first stop is its
+    best admission)."""
     if requests < 1 or max_tokens < requests:
         raise ValueError(f"target_sps_table: need 1 <= requests <= max_tokens, got {requests} and {max_tokens}")
     dev = target.device
@@ -406,7 +408,7 @@ def target_sps_table(target, max_tokens: int, *, requests: int = 1, context: int
         target.lengths(cache).fill_(context)
         target.forward(ids[:B], pos, cu, cache)
 
-    sps = measure_sps(step, range(requests, max_tokens + 1), warmup=warmup, iters=iters, device=dev.type)
+    sps = measure_sps(step, range(requests, max_tokens + 1), warmup=warmup, iters=iters, device=dev.type, fit=fit)
     return 1.0 / (1.0 / sps + overhead_s)
 
 

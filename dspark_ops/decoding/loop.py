@@ -58,7 +58,7 @@ class _Mark:
         self.event = None
         if device.type == "cuda":
             self.event = torch.cuda.Event(enable_timing=True)
-            self.event.record()
+            self.event.record(torch.cuda.current_stream(device))  # the target's device, not the current one
 
     def seconds_since(self, earlier: "_Mark") -> float:
         if self.event is not None and earlier.event is not None:

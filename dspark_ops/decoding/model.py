@@ -240,8 +240,10 @@ class _Plan:
     """The index tensors one forward's layers share: where each new token's
     K/V goes (flat_slot: entry r * max_len + s of a cache viewed as
     [R * max_len, H, D]), the attention's additive bias [R Hkv, rep Tq, S]
-    (short uniform chunks; ignored for a CPU decode step) or boolean mask
-    [R, 1, Tq, S] with the query padding (long or ragged chunks), the keys
+    (short chunks, ragged ones with their queries padded to Tq by
+    flat_pad_index and taken back by valid_rows; ignored for a CPU decode
+    step) or boolean mask [R, 1, Tq, S] with the query padding (long
+    chunks), the keys
     attended S (the longest cache after the forward on the CPU; the whole
     cache on a GPU, where reading the lengths would synchronise) and the
     rotary tables at the new tokens' positions. Nothing here synchronises

@@ -169,6 +169,9 @@ class DecodeSession:
         random-number slot."""
         R, target, cache, state, sampling, dev = self.R, self.target, self.cache, self.state, self.sampling, self.dev
         m = toks.shape[1]
+        if len(lengths) != R or any(not 0 <= n <= m for n in lengths):
+            raise ValueError(f"SpeculativeDecoder: Draft.lengths must hold {R} counts in [0, {m}] (the drafts' "
+                             f"width), got {lengths}")
         counts = [n + 1 for n in lengths]  # the root and the kept drafts
         cu = [0]
         for c in counts:
@@ -176,7 +179,8 @@ class DecodeSession:
         pick = to_device([r * (m + 1) + j for r, c in enumerate(counts) for j in range(c)], torch.int64, dev)
         nodes = torch.cat([state.last_token.unsqueeze(1), toks], 1)  # [R, m + 1]
         ids = nodes.reshape(-1).index_select(0, pick).clamp(min=0).long()
-        positions = ((state.position - 1).unsqueeze(1) + torch.arange(m + 1, device=dev)).reshape(-1).index_select(0, pick)
+        positions = (state.position - 1).unsqueeze(1) + torch.arange(m + 1, device=dev)  # [R, m + 1]
+        positions = positions.reshape(-1).index_select(0, pick)
         base = target.lengths(cache).clone()
         logits, hidden = target.forward(ids, positions, torch.tensor(cu, dtype=torch.int32), cache,
                                         hidden_layers=self.hidden_layers)
