@@ -190,6 +190,7 @@ class Recorder(Drafter):
         self.inner, self.target, self.check = inner, target, check_caches
         self.num_draft = inner.num_draft
         self.hidden_layers = getattr(inner, "hidden_layers", ())
+        self.observe_last_only = getattr(inner, "observe_last_only", False)
         self.finished_per_step: List[List[bool]] = []
         self.checked = 0
 

@@ -279,6 +279,32 @@ def test_schedule_cuts_blocks_as_schedule_verify_says(greedy_setup, schedule):
     assert min(widths) < head.cfg.block and max(widths) > 0, widths  # cut, but not to nothing
 
 
+@pytest.mark.parametrize("heads", [0, 2])
+def test_the_prefill_hands_over_every_prompt_row_only_with_context_attention(greedy_setup, heads):
+    """Without context attention the head reads each request's last
+    processed row only: the prefill's observe() gets [R, 1, k, d] (not
+    [R, longest prompt, k, d]), and the drafts are those the full rows
+    give."""
+    model, prompts, *_ = greedy_setup
+    target = BuiltinTarget(model)
+    seen = []
+
+    class Watching(DSparkDrafter):
+        def observe(self, rows, processed):
+            seen.append((None if rows is None else tuple(rows.shape), None if processed is None else processed.tolist()))
+            super().observe(rows, processed)
+
+    head = make_head(32, V_GREEDY, (0, 1), heads=heads)
+    res = SpeculativeDecoder(target, Watching(target, head)).generate(prompts, 6, temperature=0.8, seed=2)
+    R, lengths = len(prompts), [len(p) - 1 for p in prompts]
+    assert seen[0] == ((R, 1 if heads == 0 else max(lengths), 2, 32),
+                       [min(n, 1) for n in lengths] if heads == 0 else lengths)
+    full = Watching(target, head)
+    full.observe_last_only = False  # every prompt row: the same drafts, so the same sampled output
+    again = SpeculativeDecoder(target, full).generate(prompts, 6, temperature=0.8, seed=2)
+    assert again.tokens == res.tokens and again.stats["accepted_per_step"] == res.stats["accepted_per_step"]
+
+
 class PaddedPasses(DSparkDrafter):
     """The same drafts without their host-known lengths: the loop pads
     every request's block to the longest with -1 (one uniform pass)."""

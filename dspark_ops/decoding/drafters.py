@@ -60,6 +60,9 @@ class Drafter(ABC):
     # Target layers whose hidden states the drafter reads (DSpark's context features): the loop asks the
     # target's passes for them and hands them to observe().
     hidden_layers: Tuple[int, ...] = ()
+    # The drafter reads only each request's last processed row: after the prefill observe() gets [R, 1, k, d]
+    # (the last prompt row, processed 1; 0 for a request with none) instead of every prompt row.
+    observe_last_only: bool = False
 
     def start(self, num_requests: int, max_len: int, device: torch.device) -> None:
         """A new generate() call with these requests."""

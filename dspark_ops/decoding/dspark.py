@@ -288,6 +288,7 @@ class DSparkDrafter(Drafter):
                              f"{temperatures.numel()}")
         self.model, self.head, self.num_draft = model, head, n
         self.hidden_layers = cfg.hidden_layers
+        self.observe_last_only = not cfg.context_heads  # without context attention only the last row counts
         self.schedule, self.threshold, self.with_confidence = schedule, threshold, with_confidence
         self.budget = None if budget is None else int(budget)
         self._sps = None if sps_table is None else sps_table.detach().to(torch.float64).reshape(-1)

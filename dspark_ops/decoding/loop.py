@@ -167,8 +167,10 @@ class SpeculativeDecoder:
                                        to_device([i for p in pre for i in range(len(p))], torch.int64, dev),
                                        torch.tensor(cu, dtype=torch.int32), cache, hidden_layers=layers)
         if layers:  # the drafter's first context: the prefilled tokens (none when every prompt is one token)
-            self.drafter.observe(None if hidden is None else pad_rows(hidden, cu),
-                                 None if hidden is None else to_device([len(p) for p in pre], torch.int32, dev))
+            last = getattr(self.drafter, "observe_last_only", False)  # [R, 1, k, d], not [R, longest prompt, k, d]
+            self.drafter.observe(None if hidden is None else pad_rows(hidden, cu, last_only=last),
+                                 None if hidden is None else to_device([min(len(p), 1) if last else len(p)
+                                                                        for p in pre], torch.int32, dev))
         prefilled = _Mark(dev)  # the first step starts here: what came before is set-up and the prefill
         sess.check_graphs()  # graphs kept from an earlier call still read where the target's tensors are
         captured_before = self._graphs_captured()

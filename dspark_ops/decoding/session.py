@@ -207,15 +207,19 @@ class DecodeSession:
         return packed, pad_rows(hidden, cu), (res.accepted.clamp(0, m) + 1).to(torch.int32)
 
 
-def pad_rows(hidden: torch.Tensor, cu: List[int]) -> torch.Tensor:
+def pad_rows(hidden: torch.Tensor, cu: List[int], *, last_only: bool = False) -> torch.Tensor:
     """Ragged rows hidden [T, ...] (request r's at cu[r]:cu[r+1], host
     offsets) -> [R, max rows, ...], each request's rows first (the rest
-    repeat its last row, or row 0 for a request with none)."""
+    repeat its last row, or row 0 for a request with none); last_only:
+    [R, 1, ...], each request's last row (row 0 for one with none)."""
     counts = [b - a for a, b in zip(cu[:-1], cu[1:])]
-    width = max(counts)
-    idx = [[a + min(i, max(c - 1, 0)) if c else 0 for i in range(width)] for a, c in zip(cu[:-1], counts)]
+    if last_only:
+        idx = [[b - 1 if c else 0] for b, c in zip(cu[1:], counts)]
+    else:
+        width = max(counts)
+        idx = [[a + min(i, max(c - 1, 0)) if c else 0 for i in range(width)] for a, c in zip(cu[:-1], counts)]
     return hidden.index_select(0, to_device([i for row in idx for i in row], torch.int64, hidden.device)).view(
-        len(counts), width, *hidden.shape[1:])
+        len(counts), len(idx[0]), *hidden.shape[1:])
 
 
 def session_key(target, prompt_lengths: List[int], max_new_tokens: int, n: int, num_stop: int, *,
