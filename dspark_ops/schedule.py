@@ -197,47 +197,74 @@ def _convex_non_decreasing(xs: List[float], ys: List[float]) -> List[float]:
 
 
 def measure_sps(step_fn: Callable[[int], object], batch_sizes: Sequence[int], *, warmup: int = 2, iters: int = 5,
-                device: Optional[str] = None, fit: str = "raw") -> torch.Tensor:
-    """Steps per second of ``step_fn(B)`` (a target forward at token batch B)
-    at the given sizes, as the table [B_max + 1] float64 ``schedule_verify``
-    consumes (B_max = the largest size): the step time interpolated
-    linearly between sizes (flat below the smallest), inverted. CUDA events
-    on the GPU, wall clock on the CPU; the median of `iters` calls per size.
+                device: Union[str, torch.device, None] = None, fit: str = "raw") -> torch.Tensor:
+    """Steps per second of a target step at each token batch size, as the
+    table ``schedule_verify`` consumes.
 
-    fit: what the median step times become first.
-      * "raw" (default): as measured.
-      * "convex": their greatest convex non-decreasing minorant — what
-        ``early_stop`` needs (target_sps_table uses it). It admits
-        candidates in order of survival while tau x SPS(B) rises and stops
-        at the first that does not; tau is concave in B (survivals sorted
-        descending), so with a convex rising step time (linear between
-        sizes keeps it convex) tau x SPS is unimodal and that first stop is
-        the best admission. Measured times are neither: noise between
-        neighbouring sizes, or a real jump (on the CPU a ragged pass of 17
-        tokens for 16 requests cost ~10 % more than the uniform 16), stopped
-        it at the first draft (16 requests: 0.0-0.5 drafts accepted a step
-        against 2.84 unscheduled). The minorant is optimistic where the
-        times jump or scatter: it prices the cheapest trend through them.
-      * "monotone": their least-squares non-decreasing fit (isotonic)."""
+    The sizes are timed in turn, ``iters`` rounds over all of them (so a
+    drift, e.g. a GPU warming up, is not read as a trend in B); the median
+    step time per size is (optionally) fitted, interpolated linearly
+    between sizes (flat below the smallest) and inverted.
+
+    Parameters
+    ----------
+    step_fn : callable, step_fn(B) runs one step of token batch B
+    batch_sizes : sequence of int >= 1 (B_max = the largest)
+    warmup, iters : calls per size before timing, timed rounds
+    device : str or torch.device, optional
+        A CUDA device: CUDA events on its current stream; else the wall
+        clock (default: CUDA when available).
+    fit : "raw" (default), "convex" or "monotone"
+        What the median step times become before interpolation.
+        "raw": as measured. "convex": their greatest convex non-decreasing
+        minorant — what ``early_stop`` needs (target_sps_table uses it). It
+        admits candidates in order of survival while tau x SPS(B) rises and
+        stops at the first that does not; tau is concave in B (survivals
+        sorted descending), so with a convex rising step time (linear
+        between sizes keeps it convex) tau x SPS is unimodal and that first
+        stop is the best admission. Measured times are neither: noise
+        between neighbouring sizes, or a real jump (on the CPU a ragged pass
+        of 17 tokens for 16 requests cost ~10 % more than the uniform 16),
+        stopped it at the first draft (16 requests: 0.0-0.5 drafts accepted
+        a step against 2.84 unscheduled). The minorant is optimistic where
+        the times jump or scatter: it prices the cheapest trend through
+        them. "monotone": their least-squares non-decreasing fit.
+
+    Returns
+    -------
+    Tensor [B_max + 1] float64: steps per second at each token batch.
+
+    Example
+    -------
+    >>> import torch, dspark_ops
+    >>> sps = dspark_ops.measure_sps(lambda B: torch.randn(64 * B, 64) @ torch.randn(64, 64), [1, 4, 8],
+    ...                              iters=3, device="cpu", fit="convex")
+    >>> sps.shape, bool((sps[1:] <= sps[:-1]).all())
+    (torch.Size([9]), True)
+    """
     if fit not in ("convex", "monotone", "raw"):
         raise ValueError(f"dspark_ops.measure_sps: fit must be 'convex', 'monotone' or 'raw', got {fit!r}")
     sizes = sorted(set(int(b) for b in batch_sizes))
     if not sizes or sizes[0] < 1:
         raise ValueError(f"dspark_ops.measure_sps: batch_sizes must be positive, got {list(batch_sizes)}")
-    cuda = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")).type == "cuda"
-    medians = []  # seconds per size
+    dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    cuda = dev.type == "cuda"
+    if cuda and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
     for B in sizes:
         for _ in range(warmup):
             step_fn(B)
-        times = []
-        for _ in range(iters):
+    times: dict = {B: [] for B in sizes}
+    for _ in range(iters):
+        for B in sizes:
             if cuda:
+                stream = torch.cuda.current_stream(dev)
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
+                start.record(stream)
                 step_fn(B)
-                end.record()
+                end.record(stream)
                 end.synchronize()
-                times.append(start.elapsed_time(end) / 1e3)
+                times[B].append(start.elapsed_time(end) / 1e3)
             else:  # wall clock: the CPU (or a GPU the caller times this way) must be idle at both ends
                 if torch.cuda.is_available():
                     torch.cuda.synchronize()
@@ -245,8 +272,8 @@ def measure_sps(step_fn: Callable[[int], object], batch_sizes: Sequence[int], *,
                 step_fn(B)
                 if torch.cuda.is_available():
                     torch.cuda.synchronize()
-                times.append(time.perf_counter() - t0)
-        medians.append(statistics.median(times))
+                times[B].append(time.perf_counter() - t0)
+    medians = [statistics.median(times[B]) for B in sizes]  # seconds
     if fit == "convex":
         medians = _convex_non_decreasing([float(b) for b in sizes], medians)
     elif fit == "monotone":

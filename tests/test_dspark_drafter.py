@@ -283,26 +283,42 @@ def test_schedule_cuts_blocks_as_schedule_verify_says(greedy_setup, schedule):
 def test_the_prefill_hands_over_every_prompt_row_only_with_context_attention(greedy_setup, heads):
     """Without context attention the head reads each request's last
     processed row only: the prefill's observe() gets [R, 1, k, d] (not
-    [R, longest prompt, k, d]), and the drafts are those the full rows
-    give."""
+    [R, longest prompt, k, d]), and the drafts are those every row gives."""
     model, prompts, *_ = greedy_setup
     target = BuiltinTarget(model)
     seen = []
 
     class Watching(DSparkDrafter):
         def observe(self, rows, processed):
-            seen.append((None if rows is None else tuple(rows.shape), None if processed is None else processed.tolist()))
+            seen.append((None if rows is None else tuple(rows.shape),
+                         None if processed is None else processed.tolist()))
             super().observe(rows, processed)
+
+    class EveryRow(Watching):
+        observe_last_only = False  # what the loop handed over before: every prompt row
 
     head = make_head(32, V_GREEDY, (0, 1), heads=heads)
     res = SpeculativeDecoder(target, Watching(target, head)).generate(prompts, 6, temperature=0.8, seed=2)
     R, lengths = len(prompts), [len(p) - 1 for p in prompts]
-    assert seen[0] == ((R, 1 if heads == 0 else max(lengths), 2, 32),
-                       [min(n, 1) for n in lengths] if heads == 0 else lengths)
-    full = Watching(target, head)
-    full.observe_last_only = False  # every prompt row: the same drafts, so the same sampled output
-    again = SpeculativeDecoder(target, full).generate(prompts, 6, temperature=0.8, seed=2)
-    assert again.tokens == res.tokens and again.stats["accepted_per_step"] == res.stats["accepted_per_step"]
+    every = ((R, max(lengths), 2, 32), lengths)
+    assert seen[0] == (((R, 1, 2, 32), [min(n, 1) for n in lengths]) if heads == 0 else every)
+    if heads == 0:
+        seen.clear()
+        again = SpeculativeDecoder(target, EveryRow(target, head)).generate(prompts, 6, temperature=0.8, seed=2)
+        assert seen[0] == every
+        assert again.tokens == res.tokens and again.stats["accepted_per_step"] == res.stats["accepted_per_step"]
+
+
+def test_draft_lengths_are_checked(greedy_setup):
+    model, prompts, *_ = greedy_setup
+    target = BuiltinTarget(model)
+
+    class BadLengths(DSparkDrafter):
+        def propose(self, seqs, state, sampling):
+            d = super().propose(seqs, state, sampling)
+            return dataclasses.replace(d, lengths=[d.tokens.shape[1] + 1] * len(seqs))  # uniform, but too long
+    with pytest.raises(ValueError, match=r"Draft.lengths must hold 8 counts in \[0, 4\]"):
+        SpeculativeDecoder(target, BadLengths(target, make_head(32, V_GREEDY, (0, 1)))).generate(prompts, 4)
 
 
 class PaddedPasses(DSparkDrafter):
@@ -421,6 +437,8 @@ def test_target_sps_table(greedy_setup):
     assert bool((slow < 2.0).all()) and bool((slow > 1.0 / (0.5 + 1.0)).all())  # 1 / (forward + 0.5 s)
     batch = target_sps_table(target, 9, requests=3, context=16, warmup=1, iters=3)  # 3 requests, 1..3 tokens each
     assert batch.shape == (10,) and bool((batch > 0).all())
+    for t in (table, slow, batch):  # the convex fit: never rising with B (measured times scatter)
+        assert bool((t[1:] <= t[:-1]).all()), t
     with pytest.raises(ValueError, match="requests"):
         target_sps_table(target, 2, requests=3)
 

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 import dspark_ops
-from dspark_ops import reference as ref
 import dspark_ops.schedule as schedule_mod
+from dspark_ops import reference as ref
 from dspark_ops.schedule import expected_calibration_error
 from helpers import chi_square_pvalue
 

@@ -74,7 +74,10 @@ class Drafter(ABC):
         sequence, in order (after the prefill: the prompt but its last
         token, 0 for a one-token prompt; after a step: the root and the
         accepted drafts); None, None when the prefill had no tokens. Only
-        called when hidden_layers is not empty; valid until the next step."""
+        called when hidden_layers is not empty; valid until the next step.
+        With observe_last_only the prefill's rows are [R, 1, ...], each
+        request's last prompt row, and processed is then 1 (0 for a request
+        with none), not the prompt's length."""
 
     @abstractmethod
     def propose(self, seqs: List[List[int]], state: RequestState, sampling: Sampling) -> Draft:

@@ -288,13 +288,18 @@ class DSparkDrafter(Drafter):
                              f"{temperatures.numel()}")
         self.model, self.head, self.num_draft = model, head, n
         self.hidden_layers = cfg.hidden_layers
-        self.observe_last_only = not cfg.context_heads  # without context attention only the last row counts
         self.schedule, self.threshold, self.with_confidence = schedule, threshold, with_confidence
         self.budget = None if budget is None else int(budget)
         self._sps = None if sps_table is None else sps_table.detach().to(torch.float64).reshape(-1)
         self.temperatures = None if temperatures is None else temperatures.detach().to(torch.float32).reshape(-1)[:n]
         self.c_last: Optional[torch.Tensor] = None
         head.to(device=model.embed.weight.device).eval()
+
+    @property
+    def observe_last_only(self) -> bool:
+        """Without context attention only the last processed row counts (with
+        it, every row's key and value does: not a setting)."""
+        return not self.head.cfg.context_heads
 
     def start(self, num_requests, max_len, device) -> None:
         R, n, cfg = num_requests, self.num_draft, self.head.cfg
@@ -409,7 +414,7 @@ def target_sps_table(target, max_tokens: int, *, requests: int = 1, context: int
         target.lengths(cache).fill_(context)
         target.forward(ids[:B], pos, cu, cache)
 
-    sps = measure_sps(step, range(requests, max_tokens + 1), warmup=warmup, iters=iters, device=dev.type, fit=fit)
+    sps = measure_sps(step, range(requests, max_tokens + 1), warmup=warmup, iters=iters, device=dev, fit=fit)
     return 1.0 / (1.0 / sps + overhead_s)
 
 

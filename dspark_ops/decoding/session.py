@@ -87,8 +87,13 @@ class DecodeSession:
         session has them; a chain whose per-request draft counts the host
         knows and which differ (lengths) as a ragged pass (ragged_step,
         eager: its shape changes from step to step)."""
-        if lengths is not None and tree_parents is None and len(set(lengths)) > 1:
-            return self.ragged_step(toks, draft_logits, draft_t, lengths)
+        if lengths is not None and tree_parents is None:
+            m = toks.shape[1]
+            if len(lengths) != self.R or any(not 0 <= n <= m for n in lengths):
+                raise ValueError(f"SpeculativeDecoder: Draft.lengths must hold {self.R} counts in [0, {m}] (the "
+                                 f"drafts' width), got {lengths}")
+            if len(set(lengths)) > 1:
+                return self.ragged_step(toks, draft_logits, draft_t, lengths)
         inputs = (toks, tree_parents, draft_logits, draft_t)
         if self.graphs is None:
             return self.verify_step(inputs)
@@ -168,10 +173,7 @@ class DecodeSession:
         where its count does, and the emitted token uses the same row and
         random-number slot."""
         R, target, cache, state, sampling, dev = self.R, self.target, self.cache, self.state, self.sampling, self.dev
-        m = toks.shape[1]
-        if len(lengths) != R or any(not 0 <= n <= m for n in lengths):
-            raise ValueError(f"SpeculativeDecoder: Draft.lengths must hold {R} counts in [0, {m}] (the drafts' "
-                             f"width), got {lengths}")
+        m = toks.shape[1]  # lengths: checked by run_step
         counts = [n + 1 for n in lengths]  # the root and the kept drafts
         cu = [0]
         for c in counts:
