@@ -329,15 +329,20 @@ class PaddedPasses(DSparkDrafter):
         return dataclasses.replace(super().propose(seqs, state, sampling), lengths=None)
 
 
+@pytest.mark.parametrize("gpu_path", [False, True])
 @pytest.mark.parametrize("schedule", ["threshold", "early_stop"])
 @pytest.mark.parametrize("temperature,top_k", [(0.0, 0), (0.9, 0), (1.0, 5)])
-def test_ragged_scheduled_passes_equal_padded_ones(greedy_setup, monkeypatch, schedule, temperature, top_k):
+def test_ragged_scheduled_passes_equal_padded_ones(greedy_setup, monkeypatch, schedule, temperature, top_k, gpu_path):
     """A schedule that cuts each request's block differently sends a ragged
     target pass (each request's root and its own kept drafts: the token
     batch the SPS table priced); it decodes exactly as the padded pass the
     loop sent before (a -1 ends a chain where the count does; the emitted
     token uses the same row and slot): same tokens, same accepted counts,
-    greedy and sampled, batched with stop tokens."""
+    greedy and sampled, batched with stop tokens; also on the forward's GPU
+    path (attention over the whole cache under a mask), run on the CPU."""
+    if gpu_path:
+        import dspark_ops.decoding.model as model_mod
+        monkeypatch.setattr(model_mod, "_reads_lengths", lambda device: False)
     model, prompts, _, stops, _ = greedy_setup
     target = BuiltinTarget(model)
     head = make_head(32, V_GREEDY, (0, 1), seed=9)
