@@ -14,24 +14,18 @@ runs, wall time). Writes dspark_schedules_b<batch>_<device>_<date>.json to
 --out (default bench/results)."""
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-
-from bench.decode_bench import add_common_args, demo_batch, write_results  # noqa: E402
+from bench.decode_bench import demo_batch, parse_and_load, write_results  # noqa: E402
 from dspark_ops.decoding import SpeculativeDecoder, load_default_dspark  # noqa: E402
-from dspark_ops.decoding.default import load_default  # noqa: E402
 from dspark_ops.decoding.dspark import target_sps_table  # noqa: E402
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(ap, batch=16, max_new=64)
-    args = ap.parse_args()
-    target, _ = load_default(args.device)
+    args, target, draft = parse_and_load(__doc__, batch=16, max_new=64)
     R, n = args.batch, args.num_draft
     prompts = demo_batch(R)
     # early_stop's cost model: the forward at R..R(n+1) tokens plus what a step spends outside it

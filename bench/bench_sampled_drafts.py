@@ -15,27 +15,21 @@ stable sort of each draft row). Writes sampled_drafts_b<batch>_<device>_<date>.j
 to --out (default bench/results)."""
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-
-from bench.decode_bench import add_common_args, demo_batch, write_results  # noqa: E402
+from bench.decode_bench import demo_batch, parse_and_load, write_results  # noqa: E402
 from dspark_ops.decoding import DraftModelDrafter, SpeculativeDecoder, load_default_dspark  # noqa: E402
-from dspark_ops.decoding.default import load_default  # noqa: E402
 from dspark_ops.demo_decoding import PROMPTS  # noqa: E402
 
 SETTINGS = [(1.0, 0, 0.9), (0.8, 0, 0.9), (0.7, 0, 0.7), (1.0, 5, 1.0), (0.8, 20, 1.0), (1.0, 0, 1.0)]
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(ap, batch=16, max_new=64)
-    ap.add_argument("--seed", type=int, default=7)
-    args = ap.parse_args()
-    target, draft = load_default(args.device)
+    args, target, draft = parse_and_load(__doc__, batch=16, max_new=64,
+                                         extra=lambda ap: ap.add_argument("--seed", type=int, default=7))
     batches = [[p] for p in demo_batch(len(PROMPTS))] if args.batch == 1 else [demo_batch(args.batch)]
     n = args.num_draft
     decoders = {"plain": SpeculativeDecoder(target),

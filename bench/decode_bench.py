@@ -9,7 +9,7 @@ import datetime
 import json
 import platform
 from pathlib import Path
-from typing import List
+from typing import Callable, List, Optional
 
 import torch
 
@@ -21,6 +21,20 @@ def add_common_args(ap: argparse.ArgumentParser, *, batch: int, max_new: int) ->
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+
+
+def parse_and_load(doc: str, *, batch: int, max_new: int,
+                   extra: Optional[Callable[[argparse.ArgumentParser], None]] = None):
+    """(args, target, draft): the common arguments (and `extra`'s) parsed,
+    the embedded default pair loaded on --device."""
+    from dspark_ops.decoding.default import load_default
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(ap, batch=batch, max_new=max_new)
+    if extra is not None:
+        extra(ap)
+    args = ap.parse_args()
+    target, draft = load_default(args.device)
+    return args, target, draft
 
 
 def demo_batch(batch: int) -> List[List[int]]:

@@ -964,6 +964,41 @@ def test_early_finish_does_not_change_other_requests(kind, temperature):
     assert batched.errors == [0] * len(prompts)
 
 
+@pytest.mark.parametrize("kind", ["ngram", "draft_model", "dspark"])
+def test_finished_requests_verify_no_drafts(monkeypatch, kind):
+    """Once some requests have finished (cuda_graph=False), a step verifies
+    none of their drafts: a ragged pass of the others' (DecodeSession
+    .ragged_step with length 0 for each finished request). Same tokens and
+    accepted counts as the full-width pass cuda_graph=True keeps."""
+    V = 61
+    model = make_model(V, 60, dtype=torch.float32)
+    draft_model = make_model(V, 61, dtype=torch.float32, perturb_of=model, perturb=0.5)
+    prompts = make_prompts(V, [6, 11, 3, 9], seed=62)
+    calls = []
+    real = session_mod.DecodeSession.ragged_step
+
+    def counting(self, toks, draft_logits, draft_t, lengths):
+        calls.append((list(lengths), self.state.finished.tolist()))
+        return real(self, toks, draft_logits, draft_t, lengths)
+    monkeypatch.setattr(session_mod.DecodeSession, "ragged_step", counting)
+
+    def run(**kw):
+        drafter = {"ngram": lambda: NGramDrafter(2, 4),
+                   "draft_model": lambda: DraftModelDrafter(BuiltinTarget(draft_model), 3),
+                   "dspark": lambda: _dspark(model)}[kind]()
+        return SpeculativeDecoder(BuiltinTarget(model), drafter, **kw).generate(
+            prompts, [2, 14, 5, 9], temperature=0.9, seed=8)
+    trimmed = run()
+    assert calls and all(n == 0 for lengths, fin in calls for n, f in zip(lengths, fin) if f)
+    assert any(any(fin) and any(n > 0 for n in lengths) for lengths, fin in calls)
+    for kw in (dict(trim_finished=False), dict(cuda_graph=True)):  # graphs keep the full width too
+        calls.clear()
+        full = run(**kw)
+        assert not calls, kw
+        assert trimmed.tokens == full.tokens and trimmed.errors == full.errors == [0] * len(prompts)
+        assert trimmed.stats["accepted_per_step"] == full.stats["accepted_per_step"]
+
+
 # ---------------------------------------------------------------------------
 # cuda_graph=True: the verify step from static buffers (captured on a GPU)
 

@@ -90,15 +90,21 @@ class SpeculativeDecoder:
     """Speculative decoding of a target with a drafter (None: plain decoding,
     one token per target pass, through the same verify op with no drafts)."""
 
-    def __init__(self, target, drafter: Optional[Drafter] = None, *, cuda_graph: bool = False):
+    def __init__(self, target, drafter: Optional[Drafter] = None, *, cuda_graph: bool = False,
+                 trim_finished: bool = True):
         """cuda_graph: run each step's target pass, verification, commit and
         rollback as a CUDA graph per step shape (captured on its second
         step; a BuiltinTarget on a GPU). Elsewhere the same static buffers
         run eagerly. With a BuiltinTarget the decoder then keeps its device
         state (caches sized up to a multiple of 256) between generate()
         calls of the same batch size and sizes, so graphs captured in one
-        call replay in the next."""
+        call replay in the next.
+
+        trim_finished (without cuda_graph, whose graphs keep every step's
+        full width): once some requests have finished, a step verifies none
+        of their drafts — a ragged target pass of the others'."""
         self.target, self.drafter, self.cuda_graph = target, drafter, cuda_graph
+        self.trim_finished = trim_finished
         self._session: Optional[DecodeSession] = None  # kept between calls with cuda_graph (session.py)
 
     def release(self) -> None:
@@ -193,9 +199,14 @@ class SpeculativeDecoder:
             if tree_parents is not None and draft_logits is not None:
                 raise NotImplementedError("SpeculativeDecoder: tree drafts are verified as point masses "
                                           "(deterministic siblings); a tree with draft distributions is not supported")
+            lengths = draft.lengths if draft is not None else None
+            if self.trim_finished and not self.cuda_graph and tree_parents is None and m and any(finished) \
+                    and not all(finished):
+                # finished requests verify no drafts: a ragged pass of the others' (graphs keep one shape instead)
+                lengths = [0 if f else (m if lengths is None else lengths[r]) for r, f in enumerate(finished)]
             packed, rows, processed = sess.run_step(toks, tree_parents,
                                                     None if tree_parents is not None else draft_logits, draft_t,
-                                                    lengths=draft.lengths if draft is not None else None)
+                                                    lengths=lengths)
             # The step's one host synchronisation: what was appended, and who finished.
             host = packed.tolist()
             acc_step = []
