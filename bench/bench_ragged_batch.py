@@ -32,8 +32,8 @@ def main() -> None:
     for name, make in makers.items():
         for trim in (True, False):
             decoders[f"{name}, trim_finished={trim}"] = SpeculativeDecoder(target, make(), trim_finished=trim)
-    for dec in decoders.values():
-        dec.generate(prompts, 8)
+    for dec in decoders.values():  # warm-up at the timed sizes
+        dec.generate(prompts, limits)
     best = {}
     for _ in range(args.repeats):
         for name, dec in decoders.items():

@@ -966,10 +966,12 @@ def test_early_finish_does_not_change_other_requests(kind, temperature):
 
 @pytest.mark.parametrize("kind", ["ngram", "draft_model", "dspark"])
 def test_finished_requests_verify_no_drafts(monkeypatch, kind):
-    """Once some requests have finished (cuda_graph=False), a step verifies
-    none of their drafts: a ragged pass of the others' (DecodeSession
-    .ragged_step with length 0 for each finished request). Same tokens and
-    accepted counts as the full-width pass cuda_graph=True keeps."""
+    """Once some requests have finished (on the CPU, without cuda_graph), a
+    step verifies none of their drafts: a ragged pass of the others'
+    (DecodeSession.ragged_step with length 0 for each finished request).
+    Same tokens and accepted counts as with trim_finished=False and as the
+    full-width passes cuda_graph=True keeps (there n-gram lookups of
+    differing lengths are padded with -1 too)."""
     V = 61
     model = make_model(V, 60, dtype=torch.float32)
     draft_model = make_model(V, 61, dtype=torch.float32, perturb_of=model, perturb=0.5)
@@ -994,7 +996,8 @@ def test_finished_requests_verify_no_drafts(monkeypatch, kind):
     for kw in (dict(trim_finished=False), dict(cuda_graph=True)):  # graphs keep the full width too
         calls.clear()
         full = run(**kw)
-        assert not calls, kw
+        if kind != "ngram" or "cuda_graph" in kw:  # n-gram lookups of differing lengths are ragged passes anyway
+            assert not calls, kw
         assert trimmed.tokens == full.tokens and trimmed.errors == full.errors == [0] * len(prompts)
         assert trimmed.stats["accepted_per_step"] == full.stats["accepted_per_step"]
 

@@ -180,7 +180,8 @@ class NGramDrafter(Drafter):
         found = [self.lookup(s) for s in seqs]
         width = max(len(f) for f in found)  # no padded rows through the target (host lists: no sync)
         rows = [f + [-1] * (width - len(f)) for f in found]
-        return Draft(to_device(rows, torch.int32, dev).view(len(seqs), width), width=width)
+        return Draft(to_device(rows, torch.int32, dev).view(len(seqs), width), width=width,
+                     lengths=[len(f) for f in found])
 
 
 class DraftModelDrafter(Drafter):
@@ -331,8 +332,8 @@ class DraftModelDrafter(Drafter):
         toks = []
         live = None
         for k in range(1, n + 1):  # stop_below: a host read per draw decides whether drafting goes on
-            confident = torch.softmax(rows[-1], -1).amax(-1) >= self.stop_below
-            live = confident if live is None else live & confident
+            confident = (torch.softmax(rows[-1], -1).amax(-1) >= self.stop_below) & ~state.finished
+            live = confident if live is None else live & confident  # finished requests keep no one drafting
             if not bool(live.any()):  # every request stopped: the step's drafts end here
                 break
             if filters != (None, None):

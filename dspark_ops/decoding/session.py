@@ -84,15 +84,16 @@ class DecodeSession:
                  draft_logits: Optional[torch.Tensor], draft_t: Optional[torch.Tensor],
                  lengths: Optional[List[int]] = None) -> tuple:
         """One step (verify_step's outputs), through the graphs when the
-        session has them; a chain whose per-request draft counts the host
-        knows and which differ (lengths) as a ragged pass (ragged_step,
-        eager: its shape changes from step to step)."""
+        session has them; without graphs, a chain whose per-request draft
+        counts the host knows and which differ (lengths) as a ragged pass
+        (ragged_step: its shape changes from step to step; graphs keep one
+        shape per width, the drafts padded with -1)."""
         if lengths is not None and tree_parents is None:
             m = toks.shape[1]
             if len(lengths) != self.R or any(not 0 <= n <= m for n in lengths):
                 raise ValueError(f"SpeculativeDecoder: Draft.lengths must hold {self.R} counts in [0, {m}] (the "
                                  f"drafts' width), got {lengths}")
-            if len(set(lengths)) > 1:
+            if len(set(lengths)) > 1 and self.graphs is None:
                 return self.ragged_step(toks, draft_logits, draft_t, lengths)
         inputs = (toks, tree_parents, draft_logits, draft_t)
         if self.graphs is None:
