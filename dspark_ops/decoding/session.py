@@ -132,8 +132,7 @@ class DecodeSession:
         else:
             positions = ((state.position - 1).unsqueeze(1) + torch.arange(m + 1, device=self.dev)).reshape(-1)
             logits, hidden = target.forward(ids, positions, self.chain_cus[m], cache, hidden_layers=self.hidden_layers)
-        if logits.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            logits = logits.float()  # e.g. float64 test models: the ops take fp32/fp16/bf16
+        logits = _op_dtype(logits)
         V = logits.shape[-1]
         if tree_parents is not None:  # node tokens and draft rows flat, request r's nodes at cu[r]:cu[r+1]
             res = verify_tree(logits, nodes.reshape(-1).to(torch.int32), parents.reshape(-1), self.node_cus[m],
@@ -146,22 +145,27 @@ class DecodeSession:
                                temperature=sampling.temperature, top_k=self.top_k, top_p=self.top_p,
                                seed=sampling.seed, position=state.position)
             keep_index = self.keep_chain[m]
-        was_finished = state.finished.clone()
-        old_len = state.out_len.clone()
-        commit_tokens(state, res.tokens, res.emitted, res.status, stop_tokens=self.stop)
-        # Keep in the cache exactly what was committed: [last, accepted drafts]
-        # cut at a stop token or max_new_tokens; nothing for finished or aborted requests.
-        num_keep = torch.where(was_finished, 0, state.out_len - old_len).to(torch.int32)
-        target.rollback(cache, base, self.appended[m], keep_index, num_keep)
-        packed = torch.cat([res.tokens, old_len.unsqueeze(1), state.out_len.unsqueeze(1),
-                            res.accepted.unsqueeze(1), state.finished.int().unsqueeze(1),
-                            was_finished.int().unsqueeze(1)], 1)
+        packed = self._commit(res, base, self.appended[m], keep_index)
         if not self.hidden_layers:
             return packed, None, None
         # The drafter's context (Drafter.observe): this pass's hidden states, of which the root and the
         # accepted drafts are now processed tokens.
         return packed, hidden.view(R, m + 1, *hidden.shape[1:]), (res.accepted.clamp(0, m) + 1).to(torch.int32)
 
+    def _commit(self, res, base: torch.Tensor, appended: torch.Tensor, keep_index: torch.Tensor) -> torch.Tensor:
+        """After a pass that appended `appended` [R] entries past `base` [R]
+        and its verification `res`: commit_tokens, then keep in the cache
+        exactly what was committed ([last, accepted drafts] cut at a stop
+        token or max_new_tokens; nothing for finished or aborted requests).
+        Returns what the host reads, [R, W + 5] int32 (verify_step)."""
+        state = self.state
+        was_finished = state.finished.clone()
+        old_len = state.out_len.clone()
+        commit_tokens(state, res.tokens, res.emitted, res.status, stop_tokens=self.stop)
+        num_keep = torch.where(was_finished, 0, state.out_len - old_len).to(torch.int32)
+        self.target.rollback(self.cache, base, appended, keep_index, num_keep)
+        return torch.cat([res.tokens, old_len.unsqueeze(1), state.out_len.unsqueeze(1), res.accepted.unsqueeze(1),
+                          state.finished.int().unsqueeze(1), was_finished.int().unsqueeze(1)], 1)
 
     def ragged_step(self, toks: torch.Tensor, draft_logits: Optional[torch.Tensor], draft_t: Optional[torch.Tensor],
                     lengths: List[int]) -> tuple:
@@ -187,8 +191,7 @@ class DecodeSession:
         base = target.lengths(cache).clone()
         logits, hidden = target.forward(ids, positions, torch.tensor(cu, dtype=torch.int32), cache,
                                         hidden_layers=self.hidden_layers)
-        if logits.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            logits = logits.float()
+        logits = _op_dtype(logits)
         V = logits.shape[-1]
         cu_draft = to_device([c - r for r, c in enumerate(cu)], torch.int32, dev)  # [R + 1]: drafts before request r
         rows = self.draft_row_starts[m]  # request r's drafts (tokens and rows) at r m of the padded [R m] layout
@@ -197,17 +200,16 @@ class DecodeSession:
                            draft_temperature=1.0 if draft_t is None else draft_t,
                            temperature=sampling.temperature, top_k=self.top_k, top_p=self.top_p,
                            seed=sampling.seed, position=state.position, draft_row_start=rows)
-        was_finished = state.finished.clone()
-        old_len = state.out_len.clone()
-        commit_tokens(state, res.tokens, res.emitted, res.status, stop_tokens=self.stop)
-        num_keep = torch.where(was_finished, 0, state.out_len - old_len).to(torch.int32)
-        target.rollback(cache, base, to_device(counts, torch.int32, dev), self.keep_chain[m], num_keep)
-        packed = torch.cat([res.tokens, old_len.unsqueeze(1), state.out_len.unsqueeze(1),
-                            res.accepted.unsqueeze(1), state.finished.int().unsqueeze(1),
-                            was_finished.int().unsqueeze(1)], 1)
+        packed = self._commit(res, base, to_device(counts, torch.int32, dev), self.keep_chain[m])
         if not self.hidden_layers:
             return packed, None, None
         return packed, pad_rows(hidden, cu), (res.accepted.clamp(0, m) + 1).to(torch.int32)
+
+
+def _op_dtype(logits: torch.Tensor) -> torch.Tensor:
+    """The target's logits in a dtype the ops take (fp32/fp16/bf16; e.g.
+    float64 test models' as fp32)."""
+    return logits if logits.dtype in (torch.float32, torch.float16, torch.bfloat16) else logits.float()
 
 
 def pad_rows(hidden: torch.Tensor, cu: List[int], *, last_only: bool = False) -> torch.Tensor:
