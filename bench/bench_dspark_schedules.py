@@ -6,9 +6,9 @@ verification schedule, batched, beside plain decoding:
 The demo's four Python prompts repeated to --batch requests, decoded in one
 batch (greedy, and sampled at temperature 1, seed 3). Methods: plain;
 DSpark verifying all 5 drafts; `schedule="early_stop"` (DSpark's
-Algorithm 1) on an SPS table measured first, target_sps_table(target,
-R (n + 1), requests=R, overhead_s=...) with the step's measured overhead
-outside the forward; `schedule="budget"` with 48 and 32 drafted tokens a
+Algorithm 1) on an SPS table measured first (step_sps_table: the target's
+forward at R..R (n + 1) tokens plus the step's measured overhead outside
+it); `schedule="budget"` with 48 and 32 drafted tokens a
 step. Accepted drafts per step and tokens/s (best of --repeats interleaved
 runs, wall time). Writes dspark_schedules_b<batch>_<device>_<date>.json to
 --out (default bench/results)."""
@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.decode_bench import demo_batch, parse_and_load, write_results  # noqa: E402
 from dspark_ops.decoding import SpeculativeDecoder, load_default_dspark  # noqa: E402
-from dspark_ops.decoding.dspark import target_sps_table  # noqa: E402
+from dspark_ops.decoding.dspark import step_sps_table  # noqa: E402
 
 
 def main() -> None:
@@ -29,12 +29,8 @@ def main() -> None:
     R, n = args.batch, args.num_draft
     prompts = demo_batch(R)
     # early_stop's cost model: the forward at R..R(n+1) tokens plus what a step spends outside it
-    bare = target_sps_table(target, R * (n + 1), requests=R)
-    probe = SpeculativeDecoder(target, load_default_dspark(target, num_draft=n))
-    probe.generate(prompts, 16)
-    st = min((probe.generate(prompts, args.max_new).stats for _ in range(2)), key=lambda s: s["seconds"])
-    overhead = max((st["seconds"] - st["prefill_seconds"]) / st["steps"] - 1.0 / float(bare[R * (n + 1)]), 0.0)
-    sps = target_sps_table(target, R * (n + 1), requests=R, overhead_s=overhead)
+    sps, overhead = step_sps_table(target, load_default_dspark(target, num_draft=n), prompts, max_new=args.max_new,
+                                   repeats=2)
     makers = {"plain": lambda: None,
               "DSpark, all drafts": lambda: load_default_dspark(target, num_draft=n),
               "DSpark + early_stop": lambda: load_default_dspark(target, num_draft=n, schedule="early_stop",

@@ -30,9 +30,9 @@ def _methods(target, draft, num_ngram: int, num_model: int, num_dspark: int, gra
     """(name, drafter factory, cuda_graph) per row; graphs: off, on or both
     (every method eagerly, then with its verify step as CUDA graphs). The
     DSpark rows need the head in the weights' record (tools/train_dspark.py)."""
-    from .decoding import DraftModelDrafter, NGramDrafter, load_default_dspark
+    from .decoding import DraftModelDrafter, NGramDrafter, load_default_dspark, tokenizer
     from .decoding.default import default_record
-    from .decoding.dspark import target_sps_table
+    from .decoding.dspark import step_sps_table
     base = [("plain (target only)", lambda g: None),
             (f"n-gram lookup, {num_ngram} drafts", lambda g: NGramDrafter(max_ngram=3, num_draft=num_ngram)),
             ("n-gram tree, 3 branches, 12 nodes", lambda g: NGramDrafter(max_ngram=3, num_draft=12, branches=3)),
@@ -41,7 +41,9 @@ def _methods(target, draft, num_ngram: int, num_model: int, num_dspark: int, gra
     record = default_record(weights_dir)
     if "dspark" in record:
         G = min(num_dspark, record["dspark"]["config"]["block"])
-        sps = _step_sps(target, G, weights_dir)
+        # early_stop's cost model, measured now on this machine (one request at a time, as the demo decodes)
+        sps, _ = step_sps_table(target, load_default_dspark(target, weights_dir=weights_dir, num_draft=G),
+                                [tokenizer.encode(PROMPTS[0])])
         base += [(f"DSpark block + Markov head, {G} drafts",
                   lambda g: load_default_dspark(target, weights_dir=weights_dir, num_draft=G)),
                  ("DSpark + early_stop schedule", lambda g: load_default_dspark(
@@ -50,22 +52,6 @@ def _methods(target, draft, num_ngram: int, num_model: int, num_dspark: int, gra
     if graphs != "off":
         rows += [(name + " +graphs", lambda make=make: make(True), True) for name, make in base]
     return rows
-
-
-def _step_sps(target, G: int, weights_dir) -> torch.Tensor:
-    """early_stop's cost model, measured now on this machine: the target's
-    forward at 1..G+1 tokens plus what a DSpark step spends outside it
-    (a short unscheduled run's mean step time minus its forward's)."""
-    from .decoding import SpeculativeDecoder, load_default_dspark, tokenizer
-    from .decoding.dspark import target_sps_table
-    bare = target_sps_table(target, G + 1)
-    dec = SpeculativeDecoder(target, load_default_dspark(target, weights_dir=weights_dir, num_draft=G))
-    prompt = tokenizer.encode(PROMPTS[0])
-    dec.generate([prompt], 16)
-    res = min((dec.generate([prompt], 48) for _ in range(3)), key=lambda r: r.stats["seconds"])
-    step_s = (res.stats["seconds"] - res.stats["prefill_seconds"]) / res.stats["steps"]
-    overhead = max(step_s - 1.0 / float(bare[G + 1]), 0.0)
-    return target_sps_table(target, G + 1, overhead_s=overhead)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

@@ -25,7 +25,7 @@ import dspark_ops.decoding.session as session_mod
 from dspark_ops import schedule_verify
 from dspark_ops.decoding import (BuiltinTarget, Draft, DSparkConfig, DSparkDrafter, DSparkHead,
                                  SpeculativeDecoder, request_seed)
-from dspark_ops.decoding.dspark import target_sps_table
+from dspark_ops.decoding.dspark import step_sps_table, target_sps_table
 from test_decoding import _one_thread  # noqa: F401 (the autouse fixture: one torch thread for tiny models)
 from test_decoding import (LENGTHS, MAX_NEW, N_STATS, STATS_CFG, STATS_PROMPT, V_GREEDY, V_STATS, cut_at_stop,
                            exact_joint, goodness_of_fit, make_model, make_prompts, naive_greedy, pick_stops)
@@ -447,6 +447,19 @@ def test_target_sps_table(greedy_setup):
         assert bool((t[1:] <= t[:-1]).all()), t
     with pytest.raises(ValueError, match="requests"):
         target_sps_table(target, 2, requests=3)
+
+
+def test_step_sps_table_adds_the_measured_step_overhead(greedy_setup):
+    """The demo's and the schedules benchmark's cost model: the forward's
+    table up to R (n + 1) tokens with a step's measured overhead (>= 0)
+    added to every entry."""
+    model, prompts, *_ = greedy_setup
+    target = BuiltinTarget(model)
+    drafter = DSparkDrafter(target, make_head(32, V_GREEDY, (0, 1), block=3))
+    table, overhead = step_sps_table(target, drafter, prompts[:2], max_new=6, repeats=1)
+    assert table.shape == (2 * 4 + 1,) and bool((table > 0).all()) and overhead >= 0
+    assert bool((table[1:] <= table[:-1]).all())
+    assert 1 / float(table[-1]) > overhead  # a step is the forward plus the overhead
 
 
 def test_budget_schedule_has_a_width_known_in_advance(greedy_setup):

@@ -418,4 +418,23 @@ def target_sps_table(target, max_tokens: int, *, requests: int = 1, context: int
     return 1.0 / (1.0 / sps + overhead_s)
 
 
-__all__: Sequence[str] = ("DSparkConfig", "DSparkDrafter", "DSparkHead", "target_sps_table")
+def step_sps_table(target, drafter: Drafter, prompts: Sequence[Sequence[int]], *, max_new: int = 48,
+                   repeats: int = 3) -> Tuple[torch.Tensor, float]:
+    """early_stop's cost model for these prompts decoded as one batch of
+    R = len(prompts) requests, measured now: (target_sps_table up to
+    R (n + 1) tokens (n = drafter.num_draft) with the step's overhead
+    added, that overhead in seconds). The overhead is what a step spends
+    outside the target's forward: the best of `repeats` unscheduled runs of
+    `drafter` (max_new new tokens each), its mean step time after the
+    prefill minus the full pass's forward."""
+    from .loop import SpeculativeDecoder  # (the loop does not import this module back)
+    R, top = len(prompts), len(prompts) * (drafter.num_draft + 1)
+    bare = target_sps_table(target, top, requests=R)
+    dec = SpeculativeDecoder(target, drafter)
+    dec.generate(prompts, 16)
+    st = min((dec.generate(prompts, max_new).stats for _ in range(repeats)), key=lambda s: s["seconds"])
+    overhead = max((st["seconds"] - st["prefill_seconds"]) / st["steps"] - 1.0 / float(bare[top]), 0.0)
+    return target_sps_table(target, top, requests=R, overhead_s=overhead), overhead
+
+
+__all__: Sequence[str] = ("DSparkConfig", "DSparkDrafter", "DSparkHead", "step_sps_table", "target_sps_table")
