@@ -717,6 +717,11 @@ def test_drafter_sharing_verifier_counters_is_detected(stats_models, temperature
 # ---------------------------------------------------------------------------
 # 4. Drafters never share counters with verification
 
+def cloned(kw: dict) -> dict:
+    """A call's keyword arguments as they were at the call (tensors cloned)."""
+    return {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+
+
 def test_draft_model_drafter_samples_with_draft_purpose(monkeypatch):
     V, n = 40, 4
     model = make_model(V, 30, dtype=torch.float32)
@@ -725,11 +730,11 @@ def test_draft_model_drafter_samples_with_draft_purpose(monkeypatch):
     real_sample, real_verify = drafters_mod.sample, session_mod.verify_chunk
 
     def rec_sample(logits, **kw):
-        draft_calls.append({k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()})
+        draft_calls.append(cloned(kw))
         return real_sample(logits, **kw)
 
     def rec_verify(*args, **kw):
-        verify_calls.append({k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()})
+        verify_calls.append(cloned(kw))
         return real_verify(*args, **kw)
 
     monkeypatch.setattr(drafters_mod, "sample", rec_sample)

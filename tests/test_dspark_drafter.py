@@ -27,8 +27,9 @@ from dspark_ops.decoding import (BuiltinTarget, Draft, DSparkConfig, DSparkDraft
                                  SpeculativeDecoder, request_seed)
 from dspark_ops.decoding.dspark import step_sps_table, target_sps_table
 from test_decoding import _one_thread  # noqa: F401 (the autouse fixture: one torch thread for tiny models)
-from test_decoding import (LENGTHS, MAX_NEW, N_STATS, STATS_CFG, STATS_PROMPT, V_GREEDY, V_STATS, cut_at_stop,
-                           exact_joint, goodness_of_fit, make_model, make_prompts, naive_greedy, pick_stops)
+from test_decoding import (LENGTHS, MAX_NEW, N_STATS, STATS_CFG, STATS_PROMPT, V_GREEDY, V_STATS, cloned,
+                           cut_at_stop, exact_joint, goodness_of_fit, make_model, make_prompts, naive_greedy,
+                           pick_stops)
 
 
 def make_head(dim: int, vocab: int, layers, *, block: int = 4, seed: int = 0, scale: float = 0.5,
@@ -220,12 +221,11 @@ def test_drafts_come_from_markov_draft_with_the_verifiers_seed_and_position(monk
 
     def rec_markov(*args, **kw):
         res = real_markov(*args, **kw)
-        draft_calls.append(({k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()},
-                            res.draft_logits.clone()))
+        draft_calls.append((cloned(kw), res.draft_logits.clone()))
         return res
 
     def rec_verify(*args, **kw):
-        verify_calls.append({k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()})
+        verify_calls.append(cloned(kw))
         return real_verify(*args, **kw)
 
     monkeypatch.setattr(dspark_mod, "markov_draft", rec_markov)
