@@ -7,11 +7,14 @@ SHELL := /bin/bash
 #   make ops-demo                          the ops demo (verify_chunk on a realistic draft batch)
 #   make bench                             microbenchmarks (JSON under bench/results/)
 #   make cuda-check                        nvcc compile check of csrc/kernels/*.cuh
+#   make test-emulated                     the op suites through the emulated CUDA kernels (tools/cuda_emu)
+#   make test-emulated-asan                tests/test_cuda_emulated.py under AddressSanitizer (make test runs it)
 #
 # Settings: PYTHON (the interpreter; python3.11 for the venv), NO_VENV=1,
 # TORCH_PIN (default torch==2.14.1, the CUDA 13.0 build on local disk),
 # DSPARK_FORCE_CUDA (1: a CPU-only build is an error; 0: skip CUDA),
-# TORCH_CUDA_ARCH_LIST (default "8.0;9.0"), MAX_JOBS, PYTEST_ARGS.
+# TORCH_CUDA_ARCH_LIST (default "8.0;9.0"), MAX_JOBS, PYTEST_ARGS,
+# EMULATOR=0 (skip the emulated CUDA kernels: a GPU machine runs the real ones).
 
 NO_VENV ?= 0
 TORCH_PIN ?= torch==2.14.1
@@ -30,7 +33,20 @@ PY := $(VENV)/bin/python
 ENV_STAMP := $(VENV)/.deps-installed
 endif
 
-.PHONY: test demo ops-demo bench build cuda-check clean
+EMULATOR ?= 1
+# The CUDA emulator's AddressSanitizer pass: python is not linked with libasan or libstdc++, so both are preloaded.
+EMU_ASAN_ENV := CUEMU_ASAN=1 LD_PRELOAD="$(shell g++ -print-file-name=libasan.so) $(shell g++ -print-file-name=libstdc++.so.6)" \
+  ASAN_OPTIONS=detect_leaks=0:detect_container_overflow=0
+EMU_SUITES := tests/test_verify_chunk.py tests/test_verify_tree.py tests/test_sample.py tests/test_markov_draft.py \
+  tests/test_schedule_verify.py tests/test_kv_compact.py tests/test_status.py tests/test_errors.py \
+  tests/test_verify_chunk_errors.py tests/test_verify_tree_errors.py
+ifeq ($(EMULATOR),1)
+EMU_IGNORE :=
+else
+EMU_IGNORE := --ignore=tests/test_cuda_emulated.py
+endif
+
+.PHONY: test demo ops-demo bench build cuda-check clean test-emulated test-emulated-asan
 
 $(VENV)/.deps-installed: Makefile pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -50,7 +66,17 @@ cuda-check: $(ENV_STAMP)
 	$(PY) tools/cuda_check.py
 
 test: build cuda-check
-	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+	$(PY) -m pytest -q $(EMU_IGNORE) $(PYTEST_ARGS) tests
+ifeq ($(EMULATOR),1)
+	$(MAKE) --no-print-directory test-emulated-asan
+endif
+
+test-emulated: build
+	DSPARK_EMULATE_CUDA=1 $(PY) -m pytest -q -p no:logging $(PYTEST_ARGS) $(EMU_SUITES)
+
+# -s: an AddressSanitizer report ends the process, so pytest must not capture it.
+test-emulated-asan: build
+	$(EMU_ASAN_ENV) $(PY) -m pytest -q -s -p no:logging $(PYTEST_ARGS) tests/test_cuda_emulated.py
 
 demo: build
 	$(PY) -m dspark_ops demo

@@ -65,7 +65,7 @@ if [ "${GPU_CHECK_PROBE:-1}" = 1 ]; then  # the toolchain, and a fix if raising 
   [ -n "$probe_env" ] && [ "$probe_env" != none ] && export $probe_env && echo "gpu_check: using $probe_env" | tee -a "$OUT/test.log"
 fi
 start=$(date +%s)
-timeout "$(allow 330)" make test NO_VENV=1 PYTHON=python3 \
+timeout "$(allow 330)" make test NO_VENV=1 PYTHON=python3 EMULATOR=0 \
   PYTEST_ARGS="${GPU_CHECK_XDIST:--n 8} -rs -p no:cacheprovider --tb=short --durations=15 ${GPU_CHECK_PYTEST:-}" 2>&1 | tee -a "$OUT/test.log"
 test_rc=${PIPESTATUS[0]}
 echo "gpu_check: make test rc=$test_rc in $(( $(date +%s) - start )) s" | tee -a "$OUT/test.log"

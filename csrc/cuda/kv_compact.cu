@@ -32,8 +32,13 @@ void kv_compact_cuda(const at::TensorList caches, const at::Tensor& base_len, co
                       base_len.device(), ", got ", shape_str(*layout));
     table = *layout;
   } else {  // one small asynchronous host-to-device copy per call, from pinned memory
+#if defined(DSPARK_CUDA_EMU)
+    constexpr bool kPinned = false;  // the emulator (tools/cuda_emu) has no driver to pin memory with
+#else
+    constexpr bool kPinned = true;
+#endif
     at::Tensor host = at::empty({static_cast<int64_t>(layers.size()), 8},
-                                at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+                                at::TensorOptions().dtype(at::kLong).pinned_memory(kPinned));
     std::memcpy(host.data_ptr(), layers.data(), layers.size() * sizeof(KVLayer));
     table = host.to(base_len.device(), /*non_blocking=*/true, /*copy=*/true);
   }

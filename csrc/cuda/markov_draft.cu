@@ -47,7 +47,11 @@ void run(const at::Tensor& base, const at::Tensor& anchor, const at::Tensor& w1,
   cudaError_t err = markov_start_launch<Storage>(args, b, stream);
   for (int32_t k = 1; k <= args.group && err == cudaSuccess; ++k) {
     if (half_gemm) {
+#if defined(DSPARK_CUDA_EMU)  // the CPU has no mm with an fp32 out_dtype: fp32 copies, the same products
+      at::mm_out(bias, w1g.index_select(0, prev).to(at::kFloat), w2g.to(at::kFloat));
+#else
       at::mm_out(bias, w1g.index_select(0, prev), w2g, at::kFloat);
+#endif
     } else {
       at::mm_out(bias, w1g.index_select(0, prev), w2g);
     }

@@ -1,0 +1,271 @@
+"""The CUDA kernels without a GPU: csrc/cuda and csrc/kernels built by the
+host compiler against tools/cuda_emu (blocks in turn, threads as fibers that
+meet at barriers and shuffles) and run on CPU tensors. Each op's emulated
+CUDA path must give exactly the CPU op's outputs on the paths the GPU picks
+by size (split top-k/top-p select, verify_tree's row pass, the greedy
+kernels, many vocabulary chunks), under shuffled thread schedules
+(CUEMU_SEED) that expose a missing barrier. The emulator's own checks are
+shown to fire on deliberately broken kernels. What this cannot show (timing,
+memory ordering between blocks, the real compiler): tools/cuda_emu/README.md.
+
+`DSPARK_EMULATE_CUDA=1 make test-emulated` runs the op suites through the
+emulator as well."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import dspark_ops
+from test_schedule_verify import random_case
+from tree_helpers import max_depth_of, mixed_trees, tree_batch
+from verify_helpers import ragged_batch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+import cuda_emu_build  # noqa: E402
+
+SCHEDULES = [0, 1, 2]  # CUEMU_SEED: 0 the natural order, else shuffled blocks and threads
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _emulator():
+    cuda_emu_build.load()
+
+
+@pytest.fixture(params=SCHEDULES, ids=lambda s: f"sched{s}")
+def schedule(request, monkeypatch):
+    monkeypatch.setenv("CUEMU_SEED", str(request.param))
+    return request.param
+
+
+def launched(reset=True):
+    """The kernels the emulator ran (since the last reset), by name."""
+    return {line.rsplit(" ", 1)[0] for line in torch.ops.dspark_emu.emu_launches(reset)}
+
+
+def both(call):
+    """call() on the CPU ops and on the emulated CUDA kernels; also the
+    names of the kernels the emulated call launched."""
+    want = call()
+    launched()
+    with cuda_emu_build.emulated_ops():
+        got = call()
+    return got, want, launched()
+
+
+def takes_split_select(rows, V):
+    """Whether csrc/core/split_select.h sends `rows` filtered rows of V
+    entries to the split select (kTargetBlocks = 1024, slices of 2048)."""
+    return 4 * rows <= 1024 and min((1024 + rows - 1) // rows, V // 2048) > 1
+
+
+def assert_same(got, want, what=""):
+    for name, g, w in zip(got._fields, got, want):
+        assert torch.equal(g, w), f"{what} {name}: emulated CUDA {g.tolist()} vs CPU {w.tolist()}"
+
+
+# --- the emulator's own checks -------------------------------------------
+
+def test_emulator_schedules_expose_a_missing_barrier():
+    racy = {s: torch.ops.dspark_emu.emu_selftest("race", s) for s in (1, 2, 3)}
+    synced = {s: torch.ops.dspark_emu.emu_selftest("synced", s) for s in (0, 1, 2, 3)}
+    want = synced[0]
+    assert want[:3].tolist() == [1001, 1002, 1003]
+    assert all(torch.equal(v, want) for v in synced.values())
+    assert all(not torch.equal(v, want) for v in racy.values())
+
+
+def test_emulator_block_reduce_is_schedule_independent():
+    for s in (0, 1, 2):
+        assert torch.ops.dspark_emu.emu_selftest("block_sum", s)[:3].tolist() == [32640] * 3  # 0 + ... + 255
+
+
+def test_emulator_poisons_unwritten_shared_memory():
+    """Block 0 writes its shared variable, blocks 1 and 2 read theirs
+    unwritten: 0xFF bytes, whatever block ran before."""
+    for s in (0, 1):
+        assert torch.ops.dspark_emu.emu_selftest("unwritten_shared", s)[:3].tolist() == [7, -1, -1]
+
+
+@pytest.mark.parametrize("case,message", [
+    ("exited_lanes", "deadlock"),
+    ("mask_mismatch", "disagree on the mask"),
+    ("zero_blocks", "invalid configuration"),
+    ("too_many_threads", "invalid configuration"),
+])
+def test_emulator_reports_misuse(case, message):
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.dspark_emu.emu_selftest(case, 1)
+
+
+@pytest.mark.skipif(not cuda_emu_build.asan_requested(), reason="needs the AddressSanitizer build: "
+                    "make test-emulated-asan (which make test runs)")
+@pytest.mark.parametrize("case,report", [("global_overrun", "heap-buffer-overflow"),
+                                         ("shared_overrun", "global-buffer-overflow")])
+def test_asan_reports_an_overrun(case, report):
+    """With CUEMU_ASAN=1 an access past a tensor or a shared array aborts
+    with AddressSanitizer's report (in a child: the report ends the process)."""
+    code = ("import sys; sys.path.insert(0, 'tools'); import cuda_emu_build; cuda_emu_build.load(); "
+            f"import torch; torch.ops.dspark_emu.emu_selftest('{case}', 0)")
+    child = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
+                           capture_output=True, text=True, timeout=600)
+    assert child.returncode != 0 and report in child.stderr and "overrun_kernel" in child.stderr, child.stderr[-3000:]
+
+
+def test_shared_rewrite():
+    text = ("  __shared__ uint32_t s_bin, s_remaining;  // x\n  __shared__ RaceBest s_best[kBlock / 32];\n"
+            "  __shared__ unsigned long long masses[kBins];\n")
+    assert cuda_emu_build.rewrite_shared(text) == (
+        "  __shared__ uint32_t s_bin, s_remaining; ::cuemu::poison_shared(&s_bin, sizeof(s_bin)); "
+        "::cuemu::poison_shared(&s_remaining, sizeof(s_remaining));  // x\n"
+        "  __shared__ RaceBest s_best[kBlock / 32]; ::cuemu::poison_shared(&s_best, sizeof(s_best));\n"
+        "  __shared__ unsigned long long masses[kBins]; ::cuemu::poison_shared(&masses, sizeof(masses));\n")
+
+
+def test_launch_rewrite():
+    text = "k<T, D><<<static_cast<unsigned>(R), kBlock, 0, stream>>>(\n a, b);\nnoop<<<1, 32>>>();"
+    assert cuda_emu_build.rewrite_launches(text) == (
+        '::cuemu::Launch(static_cast<unsigned>(R), kBlock, 0, stream).named("k")(k<T, D>, a, b);\n'
+        '::cuemu::Launch(1, 32).named("noop")(noop);')
+
+
+# --- sample ----------------------------------------------------------------
+
+@pytest.mark.parametrize("split", ["auto", "0"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("R,V", [(3, 9001), (1, 4096), (37, 700)])
+def test_sample(R, V, dtype, split, schedule, monkeypatch):
+    monkeypatch.setenv("DSPARK_SPLIT_SELECT", split)  # R * V >= 2 x 2048 takes the split select unless "0"
+    g = torch.Generator().manual_seed(R * V)
+    logits = (torch.randn(R, V, generator=g) * 3).to(dtype)
+    logits[0, :5] = logits[0].max()  # ties at the top
+    kw = dict(temperature=torch.rand(R, generator=g) * 1.5, top_k=torch.randint(0, 60, (R,), generator=g),
+              top_p=torch.rand(R, generator=g) * 0.5 + 0.5, seed=torch.arange(R) + 11, position=torch.arange(R) * 5)
+    kw["temperature"][R // 2] = 0.0
+    got, want, kernels = both(lambda: dspark_ops.sample(logits, **kw))
+    assert_same(got, want, f"sample R={R} V={V}")
+    assert ("split_select_pass_kernel" in kernels) == (split == "auto" and takes_split_select(R, V)), kernels
+
+
+# --- verify_chunk ------------------------------------------------------------
+
+CHAIN_MODES = {
+    "greedy": ("none", dict(temperature=0.0)),
+    "point_mass": ("none", dict(temperature=0.9)),
+    "probs": ("probs", dict(temperature=1.0)),
+    "logits_top_k_top_p": ("logits", dict(temperature=1.1, top_k=40, top_p=0.9)),
+}
+
+
+@pytest.mark.parametrize("mode", list(CHAIN_MODES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("V,lengths", [(7, [3, 0, 5, 1]), (8193, [3, 1]), (20001, [6, 0, 2])])
+def test_verify_chunk(V, lengths, dtype, mode, schedule):
+    draft, kw = CHAIN_MODES[mode]
+    target, tokens, cu, dkw = ragged_batch(lengths, V, dtype, mode=draft, seed=V + len(lengths), scale=4.0)
+    R = len(lengths)
+    got, want, kernels = both(lambda: dspark_ops.verify_chunk(target, tokens, cu, max_draft=max(lengths),
+                                                              seed=torch.arange(R), position=torch.arange(R) * 7,
+                                                              **dkw, **kw))
+    assert_same(got, want, f"verify_chunk {mode} V={V}")
+    rows = R * (max(lengths) + 1)
+    filtered = "top_k" in kw
+    assert ("split_select_pass_kernel" in kernels) == (filtered and takes_split_select(rows, V)), kernels
+    assert ("verify_threshold_kernel" in kernels) == (filtered and not takes_split_select(rows, V)), kernels
+    assert ("verify_residual_kernel" in kernels) == (draft != "none"), kernels
+
+
+def test_verify_chunk_mixed_requests_and_row_starts(schedule):
+    """Greedy and sampled requests in one batch, drafts read from a shared
+    row block (draft_row_start), as the decoding loop calls it."""
+    lengths, V = [4, 2, 0, 5], 3001
+    target, tokens, cu, dkw = ragged_batch(lengths, V, torch.float32, mode="logits", seed=5, scale=3.0)
+    R = len(lengths)
+    kw = dict(temperature=torch.tensor([0.0, 0.8, 1.0, 0.0]), top_k=torch.tensor([0, 20, 0, 0]),
+              top_p=torch.tensor([1.0, 1.0, 0.9, 1.0]), seed=torch.arange(R) + 1, position=torch.arange(R),
+              draft_temperature=torch.tensor([0.0, 1.0, 1.0, 0.0]),
+              draft_row_start=cu[:-1].clone(), target_row_start=cu[:-1] + torch.arange(R, dtype=torch.int32))
+    got, want, _ = both(lambda: dspark_ops.verify_chunk(target, tokens, cu, max_draft=5, **dkw, **kw))
+    assert_same(got, want, "verify_chunk mixed")
+
+
+# --- verify_tree -------------------------------------------------------------
+
+TREE_MODES = {
+    "greedy": (None, dict(temperature=0.0)),
+    "deterministic": (None, dict(temperature=0.9)),
+    "iid_logits_top_k_top_p": ("logits", dict(temperature=1.1, top_k=30, top_p=0.9, sibling_mode="iid")),
+    "wor_probs": ("probs", dict(sibling_mode="without_replacement")),
+}
+
+
+@pytest.mark.parametrize("row_pass", ["auto", "0", "1"])
+@pytest.mark.parametrize("mode", list(TREE_MODES))
+@pytest.mark.parametrize("V,dtype", [(33, torch.float32), (5001, torch.bfloat16)])
+def test_verify_tree(V, dtype, mode, row_pass, schedule, monkeypatch):
+    monkeypatch.setenv("DSPARK_TREE_ROW_PASS", row_pass)
+    draft, kw = TREE_MODES[mode]
+    trees = mixed_trees(seed=V)
+    siblings = kw.get("sibling_mode", "iid")
+    target, tokens, parents, cu, dkw = tree_batch(trees, V, dtype, draft=draft, seed=V, siblings=siblings)
+    R = len(trees)
+    got, want, kernels = both(lambda: dspark_ops.verify_tree(target, tokens, parents, cu,
+                                                             max_depth=max_depth_of(trees), seed=torch.arange(R) + 2,
+                                                             position=torch.arange(R) * 3, **dkw, **kw))
+    assert_same(got, want, f"verify_tree {mode} V={V} row_pass={row_pass}")
+    if row_pass != "auto":
+        assert ("verify_tree_row_stats_kernel" in kernels) == (row_pass == "1"), kernels
+    if row_pass == "1" and "top_k" in kw:
+        assert ("split_select_pass_kernel" in kernels) == takes_split_select(int(cu[-1]), V), kernels
+
+
+@pytest.mark.parametrize("sms", ["1", "132"])
+def test_verify_tree_row_pass_thresholds(sms, monkeypatch):
+    """The binding's automatic choice of the row pass (by multiprocessor
+    count) gives the same result either way."""
+    monkeypatch.setenv("DSPARK_EMU_SMS", sms)
+    monkeypatch.setenv("CUEMU_SEED", "3")
+    trees = mixed_trees(seed=1, scale=6)  # 8 trees, 281 nodes: over 32 x 1 SM x 8 waves, under 32 x 132
+    target, tokens, parents, cu, dkw = tree_batch(trees, 600, draft="logits", seed=1)
+    R = len(trees)
+    got, want, kernels = both(lambda: dspark_ops.verify_tree(
+        target, tokens, parents, cu, max_depth=max_depth_of(trees),
+        temperature=torch.tensor([0.0, 1.0] * (R // 2) + [0.7] * (R % 2)), seed=torch.arange(R),
+        position=torch.arange(R), **dkw))
+    assert_same(got, want, f"verify_tree sms={sms}")
+    assert int(cu[-1]) == 281
+    assert ("verify_tree_row_stats_kernel" in kernels) == (sms == "132"), kernels
+
+
+# --- markov_draft --------------------------------------------------------------
+
+@pytest.mark.parametrize("filters", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("R,V", [(3, 1000), (2, 9000)])
+def test_markov_draft(R, V, dtype, filters, schedule):
+    G, r = 4, 16
+    g = torch.Generator().manual_seed(R + V)
+    base = (torch.randn(R, G, V, generator=g) * 3).to(dtype)
+    w1 = (torch.randn(V, r, generator=g) * 0.3).to(dtype)
+    w2 = (torch.randn(r, V, generator=g) * 0.3).to(dtype)
+    anchor = torch.randint(0, V, (R,), generator=g)
+    kw = dict(temperature=torch.tensor([0.0, 0.9, 1.2][:R]), seed=torch.arange(R) + 4, position=torch.arange(R) * 2,
+              num_draft=torch.tensor([4, 2, 3][:R], dtype=torch.int32))
+    if filters:
+        kw.update(top_k=torch.tensor([0, 25, 0][:R]), top_p=torch.tensor([1.0, 0.95, 0.8][:R]))
+    got, want, kernels = both(lambda: dspark_ops.markov_draft(base, anchor, w1, w2, **kw))
+    assert_same(got, want, f"markov_draft R={R} V={V} filters={filters}")
+    assert ("split_select_pass_kernel" in kernels) == (filters and takes_split_select(R, V)), kernels
+
+
+# --- schedule_verify -----------------------------------------------------------
+
+@pytest.mark.parametrize("mode,kw", [("early_stop", {}), ("threshold", dict(threshold=0.4)),
+                                     ("budget", dict(budget=600))])
+def test_schedule_verify(mode, kw, schedule):
+    conf, n, sps = random_case(300, 7, 1500, ties=True)
+    got = dspark_ops.schedule_verify(conf, n, sps, mode=mode, **kw)
+    with cuda_emu_build.emulated_ops():
+        emu = dspark_ops.schedule_verify(conf, n, sps, mode=mode, **kw)
+    assert torch.equal(emu, got), f"schedule_verify {mode}"

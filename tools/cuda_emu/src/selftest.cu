@@ -1,0 +1,119 @@
+// Kernels with known bugs (and their fixed twins) that the emulator must
+// catch, registered as dspark_emu::emu_selftest(case, seed) for
+// tests/test_cuda_emulated.py: proof that its checks can fail.
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <cuda_runtime.h>
+#include <torch/library.h>
+
+#include <cstdlib>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "csrc/kernels/block_reduce.cuh"
+
+namespace cuemu_selftest {
+
+constexpr int kThreads = 64;
+
+// Each thread reads its neighbour's shared-memory slot; `sync` orders the
+// write before the read. Without it the value read depends on the schedule.
+__global__ void neighbour_kernel(int32_t* out, bool sync) {
+  __shared__ int32_t slot[kThreads];
+  const int t = threadIdx.x;
+  slot[t] = 1000 * (blockIdx.x + 1) + t;
+  if (sync) __syncthreads();
+  out[blockIdx.x * kThreads + t] = slot[(t + 1) % kThreads];
+}
+
+// Lanes 16..31 return before the full-mask shuffle of lanes 0..15.
+__global__ void exited_lanes_kernel(int32_t* out) {
+  const int lane = threadIdx.x & 31;
+  if (lane >= 16) return;
+  out[threadIdx.x] = __shfl_xor_sync(0xFFFFFFFFu, lane, 1);
+}
+
+// The two half-warps name different masks for one shuffle.
+__global__ void mask_mismatch_kernel(int32_t* out) {
+  const int lane = threadIdx.x & 31;
+  const unsigned mask = lane < 16 ? 0x0000FFFFu : 0xFFFFFFFFu;
+  out[threadIdx.x] = __shfl_xor_sync(mask, lane, 1);
+}
+
+// A correct block-wide sum (block_reduce.cuh) of 0..255 in every block.
+__global__ void block_sum_kernel(int32_t* out) {
+  __shared__ int32_t scratch[256 / 32];
+  const int32_t s = dspark::block_reduce<256>(static_cast<int32_t>(threadIdx.x), [](int32_t a, int32_t b) {
+    return a + b;
+  }, scratch, 0);
+  if (threadIdx.x == 0) out[blockIdx.x] = s;
+}
+
+__global__ void noop_kernel(int32_t*) {}
+
+// Reads a shared variable no thread of this block wrote.
+__global__ void unwritten_shared_kernel(int32_t* out) {
+  __shared__ int32_t s_value;
+  if (blockIdx.x == 0 && threadIdx.x == 0) s_value = 7;
+  __syncthreads();
+  if (threadIdx.x == 0) out[blockIdx.x] = s_value;
+}
+
+// One element past the end of a global buffer of n, or of a shared array:
+// what AddressSanitizer (CUEMU_ASAN=1) must report.
+__global__ void global_overrun_kernel(int32_t* out, int64_t n) {
+  if (threadIdx.x == 0) out[0] = out[n];
+}
+__global__ void shared_overrun_kernel(int32_t* out) {
+  __shared__ int32_t slot[kThreads];
+  slot[threadIdx.x] = threadIdx.x;
+  __syncthreads();
+  out[threadIdx.x] = slot[threadIdx.x + 1];
+}
+
+at::Tensor emu_selftest(std::string which, int64_t seed) {
+  setenv("CUEMU_SEED", std::to_string(seed).c_str(), 1);
+  const int blocks = 3;
+  at::Tensor out = at::zeros({blocks * 256}, at::TensorOptions().dtype(at::kInt));
+  int32_t* o = out.data_ptr<int32_t>();
+  if (which == "race" || which == "synced") {
+    neighbour_kernel<<<blocks, kThreads>>>(o, which == "synced");
+  } else if (which == "exited_lanes") {
+    exited_lanes_kernel<<<1, 32>>>(o);
+  } else if (which == "mask_mismatch") {
+    mask_mismatch_kernel<<<1, 32>>>(o);
+  } else if (which == "block_sum") {
+    block_sum_kernel<<<blocks, 256>>>(o);
+  } else if (which == "unwritten_shared") {
+    unwritten_shared_kernel<<<blocks, 32>>>(o);
+  } else if (which == "global_overrun") {
+    global_overrun_kernel<<<1, 32>>>(o, out.numel());
+  } else if (which == "shared_overrun") {
+    shared_overrun_kernel<<<1, kThreads>>>(o);
+  } else if (which == "zero_blocks") {
+    noop_kernel<<<0, 32>>>(o);
+  } else if (which == "too_many_threads") {
+    noop_kernel<<<1, 2048>>>(o);
+  } else {
+    TORCH_CHECK_VALUE(false, "emu_selftest: unknown case '", which, "'");
+  }
+  const cudaError_t err = cudaGetLastError();
+  TORCH_CHECK(err == cudaSuccess, "emu_selftest: launch failed: ", cudaGetErrorString(err));
+  return out;
+}
+
+// Every kernel launched since the last reset, as "name count" lines.
+std::vector<std::string> emu_launches(bool reset) {
+  std::vector<std::string> out;
+  for (const auto& [name, n] : cuemu::launch_counts()) out.push_back(name + " " + std::to_string(n));
+  if (reset) cuemu::launch_counts().clear();
+  return out;
+}
+
+}  // namespace cuemu_selftest
+
+TORCH_LIBRARY_FRAGMENT(dspark_emu, m) {
+  m.def("emu_selftest(str which, int seed) -> Tensor", &cuemu_selftest::emu_selftest);
+  m.def("emu_launches(bool reset) -> str[]", &cuemu_selftest::emu_launches);
+}
