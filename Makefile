@@ -38,8 +38,8 @@ EMULATOR ?= 1
 EMU_ASAN_ENV := CUEMU_ASAN=1 LD_PRELOAD="$(shell g++ -print-file-name=libasan.so) $(shell g++ -print-file-name=libstdc++.so.6)" \
   ASAN_OPTIONS=detect_leaks=0:detect_container_overflow=0
 EMU_SUITES := tests/test_verify_chunk.py tests/test_verify_tree.py tests/test_sample.py tests/test_markov_draft.py \
-  tests/test_schedule_verify.py tests/test_kv_compact.py tests/test_status.py tests/test_errors.py \
-  tests/test_verify_chunk_errors.py tests/test_verify_tree_errors.py
+  tests/test_schedule_verify.py tests/test_kv_compact.py tests/test_verify_chunk_errors.py \
+  tests/test_verify_tree_errors.py
 ifeq ($(EMULATOR),1)
 EMU_IGNORE :=
 else

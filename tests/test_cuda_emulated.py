@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import dspark_ops
+import test_kv_compact
 from test_schedule_verify import random_case
 from tree_helpers import max_depth_of, mixed_trees, tree_batch
 from verify_helpers import ragged_batch
@@ -51,7 +52,9 @@ def both(call):
     launched()
     with cuda_emu_build.emulated_ops():
         got = call()
-    return got, want, launched()
+    kernels = launched()
+    assert kernels, "the emulated call launched no kernel: the ops were not routed to the emulator"
+    return got, want, kernels
 
 
 def takes_split_select(rows, V):
@@ -88,8 +91,18 @@ def test_emulator_poisons_unwritten_shared_memory():
         assert torch.ops.dspark_emu.emu_selftest("unwritten_shared", s)[:3].tolist() == [7, -1, -1]
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_emulator_allows_legal_divergent_shuffles(seed):
+    disjoint = torch.ops.dspark_emu.emu_selftest("disjoint_masks", seed)[:32]
+    assert disjoint.tolist() == [100 + (lane ^ 1) for lane in range(32)]
+    slow = torch.ops.dspark_emu.emu_selftest("slow_reader", seed)[:32]
+    assert slow.tolist() == [100 + 3000] + [100 + lane - 1 + (3000 if lane < 16 else 0) for lane in range(1, 32)]
+
+
 @pytest.mark.parametrize("case,message", [
-    ("exited_lanes", "deadlock"),
+    ("exited_lanes", r"reads lane \d+, which has exited"),
+    ("divergent_wait", "deadlock"),
+    ("divergent_barriers", "different __syncthreads"),
     ("mask_mismatch", "disagree on the mask"),
     ("zero_blocks", "invalid configuration"),
     ("too_many_threads", "invalid configuration"),
@@ -159,7 +172,7 @@ CHAIN_MODES = {
 
 
 @pytest.mark.parametrize("mode", list(CHAIN_MODES))
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("V,lengths", [(7, [3, 0, 5, 1]), (8193, [3, 1]), (20001, [6, 0, 2])])
 def test_verify_chunk(V, lengths, dtype, mode, schedule):
     draft, kw = CHAIN_MODES[mode]
@@ -186,8 +199,9 @@ def test_verify_chunk_mixed_requests_and_row_starts(schedule):
               top_p=torch.tensor([1.0, 1.0, 0.9, 1.0]), seed=torch.arange(R) + 1, position=torch.arange(R),
               draft_temperature=torch.tensor([0.0, 1.0, 1.0, 0.0]),
               draft_row_start=cu[:-1].clone(), target_row_start=cu[:-1] + torch.arange(R, dtype=torch.int32))
-    got, want, _ = both(lambda: dspark_ops.verify_chunk(target, tokens, cu, max_draft=5, **dkw, **kw))
+    got, want, kernels = both(lambda: dspark_ops.verify_chunk(target, tokens, cu, max_draft=5, **dkw, **kw))
     assert_same(got, want, "verify_chunk mixed")
+    assert {"verify_greedy_kernel", "verify_threshold_kernel", "verify_residual_kernel"} <= kernels, kernels
 
 
 # --- verify_tree -------------------------------------------------------------
@@ -202,7 +216,7 @@ TREE_MODES = {
 
 @pytest.mark.parametrize("row_pass", ["auto", "0", "1"])
 @pytest.mark.parametrize("mode", list(TREE_MODES))
-@pytest.mark.parametrize("V,dtype", [(33, torch.float32), (5001, torch.bfloat16)])
+@pytest.mark.parametrize("V,dtype", [(33, torch.float32), (5001, torch.bfloat16), (777, torch.float16)])
 def test_verify_tree(V, dtype, mode, row_pass, schedule, monkeypatch):
     monkeypatch.setenv("DSPARK_TREE_ROW_PASS", row_pass)
     draft, kw = TREE_MODES[mode]
@@ -265,7 +279,49 @@ def test_markov_draft(R, V, dtype, filters, schedule):
                                      ("budget", dict(budget=600))])
 def test_schedule_verify(mode, kw, schedule):
     conf, n, sps = random_case(300, 7, 1500, ties=True)
-    got = dspark_ops.schedule_verify(conf, n, sps, mode=mode, **kw)
-    with cuda_emu_build.emulated_ops():
-        emu = dspark_ops.schedule_verify(conf, n, sps, mode=mode, **kw)
+    emu, got, kernels = both(lambda: dspark_ops.schedule_verify(conf, n, sps, mode=mode, **kw))
     assert torch.equal(emu, got), f"schedule_verify {mode}"
+    assert kernels == {"schedule_verify_kernel"}, kernels
+
+
+# --- keep_key, kv_compact, commit_tokens -------------------------------------------
+
+@pytest.mark.parametrize("R,V", [(2, 9001), (40, 300)])
+def test_keep_key(R, V, schedule):
+    g = torch.Generator().manual_seed(V)
+    logits = torch.randn(R, V, generator=g) * 2
+    args = (torch.rand(R, generator=g) + 0.2, torch.randint(0, 80, (R,), generator=g, dtype=torch.int32),
+            torch.rand(R, generator=g) * 0.5 + 0.5)
+    got, want, kernels = both(lambda: (torch.ops.dspark_emu if cuda_emu_build.routed() else torch.ops.dspark_ops)
+                              .keep_key(logits, *args))
+    assert torch.equal(got, want)
+    assert ("split_select_pass_kernel" in kernels) == takes_split_select(R, V), kernels
+
+
+KV_CASES = [test_kv_compact.test_many_layers_and_overlapping_keeps, test_kv_compact.test_paged_caches,
+            test_kv_compact.test_chain_keep_moves_nothing_and_updates_lengths,
+            test_kv_compact.test_bad_values_abort_only_their_request,
+            test_kv_compact.test_paged_block_table_out_of_range,
+            test_kv_compact.test_many_kept_entries_dense_overlap_heads_first_bytes,
+            test_kv_compact.test_commit_tokens_matches_reference_over_steps,
+            test_kv_compact.test_commit_tokens_stop_and_max_len,
+            test_kv_compact.test_commit_tokens_bad_device_values_finish_with_an_error]
+
+
+@pytest.mark.parametrize("case", KV_CASES, ids=lambda f: f.__name__[5:])
+def test_kv_compact_and_commit_tokens(case, schedule):
+    """test_kv_compact's cases (each against the reference), with the ops
+    routed to the emulated kernels."""
+    launched()
+    with cuda_emu_build.emulated_ops():
+        case()
+    assert launched() & {"kv_compact_kernel", "commit_tokens_kernel"}
+
+
+@pytest.mark.parametrize("dtype,H,D", [(torch.float16, 3, 5), (torch.uint8, 1, 3), (torch.bfloat16, 8, 128)])
+@pytest.mark.parametrize("heads_first", [False, True])
+def test_kv_compact_layouts(dtype, H, D, heads_first, schedule):
+    launched()
+    with cuda_emu_build.emulated_ops():
+        test_kv_compact.test_matches_reference(dtype, H, D, heads_first)
+    assert launched() == {"kv_compact_kernel"}

@@ -50,6 +50,18 @@ def rewrite_shared(text: str) -> str:
     return _SHARED.sub(repl, text)
 
 
+def _rewrite(path: Path) -> str:
+    """Both rewrites of one source file; a launch or a __shared__ declaration
+    left in a form they do not handle is an error, not a silent gap."""
+    text = rewrite_shared(rewrite_launches(path.read_text()))
+    for i, line in enumerate(text.splitlines(), 1):
+        code = line.split("//")[0]
+        if "<<<" in code or ("__shared__" in code and "poison_shared" not in line):
+            raise RuntimeError(f"cuda_emu: {path}:{i}: a launch or __shared__ declaration the emulator's build "
+                               f"cannot rewrite (keep each on its own line in the usual form): {line.strip()}")
+    return text
+
+
 def _write_if_changed(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     if not path.exists() or path.read_text() != text:
@@ -64,14 +76,14 @@ def generate_sources() -> list[Path]:
     csrc = ROOT / "csrc"
     for f in sorted(csrc.rglob("*")):
         if f.is_file() and f.suffix in {".h", ".cuh", ".cu", ".cpp"} and "cpu" not in f.relative_to(csrc).parts:
-            _write_if_changed(src / "csrc" / f.relative_to(csrc), rewrite_shared(rewrite_launches(f.read_text())))
+            _write_if_changed(src / "csrc" / f.relative_to(csrc), _rewrite(f))
     units = [src / "csrc" / "ops.cpp"]
     for cu in sorted((csrc / "cuda").glob("*.cu")):
         unit = src / f"emu_{cu.stem}.cpp"
         _write_if_changed(unit, f'#include "csrc/cuda/{cu.name}"\n')
         units.append(unit)
     selftest = src / "selftest.cpp"  # the emulator's own negative controls, launches rewritten too
-    _write_if_changed(selftest, rewrite_shared(rewrite_launches((HERE / "src" / "selftest.cu").read_text())))
+    _write_if_changed(selftest, _rewrite(HERE / "src" / "selftest.cu"))
     units += [selftest, HERE / "src" / "runtime.cpp"]
     return units
 
@@ -127,22 +139,36 @@ class _EmulatedOps:
         return getattr(torch.ops.dspark_ops, name)
 
 
+_routed = 0
+
+
+def routed() -> bool:
+    """Whether the package's ops currently run the emulated kernels."""
+    return _routed > 0
+
+
 def route_ops_to_emulator() -> Callable[[], None]:
     """Make the dspark_ops package call the emulated CUDA kernels for CPU
     tensors: every loaded dspark_ops module's `_ops` handle is replaced.
     Returns the function that undoes it."""
+    global _routed
     import torch
     load()
     emulated = _EmulatedOps()
-    routed = []
+    modules = []
     for name, module in list(sys.modules.items()):
         if name.startswith("dspark_ops") and getattr(module, "_ops", None) is torch.ops.dspark_ops:
             module._ops = emulated
-            routed.append(module)
+            modules.append(module)
+    if not modules:
+        raise RuntimeError("cuda_emu: no dspark_ops module holds the _ops handle to re-route")
+    _routed += 1
 
     def undo() -> None:
-        for module in routed:
+        global _routed
+        for module in modules:
             module._ops = torch.ops.dspark_ops
+        _routed -= 1
     return undo
 
 

@@ -27,11 +27,51 @@ __global__ void neighbour_kernel(int32_t* out, bool sync) {
   out[blockIdx.x * kThreads + t] = slot[(t + 1) % kThreads];
 }
 
-// Lanes 16..31 return before the full-mask shuffle of lanes 0..15.
+// Lanes 16..31 return; lanes 0..15 then read them in a full-mask shuffle
+// (legal to name exited lanes in the mask, undefined to read one).
 __global__ void exited_lanes_kernel(int32_t* out) {
   const int lane = threadIdx.x & 31;
   if (lane >= 16) return;
-  out[threadIdx.x] = __shfl_xor_sync(0xFFFFFFFFu, lane, 1);
+  out[threadIdx.x] = __shfl_xor_sync(0xFFFFFFFFu, lane, 16);
+}
+
+// Lanes 0..15 wait in a full-mask shuffle for lanes 16..31, which wait at
+// __syncthreads for lanes 0..15: a hang on a GPU.
+__global__ void divergent_wait_kernel(int32_t* out) {
+  const int lane = threadIdx.x & 31;
+  if (lane < 16) {
+    out[threadIdx.x] = __shfl_xor_sync(0xFFFFFFFFu, lane, 1);
+  } else {
+    __syncthreads();
+  }
+}
+
+// Warp 0 and warp 1 wait at different __syncthreads.
+__global__ void divergent_barriers_kernel(int32_t* out) {
+  if (threadIdx.x < 32) {
+    __syncthreads();
+  } else {
+    __syncthreads();
+  }
+  out[threadIdx.x] = 1;
+}
+
+// Legal: the two half-warps shuffle among themselves with disjoint masks.
+__global__ void disjoint_masks_kernel(int32_t* out) {
+  const int lane = threadIdx.x & 31;
+  const unsigned mask = lane < 16 ? 0x0000FFFFu : 0xFFFF0000u;
+  out[threadIdx.x] = __shfl_xor_sync(mask, 100 + lane, 1);
+}
+
+// Legal: after a full-warp shuffle, lanes 0..15 run two more among
+// themselves before lane 16 reads its result of the first.
+__global__ void slow_reader_kernel(int32_t* out) {
+  const int lane = threadIdx.x & 31;
+  int v = __shfl_up_sync(0xFFFFFFFFu, 100 + lane, 1);
+  if (lane < 16) {
+    v += __shfl_sync(0x0000FFFFu, 1000, 0) + __shfl_sync(0x0000FFFFu, 2000, 0);
+  }
+  out[threadIdx.x] = v;
 }
 
 // The two half-warps name different masks for one shuffle.
@@ -81,6 +121,14 @@ at::Tensor emu_selftest(std::string which, int64_t seed) {
     neighbour_kernel<<<blocks, kThreads>>>(o, which == "synced");
   } else if (which == "exited_lanes") {
     exited_lanes_kernel<<<1, 32>>>(o);
+  } else if (which == "divergent_wait") {
+    divergent_wait_kernel<<<1, 32>>>(o);
+  } else if (which == "divergent_barriers") {
+    divergent_barriers_kernel<<<1, 64>>>(o);
+  } else if (which == "disjoint_masks") {
+    disjoint_masks_kernel<<<1, 32>>>(o);
+  } else if (which == "slow_reader") {
+    slow_reader_kernel<<<1, 32>>>(o);
   } else if (which == "mask_mismatch") {
     mask_mismatch_kernel<<<1, 32>>>(o);
   } else if (which == "block_sum") {

@@ -26,10 +26,11 @@
 #define gridDim (::cuemu::g_grid_dim)
 constexpr int warpSize = 32;
 
-inline void __syncthreads() { ::cuemu::block_barrier(1, 0); }
-inline int __syncthreads_and(int p) { return ::cuemu::block_barrier(p, 0); }
-inline int __syncthreads_or(int p) { return ::cuemu::block_barrier(p, 1); }
-inline int __syncthreads_count(int p) { return ::cuemu::block_barrier(p, 2); }
+// Macros, so that each barrier knows its call site (threads of a block must meet at the same one).
+#define __syncthreads() ::cuemu::block_barrier(1, 0, __FILE__, __LINE__)
+#define __syncthreads_and(p) ::cuemu::block_barrier((p), 0, __FILE__, __LINE__)
+#define __syncthreads_or(p) ::cuemu::block_barrier((p), 1, __FILE__, __LINE__)
+#define __syncthreads_count(p) ::cuemu::block_barrier((p), 2, __FILE__, __LINE__)
 inline void __syncwarp(unsigned mask = 0xFFFFFFFFu) { ::cuemu::warp_exchange(mask, 0, "__syncwarp"); }
 inline void __threadfence() {}
 inline void __threadfence_block() {}
@@ -42,8 +43,8 @@ inline T __shfl_sync(unsigned mask, T v, int src, int width = 32) {
 template <typename T>
 inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {
   const int lane = ::cuemu::g_thread->lane;
-  const int src = lane ^ lane_mask;
-  return ::cuemu::shfl_from(mask, v, (src & ~(width - 1)) == (lane & ~(width - 1)) ? src : lane, "__shfl_xor_sync");
+  const int src = lane ^ lane_mask;  // PTX shfl.bfly: a lane may read a lower segment, not a higher one
+  return ::cuemu::shfl_from(mask, v, src <= (lane | (width - 1)) ? src : lane, "__shfl_xor_sync");
 }
 template <typename T>
 inline T __shfl_up_sync(unsigned mask, T v, unsigned delta, int width = 32) {
@@ -59,23 +60,35 @@ inline T __shfl_down_sync(unsigned mask, T v, unsigned delta, int width = 32) {
 }
 inline unsigned __ballot_sync(unsigned mask, int pred) {
   const uint64_t* slots = ::cuemu::warp_exchange(mask, pred != 0, "__ballot_sync");
-  unsigned out = 0;
-  for (int l = 0; l < 32; ++l) out |= (mask >> l & 1u) && slots[l] ? 1u << l : 0u;
+  unsigned out = 0;  // exited lanes named in the mask vote 0
+  for (int l = 0; l < 32; ++l) out |= (::cuemu::g_thread->snap_lanes >> l & 1u) && slots[l] ? 1u << l : 0u;
   return out;
 }
 inline int __any_sync(unsigned mask, int pred) { return __ballot_sync(mask, pred) != 0; }
-inline int __all_sync(unsigned mask, int pred) { return __ballot_sync(mask, pred) == mask; }
+inline int __all_sync(unsigned mask, int pred) {
+  return __ballot_sync(mask, pred) == (mask & ::cuemu::g_thread->snap_lanes);
+}
 
+// Integer atomics wrap around, as on the device (no signed-overflow UB here).
+template <typename T>
+inline T cuemu_wrap(T a, T b, bool sub) {
+  if constexpr (std::is_integral_v<T>) {
+    using U = std::make_unsigned_t<T>;
+    return static_cast<T>(sub ? static_cast<U>(a) - static_cast<U>(b) : static_cast<U>(a) + static_cast<U>(b));
+  } else {
+    return sub ? a - b : a + b;
+  }
+}
 template <typename T>
 inline T atomicAdd(T* p, T v) {
   const T old = *p;
-  *p = old + v;
+  *p = cuemu_wrap(old, v, false);
   return old;
 }
 template <typename T>
 inline T atomicSub(T* p, T v) {
   const T old = *p;
-  *p = old - v;
+  *p = cuemu_wrap(old, v, true);
   return old;
 }
 template <typename T>

@@ -6,10 +6,11 @@
 // what a read of another thread's unsynchronised write sees: a missing
 // __syncthreads or __syncwarp shows as results that change with the seed.
 //
-// Checked, and reported as a C++ exception from the launch: a barrier that
-// can never complete (divergent __syncthreads, a shuffle naming an exited or
-// absent lane), mismatched shuffle masks, a shuffle from a lane outside the
-// mask, and an invalid launch configuration (as cudaGetLastError).
+// Checked, and reported as a C++ exception from the launch: threads waiting
+// at different __syncthreads, a barrier that can never complete (deadlock),
+// overlapping but different shuffle masks, a shuffle reading a lane outside
+// the mask or one that exited, and an invalid launch configuration (as
+// cudaGetLastError).
 // Shared memory reads NaN / -1 (0xFF bytes) until written in each block.
 // Not modelled: memory ordering between blocks (blocks run in sequence).
 #pragma once
@@ -33,21 +34,34 @@ struct ThreadState {
   int linear = 0;
   int warp = 0;
   int lane = 0;
+  bool released = false;    // the warp exchange this thread waits at has completed
+  unsigned snap_lanes = 0;  // the lanes whose words `snap` holds
+  uint64_t snap[32] = {};   // this thread's copy of the completed exchange's words
+};
+
+// One shuffle / vote / __syncwarp in flight: the lanes of `mask` that have
+// arrived and their words. Disjoint masks may be in flight at once.
+struct Exchange {
+  unsigned mask = 0;
+  unsigned arrived = 0;
+  uint64_t slots[32] = {};
 };
 
 struct WarpState {
-  int arrived = 0;
-  unsigned gen = 0;
-  unsigned mask = 0;
-  uint64_t slots[2][32] = {};  // each lane's word, by the parity of gen
+  std::vector<Exchange> open;
+  unsigned exited = 0;  // lanes that have returned (a mask may name them, CUDA ignores them)
+  unsigned present = 0;  // lanes that exist (a partial last warp has fewer)
 };
 
 struct BlockState {
   int live = 0;     // threads not yet returned
   int arrived = 0;  // at the current __syncthreads
   unsigned gen = 0;
+  const char* site_file = nullptr;  // the __syncthreads the current arrivals wait at
+  int site_line = 0;
   int acc_and[2] = {1, 1}, acc_or[2] = {0, 0}, acc_count[2] = {0, 0};
   std::vector<WarpState> warps;
+  ThreadState* threads = nullptr;
   long progress = 0;  // arrivals and exits: a round without any is a deadlock
   std::string error;  // set by a fiber that found a bug; the launch throws it
   std::set<const void*> poisoned;  // shared variables filled since the block began
@@ -64,47 +78,20 @@ extern thread_local dim3 g_grid_dim;
 // Record a bug found inside a fiber and park the fiber for good.
 [[noreturn]] void fail(const std::string& what);
 
-// Run every block of the launch; throws std::runtime_error on a bug.
-void run_grid(dim3 grid, dim3 block, void (*thread_body)(void*), void* ctx);
+// Run every block of the launch `name`; throws std::runtime_error on a bug.
+void run_grid(const char* name, dim3 grid, dim3 block, void (*thread_body)(void*), void* ctx);
 
 // The sticky error of the last launch (cudaGetLastError clears it).
 extern thread_local cudaError_t g_last_error;
 
-inline int block_barrier(int pred, int what) {  // what: 0 and, 1 or, 2 count
-  BlockState& b = *g_block;
-  const unsigned gen = b.gen;
-  const int p = gen & 1;
-  if (b.arrived == 0) b.acc_and[p] = 1, b.acc_or[p] = 0, b.acc_count[p] = 0;
-  b.acc_and[p] &= pred != 0;
-  b.acc_or[p] |= pred != 0;
-  b.acc_count[p] += pred != 0;
-  ++b.arrived;
-  ++b.progress;
-  if (b.arrived == b.live) b.arrived = 0, ++b.gen;
-  while (b.gen == gen) fiber_yield();
-  return what == 0 ? b.acc_and[p] : what == 1 ? b.acc_or[p] : b.acc_count[p];
-}
+// __syncthreads{,_and,_or,_count} at file:line (what: 0 and, 1 or, 2 count).
+// Every thread still running must reach the same one.
+int block_barrier(int pred, int what, const char* file, int line);
 
-// Publish `word` to the lanes of `mask` and wait for all of them; returns
-// the slot set that holds every lane's word.
-inline const uint64_t* warp_exchange(unsigned mask, uint64_t word, const char* op) {
-  const ThreadState& t = *g_thread;
-  if (!(mask >> t.lane & 1u))
-    fail(std::string(op) + ": lane " + std::to_string(t.lane) + " calls it with a mask that excludes itself");
-  WarpState& w = g_block->warps[t.warp];
-  if (w.arrived == 0) {
-    w.mask = mask;
-  } else if (w.mask != mask) {
-    fail(std::string(op) + ": lanes of warp " + std::to_string(t.warp) + " disagree on the mask");
-  }
-  const unsigned gen = w.gen;
-  w.slots[gen & 1][t.lane] = word;
-  ++w.arrived;
-  ++g_block->progress;
-  if (w.arrived == __builtin_popcount(mask)) w.arrived = 0, ++w.gen;
-  while (w.gen == gen) fiber_yield();
-  return w.slots[gen & 1];
-}
+// Publish `word` to the lanes of `mask` and wait for the mask's lanes that
+// have not exited; returns this thread's copy of every arrived lane's word
+// (g_thread->snap_lanes says which).
+const uint64_t* warp_exchange(unsigned mask, uint64_t word, const char* op);
 
 // The first thread of a block to reach a __shared__ declaration fills the
 // variable with 0xFF bytes (the build adds the call after each declaration).
@@ -130,9 +117,9 @@ inline T from_word(uint64_t w) {
 template <typename T>
 inline T shfl_from(unsigned mask, T v, int src, const char* op) {
   const uint64_t* slots = warp_exchange(mask, to_word(v), op);
-  if (!(mask >> src & 1u))
+  if (!(g_thread->snap_lanes >> src & 1u))
     fail(std::string(op) + ": lane " + std::to_string(g_thread->lane) + " reads lane " + std::to_string(src) +
-         ", outside the mask");
+         (mask >> src & 1u ? ", which has exited" : ", outside the mask"));
   return from_word<T>(slots[src]);
 }
 
@@ -154,13 +141,12 @@ struct Launch {
 
   template <typename... P, typename... A>
   void operator()(void (*kernel)(P...), A&&... args) const {
-    record_launch(name);
     std::tuple<std::decay_t<P>...> params(static_cast<std::decay_t<P>>(std::forward<A>(args))...);
     struct Ctx {
       void (*kernel)(P...);
       std::tuple<std::decay_t<P>...>* params;
     } ctx{kernel, &params};
-    run_grid(grid, block, [](void* c) {
+    run_grid(name, grid, block, [](void* c) {
       auto* x = static_cast<Ctx*>(c);
       std::apply(x->kernel, *x->params);  // each thread its own copies of the arguments
     }, &ctx);
