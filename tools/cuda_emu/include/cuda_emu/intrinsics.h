@@ -69,7 +69,14 @@ inline int __all_sync(unsigned mask, int pred) {
   return __ballot_sync(mask, pred) == (mask & ::cuemu::g_thread->snap_lanes);
 }
 
-// Integer atomics wrap around, as on the device (no signed-overflow UB here).
+// Atomics: one fiber runs at a time, so a read-modify-write is atomic.
+// Integer ones wrap around, as on the device (no signed-overflow UB here).
+template <typename T, typename F>
+inline T cuemu_rmw(T* p, F f) {
+  const T old = *p;
+  *p = f(old);
+  return old;
+}
 template <typename T>
 inline T cuemu_wrap(T a, T b, bool sub) {
   if constexpr (std::is_integral_v<T>) {
@@ -80,53 +87,21 @@ inline T cuemu_wrap(T a, T b, bool sub) {
   }
 }
 template <typename T>
-inline T atomicAdd(T* p, T v) {
-  const T old = *p;
-  *p = cuemu_wrap(old, v, false);
-  return old;
-}
+inline T atomicAdd(T* p, T v) { return cuemu_rmw(p, [v](T o) { return cuemu_wrap(o, v, false); }); }
 template <typename T>
-inline T atomicSub(T* p, T v) {
-  const T old = *p;
-  *p = cuemu_wrap(old, v, true);
-  return old;
-}
+inline T atomicSub(T* p, T v) { return cuemu_rmw(p, [v](T o) { return cuemu_wrap(o, v, true); }); }
 template <typename T>
-inline T atomicMax(T* p, T v) {
-  const T old = *p;
-  *p = old < v ? v : old;
-  return old;
-}
+inline T atomicMax(T* p, T v) { return cuemu_rmw(p, [v](T o) { return o < v ? v : o; }); }
 template <typename T>
-inline T atomicMin(T* p, T v) {
-  const T old = *p;
-  *p = v < old ? v : old;
-  return old;
-}
+inline T atomicMin(T* p, T v) { return cuemu_rmw(p, [v](T o) { return v < o ? v : o; }); }
 template <typename T>
-inline T atomicOr(T* p, T v) {
-  const T old = *p;
-  *p = old | v;
-  return old;
-}
+inline T atomicOr(T* p, T v) { return cuemu_rmw(p, [v](T o) { return static_cast<T>(o | v); }); }
 template <typename T>
-inline T atomicAnd(T* p, T v) {
-  const T old = *p;
-  *p = old & v;
-  return old;
-}
+inline T atomicAnd(T* p, T v) { return cuemu_rmw(p, [v](T o) { return static_cast<T>(o & v); }); }
 template <typename T>
-inline T atomicExch(T* p, T v) {
-  const T old = *p;
-  *p = v;
-  return old;
-}
+inline T atomicExch(T* p, T v) { return cuemu_rmw(p, [v](T) { return v; }); }
 template <typename T>
-inline T atomicCAS(T* p, T cmp, T v) {
-  const T old = *p;
-  if (old == cmp) *p = v;
-  return old;
-}
+inline T atomicCAS(T* p, T cmp, T v) { return cuemu_rmw(p, [cmp, v](T o) { return o == cmp ? v : o; }); }
 
 template <typename T>
 inline T __ldg(const T* p) { return *p; }
