@@ -43,7 +43,7 @@ def rewrite_shared(text: str) -> str:
     0xFF bytes when the block first reaches it: a read before any write
     then sees NaN / -1, not the previous block's values."""
     def repl(m: re.Match) -> str:
-        indent, decl, rest = m.group(1), m.group(0)[:m.end(3) - m.start(0)] + ";", m.group(4)
+        decl, rest = m.group(0)[:m.end(3) - m.start(0)] + ";", m.group(4)
         names = [re.search(r"(\w+)\s*(?:\[[^\]]*\]\s*)*$", d).group(1) for d in m.group(3).split(",")]
         poison = " ".join(f"::cuemu::poison_shared(&{n}, sizeof({n}));" for n in names)
         return f"{decl} {poison}{rest}"
@@ -122,12 +122,6 @@ def load(verbose: bool = False) -> None:
     )
 
 
-if __name__ == "__main__":
-    load(verbose="-v" in sys.argv)
-    import torch
-    print("loaded:", sorted(n for n in dir(torch.ops.dspark_emu) if not n.startswith("_")))
-
-
 class _EmulatedOps:
     """torch.ops.dspark_ops with every op the CUDA bindings implement taken
     from torch.ops.dspark_emu (the rest, host-only helpers, unchanged)."""
@@ -139,19 +133,10 @@ class _EmulatedOps:
         return getattr(torch.ops.dspark_ops, name)
 
 
-_routed = 0
-
-
-def routed() -> bool:
-    """Whether the package's ops currently run the emulated kernels."""
-    return _routed > 0
-
-
 def route_ops_to_emulator() -> Callable[[], None]:
     """Make the dspark_ops package call the emulated CUDA kernels for CPU
     tensors: every loaded dspark_ops module's `_ops` handle is replaced.
     Returns the function that undoes it."""
-    global _routed
     import torch
     load()
     emulated = _EmulatedOps()
@@ -162,13 +147,10 @@ def route_ops_to_emulator() -> Callable[[], None]:
             modules.append(module)
     if not modules:
         raise RuntimeError("cuda_emu: no dspark_ops module holds the _ops handle to re-route")
-    _routed += 1
 
     def undo() -> None:
-        global _routed
         for module in modules:
             module._ops = torch.ops.dspark_ops
-        _routed -= 1
     return undo
 
 
@@ -180,3 +162,9 @@ def emulated_ops() -> Iterator[None]:
         yield
     finally:
         undo()
+
+
+if __name__ == "__main__":
+    load(verbose="-v" in sys.argv)
+    import torch
+    print("loaded:", sorted(n for n in dir(torch.ops.dspark_emu) if not n.startswith("_")))

@@ -7,7 +7,6 @@
 #include <cstdlib>
 #include <cstring>
 #include <map>
-#include <memory>
 #include <random>
 #include <stdexcept>
 
@@ -93,13 +92,6 @@ inline void asan_leave_fiber(void**) {}
 inline void asan_landed(void*, bool) {}
 #endif
 
-}  // namespace
-
-}  // namespace cuemu
-
-namespace cuemu {
-namespace {
-
 // Complete every exchange of warp `wi` whose lanes that have not exited have
 // all arrived: each arrived lane gets its own copy of the words.
 void complete_exchanges(BlockState& b, int wi) {
@@ -132,7 +124,7 @@ extern "C" void cuemu_fiber_main(cuemu::Fiber* f) {
   const cuemu::ThreadState& t = *cuemu::g_thread;
   --b.live;
   ++b.progress;
-  if (b.arrived > 0 && b.arrived == b.live) b.arrived = 0, ++b.gen;  // exited threads leave __syncthreads
+  b.release_if_complete();                 // an exited thread leaves __syncthreads
   b.warps[t.warp].exited |= 1u << t.lane;  // and the warp's exchanges
   cuemu::complete_exchanges(b, t.warp);
   cuemu::fiber_yield();
@@ -210,7 +202,7 @@ int block_barrier(int pred, int what, const char* file, int line) {
   b.acc_count[p] += pred != 0;
   ++b.arrived;
   ++b.progress;
-  if (b.arrived == b.live) b.arrived = 0, ++b.gen;
+  b.release_if_complete();
   while (b.gen == gen) fiber_yield();
   return what == 0 ? b.acc_and[p] : what == 1 ? b.acc_or[p] : b.acc_count[p];
 }
@@ -305,7 +297,6 @@ void run_grid(const char* name, dim3 grid, dim3 block, void (*thread_body)(void*
       ThreadState& s = states[t];
       s.idx = uint3{static_cast<unsigned>(t % block.x), static_cast<unsigned>(t / block.x % block.y),
                     static_cast<unsigned>(t / (uint64_t{block.x} * block.y))};
-      s.linear = static_cast<int>(t);
       s.warp = static_cast<int>(t / 32);
       s.lane = static_cast<int>(t % 32);
       fiber_start(pool.fibers[t], thread_body, ctx);

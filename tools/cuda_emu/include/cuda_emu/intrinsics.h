@@ -4,6 +4,7 @@
 // integer intrinsics and the 16-bit float conversions (round to nearest
 // even, CUDA's canonical NaNs).
 #pragma once
+#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -116,19 +117,12 @@ inline void __stcg(T* p, T v) { *p = v; }
 template <typename T>
 inline void __stcs(T* p, T v) { *p = v; }
 
-template <typename To, typename From>
-inline To cuemu_bit_cast(From v) {
-  static_assert(sizeof(To) == sizeof(From));
-  To t;
-  std::memcpy(&t, &v, sizeof(To));
-  return t;
-}
-inline unsigned __float_as_uint(float v) { return cuemu_bit_cast<unsigned>(v); }
-inline float __uint_as_float(unsigned v) { return cuemu_bit_cast<float>(v); }
-inline int __float_as_int(float v) { return cuemu_bit_cast<int>(v); }
-inline float __int_as_float(int v) { return cuemu_bit_cast<float>(v); }
-inline long long __double_as_longlong(double v) { return cuemu_bit_cast<long long>(v); }
-inline double __longlong_as_double(long long v) { return cuemu_bit_cast<double>(v); }
+inline unsigned __float_as_uint(float v) { return std::bit_cast<unsigned>(v); }
+inline float __uint_as_float(unsigned v) { return std::bit_cast<float>(v); }
+inline int __float_as_int(float v) { return std::bit_cast<int>(v); }
+inline float __int_as_float(int v) { return std::bit_cast<float>(v); }
+inline long long __double_as_longlong(double v) { return std::bit_cast<long long>(v); }
+inline double __longlong_as_double(long long v) { return std::bit_cast<double>(v); }
 
 inline int __popc(unsigned v) { return __builtin_popcount(v); }
 inline int __popcll(unsigned long long v) { return __builtin_popcountll(v); }
@@ -158,12 +152,12 @@ inline std::common_type_t<A, B> max(A a, B b) {
 }
 
 inline float __half2float(__half h) {
-  const _Float16 f = cuemu_bit_cast<_Float16>(h.__x);
+  const _Float16 f = std::bit_cast<_Float16>(h.__x);
   return static_cast<float>(f);
 }
 inline __half __float2half_rn(float v) {
   if (std::isnan(v)) return __half{0x7FFF};  // CUDA's canonical NaN
-  return __half{cuemu_bit_cast<uint16_t>(static_cast<_Float16>(v))};
+  return __half{std::bit_cast<uint16_t>(static_cast<_Float16>(v))};
 }
 inline __half __float2half(float v) { return __float2half_rn(v); }
 inline unsigned short __half_as_ushort(__half h) { return h.__x; }

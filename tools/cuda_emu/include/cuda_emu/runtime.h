@@ -31,7 +31,6 @@ namespace cuemu {
 
 struct ThreadState {
   uint3 idx;
-  int linear = 0;
   int warp = 0;
   int lane = 0;
   bool released = false;    // the warp exchange this thread waits at has completed
@@ -65,6 +64,12 @@ struct BlockState {
   long progress = 0;  // arrivals and exits: a round without any is a deadlock
   std::string error;  // set by a fiber that found a bug; the launch throws it
   std::set<const void*> poisoned;  // shared variables filled since the block began
+
+  // Release the current __syncthreads once every running thread is at it
+  // (threads that returned do not count, as on Volta and later).
+  void release_if_complete() {
+    if (arrived > 0 && arrived == live) arrived = 0, ++gen;
+  }
 };
 
 // The emulated thread's coordinates (thread_local: the emulator runs on the
