@@ -86,5 +86,6 @@ TORCH_LIBRARY(dspark_ops, m) {
       "markov_draft.out(Tensor base_logits, Tensor anchor, Tensor w1, Tensor w2, Tensor temperature, Tensor? top_k, "
       "Tensor? top_p, Tensor seed, Tensor position, Tensor? num_draft, *, Tensor(a!) tokens, "
       "Tensor(b!) draft_logits, Tensor(c!) status) -> ()");
+  m.def("packed_linear(Tensor input, Tensor packed_weight, int out_features, Tensor? residual=None) -> Tensor");
   m.def("workspace_bytes(str op, int num_requests, int vocab, int max_draft) -> int", &dspark::workspace_bytes);
 }

@@ -37,7 +37,7 @@ from torch import nn
 from ..markov import markov_draft
 from ..schedule import measure_sps, schedule_verify
 from .drafters import Draft, Drafter
-from .model import BuiltinModel, _normalize, _version
+from .model import BuiltinModel, _normalize, _use_packed, _version
 
 
 @dataclass
@@ -355,7 +355,8 @@ class DSparkDrafter(Drafter):
         head = self.head
         kv = (self.keys, self.values, self.lengths) if head.cfg.context_heads else None
         block = head.infer_block(self.c_last, state.last_token, embed, n, kv)  # [R, n, dim]
-        base = F.linear(_normalize(block.flatten(0, 1), head.cfg.norm_eps), self.model._head_weight())
+        x = _normalize(block.flatten(0, 1), head.cfg.norm_eps)
+        base = self.model.head_logits(x, _use_packed(x))
         base = base.view(R, n, -1)  # [R, n, V]: U_1..U_n
         fw = head.fused(embed.dtype)
         if base.dtype not in (torch.float32, torch.float16, torch.bfloat16):

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kv import KVLayout, kv_compact
+from ..packed_linear import pack_linear_weight, packed_linear_kernel
 from .._host import to_device
 
 
@@ -95,6 +96,18 @@ def _normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
 
 _CONST: dict = {}
 _MATMUL_ATTENTION_MAX_TOKENS = 16  # new tokens per request up to which attention is batched matmuls, not SDPA
+_PACKED_MAX_TOKENS = 32  # new tokens (all requests) up to which the CPU forward's GEMMs use packed_linear
+_packed_linear = torch.ops.dspark_ops.packed_linear
+
+
+def _use_packed(h: torch.Tensor) -> bool:
+    """Whether this forward's GEMMs go through dspark_ops.packed_linear: a
+    float32 CPU inference forward of at most _PACKED_MAX_TOKENS tokens on a
+    CPU with AVX-512. (On this project's CPU MKL ran a 6-row GEMM of these
+    shapes 2-3x slower and a 1-row one ~2x slower; a longer prefill keeps
+    MKL, whose per-call packing of the weight pays off there.)"""
+    return (h.device.type == "cpu" and h.dtype == torch.float32 and h.shape[0] <= _PACKED_MAX_TOKENS
+            and not torch.is_grad_enabled() and packed_linear_kernel() == "avx512")
 
 
 def _version(w: torch.Tensor) -> int:
@@ -138,6 +151,7 @@ class _Block(nn.Module):
         self.w3 = nn.Linear(cfg.dim, cfg.hidden, bias=False)
         self.w2 = nn.Linear(cfg.hidden, cfg.dim, bias=False)
         self._fused: Optional[tuple] = None
+        self._packed: Optional[tuple] = None
 
     def fused(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The inference path's weights: wqkv [(2H+3Hkv)D, dim] = q, k, v,
@@ -165,6 +179,17 @@ class _Block(nn.Module):
                                         tuple(w.detach() for w in ws))
         return cached[1]
 
+    def packed(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """fused()'s wqkv, w13, wo and w2 packed for packed_linear (CPU,
+        float32, inference), rebuilt whenever fused() is."""
+        fused = self.fused()
+        cached = self._packed
+        if cached is None or cached[0] is not fused:
+            wqkv, w13, wo_t, w2_t = fused
+            with torch.inference_mode(False), torch.no_grad():
+                cached = self._packed = (fused, tuple(pack_linear_weight(w) for w in (wqkv, w13, wo_t.t(), w2_t.t())))
+        return cached[1]
+
     @staticmethod
     def _build(ws, hd: int):
         wq, wk, wv, w1, w3, wo, w2, g_attn, g_mlp = ws
@@ -175,7 +200,12 @@ class _Block(nn.Module):
         cfg, hd = self.cfg, self.cfg.head_dim
         T, H, Hkv = h.shape[0], cfg.n_heads, cfg.n_kv_heads
         wqkv, w13, wo_t, w2_t = self.fused()
-        qkv = F.linear(_normalize(h, cfg.norm_eps), wqkv).view(T, 2 * H + 3 * Hkv, hd)
+        if plan.packed:
+            pqkv, p13, po, p2 = self.packed()
+            qkv = _packed_linear(_normalize(h, cfg.norm_eps), pqkv, wqkv.shape[0])
+        else:
+            qkv = F.linear(_normalize(h, cfg.norm_eps), wqkv)
+        qkv = qkv.view(T, 2 * H + 3 * Hkv, hd)
         n = H + Hkv
         qk = torch.addcmul(qkv[:, :n] * plan.cos, qkv[:, n + Hkv:], plan.sin)  # RoPE of q and k together
         q, k, v = qk[:, :H], qk[:, H:], qkv[:, n: n + Hkv]
@@ -202,6 +232,10 @@ class _Block(nn.Module):
                                                  attn_mask=plan.mask, enable_gqa=True).transpose(1, 2)
             out = out.reshape(T, H * hd) if plan.pad_index is None else (
                 out.reshape(R * Tq, H * hd).index_select(0, plan.valid_rows))
+        if plan.packed:  # the residual starts each output's accumulation
+            h = _packed_linear(out, po, wo_t.shape[1], h)
+            gate, up = _packed_linear(_normalize(h, cfg.norm_eps), p13, w13.shape[0]).chunk(2, -1)
+            return _packed_linear(F.silu(gate).mul_(up), p2, w2_t.shape[1], h)
         h = torch.addmm(h, out, wo_t)
         gate, up = F.linear(_normalize(h, cfg.norm_eps), w13).chunk(2, -1)
         return torch.addmm(h, F.silu(gate).mul_(up), w2_t)
@@ -368,6 +402,7 @@ class BuiltinModel(nn.Module):
         ancestors = tree_ancestors(tree_parents) if tree_parents is not None else None
         plan = _Plan(positions, cu, cache, self._rope_tables(cache.max_len, h.dtype, h.device), self.cfg, h.dtype,
                      ancestors)
+        plan.packed = _use_packed(h)
         hidden = []
         for layer, blk in enumerate(self._modules["blocks"]):
             h = blk.forward(h, layer, cache, plan)  # not blk(...): skips nn.Module's hook machinery
@@ -377,7 +412,7 @@ class BuiltinModel(nn.Module):
             cache.lengths += plan.Tq
         else:
             cache.lengths += to_device(plan.counts, torch.int32, cache.lengths.device)
-        logits = F.linear(_normalize(h, self.cfg.norm_eps), self._head_weight())
+        logits = self.head_logits(_normalize(h, self.cfg.norm_eps), plan.packed)
         return logits, (torch.stack(hidden, 1) if hidden else None)
 
     @torch.no_grad()
@@ -394,6 +429,18 @@ class BuiltinModel(nn.Module):
             built = [t for blk in self._modules["blocks"] for t in blk.fused()] + [self._head_weight(), *tabs]
         return (p.dtype, p.device, tuple(q.data_ptr() for q in self.parameters()),
                 tuple(t.data_ptr() for t in built))
+
+    def head_logits(self, x: torch.Tensor, packed: bool) -> torch.Tensor:
+        """x [T, dim] (normalised, without the final norm's weight) -> logits
+        [T, V]: the LM head, through packed_linear where `packed`."""
+        w = self._head_weight()
+        if not packed:
+            return F.linear(x, w)
+        cached = getattr(self, "_head_packed", None)
+        if cached is None or cached[0] is not w:
+            with torch.inference_mode(False), torch.no_grad():
+                cached = self._head_packed = (w, pack_linear_weight(w))
+        return _packed_linear(x, cached[1], w.shape[0])
 
     def _head_weight(self) -> torch.Tensor:
         """The LM head with the final RMSNorm's weight folded in (cached like _Block.fused)."""
