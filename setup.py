@@ -41,7 +41,9 @@ if force == "1" and not with_cuda:
     )
 
 cpp_sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
-cxx_flags = ["-O3", "-Wall", "-Wno-unknown-pragmas"]
+# -fopenmp: at::parallel_for (ATen/ParallelOpenMP.h, inlined into our CPU ops) runs serially without it
+cxx_flags = ["-O3", "-Wall", "-Wno-unknown-pragmas", "-fopenmp"]
+link_flags = ["-fopenmp"]
 include_dirs = [str(ROOT / "csrc")]
 if with_cuda:
     sources = cpp_sources + sorted(glob.glob("csrc/cuda/*.cu"))
@@ -50,10 +52,11 @@ if with_cuda:
         sources,
         include_dirs=include_dirs + nvidia_wheel_includes(),
         extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]},
+        extra_link_args=link_flags,
     )
 else:
     extension = CppExtension("dspark_ops._C", cpp_sources, include_dirs=include_dirs,
-                             extra_compile_args={"cxx": cxx_flags})
+                             extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags)
 
 print(
     f"dspark_ops: building backends CPU{' + CUDA' if with_cuda else ''} "
