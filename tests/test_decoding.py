@@ -302,7 +302,7 @@ def test_serial_tokens_runs_small_forwards_on_one_thread_and_restores_the_settin
     torch.set_num_threads(2)
     try:
         seen = []
-        serial, parallel = BuiltinTarget(model), BuiltinTarget(model, serial_tokens=0)
+        serial, parallel = BuiltinTarget(model, serial_tokens=1), BuiltinTarget(model)
         for target in (serial, parallel):
             cache = model.new_cache(1, len(seq))
             ragged_forward(target, [seq[:-1]], cache)
