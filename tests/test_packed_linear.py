@@ -110,3 +110,18 @@ def test_opcheck_and_compile():
 
     got = torch.compile(layer, fullgraph=True, backend="aot_eager")(x, r)
     assert torch.equal(got, layer(x, r))
+
+
+@needs_avx512
+def test_benchmark_script_runs(tmp_path):
+    """bench/bench_packed_linear.py at one row count, a few iterations: it
+    checks the two GEMMs agree and writes its JSON."""
+    import json
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from bench.bench_packed_linear import SHAPES, main
+    out = tmp_path / "b.json"
+    assert main(["--threads", "1", "--rows", "2", "--iters", "3", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == len(SHAPES) and all(r["packed_us"] > 0 and r["M"] == 2 for r in rows)
