@@ -33,7 +33,8 @@ def test_pack_layout():
 
 @pytest.mark.parametrize("residual", [False, True])
 @pytest.mark.parametrize("M,N,K", [(1, 1, 1), (1, 259, 192), (5, 63, 7), (6, 64, 33), (7, 65, 192),
-                                   (13, 1000, 48), (40, 130, 512), (3, 672, 192)])
+                                   (13, 1000, 48), (40, 130, 512), (3, 672, 192),
+                                   (101, 70, 33)])
 def test_matches_float64_reference(M, N, K, residual):
     x, w, r = data(M, N, K, seed=M * 1000 + N + K, residual=residual)
     x0, r0 = x.clone(), (r.clone() if r is not None else None)
@@ -45,11 +46,11 @@ def test_matches_float64_reference(M, N, K, residual):
 
 def test_each_row_is_bitwise_independent_of_the_batch():
     """A verify pass's rows equal the one-row (decode) calls bit for bit, in
-    any tile position (rows 0..12 span tiles of 6, 6 and 1)."""
-    x, w, r = data(13, 300, 192, seed=5)
+    any tile and row block (rows 0..52 span tiles of 6 and blocks of 48)."""
+    x, w, r = data(53, 300, 192, seed=5)
     p = pack_linear_weight(w)
     full = packed_linear(x, p, 300, r)
-    for m in range(13):
+    for m in range(53):
         assert torch.equal(packed_linear(x[m:m + 1], p, 300, r[m:m + 1]), full[m:m + 1]), m
     assert torch.equal(packed_linear(x[4:10], p, 300, r[4:10]), full[4:10])
 

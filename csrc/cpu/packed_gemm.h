@@ -86,9 +86,11 @@ __attribute__((target("avx512f"))) inline void packed_tile_avx512(const PackedGe
     for (int v = 0; v < 4; ++v) _mm512_mask_storeu_ps(a.y + (m0 + m) * a.N + c0 + 16 * v, mask[v], acc[m][v]);
 }
 
-__attribute__((target("avx512f"))) inline void packed_group_avx512(const PackedGemmArgs& a, int64_t g) {
-  for (int64_t m0 = 0; m0 < a.M; m0 += kTileRows) {
-    switch (a.M - m0 < kTileRows ? a.M - m0 : kTileRows) {
+// Rows [m0, m1) of column group g, in tiles of kTileRows.
+__attribute__((target("avx512f"))) inline void packed_block_avx512(const PackedGemmArgs& a, int64_t g, int64_t m0,
+                                                                  int64_t m1) {
+  for (; m0 < m1; m0 += kTileRows) {
+    switch (m1 - m0 < kTileRows ? m1 - m0 : kTileRows) {
       case 1: packed_tile_avx512<1>(a, g, m0); break;
       case 2: packed_tile_avx512<2>(a, g, m0); break;
       case 3: packed_tile_avx512<3>(a, g, m0); break;
@@ -104,16 +106,29 @@ inline bool packed_gemm_has_avx512() { return __builtin_cpu_supports("avx512f");
 inline bool packed_gemm_has_avx512() { return false; }
 #endif
 
-// Column groups [g0, g1) of y, every row: AVX-512 where the CPU has it and
-// `portable` is false, else the portable loop (the same bits, far slower).
-inline void packed_gemm_groups(const PackedGemmArgs& a, int64_t g0, int64_t g1, bool portable) {
+// Work items for threads: column group x block of kBlockRows rows, item i =
+// (group i / row_blocks, row block i % row_blocks), so a thread's run of
+// items reuses a group's weights from cache. Long inputs (prefills) then
+// spread over the threads even when N has few groups.
+constexpr int64_t kBlockRows = 8 * kTileRows;
+
+inline int64_t packed_gemm_row_blocks(int64_t M) { return (M + kBlockRows - 1) / kBlockRows; }
+
+// Items [i0, i1): AVX-512 where the CPU has it and `portable` is false, else
+// the portable loop (the same bits, far slower).
+inline void packed_gemm_items(const PackedGemmArgs& a, int64_t i0, int64_t i1, bool portable) {
+  const int64_t row_blocks = packed_gemm_row_blocks(a.M);
+  for (int64_t i = i0; i < i1; ++i) {
+    const int64_t g = i / row_blocks, m0 = (i % row_blocks) * kBlockRows;
+    const int64_t m1 = m0 + kBlockRows < a.M ? m0 + kBlockRows : a.M;
 #ifdef DSPARK_PACKED_GEMM_AVX512
-  if (!portable) {
-    for (int64_t g = g0; g < g1; ++g) packed_group_avx512(a, g);
-    return;
-  }
+    if (!portable) {
+      packed_block_avx512(a, g, m0, m1);
+      continue;
+    }
 #endif
-  for (int64_t g = g0; g < g1; ++g) packed_tile_portable(a, g, 0, a.M);
+    packed_tile_portable(a, g, m0, m1 - m0);
+  }
 }
 
 }  // namespace dspark

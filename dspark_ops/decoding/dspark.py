@@ -37,7 +37,8 @@ from torch import nn
 from ..markov import markov_draft
 from ..schedule import measure_sps, schedule_verify
 from .drafters import Draft, Drafter
-from .model import BuiltinModel, _normalize, _use_packed, _version
+from ..packed_linear import pack_linear_weight
+from .model import BuiltinModel, _normalize, _packed_linear, _use_packed, _version
 
 
 @dataclass
@@ -171,12 +172,26 @@ class DSparkHead(nn.Module):
                 cached = self._fused = (key, built, tuple(p.detach() for p in ps))
         return cached[1]
 
+    def packed(self, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """fused(dtype)'s fuse, w13 and w_down packed for packed_linear (the
+        CPU float32 inference path), rebuilt whenever fused() is."""
+        fw = self.fused(dtype)
+        cached = self.__dict__.get("_packed")
+        if cached is None or cached[0] is not fw:
+            with torch.inference_mode(False), torch.no_grad():
+                cached = self.__dict__["_packed"] = (fw, tuple(
+                    pack_linear_weight(w) for w in (fw.fuse, fw.w13, fw.w_down_t.t())))
+        return cached[1]
+
     def infer_context(self, features: torch.Tensor) -> torch.Tensor:
         """context() for inference: features [R, w, k, dim] in the target's
         dtype -> [R, w, dim], on the fused weights."""
         fw = self.fused(features.dtype)
         R, w = features.shape[:2]
-        c = _normalize(F.linear(features.reshape(R * w, -1), fw.fuse), self.cfg.norm_eps) * fw.fuse_norm
+        flat = features.reshape(R * w, -1)
+        c = _packed_linear(flat, self.packed(flat.dtype)[0], fw.fuse.shape[0]) if _use_packed(flat) else \
+            F.linear(flat, fw.fuse)
+        c = _normalize(c, self.cfg.norm_eps) * fw.fuse_norm
         return c.view(R, w, -1)
 
     def infer_block(self, c_last: torch.Tensor, anchor: torch.Tensor, embed: torch.Tensor, n: int,
@@ -193,8 +208,13 @@ class DSparkHead(nn.Module):
         if self.cfg.context_heads:
             x = x + self._attend_cache(x, kv, fw)
         x = x.flatten(0, 1)
-        gate, up = F.linear(_normalize(x, self.cfg.norm_eps), fw.w13).chunk(2, -1)
-        x = torch.addmm(x, F.silu(gate) * up, fw.w_down_t)
+        if _use_packed(x):
+            _, p13, pdown = self.packed(x.dtype)
+            gate, up = _packed_linear(_normalize(x, self.cfg.norm_eps), p13, fw.w13.shape[0]).chunk(2, -1)
+            x = _packed_linear(F.silu(gate).mul_(up), pdown, fw.w_down_t.shape[1], x)  # x starts the sums
+        else:
+            gate, up = F.linear(_normalize(x, self.cfg.norm_eps), fw.w13).chunk(2, -1)
+            x = torch.addmm(x, F.silu(gate) * up, fw.w_down_t)
         return x.view(R, n, -1)
 
     def _attend_cache(self, x: torch.Tensor, kv, fw: "FusedWeights") -> torch.Tensor:

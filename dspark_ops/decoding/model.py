@@ -96,7 +96,7 @@ def _normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
 
 _CONST: dict = {}
 _MATMUL_ATTENTION_MAX_TOKENS = 16  # new tokens per request up to which attention is batched matmuls, not SDPA
-_PACKED_MAX_TOKENS = 128  # new tokens (all requests) up to which the CPU forward's GEMMs use packed_linear
+_PACKED_MAX_TOKENS = 512  # new tokens (all requests) up to which the CPU forward's GEMMs use packed_linear
 _packed_linear = torch.ops.dspark_ops.packed_linear
 
 
