@@ -41,9 +41,13 @@ if force == "1" and not with_cuda:
     )
 
 cpp_sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
-# -fopenmp: at::parallel_for (ATen/ParallelOpenMP.h, inlined into our CPU ops) runs serially without it
-cxx_flags = ["-O3", "-Wall", "-Wno-unknown-pragmas", "-fopenmp"]
-link_flags = ["-fopenmp"]
+cxx_flags = ["-O3", "-Wall", "-Wno-unknown-pragmas"]
+link_flags = []
+# With torch's OpenMP backend, at::parallel_for (ATen/ParallelOpenMP.h, inlined into our CPU ops) runs serially
+# unless we compile with OpenMP too; we then use torch's runtime (libgomp on Linux wheels).
+if "parallel backend: OpenMP" in torch.__config__.parallel_info():
+    cxx_flags.append("-fopenmp")
+    link_flags.append("-fopenmp")
 include_dirs = [str(ROOT / "csrc")]
 if with_cuda:
     sources = cpp_sources + sorted(glob.glob("csrc/cuda/*.cu"))

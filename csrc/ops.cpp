@@ -8,6 +8,7 @@
 #include "core/sample_args.h"
 #include "core/tree.h"
 #include "core/verify_args.h"
+#include "cpu/packed_gemm.h"
 #include "schedule_common.h"
 
 // `import dspark_ops._C` runs the registrations below; the module itself is
@@ -31,6 +32,9 @@ int64_t workspace_bytes(std::string op, int64_t num_requests, int64_t vocab, int
   if (op == "schedule_verify") return schedule_workspace_bytes(num_requests, max_draft);  // max_draft = G
   TORCH_CHECK_VALUE(false, "dspark_ops.workspace_size: unknown op '", op, "'");
 }
+
+// Which path packed_linear takes on this CPU now: "avx512" or "portable".
+std::string packed_linear_kernel() { return packed_gemm_portable() ? "portable" : "avx512"; }
 
 }  // namespace dspark
 
@@ -87,5 +91,6 @@ TORCH_LIBRARY(dspark_ops, m) {
       "Tensor? top_p, Tensor seed, Tensor position, Tensor? num_draft, *, Tensor(a!) tokens, "
       "Tensor(b!) draft_logits, Tensor(c!) status) -> ()");
   m.def("packed_linear(Tensor input, Tensor packed_weight, int out_features, Tensor? residual=None) -> Tensor");
+  m.def("packed_linear_kernel() -> str", &dspark::packed_linear_kernel);
   m.def("workspace_bytes(str op, int num_requests, int vocab, int max_draft) -> int", &dspark::workspace_bytes);
 }

@@ -9,6 +9,7 @@ from .chain import VerifyResult, empty_verify_result, verify_chunk
 from .markov import MarkovResult, markov_draft
 from .kv import KVLayout, RequestState, commit_tokens, kv_compact, tree_to_keep
 from .ops import SampleResult, empty_sample_result, sample, workspace_size
+from .packed_linear import pack_linear_weight, packed_linear, packed_linear_kernel
 from .schedule import fit_sequential_temperatures, measure_sps, schedule_verify
 from .tree import TreeResult, empty_tree_result, verify_tree
 
@@ -23,6 +24,7 @@ def cuda_kernels_available() -> bool:
 
 __all__ = ["ABORT_MASK", "KVLayout", "Purpose", "RequestState", "SampleResult", "Status", "VerifyResult",
            "__version__", "commit_tokens", "cuda_kernels_available", "empty_sample_result", "empty_verify_result",
-           "fit_sequential_temperatures", "kv_compact", "markov_draft", "MarkovResult", "measure_sps", "sample",
+           "fit_sequential_temperatures", "kv_compact", "markov_draft", "MarkovResult", "measure_sps",
+           "pack_linear_weight", "packed_linear", "packed_linear_kernel", "sample",
            "schedule_verify", "SiblingMode", "TreeResult", "empty_tree_result", "tree_to_keep", "verify_tree",
            "verify_chunk", "workspace_size"]

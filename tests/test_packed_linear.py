@@ -3,9 +3,10 @@ verify passes run on (csrc/cpu/packed_gemm.h)."""
 import pytest
 import torch
 
-from dspark_ops.packed_linear import PACK_WIDTH, pack_linear_weight, packed_linear, packed_linear_kernel
+from dspark_ops.packed_linear import (PACK_WIDTH, pack_linear_weight, packed_linear, packed_linear_fast,
+                                     packed_linear_kernel)
 
-AVX512 = packed_linear_kernel() == "avx512"
+AVX512 = packed_linear_kernel() == "avx512"  # the C++ op's own answer
 needs_avx512 = pytest.mark.skipif(not AVX512, reason="compares the AVX-512 path, which this CPU lacks")
 
 
@@ -57,13 +58,15 @@ def test_each_row_is_bitwise_independent_of_the_batch():
 
 @needs_avx512
 @pytest.mark.parametrize("residual", [False, True])
-def test_avx512_and_portable_paths_agree_bitwise(monkeypatch, residual):
-    x, w, r = data(11, 200, 77, seed=8, residual=residual)
+@pytest.mark.parametrize("M,N,K", [(11, 200, 77), (1, 15, 3), (53, 129, 17), (6, 64, 192)])
+def test_avx512_and_portable_paths_agree_bitwise(monkeypatch, M, N, K, residual):
+    x, w, r = data(M, N, K, seed=8, residual=residual)
     p = pack_linear_weight(w)
-    fast = packed_linear(x, p, 200, r)
+    assert packed_linear_fast()
+    fast = packed_linear(x, p, N, r)
     monkeypatch.setenv("DSPARK_PACKED_LINEAR", "portable")
-    assert packed_linear_kernel() == "portable"
-    assert torch.equal(packed_linear(x, p, 200, r), fast)
+    assert packed_linear_kernel() == "portable" and not packed_linear_fast()  # the C++ op reads the switch too
+    assert torch.equal(packed_linear(x, p, N, r), fast)
 
 
 def test_strided_and_empty_inputs():
@@ -89,14 +92,17 @@ def test_strided_and_empty_inputs():
     (dict(x=torch.zeros(2, 9)), r"packed_weight must have shape \[1, 9, 64\]"),
     (dict(r=torch.zeros(2, 10)), r"residual must have shape \[2, 5\], got \[2, 10\]"),
     (dict(r=torch.zeros(2, 5, dtype=torch.float16)), "residual must have dtype Float, got Half"),
+    (dict(p=torch.zeros(1, 64, 8).transpose(1, 2)), "packed_weight must be contiguous"),
 ])
 def test_errors_name_the_argument(bad, message):
-    x, p, n, r = bad.get("x", torch.zeros(2, 8)), pack_linear_weight(torch.zeros(5, 8)), bad.get("n", 5), bad.get("r")
+    x, n, r = bad.get("x", torch.zeros(2, 8)), bad.get("n", 5), bad.get("r")
+    p = bad.get("p", pack_linear_weight(torch.zeros(5, 8)))
     with pytest.raises(ValueError, match="dspark_ops.packed_linear: " + message):
         packed_linear(x, p, n, r)
     with pytest.raises(ValueError, match="dspark_ops.packed_linear: " + message):  # the fake kernel: same text
         with torch._subclasses.FakeTensorMode():
-            packed_linear(torch.empty(x.shape, dtype=x.dtype), torch.empty(p.shape), n,
+            packed_linear(torch.empty_strided(x.shape, x.stride(), dtype=x.dtype),
+                          torch.empty_strided(p.shape, p.stride()), n,
                           None if r is None else torch.empty(r.shape, dtype=r.dtype))
 
 
@@ -126,3 +132,94 @@ def test_benchmark_script_runs(tmp_path):
     assert main(["--threads", "1", "--rows", "2", "--iters", "3", "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     assert len(rows) == len(SHAPES) and all(r["packed_us"] > 0 and r["M"] == 2 for r in rows)
+
+
+def test_gradients_of_input_and_residual():
+    x, w, r = data(7, 70, 20, seed=4)
+    x.requires_grad_(True)
+    r.requires_grad_(True)
+    g = torch.randn(7, 70)
+    packed_linear(x, pack_linear_weight(w), 70, r).backward(g)
+    torch.testing.assert_close(x.grad, g @ w, rtol=1e-5, atol=1e-5)
+    assert torch.equal(r.grad, g)
+    p = pack_linear_weight(w).requires_grad_(True)
+    with pytest.raises(NotImplementedError, match="no gradient for packed_weight"):
+        packed_linear(x, p, 70, r)
+
+
+def _float32_model():
+    from dspark_ops.decoding import BuiltinModel, ModelConfig
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=300, dim=80, n_layers=2, n_heads=4, n_kv_heads=2, hidden=136, max_seq_len=128)
+    return BuiltinModel(cfg).eval()
+
+
+def _forwards(model):
+    """Logits of a ragged prefill, a decode step, a 6-token verify pass and
+    a ragged 2-request pass over caches of those prefixes."""
+    out = []
+    with torch.inference_mode():
+        cache = model.new_cache(2, 64)
+        out.append(model(torch.randint(0, 300, (37,), generator=torch.Generator().manual_seed(1)),
+                         torch.cat([torch.arange(30), torch.arange(7)]), torch.tensor([0, 30, 37], dtype=torch.int32),
+                         cache)[0])
+        out.append(model(torch.tensor([5, 9]), torch.tensor([30, 7]), torch.tensor([0, 1, 2], dtype=torch.int32),
+                         cache)[0])
+        out.append(model(torch.arange(12) + 3, torch.cat([torch.arange(31, 37), torch.arange(8, 14)]),
+                         torch.tensor([0, 6, 12], dtype=torch.int32), cache)[0])
+        out.append(model(torch.arange(4) + 40, torch.cat([torch.arange(37, 40), torch.tensor([14])]),
+                         torch.tensor([0, 3, 4], dtype=torch.int32), cache)[0])
+    return out
+
+
+@needs_avx512
+def test_builtin_model_float32_forward_on_packed_linear(monkeypatch):
+    """The built-in model's CPU float32 inference forward (prefill, decode,
+    verify, ragged) on packed_linear gives torch's GEMM's logits, and its
+    packed weights follow weight updates and go with clear_inference_cache."""
+    import dspark_ops.decoding.model as model_mod
+    calls = []
+    real = model_mod._packed_linear
+    monkeypatch.setattr(model_mod, "_packed_linear", lambda *a: calls.append(1) or real(*a))
+    model = _float32_model()
+    for step in range(2):
+        calls.clear()
+        got = _forwards(model)
+        assert len(calls) == 4 * (2 * 4 + 1)  # every GEMM of every forward
+        monkeypatch.setenv("DSPARK_PACKED_LINEAR", "portable")  # the model then keeps torch's GEMMs
+        want = _forwards(model)
+        monkeypatch.delenv("DSPARK_PACKED_LINEAR")
+        assert len(calls) == 4 * 9
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        with torch.no_grad():  # an in-place update: the fused and packed weights are rebuilt
+            model.blocks[0].w1.weight.mul_(1.5)
+            model.head.weight.add_(0.01)
+    assert all(blk._fused[3][0] is not None for blk in model.blocks)
+    model.clear_inference_cache()
+    assert all(blk._fused is None for blk in model.blocks) and model._head is None
+
+
+@needs_avx512
+def test_dspark_head_inference_on_packed_linear(monkeypatch):
+    """DSparkHead's inference forms (context fuse, block MLP) on
+    packed_linear equal them on torch's GEMM (float32, inference mode)."""
+    from dspark_ops.decoding import DSparkConfig, DSparkHead
+    torch.manual_seed(3)
+    head = DSparkHead(DSparkConfig(dim=48, vocab_size=90, hidden_layers=(0, 1), block=4, mlp_hidden=40, rank=6))
+    with torch.no_grad():
+        for p in head.parameters():
+            p.normal_(0.0, 0.3)
+    head.eval()
+    feats, anchor, embed = torch.randn(3, 2, 2, 48), torch.randint(0, 90, (3,)), torch.randn(90, 48)
+
+    def run():
+        with torch.inference_mode():
+            c = head.infer_context(feats)
+            return c, head.infer_block(c[:, -1], anchor, embed, 4)
+    got = run()
+    assert head._fused[3][0] is not None  # the packed path ran
+    monkeypatch.setenv("DSPARK_PACKED_LINEAR", "portable")
+    want = run()
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -75,7 +75,9 @@ def generate_sources() -> list[Path]:
     src = BUILD / "src"
     csrc = ROOT / "csrc"
     for f in sorted(csrc.rglob("*")):
-        if f.is_file() and f.suffix in {".h", ".cuh", ".cu", ".cpp"} and "cpu" not in f.relative_to(csrc).parts:
+        # csrc/cpu's kernels are not CUDA code; its headers come along (ops.cpp includes packed_gemm.h)
+        cpu = "cpu" in f.relative_to(csrc).parts
+        if f.is_file() and f.suffix in ({".h"} if cpu else {".h", ".cuh", ".cu", ".cpp"}):
             _write_if_changed(src / "csrc" / f.relative_to(csrc), _rewrite(f))
     units = [src / "csrc" / "ops.cpp"]
     for cu in sorted((csrc / "cuda").glob("*.cu")):

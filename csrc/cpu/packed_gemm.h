@@ -16,6 +16,8 @@
 #pragma once
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
@@ -105,6 +107,14 @@ inline bool packed_gemm_has_avx512() { return __builtin_cpu_supports("avx512f");
 #else
 inline bool packed_gemm_has_avx512() { return false; }
 #endif
+
+// The path packed_linear takes: the portable loop without AVX-512 or when
+// DSPARK_PACKED_LINEAR=portable (tests compare the two paths bit for bit);
+// the environment is read at each call.
+inline bool packed_gemm_portable() {
+  const char* v = std::getenv("DSPARK_PACKED_LINEAR");
+  return (v != nullptr && std::strcmp(v, "portable") == 0) || !packed_gemm_has_avx512();
+}
 
 // Work items for threads: column group x block of kBlockRows rows, item i =
 // (group i / row_blocks, row block i % row_blocks), so a thread's run of

@@ -7,8 +7,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstdlib>
-#include <cstring>
 
 #include "../checks.h"
 #include "packed_gemm.h"
@@ -17,13 +15,6 @@ namespace dspark {
 namespace {
 
 constexpr const char* kOp = "dspark_ops.packed_linear";
-
-// DSPARK_PACKED_LINEAR=portable forces the portable loop (tests compare the
-// two paths bit for bit); read at each call.
-bool portable_forced() {
-  const char* v = std::getenv("DSPARK_PACKED_LINEAR");
-  return v != nullptr && std::strcmp(v, "portable") == 0;
-}
 
 void check_cpu_float(const char* name, const at::Tensor& t) {
   TORCH_CHECK_VALUE(t.device().is_cpu(), kOp, ": ", name, " must be on the CPU (the op has no GPU kernel), got ",
@@ -59,7 +50,7 @@ at::Tensor packed_linear_cpu(const at::Tensor& input, const at::Tensor& packed_w
   }
   const PackedGemmArgs a{x.data_ptr<float>(), x.stride(0), packed_weight.data_ptr<float>(),
                          r.defined() ? r.data_ptr<float>() : nullptr, y.data_ptr<float>(), M, N, K};
-  const bool portable = portable_forced() || !packed_gemm_has_avx512();
+  const bool portable = packed_gemm_portable();
   // An item is up to kBlockRows x K x 64 multiply-adds; a thread hand-off costs about as much as ~2^17 of them.
   const int64_t items = G * packed_gemm_row_blocks(M);
   const int64_t item_work = std::min(M, kBlockRows) * K * kPackWidth;

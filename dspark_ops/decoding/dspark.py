@@ -169,19 +169,18 @@ class DSparkHead(nn.Module):
                     self.fuse.weight, self.fuse_norm.weight, self.pos, w13, self.w_down.weight.t(), *attn)),
                     w1=self.markov_w1.float().contiguous(), w2=self.markov_w2.float().contiguous())
                 # the detached parameters keep the storages the key names alive (no address is reused meanwhile)
-                cached = self._fused = (key, built, tuple(p.detach() for p in ps))
+                cached = self._fused = (key, built, tuple(p.detach() for p in ps), [None])  # [packed()]
         return cached[1]
 
     def packed(self, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """fused(dtype)'s fuse, w13 and w_down packed for packed_linear (the
-        CPU float32 inference path), rebuilt whenever fused() is."""
+        CPU float32 inference path)."""
         fw = self.fused(dtype)
-        cached = self.__dict__.get("_packed")
-        if cached is None or cached[0] is not fw:
+        slot = self._fused[3]  # kept in fused()'s cache entry: rebuilt and freed with it
+        if slot[0] is None:
             with torch.inference_mode(False), torch.no_grad():
-                cached = self.__dict__["_packed"] = (fw, tuple(
-                    pack_linear_weight(w) for w in (fw.fuse, fw.w13, fw.w_down_t.t())))
-        return cached[1]
+                slot[0] = tuple(pack_linear_weight(w) for w in (fw.fuse, fw.w13, fw.w_down_t.t()))
+        return slot[0]
 
     def infer_context(self, features: torch.Tensor) -> torch.Tensor:
         """context() for inference: features [R, w, k, dim] in the target's

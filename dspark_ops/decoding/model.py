@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kv import KVLayout, kv_compact
-from ..packed_linear import pack_linear_weight, packed_linear_kernel
+from ..packed_linear import pack_linear_weight, packed_linear_fast
 from .._host import to_device
 
 
@@ -107,7 +107,7 @@ def _use_packed(h: torch.Tensor) -> bool:
     shapes 2-3x slower and a 1-row one ~2x slower; a longer prefill keeps
     MKL, whose per-call packing of the weight pays off there.)"""
     return (h.device.type == "cpu" and h.dtype == torch.float32 and h.shape[0] <= _PACKED_MAX_TOKENS
-            and not torch.is_grad_enabled() and packed_linear_kernel() == "avx512")
+            and not torch.is_grad_enabled() and packed_linear_fast())
 
 
 def _version(w: torch.Tensor) -> int:
@@ -151,7 +151,6 @@ class _Block(nn.Module):
         self.w3 = nn.Linear(cfg.dim, cfg.hidden, bias=False)
         self.w2 = nn.Linear(cfg.hidden, cfg.dim, bias=False)
         self._fused: Optional[tuple] = None
-        self._packed: Optional[tuple] = None
 
     def fused(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The inference path's weights: wqkv [(2H+3Hkv)D, dim] = q, k, v,
@@ -176,19 +175,19 @@ class _Block(nn.Module):
         if cached is None or cached[0] != key:
             with torch.inference_mode(False), torch.no_grad():  # plain tensors, usable outside inference mode
                 cached = self._fused = (key, self._build(ws, hd),
-                                        tuple(w.detach() for w in ws))
+                                        tuple(w.detach() for w in ws), [None])  # [packed(), built on demand]
         return cached[1]
 
     def packed(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """fused()'s wqkv, w13, wo and w2 packed for packed_linear (CPU,
-        float32, inference), rebuilt whenever fused() is."""
-        fused = self.fused()
-        cached = self._packed
-        if cached is None or cached[0] is not fused:
-            wqkv, w13, wo_t, w2_t = fused
+        float32, inference), kept in fused()'s cache entry: rebuilt and
+        freed with it."""
+        self.fused()
+        _, (wqkv, w13, wo_t, w2_t), _, slot = self._fused
+        if slot[0] is None:
             with torch.inference_mode(False), torch.no_grad():
-                cached = self._packed = (fused, tuple(pack_linear_weight(w) for w in (wqkv, w13, wo_t.t(), w2_t.t())))
-        return cached[1]
+                slot[0] = tuple(pack_linear_weight(w) for w in (wqkv, w13, wo_t.t(), w2_t.t()))
+        return slot[0]
 
     @staticmethod
     def _build(ws, hd: int):
@@ -287,6 +286,7 @@ class _Plan:
                  cfg: ModelConfig, dtype: torch.dtype, ancestors: Optional[torch.Tensor] = None):
         dev = positions.device
         R, T = len(cu) - 1, positions.shape[0]
+        self.packed = False  # set by BuiltinModel.forward: the GEMMs on packed_linear
         self.cos, self.sin = rope[0][positions], rope[1][positions]  # [T, 1, D] each
         self.counts = counts = [cu[r + 1] - cu[r] for r in range(R)]
         self.R, self.Tq = R, (max(counts) if counts else 0)
@@ -436,11 +436,11 @@ class BuiltinModel(nn.Module):
         w = self._head_weight()
         if not packed:
             return F.linear(x, w)
-        cached = getattr(self, "_head_packed", None)
-        if cached is None or cached[0] is not w:
+        slot = self._head[4]  # packed() of _head_weight's cache entry
+        if slot[0] is None:
             with torch.inference_mode(False), torch.no_grad():
-                cached = self._head_packed = (w, pack_linear_weight(w))
-        return _packed_linear(x, cached[1], w.shape[0])
+                slot[0] = pack_linear_weight(w)
+        return _packed_linear(x, slot[0], w.shape[0])
 
     def _head_weight(self) -> torch.Tensor:
         """The LM head with the final RMSNorm's weight folded in (cached like _Block.fused)."""
@@ -451,7 +451,7 @@ class BuiltinModel(nn.Module):
         cached = getattr(self, "_head", None)
         if cached is None or cached[0] != key:
             with torch.inference_mode(False), torch.no_grad():
-                cached = self._head = (key, (w * g).contiguous(), w.detach(), g.detach())
+                cached = self._head = (key, (w * g).contiguous(), w.detach(), g.detach(), [None])
         return cached[1]
 
     def _rope_tables(self, length: int, dtype: torch.dtype, device: torch.device) -> Tuple[torch.Tensor, ...]:
