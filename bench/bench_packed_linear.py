@@ -1,4 +1,5 @@
 """python bench/bench_packed_linear.py [--threads 1,2] [--rows 1,2,6,16,32,64,128] [--out FILE]
+(DSPARK_PACKED_LINEAR=avx2 times the AVX2 path on an AVX-512 CPU)
 
 dspark_ops.packed_linear against torch's GEMM (F.linear / addmm: MKL on
 this machine) at the embedded target's shapes, for the row counts of decode
@@ -70,10 +71,12 @@ def main(argv=None) -> int:
     ap.add_argument("--iters", type=int, default=400)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
-    if packed_linear_kernel() != "avx512":
-        print("packed_linear takes its portable path on this CPU (no AVX-512): the built-in model keeps torch's "
+    kernel = packed_linear_kernel()  # DSPARK_PACKED_LINEAR=avx2 times the AVX2 path on an AVX-512 CPU
+    if kernel == "portable":
+        print("packed_linear takes its portable path on this CPU (no AVX2): the built-in model keeps torch's "
               "GEMMs here, nothing to compare")
         return 0
+    print(f"# packed_linear path: {kernel}")
     threads = [int(t) for t in args.threads.split(",")]
     rows_list = [int(m) for m in args.rows.split(",")]
     before = torch.get_num_threads()
@@ -91,11 +94,13 @@ def main(argv=None) -> int:
     finally:
         torch.set_num_threads(before)
     date = datetime.date.today().isoformat()
-    out = Path(args.out) if args.out else Path(__file__).resolve().parent / "results" / f"packed_linear_CPU_{date}.json"
+    suffix = "" if kernel == "avx512" else f"_{kernel}"
+    out = Path(args.out) if args.out else (Path(__file__).resolve().parent / "results" /
+                                           f"packed_linear{suffix}_CPU_{date}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
         "device": f"CPU {platform.machine()} x{os.cpu_count()}", "cpu_capability":
-        torch.backends.cpu.get_cpu_capability(), "date": date, "torch": torch.__version__,
+        torch.backends.cpu.get_cpu_capability(), "packed_linear_kernel": kernel, "date": date, "torch": torch.__version__,
         "command": "python bench/bench_packed_linear.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
         "working_set_bytes": WORKING_SET, "rows": rows}, indent=1))
     print(f"# wrote {out}")

@@ -33,8 +33,8 @@ int64_t workspace_bytes(std::string op, int64_t num_requests, int64_t vocab, int
   TORCH_CHECK_VALUE(false, "dspark_ops.workspace_size: unknown op '", op, "'");
 }
 
-// Which path packed_linear takes on this CPU now: "avx512" or "portable".
-std::string packed_linear_kernel() { return packed_gemm_portable() ? "portable" : "avx512"; }
+// Which path packed_linear takes on this CPU now: "avx512", "avx2" or "portable".
+std::string packed_linear_kernel() { return packed_gemm_path_name(packed_gemm_path()); }
 
 }  // namespace dspark
 

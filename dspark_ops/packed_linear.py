@@ -63,8 +63,8 @@ def packed_linear(input: torch.Tensor, packed_weight: torch.Tensor, out_features
     Each output is the residual (or 0) plus ``input[m, k] * weight[n, k]``
     accumulated by fused multiply-adds in k order: bitwise the same for a
     row whatever the batch around it (a 6-token verify pass gives a 1-token
-    decode step's logits exactly) and whichever path runs it. AVX-512 where
-    the CPU has it (:func:`packed_linear_kernel`), else a portable loop that
+    decode step's logits exactly) and whichever path runs it: AVX-512 or
+    AVX2 where the CPU has it (:func:`packed_linear_kernel`), else a portable loop that
     is far slower than ``torch.nn.functional.linear`` (the built-in model
     then keeps torch's GEMMs). Built for few rows: it re-reads each weight
     group from cache per 6 rows; measured as fast as MKL or faster up to
@@ -84,24 +84,27 @@ def packed_linear(input: torch.Tensor, packed_weight: torch.Tensor, out_features
 
 def packed_linear_kernel() -> str:
     """The path :func:`packed_linear` takes on this CPU now, as the C++ op
-    decides it: ``"avx512"``, or ``"portable"`` (no AVX-512F, or
-    ``DSPARK_PACKED_LINEAR=portable``, which both read at each call)."""
+    decides it: ``"avx512"`` (AVX-512F), ``"avx2"`` (AVX2 + FMA, or
+    ``DSPARK_PACKED_LINEAR=avx2``) or ``"portable"`` (neither, or
+    ``DSPARK_PACKED_LINEAR=portable``); the switch is read at each call.
+    Every path gives the same bits."""
     return _ops.packed_linear_kernel()
 
 
-_AVX512: Optional[bool] = None  # the CPU's answer, asked once
+_CPU_FAST: Optional[bool] = None  # whether the CPU has a vector path, asked once
 
 
 def packed_linear_fast() -> bool:
-    """Whether :func:`packed_linear` runs its AVX-512 path now (what
-    :func:`packed_linear_kernel` says, without an op call per forward: the
-    CPU is asked once, the environment switch read each time)."""
-    global _AVX512
+    """Whether :func:`packed_linear` runs a vector path (AVX-512 or AVX2)
+    now: what :func:`packed_linear_kernel` says, without an op call per
+    forward (the CPU is asked once, the environment switch read each
+    time). The built-in model uses packed_linear only then."""
+    global _CPU_FAST
     if os.environ.get("DSPARK_PACKED_LINEAR") == "portable":
         return False
-    if _AVX512 is None:
-        _AVX512 = packed_linear_kernel() == "avx512"
-    return _AVX512
+    if _CPU_FAST is None:
+        _CPU_FAST = packed_linear_kernel() != "portable"
+    return _CPU_FAST
 
 
 def _check_cpu_float(name: str, t: torch.Tensor) -> None:

@@ -58,15 +58,17 @@ def test_each_row_is_bitwise_independent_of_the_batch():
 
 @needs_avx512
 @pytest.mark.parametrize("residual", [False, True])
-@pytest.mark.parametrize("M,N,K", [(11, 200, 77), (1, 15, 3), (53, 129, 17), (6, 64, 192)])
-def test_avx512_and_portable_paths_agree_bitwise(monkeypatch, M, N, K, residual):
+@pytest.mark.parametrize("M,N,K", [(11, 200, 77), (1, 15, 3), (53, 129, 17), (6, 64, 192), (4, 7, 9), (2, 40, 5)])
+def test_avx512_avx2_and_portable_paths_agree_bitwise(monkeypatch, M, N, K, residual):
     x, w, r = data(M, N, K, seed=8, residual=residual)
     p = pack_linear_weight(w)
     assert packed_linear_fast()
     fast = packed_linear(x, p, N, r)
-    monkeypatch.setenv("DSPARK_PACKED_LINEAR", "portable")
-    assert packed_linear_kernel() == "portable" and not packed_linear_fast()  # the C++ op reads the switch too
-    assert torch.equal(packed_linear(x, p, N, r), fast)
+    for path in ("avx2", "portable"):
+        monkeypatch.setenv("DSPARK_PACKED_LINEAR", path)
+        assert packed_linear_kernel() == path  # the C++ op reads the switch
+        assert packed_linear_fast() == (path == "avx2")
+        assert torch.equal(packed_linear(x, p, N, r), fast), path
 
 
 def test_strided_and_empty_inputs():

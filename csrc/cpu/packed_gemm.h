@@ -10,8 +10,8 @@
 //
 // Every output element is r + sum_k x[m,k] * W[n,k], accumulated by fused
 // multiply-adds in k order from r (0 without a residual): the same bits
-// whatever M is, whichever tile a row lands in and whichever path (AVX-512 or
-// the portable one) runs it. So a verify pass computes exactly the logits a
+// whatever M is, whichever tile a row lands in and whichever path (AVX-512,
+// AVX2 for CPUs without AVX-512, or the portable one) runs it. So a verify pass computes exactly the logits a
 // decode step of the same token would (batch invariance).
 #pragma once
 #include <cmath>
@@ -21,7 +21,7 @@
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
-#define DSPARK_PACKED_GEMM_AVX512 1
+#define DSPARK_PACKED_GEMM_AVX512 1  // the x86 paths (AVX-512 and AVX2) are compiled
 #endif
 
 namespace dspark {
@@ -103,17 +103,73 @@ __attribute__((target("avx512f"))) inline void packed_block_avx512(const PackedG
   }
 }
 
+// AVX2 + FMA (16 registers): rows m0..m0+Rows-1 of half h (32 columns) of
+// group g, Rows x 4 accumulators; the weights are FMA memory operands.
+template <int Rows>
+__attribute__((target("avx2,fma"))) inline void packed_tile_avx2(const PackedGemmArgs& a, int64_t g, int64_t h,
+                                                                 int64_t m0) {
+  const int64_t c0 = g * kPackWidth + 32 * h;
+  const int64_t cols = a.N - c0 < 32 ? a.N - c0 : 32;
+  __m256i mask[4];
+  for (int v = 0; v < 4; ++v) {
+    const int64_t c = cols - 8 * v;
+    const int n = c >= 8 ? 8 : c <= 0 ? 0 : static_cast<int>(c);
+    mask[v] = _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  }
+  __m256 acc[Rows][4];
+  for (int m = 0; m < Rows; ++m)
+    for (int v = 0; v < 4; ++v)
+      acc[m][v] = a.r != nullptr ? _mm256_maskload_ps(a.r + (m0 + m) * a.N + c0 + 8 * v, mask[v])
+                                 : _mm256_setzero_ps();
+  const float* wg = a.w + g * a.K * kPackWidth + 32 * h;
+  const float* x0 = a.x + m0 * a.ldx;
+  for (int64_t k = 0; k < a.K; ++k) {
+    const float* wk = wg + k * kPackWidth;
+#pragma GCC unroll 3
+    for (int m = 0; m < Rows; ++m) {
+      const __m256 xb = _mm256_set1_ps(x0[m * a.ldx + k]);
+      for (int v = 0; v < 4; ++v) acc[m][v] = _mm256_fmadd_ps(xb, _mm256_loadu_ps(wk + 8 * v), acc[m][v]);
+    }
+  }
+  for (int m = 0; m < Rows; ++m)
+    for (int v = 0; v < 4; ++v) _mm256_maskstore_ps(a.y + (m0 + m) * a.N + c0 + 8 * v, mask[v], acc[m][v]);
+}
+
+__attribute__((target("avx2,fma"))) inline void packed_block_avx2(const PackedGemmArgs& a, int64_t g, int64_t m0,
+                                                                  int64_t m1) {
+  for (int64_t h = 0; h < 2 && g * kPackWidth + 32 * h < a.N; ++h) {
+    for (int64_t m = m0; m < m1; m += 3) {
+      switch (m1 - m < 3 ? m1 - m : 3) {
+        case 1: packed_tile_avx2<1>(a, g, h, m); break;
+        case 2: packed_tile_avx2<2>(a, g, h, m); break;
+        default: packed_tile_avx2<3>(a, g, h, m); break;
+      }
+    }
+  }
+}
+
 inline bool packed_gemm_has_avx512() { return __builtin_cpu_supports("avx512f"); }
+inline bool packed_gemm_has_avx2() { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }
 #else
 inline bool packed_gemm_has_avx512() { return false; }
+inline bool packed_gemm_has_avx2() { return false; }
 #endif
 
-// The path packed_linear takes: the portable loop without AVX-512 or when
-// DSPARK_PACKED_LINEAR=portable (tests compare the two paths bit for bit);
-// the environment is read at each call.
-inline bool packed_gemm_portable() {
+enum class PackedGemmPath { kPortable, kAvx2, kAvx512 };
+
+// The path packed_linear takes: the widest the CPU has, unless
+// DSPARK_PACKED_LINEAR names a narrower one ("avx2", "portable"; tests
+// compare the paths bit for bit). The environment is read at each call.
+inline PackedGemmPath packed_gemm_path() {
   const char* v = std::getenv("DSPARK_PACKED_LINEAR");
-  return (v != nullptr && std::strcmp(v, "portable") == 0) || !packed_gemm_has_avx512();
+  if (v != nullptr && std::strcmp(v, "portable") == 0) return PackedGemmPath::kPortable;
+  const bool want_avx2 = v != nullptr && std::strcmp(v, "avx2") == 0;
+  if (!want_avx2 && packed_gemm_has_avx512()) return PackedGemmPath::kAvx512;
+  return packed_gemm_has_avx2() ? PackedGemmPath::kAvx2 : PackedGemmPath::kPortable;
+}
+
+inline const char* packed_gemm_path_name(PackedGemmPath p) {
+  return p == PackedGemmPath::kAvx512 ? "avx512" : p == PackedGemmPath::kAvx2 ? "avx2" : "portable";
 }
 
 // Work items for threads: column group x block of kBlockRows rows, item i =
@@ -124,16 +180,19 @@ constexpr int64_t kBlockRows = 8 * kTileRows;
 
 inline int64_t packed_gemm_row_blocks(int64_t M) { return (M + kBlockRows - 1) / kBlockRows; }
 
-// Items [i0, i1): AVX-512 where the CPU has it and `portable` is false, else
-// the portable loop (the same bits, far slower).
-inline void packed_gemm_items(const PackedGemmArgs& a, int64_t i0, int64_t i1, bool portable) {
+// Items [i0, i1) on the given path.
+inline void packed_gemm_items(const PackedGemmArgs& a, int64_t i0, int64_t i1, PackedGemmPath path) {
   const int64_t row_blocks = packed_gemm_row_blocks(a.M);
   for (int64_t i = i0; i < i1; ++i) {
     const int64_t g = i / row_blocks, m0 = (i % row_blocks) * kBlockRows;
     const int64_t m1 = m0 + kBlockRows < a.M ? m0 + kBlockRows : a.M;
 #ifdef DSPARK_PACKED_GEMM_AVX512
-    if (!portable) {
+    if (path == PackedGemmPath::kAvx512) {
       packed_block_avx512(a, g, m0, m1);
+      continue;
+    }
+    if (path == PackedGemmPath::kAvx2) {
+      packed_block_avx2(a, g, m0, m1);
       continue;
     }
 #endif

@@ -50,12 +50,12 @@ at::Tensor packed_linear_cpu(const at::Tensor& input, const at::Tensor& packed_w
   }
   const PackedGemmArgs a{x.data_ptr<float>(), x.stride(0), packed_weight.data_ptr<float>(),
                          r.defined() ? r.data_ptr<float>() : nullptr, y.data_ptr<float>(), M, N, K};
-  const bool portable = packed_gemm_portable();
+  const PackedGemmPath path = packed_gemm_path();
   // An item is up to kBlockRows x K x 64 multiply-adds; a thread hand-off costs about as much as ~2^17 of them.
   const int64_t items = G * packed_gemm_row_blocks(M);
   const int64_t item_work = std::min(M, kBlockRows) * K * kPackWidth;
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 17) / std::max<int64_t>(1, item_work));
-  at::parallel_for(0, items, grain, [&](int64_t i0, int64_t i1) { packed_gemm_items(a, i0, i1, portable); });
+  at::parallel_for(0, items, grain, [&](int64_t i0, int64_t i1) { packed_gemm_items(a, i0, i1, path); });
   return y;
 }
 

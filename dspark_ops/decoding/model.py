@@ -103,7 +103,7 @@ _packed_linear = torch.ops.dspark_ops.packed_linear
 def _use_packed(h: torch.Tensor) -> bool:
     """Whether this forward's GEMMs go through dspark_ops.packed_linear: a
     float32 CPU inference forward of at most _PACKED_MAX_TOKENS tokens on a
-    CPU with AVX-512. (On this project's CPU MKL ran a 6-row GEMM of these
+    CPU with AVX-512 or AVX2. (On this project's CPU MKL ran a 6-row GEMM of these
     shapes 2-3x slower and a 1-row one ~2x slower; a longer prefill keeps
     MKL, whose per-call packing of the weight pays off there.)"""
     return (h.device.type == "cpu" and h.dtype == torch.float32 and h.shape[0] <= _PACKED_MAX_TOKENS
