@@ -55,12 +55,26 @@ $(VENV)/.deps-installed: Makefile pyproject.toml
 	$(VENV)/bin/pip install --quiet transformers safetensors tqdm matplotlib  # optional extras: HF adapter tests, weights, demo, plots
 	touch $@
 
-build: $(ENV_STAMP)
 ifeq ($(NO_VENV),1)
+build: $(ENV_STAMP)
 	$(PY) setup.py build_ext --inplace
 else
+# pip's editable build compiles everything again each time (~4 min on 2 cores), so the venv build is skipped
+# while the sources, setup.py, pyproject.toml and the build settings are unchanged and the extension exists.
+BUILD_STAMP := $(VENV)/.ext-built
+BUILD_CONFIG := $(VENV)/.ext-config
+BUILD_SETTINGS := $(DSPARK_FORCE_CUDA)|$(TORCH_CUDA_ARCH_LIST)|$(TORCH_PIN)
+EXT_SOURCES := $(shell find csrc -type f) setup.py pyproject.toml
+
+build: $(ENV_STAMP)
+	@ls dspark_ops/_C*.so >/dev/null 2>&1 || rm -f $(BUILD_STAMP)
+	@echo '$(BUILD_SETTINGS)' | cmp -s - $(BUILD_CONFIG) || echo '$(BUILD_SETTINGS)' > $(BUILD_CONFIG)
+	@$(MAKE) --no-print-directory $(BUILD_STAMP)
+
+$(BUILD_STAMP): $(ENV_STAMP) $(BUILD_CONFIG) $(EXT_SOURCES)
 	$(PY) -m pip install -v --no-build-isolation --no-deps -e . 2>&1 | grep -E "dspark_ops: building|error:|Error|Successfully installed" ; \
 	  test $${PIPESTATUS[0]} -eq 0
+	touch $@
 endif
 
 cuda-check: $(ENV_STAMP)
@@ -94,4 +108,4 @@ bench: build
 	$(PY) -m bench --quick
 
 clean:
-	rm -rf build dspark_ops/_C*.so *.egg-info
+	rm -rf build dspark_ops/_C*.so *.egg-info $(VENV)/.ext-built $(VENV)/.ext-config
