@@ -522,3 +522,24 @@ def test_bad_arguments(greedy_setup):
         DSparkConfig(dim=8, vocab_size=8, hidden_layers=())
     with pytest.raises(ValueError, match="distinct"):
         DSparkConfig(dim=8, vocab_size=8, hidden_layers=(1, 1))
+
+
+@pytest.mark.parametrize("assign", [False, True])
+def test_inference_weights_follow_load_state_dict(assign):
+    """load_state_dict — in place, or assign=True, which puts new Parameter
+    objects in place — reaches the cached fused (and packed) inference
+    weights: the head then computes what a fresh head with those weights does."""
+    head, other = make_head(24, 50, (0, 2), block=4, seed=3), make_head(24, 50, (0, 2), block=4, seed=4)
+    feats, anchor, embed = torch.randn(2, 3, 2, 24), torch.randint(0, 50, (2,)), torch.randn(50, 24)
+
+    def run(h):
+        with torch.inference_mode():
+            c = h.infer_context(feats)
+            return c, h.infer_block(c[:, -1], anchor, embed, 4)
+    head.eval(), other.eval()
+    before = run(head)
+    head.load_state_dict(other.state_dict(), assign=assign)
+    after, want = run(head), run(other)
+    assert not torch.allclose(before[1], want[1])
+    for a, b in zip(after, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -115,6 +115,20 @@ class DSparkHead(nn.Module):
             lins += [self.ctx_q, self.ctx_k, self.ctx_v, self.ctx_o]
         for lin in lins:
             nn.init.normal_(lin.weight, std=0.02)
+        # load_state_dict(..., assign=True) puts new Parameter objects in place: forget the cached ones
+        self.register_load_state_dict_post_hook(lambda module, keys: module.clear_inference_cache())
+
+    def clear_inference_cache(self) -> None:
+        """Drop the inference path's fused (and packed) weights and the
+        parameters they were built from (rebuilt on the next use): after
+        replacing a Parameter object (``load_state_dict(assign=True)`` does
+        it by itself) or writing weights behind their version counters."""
+        self.__dict__.pop("_params", None)
+        self.__dict__.pop("_fused", None)
+
+    def train(self, mode: bool = True) -> "DSparkHead":
+        self.clear_inference_cache()  # a training phase may write weights behind the version counters
+        return super().train(mode)
 
     def context(self, features: torch.Tensor) -> torch.Tensor:
         """features [..., k, dim] (the target's hidden states of processed
@@ -155,7 +169,7 @@ class DSparkHead(nn.Module):
         Cached while every parameter keeps its storage and version (like
         BuiltinModel's fused weights)."""
         ps = self.__dict__.get("_params")
-        if ps is None:  # the Parameter objects are fixed at construction; .to() and updates change their data
+        if ps is None:  # the Parameter objects, until clear_inference_cache; .to() and updates change their data
             ps = self.__dict__["_params"] = tuple(self.parameters())
         key = (dtype,) + tuple(p.data_ptr() for p in ps) + tuple(_version(p) for p in ps)
         cached = getattr(self, "_fused", None)
