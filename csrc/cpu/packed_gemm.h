@@ -11,8 +11,9 @@
 // Every output element is r + sum_k x[m,k] * W[n,k], accumulated by fused
 // multiply-adds in k order from r (0 without a residual): the same bits
 // whatever M is, whichever tile a row lands in and whichever path (AVX-512,
-// AVX2 for CPUs without AVX-512, or the portable one) runs it. So a verify pass computes exactly the logits a
-// decode step of the same token would (batch invariance).
+// AVX2 for CPUs without AVX-512, or the portable one) runs it. So a verify
+// pass computes exactly the logits a decode step of the same token would
+// (batch invariance).
 #pragma once
 #include <cmath>
 #include <cstdint>
@@ -21,7 +22,7 @@
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
-#define DSPARK_PACKED_GEMM_AVX512 1  // the x86 paths (AVX-512 and AVX2) are compiled
+#define DSPARK_PACKED_GEMM_X86 1  // the AVX-512 and AVX2 paths are compiled
 #endif
 
 namespace dspark {
@@ -54,7 +55,7 @@ inline void packed_tile_portable(const PackedGemmArgs& a, int64_t g, int64_t m0,
   }
 }
 
-#ifdef DSPARK_PACKED_GEMM_AVX512
+#ifdef DSPARK_PACKED_GEMM_X86
 template <int Rows>
 __attribute__((target("avx512f"))) inline void packed_tile_avx512(const PackedGemmArgs& a, int64_t g, int64_t m0) {
   const int64_t c0 = g * kPackWidth;
@@ -186,7 +187,7 @@ inline void packed_gemm_items(const PackedGemmArgs& a, int64_t i0, int64_t i1, P
   for (int64_t i = i0; i < i1; ++i) {
     const int64_t g = i / row_blocks, m0 = (i % row_blocks) * kBlockRows;
     const int64_t m1 = m0 + kBlockRows < a.M ? m0 + kBlockRows : a.M;
-#ifdef DSPARK_PACKED_GEMM_AVX512
+#ifdef DSPARK_PACKED_GEMM_X86
     if (path == PackedGemmPath::kAvx512) {
       packed_block_avx512(a, g, m0, m1);
       continue;

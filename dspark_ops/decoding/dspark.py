@@ -37,8 +37,7 @@ from torch import nn
 from ..markov import markov_draft
 from ..schedule import measure_sps, schedule_verify
 from .drafters import Draft, Drafter
-from ..packed_linear import pack_linear_weight
-from .model import BuiltinModel, _normalize, _packed_linear, _use_packed, _version
+from .model import BuiltinModel, _normalize, _packed_linear, _packed_once, _use_packed, _version
 
 
 @dataclass
@@ -190,11 +189,7 @@ class DSparkHead(nn.Module):
         """fused(dtype)'s fuse, w13 and w_down packed for packed_linear (the
         CPU float32 inference path)."""
         fw = self.fused(dtype)
-        slot = self._fused[3]  # kept in fused()'s cache entry: rebuilt and freed with it
-        if slot[0] is None:
-            with torch.inference_mode(False), torch.no_grad():
-                slot[0] = tuple(pack_linear_weight(w) for w in (fw.fuse, fw.w13, fw.w_down_t.t()))
-        return slot[0]
+        return _packed_once(self._fused[3], fw.fuse, fw.w13, fw.w_down_t.t())  # kept in fused()'s cache entry
 
     def infer_context(self, features: torch.Tensor) -> torch.Tensor:
         """context() for inference: features [R, w, k, dim] in the target's

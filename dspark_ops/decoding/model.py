@@ -110,6 +110,15 @@ def _use_packed(h: torch.Tensor) -> bool:
             and not torch.is_grad_enabled() and packed_linear_fast())
 
 
+def _packed_once(slot: list, *weights: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+    """weights packed for packed_linear, kept in slot[0] (a cache entry's
+    slot: built on first use, freed with the entry that holds it)."""
+    if slot[0] is None:
+        with torch.inference_mode(False), torch.no_grad():  # plain tensors, usable outside inference mode
+            slot[0] = tuple(pack_linear_weight(w) for w in weights)
+    return slot[0]
+
+
 def _version(w: torch.Tensor) -> int:
     """A weight's version counter; 0 for an inference tensor (made under
     inference_mode: it has none, and cannot change outside that mode)."""
@@ -184,10 +193,7 @@ class _Block(nn.Module):
         freed with it."""
         self.fused()
         _, (wqkv, w13, wo_t, w2_t), _, slot = self._fused
-        if slot[0] is None:
-            with torch.inference_mode(False), torch.no_grad():
-                slot[0] = tuple(pack_linear_weight(w) for w in (wqkv, w13, wo_t.t(), w2_t.t()))
-        return slot[0]
+        return _packed_once(slot, wqkv, w13, wo_t.t(), w2_t.t())
 
     @staticmethod
     def _build(ws, hd: int):
@@ -436,11 +442,8 @@ class BuiltinModel(nn.Module):
         w = self._head_weight()
         if not packed:
             return F.linear(x, w)
-        slot = self._head[4]  # packed() of _head_weight's cache entry
-        if slot[0] is None:
-            with torch.inference_mode(False), torch.no_grad():
-                slot[0] = pack_linear_weight(w)
-        return _packed_linear(x, slot[0], w.shape[0])
+        (packed,) = _packed_once(self._head[4], w)  # kept in _head_weight's cache entry
+        return _packed_linear(x, packed, w.shape[0])
 
     def _head_weight(self) -> torch.Tensor:
         """The LM head with the final RMSNorm's weight folded in (cached like _Block.fused)."""
