@@ -726,3 +726,16 @@ def markov_draft(base_logits, anchor, w1, w2, *, temperature=1.0, top_k=0, top_p
             tokens[r, k - 1] = tok
             prev = tok
     return tokens, logits, status
+
+
+# ---------------------------------------------------------------- packed_linear
+
+
+def packed_linear(input: torch.Tensor, weight: torch.Tensor, residual: Optional[torch.Tensor] = None
+                  ) -> torch.Tensor:
+    """residual + input @ weight.T, in float64, as float32: input [M, K],
+    weight [N, K] (the unpacked weight), residual [M, N] or None -> [M, N].
+    (The op accumulates in float32 by fused multiply-adds in k order; its
+    tests bound the difference and check that order's bits separately.)"""
+    y = input.double() @ weight.double().T
+    return (y + residual.double() if residual is not None else y).float()

@@ -3,6 +3,7 @@ verify passes run on (csrc/cpu/packed_gemm.h)."""
 import pytest
 import torch
 
+from dspark_ops import reference as ref
 from dspark_ops.packed_linear import (PACK_WIDTH, pack_linear_weight, packed_linear, packed_linear_fast,
                                      packed_linear_kernel)
 
@@ -16,11 +17,6 @@ def data(M, N, K, seed=0, residual=True):
     w = torch.randn(N, K, generator=g) / K ** 0.5
     r = torch.randn(M, N, generator=g) if residual else None
     return x, w, r
-
-
-def reference(x, w, r):
-    y = x.double() @ w.double().T
-    return (y + r.double() if r is not None else y).float()
 
 
 def test_pack_layout():
@@ -41,7 +37,7 @@ def test_matches_float64_reference(M, N, K, residual):
     x0, r0 = x.clone(), (r.clone() if r is not None else None)
     got = packed_linear(x, pack_linear_weight(w), N, r)
     assert got.shape == (M, N) and got.dtype == torch.float32
-    torch.testing.assert_close(got, reference(x, w, r), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, ref.packed_linear(x, w, r), rtol=1e-5, atol=1e-5)
     assert torch.equal(x, x0) and (r is None or torch.equal(r, r0))  # inputs untouched
 
 
