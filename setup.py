@@ -41,7 +41,9 @@ if force == "1" and not with_cuda:
     )
 
 cpp_sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
-cxx_flags = ["-O3", "-Wall", "-Wno-unknown-pragmas"]
+# -ffp-contract=off: CPU sums are rounded products added one by one (the CUDA kernels' __fmul_rn/__fadd_rn and
+# the reference's order), whatever -march a packager adds; packed_gemm's FMAs are explicit.
+cxx_flags = ["-O3", "-Wall", "-Wno-unknown-pragmas", "-ffp-contract=off"]
 link_flags = []
 # With torch's OpenMP backend, at::parallel_for (ATen/ParallelOpenMP.h, inlined into our CPU ops) runs serially
 # unless we compile with OpenMP too; we then use torch's runtime (libgomp on Linux wheels).

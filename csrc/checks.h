@@ -6,8 +6,12 @@
 #include <c10/util/Exception.h>
 #include <c10/util/Optional.h>
 
+#include <cstdint>
+#include <initializer_list>
+#include <iterator>
 #include <sstream>
 #include <string>
+#include <utility>
 
 #include "core/filters.h"
 
@@ -62,14 +66,52 @@ inline void check_logits(const char* op, const char* name, const at::Tensor& t) 
                     " must be contiguous in its last dimension, got strides ", t.strides());
 }
 
+// The bytes a tensor's elements occupy, [begin, end); {0, 0} when it has
+// none (torch strides are never negative).
+inline std::pair<uintptr_t, uintptr_t> byte_span(const at::Tensor& t) {
+  if (!t.defined() || t.numel() == 0) return {0, 0};
+  int64_t last = 0;  // the last element's offset from the first, in elements
+  for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
+  const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
+  return {begin, begin + static_cast<uintptr_t>((last + 1) * static_cast<int64_t>(t.element_size()))};
+}
+
+inline bool spans_overlap(const at::Tensor& a, const at::Tensor& b) {
+  const auto x = byte_span(a), y = byte_span(b);
+  return x.first < x.second && y.first < y.second && x.first < y.second && y.first < x.second;
+}
+
 // An output must not share memory with an input other blocks still read.
 inline void check_no_overlap(const char* op, const char* out_name, const at::Tensor& out, const char* in_name,
                              const at::Tensor& in) {
-  const auto* o = static_cast<const char*>(out.data_ptr());
-  const auto* i = static_cast<const char*>(in.data_ptr());
-  const bool overlap = out.nbytes() > 0 && in.nbytes() > 0 && o < i + in.nbytes() && i < o + out.nbytes();
-  TORCH_CHECK_VALUE(!overlap, op, ": ", out_name, " must not share memory with ", in_name, " (", in_name,
-                    " is read-only; other blocks still read it)");
+  TORCH_CHECK_VALUE(!spans_overlap(out, in), op, ": ", out_name, " must not share memory with ", in_name, " (",
+                    in_name, " is read-only; other blocks still read it)");
+}
+
+// A named argument for check_apart; t is null when an optional one is absent.
+struct NamedArg {
+  const char* name;
+  const at::Tensor* t;
+};
+inline NamedArg named(const char* name, const at::Tensor& t) { return {name, &t}; }
+inline NamedArg named(const char* name, const c10::optional<at::Tensor>& t) {
+  return {name, t.has_value() ? &*t : nullptr};
+}
+
+// The outputs (and workspace) of an op's .out form: each is written while
+// other threads read the inputs and write the other outputs, so none may
+// share a byte with an input or with another output (on a GPU the result
+// would depend on scheduling; CPU threads race the same way).
+inline void check_apart(const char* op, std::initializer_list<NamedArg> outputs,
+                        std::initializer_list<NamedArg> inputs) {
+  for (auto o = outputs.begin(); o != outputs.end(); ++o) {
+    if (o->t == nullptr) continue;
+    for (const NamedArg& in : inputs)
+      if (in.t != nullptr) check_no_overlap(op, o->name, *o->t, in.name, *in.t);
+    for (auto p = std::next(o); p != outputs.end(); ++p)
+      TORCH_CHECK_VALUE(p->t == nullptr || !spans_overlap(*o->t, *p->t), op, ": ", o->name,
+                        " must not share memory with ", p->name, " (both are written)");
+  }
 }
 
 inline int64_t per_request_stride(const at::Tensor& t) { return t.size(0) == 1 ? 0 : 1; }

@@ -36,6 +36,11 @@ inline void check_commit_args(const at::Tensor& out_tokens, const at::Tensor& ou
     TORCH_CHECK_VALUE(stop_tokens->dim() == 1 && stop_tokens->is_contiguous(), op,
                       ": stop_tokens must be a contiguous [S] tensor, got ", shape_str(*stop_tokens));
   }
+  check_apart(op,
+              {named("out_tokens", out_tokens), named("out_len", out_len), named("position", position),
+               named("finished", finished), named("last_token", last_token), named("error", error)},
+              {named("max_len", max_len), named("tokens", tokens), named("emitted", emitted), named("status", status),
+               named("stop_tokens", stop_tokens)});
 }
 
 inline CommitArgs make_commit_args(const at::Tensor& out_tokens, const at::Tensor& out_len, const at::Tensor& position,

@@ -59,7 +59,19 @@ inline void check_markov_outputs(const at::Tensor& base, const at::Tensor& token
                     op, ": draft_logits must be a contiguous [", R, ", ", G, ", ", V, "] like base_logits, got ",
                     shape_str(draft_logits));
   check_output(op, "status", status, R, at::kInt, base);
-  check_no_overlap(op, "draft_logits", draft_logits, "base_logits", base);
+}
+
+// markov_draft.out's outputs share no memory with an input or each other (checks.h).
+inline void check_markov_apart(const at::Tensor& base, const at::Tensor& anchor, const at::Tensor& w1,
+                               const at::Tensor& w2, const at::Tensor& temperature,
+                               const c10::optional<at::Tensor>& top_k, const c10::optional<at::Tensor>& top_p,
+                               const at::Tensor& seed, const at::Tensor& position,
+                               const c10::optional<at::Tensor>& num_draft, const at::Tensor& tokens,
+                               const at::Tensor& draft_logits, const at::Tensor& status) {
+  check_apart(kMarkovOp, {named("tokens", tokens), named("draft_logits", draft_logits), named("status", status)},
+              {named("base_logits", base), named("anchor", anchor), named("w1", w1), named("w2", w2),
+               named("temperature", temperature), named("top_k", top_k), named("top_p", top_p), named("seed", seed),
+               named("position", position), named("num_draft", num_draft)});
 }
 
 template <typename Storage>

@@ -39,6 +39,18 @@ inline void check_sample_args(const at::Tensor& logits, const at::Tensor& temper
                     ": purpose must be 1 (COIN), 2 (EMIT) or 3 (DRAFT), got ", purpose);
 }
 
+// sample.out's outputs and workspace share no memory with an input or each other (checks.h).
+inline void check_sample_apart(const at::Tensor& logits, const at::Tensor& temperature,
+                               const c10::optional<at::Tensor>& top_k, const c10::optional<at::Tensor>& top_p,
+                               const at::Tensor& seed, const at::Tensor& position, const at::Tensor& slot,
+                               const c10::optional<at::Tensor>& row_start, const at::Tensor& tokens,
+                               const at::Tensor& status, const c10::optional<at::Tensor>& workspace) {
+  check_apart(kSampleOp, {named("tokens", tokens), named("status", status), named("workspace", workspace)},
+              {named("logits", logits), named("temperature", temperature), named("top_k", top_k),
+               named("top_p", top_p), named("seed", seed), named("position", position), named("slot", slot),
+               named("row_start", row_start)});
+}
+
 template <typename T>
 PerRequest<T> per_request(const c10::optional<at::Tensor>& t, T fallback) {
   if (!t.has_value()) return PerRequest<T>{nullptr, 0, fallback};

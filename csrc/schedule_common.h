@@ -43,6 +43,16 @@ inline void check_schedule_args(const at::Tensor& confidence, const at::Tensor& 
   if (temperatures.has_value()) check_output(op, "temperatures", *temperatures, G, at::kFloat, confidence);
 }
 
+// schedule_verify.out's output and workspace share no memory with an input or each other (checks.h).
+inline void check_schedule_apart(const at::Tensor& confidence, const at::Tensor& num_draft, const at::Tensor& sps_table,
+                                 const c10::optional<at::Tensor>& budget,
+                                 const c10::optional<at::Tensor>& temperatures, const at::Tensor& verify_len,
+                                 const c10::optional<at::Tensor>& workspace) {
+  check_apart(kScheduleOp, {named("verify_len", verify_len), named("workspace", workspace)},
+              {named("confidence", confidence), named("num_draft", num_draft), named("sps_table", sps_table),
+               named("budget", budget), named("temperatures", temperatures)});
+}
+
 inline ScheduleArgs make_schedule_args(const at::Tensor& confidence, const at::Tensor& num_draft,
                                        const at::Tensor& sps_table, const std::string& mode, double threshold,
                                        const c10::optional<at::Tensor>& budget,

@@ -49,6 +49,25 @@ inline void check_tree_outputs(const at::Tensor& target_logits, const at::Tensor
   check_output(op, "status", status, R, at::kInt, target_logits);
 }
 
+// verify_tree.out's outputs and workspace share no memory with an input or each other (checks.h).
+inline void check_tree_apart(const at::Tensor& target_logits, const at::Tensor& node_tokens, const at::Tensor& parents,
+                             const at::Tensor& cu_num_nodes, const c10::optional<at::Tensor>& draft_probs,
+                             const c10::optional<at::Tensor>& draft_logits, const at::Tensor& draft_temperature,
+                             const c10::optional<at::Tensor>& sibling_mode, const at::Tensor& temperature,
+                             const c10::optional<at::Tensor>& top_k, const c10::optional<at::Tensor>& top_p,
+                             const at::Tensor& seed, const at::Tensor& position, const at::Tensor& tokens,
+                             const at::Tensor& accepted, const at::Tensor& emitted, const at::Tensor& path,
+                             const at::Tensor& status, const c10::optional<at::Tensor>& workspace) {
+  check_apart(kTreeOp,
+              {named("tokens", tokens), named("accepted", accepted), named("emitted", emitted), named("path", path),
+               named("status", status), named("workspace", workspace)},
+              {named("target_logits", target_logits), named("node_tokens", node_tokens), named("parents", parents),
+               named("cu_num_nodes", cu_num_nodes), named("draft_probs", draft_probs),
+               named("draft_logits", draft_logits), named("draft_temperature", draft_temperature),
+               named("sibling_mode", sibling_mode), named("temperature", temperature), named("top_k", top_k),
+               named("top_p", top_p), named("seed", seed), named("position", position)});
+}
+
 template <typename T, typename D>
 TreeArgs<T, D> make_tree_args(const at::Tensor& target_logits, const at::Tensor& node_tokens, const at::Tensor& parents,
                               const at::Tensor& cu_num_nodes, int64_t max_depth,

@@ -81,6 +81,27 @@ inline void check_verify_outputs(const at::Tensor& target_logits, const at::Tens
   check_output(op, "status", status, R, at::kInt, target_logits);
 }
 
+// verify_chunk.out's outputs and workspace share no memory with an input or each other (checks.h).
+inline void check_verify_apart(const at::Tensor& target_logits, const at::Tensor& draft_tokens,
+                               const at::Tensor& cu_num_draft, const c10::optional<at::Tensor>& draft_probs,
+                               const c10::optional<at::Tensor>& draft_logits, const at::Tensor& draft_temperature,
+                               const at::Tensor& temperature, const c10::optional<at::Tensor>& top_k,
+                               const c10::optional<at::Tensor>& top_p, const at::Tensor& seed,
+                               const at::Tensor& position, const c10::optional<at::Tensor>& draft_row_start,
+                               const c10::optional<at::Tensor>& target_row_start, const at::Tensor& tokens,
+                               const at::Tensor& accepted, const at::Tensor& emitted, const at::Tensor& status,
+                               const c10::optional<at::Tensor>& workspace) {
+  check_apart(kVerifyOp,
+              {named("tokens", tokens), named("accepted", accepted), named("emitted", emitted),
+               named("status", status), named("workspace", workspace)},
+              {named("target_logits", target_logits), named("draft_tokens", draft_tokens),
+               named("cu_num_draft", cu_num_draft), named("draft_probs", draft_probs),
+               named("draft_logits", draft_logits), named("draft_temperature", draft_temperature),
+               named("temperature", temperature), named("top_k", top_k), named("top_p", top_p), named("seed", seed),
+               named("position", position), named("draft_row_start", draft_row_start),
+               named("target_row_start", target_row_start)});
+}
+
 template <typename T, typename D>
 VerifyArgs<T, D> make_verify_args(const at::Tensor& target_logits, const at::Tensor& draft_tokens,
                                   const at::Tensor& cu_num_draft, int64_t max_draft,

@@ -90,12 +90,13 @@ def markov_draft(
     Notes
     -----
     One op: on the CPU each step reads w2 once for every drafting request
-    (fp32 sums, ascending r); on CUDA each step is a cuBLAS GEMM for the
-    bias rows with fp32 sums and output — on the weights as they are when w1
-    and w2 share a bf16/fp16 dtype, else on fp32 copies made once per call
-    (torch.backends.cuda.matmul's TF32 setting applies) — plus two kernels
-    (four with top-k/top-p): the corrected row is written and raced in one
-    pass. No host synchronisation. fp16 logits divided by a small
+    (fp32 sums, ascending r). On CUDA each step first computes the bias
+    rows in fp32: a cuBLAS GEMM on the weights as they are when w1 and w2
+    share a bf16/fp16 dtype; otherwise a kernel on fp32 copies (made once
+    per call, none for contiguous fp32 weights) that sums in the CPU op's
+    order, so its bits match the CPU's whatever the batch and torch's TF32
+    setting. Then two kernels (four with top-k/top-p): the corrected row is
+    written and raced in one pass. No host synchronisation. fp16 logits divided by a small
     temperature can overflow to +inf and abort the request
     (``NONFINITE_LOGITS``): use bf16 or fp32.
     """

@@ -295,6 +295,22 @@ def test_markov_draft(R, V, dtype, filters, schedule):
     assert ("split_select_pass_kernel" in kernels) == (filters and takes_split_select(R, V)), kernels
 
 
+@pytest.mark.parametrize("R,V,rank", [(11, 1000, 37), (3, 1003, 16)])  # 11: two request groups of the kernel
+def test_markov_draft_fp32_bias_is_the_cpu_sum(R, V, rank, schedule):
+    """fp32 weights off any grid: markov_bias_kernel rounds each product and
+    adds in ascending rank as the CPU op does, so the written logits and the
+    tokens are the CPU op's bit for bit (cuBLAS, which this kernel replaces
+    for fp32 weights, sums in its own order, and in TF32 if a user allows it)."""
+    g = torch.Generator().manual_seed(R * V + rank)
+    base = torch.randn(R, 3, V, generator=g) * 2
+    w1, w2 = torch.randn(V, rank, generator=g), torch.randn(rank, V, generator=g) * 0.3
+    anchor = torch.randint(0, V, (R,), generator=g)
+    kw = dict(temperature=(torch.rand(R, generator=g) + 0.5) * (torch.arange(R) % 4 != 0), seed=7, position=3)
+    got, want, kernels = both(lambda: dspark_ops.markov_draft(base, anchor, w1, w2, **kw))
+    assert_same(got, want, f"markov_draft fp32 weights R={R} V={V} rank={rank}")
+    assert "markov_bias_kernel" in kernels, kernels
+
+
 # --- schedule_verify -----------------------------------------------------------
 
 @pytest.mark.parametrize("mode,kw", [("early_stop", {}), ("threshold", dict(threshold=0.4)),

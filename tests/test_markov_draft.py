@@ -330,6 +330,33 @@ def test_cuda_strided_base_rows_match_reference(dtype):
 
 
 @pytest.mark.cuda
+def test_cuda_fp32_weights_give_the_cpu_bits_whatever_tf32_and_the_batch():
+    """fp32 weights: the bias is summed by markov_bias_kernel in the CPU op's
+    order, not by cuBLAS (whose fp32 GEMM takes TF32 when a user allows it,
+    ~1e-3 off, and whose order may change with R). So the written logits and
+    tokens equal the CPU op's exactly, with TF32 allowed, and a request's row
+    is the same alone as in a batch of 11 (two of the kernel's request groups)."""
+    U, anchor, w1, w2 = head(11, 4, 5003, 48, seed=12)
+    kw = dict(temperature=0.9, seed=5, position=6)
+    want = dspark_ops.markov_draft(U, anchor, w1, w2, **kw)
+    allow = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        got = dspark_ops.markov_draft(U.cuda(), anchor.cuda(), w1.cuda(), w2.cuda(), **kw)
+        alone = dspark_ops.markov_draft(U[9:10].cuda(), anchor[9:10].cuda(), w1.cuda(), w2.cuda(), **kw)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = allow
+    got_cpu = dspark_ops.MarkovResult(*(t.cpu() for t in got))
+    assert_matches_reference(got_cpu, want, kw, 5, 6)  # tokens: equal, or a near-tie of the race
+    for r in range(11):  # written logits: the same bits up to a request's first different token
+        for k in range(4):
+            assert torch.equal(got_cpu.draft_logits[r, k], want.draft_logits[r, k]), f"request {r} step {k + 1}"
+            if int(got_cpu.tokens[r, k]) != int(want.tokens[r, k]):
+                break
+    assert torch.equal(alone.draft_logits[0], got.draft_logits[9]) and torch.equal(alone.tokens[0], got.tokens[9])
+
+
+@pytest.mark.cuda
 def test_cuda_markov_draft_never_synchronises():
     U, anchor, w1, w2 = (t.cuda() for t in head(4, 3, 5003, 32, torch.bfloat16, seed=10))
     kw = dict(temperature=torch.full((4,), 0.9, device="cuda"), top_k=20, top_p=0.9,

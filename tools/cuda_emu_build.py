@@ -115,7 +115,7 @@ def load(verbose: bool = False) -> None:
         sources=[str(u) for u in units],
         extra_include_paths=[str(HERE / "include"), str(BUILD / "src")],
         extra_cflags=["-std=c++20", "-O2", "-DDSPARK_CUDA_EMU", "-include", "cuda_emu/prelude.h",
-                      "-Wno-unknown-pragmas", "-fno-strict-aliasing"] + sanitize,
+                      "-Wno-unknown-pragmas", "-fno-strict-aliasing", "-ffp-contract=off"] + sanitize,
         extra_ldflags=sanitize,
         build_directory=str(out),
         is_python_module=False,

@@ -98,6 +98,8 @@ void markov_draft_out_cpu(const at::Tensor& base, const at::Tensor& anchor, cons
                           at::Tensor& status) {
   check_markov_args(base, anchor, w1, w2, temperature, top_k, top_p, seed, position, num_draft);
   check_markov_outputs(base, tokens, draft_logits, status);
+  check_markov_apart(base, anchor, w1, w2, temperature, top_k, top_p, seed, position, num_draft, tokens, draft_logits,
+                     status);
   if (base.size(0) == 0) return;  // (G = 0 still sets each anchor's status)
   const at::Tensor w1f = w1.to(at::kFloat).contiguous(), w2f = w2.to(at::kFloat).contiguous();
   const float* w1p = w1f.const_data_ptr<float>();

@@ -77,11 +77,12 @@ void sample_out_cpu(const at::Tensor& logits, const at::Tensor& temperature,
                     const c10::optional<at::Tensor>& top_k, const c10::optional<at::Tensor>& top_p,
                     const at::Tensor& seed, const at::Tensor& position, int64_t purpose, const at::Tensor& slot,
                     const c10::optional<at::Tensor>& row_start, at::Tensor& tokens, at::Tensor& status,
-                    const c10::optional<at::Tensor>& /*workspace*/) {
+                    const c10::optional<at::Tensor>& workspace) {
   check_sample_args(logits, temperature, top_k, top_p, seed, position, purpose, slot, row_start);
   const int64_t R = sample_num_requests(logits, row_start);
   check_output(kSampleOp, "tokens", tokens, R, at::kInt, logits);
   check_output(kSampleOp, "status", status, R, at::kInt, logits);
+  check_sample_apart(logits, temperature, top_k, top_p, seed, position, slot, row_start, tokens, status, workspace);
   if (R == 0) return;
   switch (logits.scalar_type()) {
     case at::kFloat:

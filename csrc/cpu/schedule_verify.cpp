@@ -14,9 +14,10 @@ namespace {
 void schedule_verify_out_cpu(const at::Tensor& confidence, const at::Tensor& num_draft, const at::Tensor& sps_table,
                              c10::string_view mode, double threshold, const c10::optional<at::Tensor>& budget,
                              const c10::optional<at::Tensor>& temperatures, at::Tensor& verify_len,
-                             const c10::optional<at::Tensor>& /*workspace*/) {
+                             const c10::optional<at::Tensor>& workspace) {
   check_schedule_args(confidence, num_draft, sps_table, std::string(mode), budget, temperatures);
   check_output(kScheduleOp, "verify_len", verify_len, confidence.size(0), at::kInt, confidence);
+  check_schedule_apart(confidence, num_draft, sps_table, budget, temperatures, verify_len, workspace);
   const ScheduleArgs a = make_schedule_args(confidence, num_draft, sps_table, std::string(mode), threshold, budget,
                                             temperatures, verify_len);
   std::vector<std::pair<double, int32_t>> ranked;  // (survival, r * G + j)

@@ -239,10 +239,13 @@ void verify_tree_out_cpu(const at::Tensor& target_logits, const at::Tensor& node
                          const at::Tensor& temperature, const c10::optional<at::Tensor>& top_k,
                          const c10::optional<at::Tensor>& top_p, const at::Tensor& seed, const at::Tensor& position,
                          at::Tensor& tokens, at::Tensor& accepted, at::Tensor& emitted, at::Tensor& path,
-                         at::Tensor& status, const c10::optional<at::Tensor>& /*workspace*/) {
+                         at::Tensor& status, const c10::optional<at::Tensor>& workspace) {
   check_tree_args(target_logits, node_tokens, parents, cu_num_nodes, max_depth, draft_probs, draft_logits,
                   draft_temperature, sibling_mode, temperature, top_k, top_p, seed, position);
   check_tree_outputs(target_logits, cu_num_nodes, max_depth, tokens, accepted, emitted, path, status);
+  check_tree_apart(target_logits, node_tokens, parents, cu_num_nodes, draft_probs, draft_logits, draft_temperature,
+                   sibling_mode, temperature, top_k, top_p, seed, position, tokens, accepted, emitted, path, status,
+                   workspace);
   const int64_t R = verify_num_requests(cu_num_nodes);
   if (R == 0) return;
   const c10::optional<at::Tensor>& draft = draft_probs.has_value() ? draft_probs : draft_logits;

@@ -1,7 +1,8 @@
 // CUDA binding of `markov_draft`: per step, the bias rows w1[x_{k-1}] @ w2
-// by cuBLAS (fp32 sums, through torch, on the current stream), then the fused
-// kernels of kernels/markov_draft.cuh. No host synchronisation: the state
-// between steps (x_{k-1}, live) stays on the device.
+// (fp32 sums: cuBLAS through torch for bf16/fp16 weights, markov_bias_kernel
+// for fp32 ones), then the fused kernels of kernels/markov_draft.cuh, all on
+// the current stream. No host synchronisation: the state between steps
+// (x_{k-1}, live) stays on the device.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -24,10 +25,11 @@ void run(const at::Tensor& base, const at::Tensor& anchor, const at::Tensor& w1,
   const int64_t R = base.size(0), V = base.size(2);
   const auto stream = at::cuda::getCurrentCUDAStream();
   // bf16/fp16 weights of one dtype: cuBLAS reads them as they are and sums in fp32 into an fp32 bias (products of
-  // two half-precision values are exact in fp32: the same arithmetic as fp32 copies, half the bytes of w2 per
-  // step). Otherwise fp32 copies once per call (no copy when they are fp32).
+  // two half-precision values are exact in fp32, and w2 is half the bytes a step). Otherwise fp32 copies once per
+  // call (none when they are fp32 and contiguous) for markov_bias_kernel: the CPU op's sums bit for bit, whatever
+  // the batch and torch's TF32 setting (cuBLAS would take TF32 for fp32 when a user allows it: ~1e-3 off).
   const bool half_gemm = w1.scalar_type() == w2.scalar_type() && w2.scalar_type() != at::kFloat;
-  const at::Tensor w1g = half_gemm ? w1 : w1.to(at::kFloat);
+  const at::Tensor w1g = half_gemm ? w1 : w1.to(at::kFloat).contiguous();
   const at::Tensor w2g = half_gemm ? w2 : w2.to(at::kFloat).contiguous();
   const at::Tensor race_t = temperature.gt(0).to(at::kFloat);  // the keep key's temperature: 1, or 0 (greedy)
   at::Tensor prev = at::empty({R}, base.options().dtype(at::kLong));
@@ -53,7 +55,9 @@ void run(const at::Tensor& base, const at::Tensor& anchor, const at::Tensor& w1,
       at::mm_out(bias, w1g.index_select(0, prev), w2g, at::kFloat);
 #endif
     } else {
-      at::mm_out(bias, w1g.index_select(0, prev), w2g);
+      err = markov_bias_launch(w1g.const_data_ptr<float>(), w2g.const_data_ptr<float>(), b.prev, R, w1g.size(1), V,
+                               bias.data_ptr<float>(), stream);
+      if (err != cudaSuccess) break;
     }
     err = markov_step_launch<Storage>(args, k, b, may_filter, stream);
   }
@@ -68,6 +72,8 @@ void markov_draft_out_cuda(const at::Tensor& base, const at::Tensor& anchor, con
                            at::Tensor& status) {
   check_markov_args(base, anchor, w1, w2, temperature, top_k, top_p, seed, position, num_draft);
   check_markov_outputs(base, tokens, draft_logits, status);
+  check_markov_apart(base, anchor, w1, w2, temperature, top_k, top_p, seed, position, num_draft, tokens, draft_logits,
+                     status);
   if (base.size(0) == 0) return;
   const c10::cuda::CUDAGuard guard(base.device());
   switch (base.scalar_type()) {

@@ -36,6 +36,7 @@ void sample_out_cuda(const at::Tensor& logits, const at::Tensor& temperature,
   const int64_t R = sample_num_requests(logits, row_start);
   check_output(kSampleOp, "tokens", tokens, R, at::kInt, logits);
   check_output(kSampleOp, "status", status, R, at::kInt, logits);
+  check_sample_apart(logits, temperature, top_k, top_p, seed, position, slot, row_start, tokens, status, workspace);
   if (R == 0) return;
   const c10::cuda::CUDAGuard guard(logits.device());
   const int64_t need = sample_workspace_bytes(R, logits.size(1));

@@ -19,6 +19,7 @@ void schedule_verify_out_cuda(const at::Tensor& confidence, const at::Tensor& nu
                               const c10::optional<at::Tensor>& workspace) {
   check_schedule_args(confidence, num_draft, sps_table, std::string(mode), budget, temperatures);
   check_output(kScheduleOp, "verify_len", verify_len, confidence.size(0), at::kInt, confidence);
+  check_schedule_apart(confidence, num_draft, sps_table, budget, temperatures, verify_len, workspace);
   if (confidence.size(0) == 0) return;
   const c10::cuda::CUDAGuard guard(confidence.device());
   const int64_t slots = schedule_slots(confidence.size(0), confidence.size(1));

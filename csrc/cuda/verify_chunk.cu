@@ -26,6 +26,9 @@ void verify_chunk_out_cuda(const at::Tensor& target_logits, const at::Tensor& dr
   check_verify_args(target_logits, draft_tokens, cu_num_draft, max_draft, draft_probs, draft_logits, draft_temperature,
                     temperature, top_k, top_p, seed, position, draft_row_start, target_row_start);
   check_verify_outputs(target_logits, cu_num_draft, max_draft, tokens, accepted, emitted, status);
+  check_verify_apart(target_logits, draft_tokens, cu_num_draft, draft_probs, draft_logits, draft_temperature,
+                     temperature, top_k, top_p, seed, position, draft_row_start, target_row_start, tokens, accepted,
+                     emitted, status, workspace);
   const int64_t R = verify_num_requests(cu_num_draft);
   if (R == 0) return;
   const c10::cuda::CUDAGuard guard(target_logits.device());

@@ -55,6 +55,9 @@ void verify_tree_out_cuda(const at::Tensor& target_logits, const at::Tensor& nod
   check_tree_args(target_logits, node_tokens, parents, cu_num_nodes, max_depth, draft_probs, draft_logits,
                   draft_temperature, sibling_mode, temperature, top_k, top_p, seed, position);
   check_tree_outputs(target_logits, cu_num_nodes, max_depth, tokens, accepted, emitted, path, status);
+  check_tree_apart(target_logits, node_tokens, parents, cu_num_nodes, draft_probs, draft_logits, draft_temperature,
+                   sibling_mode, temperature, top_k, top_p, seed, position, tokens, accepted, emitted, path, status,
+                   workspace);
   const int64_t R = verify_num_requests(cu_num_nodes);
   if (R == 0) return;
   const c10::cuda::CUDAGuard guard(target_logits.device());

@@ -1,7 +1,7 @@
 // The `markov_draft` op's CUDA kernels (DESIGN §3), one step k at a time;
-// the bias rows w1[x_{k-1}] @ w2 [R, V] fp32 come from the caller (cuBLAS
-// through torch in csrc/cuda/markov_draft.cu). Per step, without a host
-// synchronisation:
+// the bias rows w1[x_{k-1}] @ w2 [R, V] fp32 come first: markov_bias_kernel
+// for fp32 weights, cuBLAS through torch for bf16/fp16 ones
+// (csrc/cuda/markov_draft.cu). Per step, without a host synchronisation:
 //   markov_correct_kernel     [R * chunks] blocks: the corrected row, written
 //                             in the logits' dtype; raced right there unless
 //                             the request is top-k/top-p filtered.
@@ -50,6 +50,49 @@ inline int64_t markov_workspace_bytes(int64_t R, int64_t V) {
   c.take<uint32_t>(R);
   c.take<SamplePartial>(R * markov_chunks(R, V));
   return c.bytes;
+}
+
+// The bias rows w1[x_{k-1}] @ w2 [R, V] of fp32 weights, summed as the CPU op
+// sums them: per entry, each product rounded and added in ascending rank
+// (__fmul_rn / __fadd_rn: nvcc may not fuse them), so the bits are the CPU's
+// and depend neither on R nor on torch's TF32 switch, as cuBLAS's would. A
+// thread takes 4 columns of kBiasRequests requests: w2 is read once per
+// group of requests. (bf16/fp16 weights take cuBLAS: products of two 16-bit
+// values are exact in fp32, and w2 is half the bytes.)
+constexpr int kBiasRequests = 8;
+
+__global__ void __launch_bounds__(kMarkovBlock)
+    markov_bias_kernel(const float* __restrict__ w1, const float* __restrict__ w2, const int64_t* __restrict__ prev,
+                       int64_t R, int64_t rank, int64_t V, float* __restrict__ bias) {
+  const int64_t v0 = 4 * (static_cast<int64_t>(blockIdx.x) * kMarkovBlock + threadIdx.x);
+  const int64_t r0 = static_cast<int64_t>(blockIdx.y) * kBiasRequests;
+  if (v0 >= V) return;
+  const int count = V - v0 < 4 ? static_cast<int>(V - v0) : 4;
+  const int rows = R - r0 < kBiasRequests ? static_cast<int>(R - r0) : kBiasRequests;
+  const bool aligned = V % 4 == 0 && reinterpret_cast<uintptr_t>(w2) % 16 == 0;
+  const float* w1_row[kBiasRequests];
+#pragma unroll
+  for (int q = 0; q < kBiasRequests; ++q) w1_row[q] = w1 + prev[r0 + (q < rows ? q : rows - 1)] * rank;
+  float acc[kBiasRequests][4];
+#pragma unroll
+  for (int q = 0; q < kBiasRequests; ++q)
+#pragma unroll
+    for (int c = 0; c < 4; ++c) acc[q][c] = 0.0f;
+#pragma unroll 4
+  for (int64_t j = 0; j < rank; ++j) {
+    float w[4];
+    load4(w2 + j * V + v0, count, aligned, w);
+#pragma unroll
+    for (int q = 0; q < kBiasRequests; ++q) {
+      const float s = w1_row[q][j];
+#pragma unroll
+      for (int c = 0; c < 4; ++c) acc[q][c] = __fadd_rn(acc[q][c], __fmul_rn(s, w[c]));
+    }
+  }
+#pragma unroll
+  for (int q = 0; q < kBiasRequests; ++q)
+    if (q < rows)
+      for (int c = 0; c < count; ++c) bias[(r0 + q) * V + v0 + c] = acc[q][c];
 }
 
 template <typename T>
@@ -173,6 +216,18 @@ cudaError_t markov_start_launch(const MarkovArgs<T>& a, const MarkovBuffers& b, 
   if (a.num_requests == 0) return cudaSuccess;
   const unsigned blocks = static_cast<unsigned>((a.num_requests + 127) / 128);
   markov_start_kernel<T><<<blocks, 128, 0, stream>>>(a, b.prev, b.live);
+  return cudaGetLastError();
+}
+
+// The fp32 bias rows of step k into `bias` (markov_bias_kernel); prev: x_{k-1}.
+inline cudaError_t markov_bias_launch(const float* w1, const float* w2, const int64_t* prev, int64_t R, int64_t rank,
+                                      int64_t V, float* bias, cudaStream_t stream) {
+  if (R == 0) return cudaSuccess;
+  const int64_t groups = (R + kBiasRequests - 1) / kBiasRequests;
+  const int64_t blocks = (V + 4 * kMarkovBlock - 1) / (4 * kMarkovBlock);
+  if (groups > 65535) return cudaErrorInvalidConfiguration;
+  markov_bias_kernel<<<dim3(static_cast<unsigned>(blocks), static_cast<unsigned>(groups)), kMarkovBlock, 0, stream>>>(
+      w1, w2, prev, R, rank, V, bias);
   return cudaGetLastError();
 }
 

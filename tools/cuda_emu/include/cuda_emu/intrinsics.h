@@ -117,6 +117,10 @@ inline void __stcg(T* p, T v) { *p = v; }
 template <typename T>
 inline void __stcs(T* p, T v) { *p = v; }
 
+// Rounded single operations (never fused): the emulator's host build does not contract either.
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __fmul_rn(float a, float b) { return a * b; }
+
 inline unsigned __float_as_uint(float v) { return std::bit_cast<unsigned>(v); }
 inline float __uint_as_float(unsigned v) { return std::bit_cast<float>(v); }
 inline int __float_as_int(float v) { return std::bit_cast<int>(v); }
