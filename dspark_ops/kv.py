@@ -209,7 +209,10 @@ class RequestState:
         """Fresh state: last_token [R] (each prompt's last token), position [R]
         (each prompt's length)."""
         R, dev = last_token.shape[0], last_token.device
-        max_len = torch.as_tensor(max_len, dtype=torch.int32, device=dev).expand(R).contiguous()
+        if isinstance(max_len, torch.Tensor):
+            max_len = max_len.to(device=dev, dtype=torch.int32).expand(R).contiguous()
+        else:  # filled on the device: a host scalar copied there would synchronise
+            max_len = torch.full((R,), int(max_len), dtype=torch.int32, device=dev)
         return cls(torch.full((R, max_total), -1, dtype=torch.int32, device=dev),
                    torch.zeros(R, dtype=torch.int32, device=dev), position.to(torch.int64).contiguous().clone(),
                    max_len, torch.zeros(R, dtype=torch.bool, device=dev), last_token.to(torch.int32).clone(),

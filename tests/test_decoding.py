@@ -930,6 +930,9 @@ def test_bad_arguments():
         dec.generate([[1, 2], []], 4)
     with pytest.raises(ValueError, match="at least one token"):
         dec.generate([], 4)
+    for token in (30, -1):  # vocabulary 30: refused on the host (a GPU's embedding lookup would assert)
+        with pytest.raises(ValueError, match=rf"prompt 1 has token {token}, outside the target's vocabulary \[0, 30\)"):
+            dec.generate([[1, 2], [3, token]], 4)
     for bad in (0, -3):
         with pytest.raises(ValueError, match="max_new_tokens"):
             dec.generate(prompts, bad)

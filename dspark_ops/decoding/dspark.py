@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._host import host_to_device
 from ..markov import markov_draft
 from ..schedule import measure_sps, schedule_verify
 from .drafters import Draft, Drafter
@@ -318,8 +319,9 @@ class DSparkDrafter(Drafter):
         self.hidden_layers = cfg.hidden_layers
         self.schedule, self.threshold, self.with_confidence = schedule, threshold, with_confidence
         self.budget = None if budget is None else int(budget)
-        self._sps = None if sps_table is None else sps_table.detach().to(torch.float64).reshape(-1)
-        self.temperatures = None if temperatures is None else temperatures.detach().to(torch.float32).reshape(-1)[:n]
+        self._sps = None if sps_table is None else sps_table.detach().to("cpu", torch.float64).reshape(-1)
+        self.temperatures = (None if temperatures is None
+                             else temperatures.detach().to("cpu", torch.float32).reshape(-1)[:n])
         self.c_last: Optional[torch.Tensor] = None
         head.to(device=model.embed.weight.device).eval()
 
@@ -336,10 +338,10 @@ class DSparkDrafter(Drafter):
                              f"{R} requests with {n} drafts need up to {R * (n + 1)} (beyond it SPS is 0 and "
                              f"nothing would be drafted): measure it there (target_sps_table(..., requests={R}))")
         self.c_last = None  # until observe(): each request's last processed token's context features
-        # Device copies made once per call: no step copies from the host.
-        self.temps_dev = None if self.temperatures is None else self.temperatures.to(device)
-        self.sps_dev = (self._sps if self._sps is not None
-                        else torch.ones(R * (n + 1) + 1, dtype=torch.float64)).to(device)
+        # Device copies made once per call (pinned and asynchronous: no synchronisation); none in a step.
+        self.temps_dev = None if self.temperatures is None else host_to_device(self.temperatures, device)
+        self.sps_dev = (host_to_device(self._sps, device) if self._sps is not None
+                        else torch.ones(R * (n + 1) + 1, dtype=torch.float64, device=device))
         self.budget_dev = None if self.budget is None else torch.full((1,), self.budget, dtype=torch.int64,
                                                                       device=device)
         if cfg.context_heads:  # keys and values of every processed token (room for a step's rows past max_len)

@@ -17,6 +17,7 @@ graphs of a StepGraphs share one memory pool, which is safe because each
 one's outputs are consumed before another replays."""
 from __future__ import annotations
 
+import contextlib
 import inspect
 import warnings
 import weakref
@@ -59,8 +60,10 @@ class StepGraphs:
         self._capture_asked = capture  # renewed graphs try again after a failed capture
         self.slots: Dict[Hashable, _Slot] = {}
         self.pool = None
-        # warm-up and capture stream (none without a GPU: a capture attempt then fails into the fallback)
-        self.stream = torch.cuda.Stream() if capture and torch.cuda.is_available() else None
+        # warm-up and capture on a side stream of the inputs' device, made at the first step (none without a
+        # GPU: a capture attempt then fails into the fallback)
+        self.side_streams = capture and torch.cuda.is_available()
+        self.stream: Optional[torch.cuda.Stream] = None
         self.captured = 0  # graphs captured (res.stats["cuda_graphs"])
 
     def renewed(self, token: Any) -> "StepGraphs":
@@ -86,26 +89,40 @@ class StepGraphs:
         slot.graph.replay()
         return slot.out
 
+    def _device(self, slot: _Slot) -> torch.device:
+        """The step's GPU: its inputs', which need not be the current device
+        (a stream or capture on another device would record nothing)."""
+        dev = next((t.device for t in slot.inputs if t is not None and t.is_cuda), None)
+        return dev if dev is not None else torch.device("cuda", torch.cuda.current_device())
+
     def _warm_up(self, slot: _Slot) -> Any:
-        if self.stream is None:
+        if not self.side_streams:
             return self.step(slot.inputs)
-        main = torch.cuda.current_stream()
-        self.stream.wait_stream(main)
-        with torch.cuda.stream(self.stream):
-            out = self.step(slot.inputs)
-        main.wait_stream(self.stream)
+        dev = self._device(slot)
+        with torch.cuda.device(dev):
+            if self.stream is None or self.stream.device != dev:
+                self.stream = torch.cuda.Stream(device=dev)
+            main = torch.cuda.current_stream(dev)
+            self.stream.wait_stream(main)
+            with torch.cuda.stream(self.stream):
+                out = self.step(slot.inputs)
+            main.wait_stream(self.stream)
         return out
 
     def _capture(self, slot: _Slot) -> None:
-        main = torch.cuda.current_stream() if self.stream is not None else None
+        dev = self._device(slot) if self.stream is not None else None
+        main = torch.cuda.current_stream(dev) if dev is not None else None
         try:
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
+            on_device = torch.cuda.device(dev) if dev is not None else contextlib.nullcontext()
+            # thread_local: another thread's CUDA work during the capture does not invalidate it
+            with on_device, torch.cuda.graph(graph, pool=self.pool, stream=self.stream,
+                                             capture_error_mode="thread_local"):
                 out = self.step(slot.inputs)
         except Exception as e:  # an op that cannot be captured: stay eager, say why once
             if main is not None:
                 torch.cuda.set_stream(main)  # a failed capture_end leaves the capture stream current
-                torch.cuda.synchronize()
+                torch.cuda.synchronize(dev)
             cause = e.__context__ if e.__context__ is not None else e  # the op's error, not capture_end's
             warnings.warn(f"SpeculativeDecoder: CUDA graph capture of {self.name} failed, running eagerly "
                           f"({type(cause).__name__}: {cause})", RuntimeWarning, stacklevel=3)

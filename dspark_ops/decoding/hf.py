@@ -35,6 +35,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
+from .._host import to_device
 from ..kv import kv_compact
 
 
@@ -103,7 +104,7 @@ class HFCache:
         self.max_len = max_len
 
     def _sync_lengths(self) -> None:
-        self.lengths.copy_(torch.tensor(self.host_lengths, dtype=torch.int32), non_blocking=True)
+        self.lengths.copy_(to_device(self.host_lengths, torch.int32, self.lengths.device))  # pinned, asynchronous
 
 
 class HFTarget:

@@ -132,6 +132,11 @@ class SpeculativeDecoder:
         seqs = [list(map(int, p)) for p in (prompts.tolist() if isinstance(prompts, torch.Tensor) else prompts)]
         if not seqs or any(len(s) == 0 for s in seqs):
             raise ValueError("SpeculativeDecoder.generate: every prompt needs at least one token")
+        V = self.target.vocab_size
+        bad = next(((r, t) for r, s in enumerate(seqs) for t in s if not 0 <= t < V), None)
+        if bad is not None:  # checked here: on a GPU the embedding lookup would assert and poison the context
+            raise ValueError(f"SpeculativeDecoder.generate: prompt {bad[0]} has token {bad[1]}, outside the "
+                             f"target's vocabulary [0, {V})")
         limits = list(max_new_tokens) if isinstance(max_new_tokens, (list, tuple)) else [max_new_tokens] * len(seqs)
         if len(limits) != len(seqs) or any(int(m) < 1 for m in limits):
             raise ValueError(f"SpeculativeDecoder.generate: max_new_tokens must be >= 1 (a scalar or one per prompt), "
