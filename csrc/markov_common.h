@@ -67,8 +67,11 @@ inline void check_markov_apart(const at::Tensor& base, const at::Tensor& anchor,
                                const c10::optional<at::Tensor>& top_k, const c10::optional<at::Tensor>& top_p,
                                const at::Tensor& seed, const at::Tensor& position,
                                const c10::optional<at::Tensor>& num_draft, const at::Tensor& tokens,
-                               const at::Tensor& draft_logits, const at::Tensor& status) {
-  check_apart(kMarkovOp, {named("tokens", tokens), named("draft_logits", draft_logits), named("status", status)},
+                               const at::Tensor& draft_logits, const at::Tensor& status,
+                               const c10::optional<at::Tensor>& workspace) {
+  check_apart(kMarkovOp,
+              {named("tokens", tokens), named("draft_logits", draft_logits), named("status", status),
+               named("workspace", workspace)},
               {named("base_logits", base), named("anchor", anchor), named("w1", w1), named("w2", w2),
                named("temperature", temperature), named("top_k", top_k), named("top_p", top_p), named("seed", seed),
                named("position", position), named("num_draft", num_draft)});
@@ -103,7 +106,7 @@ MarkovArgs<Storage> make_markov_args(const at::Tensor& base, const at::Tensor& a
 using MarkovOutFn = void (*)(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                              const at::Tensor&, const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&,
                              const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&, at::Tensor&,
-                             at::Tensor&, at::Tensor&);
+                             at::Tensor&, at::Tensor&, const c10::optional<at::Tensor>&);
 
 template <MarkovOutFn kOut>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> markov_functional(
@@ -115,7 +118,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> markov_functional(
   at::Tensor tokens = at::empty({R, G}, base.options().dtype(at::kInt));
   at::Tensor draft_logits = at::empty({R, G, V}, base.options());
   at::Tensor status = at::empty({R}, base.options().dtype(at::kInt));
-  kOut(base, anchor, w1, w2, temperature, top_k, top_p, seed, position, num_draft, tokens, draft_logits, status);
+  kOut(base, anchor, w1, w2, temperature, top_k, top_p, seed, position, num_draft, tokens, draft_logits, status,
+       c10::nullopt);
   return {tokens, draft_logits, status};
 }
 

@@ -5,6 +5,7 @@
 
 #include <string>
 
+#include "core/markov_workspace.h"
 #include "core/sample_args.h"
 #include "core/tree.h"
 #include "core/verify_args.h"
@@ -30,6 +31,7 @@ int64_t workspace_bytes(std::string op, int64_t num_requests, int64_t vocab, int
   if (op == "verify_chunk") return verify_workspace(nullptr, num_requests, max_draft, vocab).bytes;
   if (op == "verify_tree") return tree_workspace(nullptr, num_requests, vocab, true, max_draft).bytes;  // = num_nodes
   if (op == "schedule_verify") return schedule_workspace_bytes(num_requests, max_draft);  // max_draft = G
+  if (op == "markov_draft") return markov_layout(num_requests, vocab, max_draft).bytes;  // max_draft = the rank
   TORCH_CHECK_VALUE(false, "dspark_ops.workspace_size: unknown op '", op, "'");
 }
 
@@ -89,7 +91,7 @@ TORCH_LIBRARY(dspark_ops, m) {
   m.def(
       "markov_draft.out(Tensor base_logits, Tensor anchor, Tensor w1, Tensor w2, Tensor temperature, Tensor? top_k, "
       "Tensor? top_p, Tensor seed, Tensor position, Tensor? num_draft, *, Tensor(a!) tokens, "
-      "Tensor(b!) draft_logits, Tensor(c!) status) -> ()");
+      "Tensor(b!) draft_logits, Tensor(c!) status, Tensor(w!)? workspace=None) -> ()");
   m.def("packed_linear(Tensor input, Tensor packed_weight, int out_features, Tensor? residual=None) -> Tensor");
   m.def("packed_linear_kernel() -> str", &dspark::packed_linear_kernel);
   m.def("workspace_bytes(str op, int num_requests, int vocab, int max_draft) -> int", &dspark::workspace_bytes);

@@ -42,6 +42,7 @@ def markov_draft(
     position: TensorOrInt = 0,
     num_draft: Optional[torch.Tensor] = None,
     out: Optional[MarkovResult] = None,
+    workspace: Optional[torch.Tensor] = None,
 ) -> MarkovResult:
     """Draft a block of G tokens left to right with DSpark's Markov head.
 
@@ -68,7 +69,16 @@ def markov_draft(
         Stop request r after num_draft[r] tokens (the rest: token -1,
         logits -inf); clamped to [0, G].
     out : MarkovResult, optional
-        Preallocated outputs.
+        Preallocated outputs: the ``.out`` overload.
+    workspace : Tensor, optional
+        ``workspace_size("markov_draft", num_requests=R, vocab_size=V,
+        rank=r)`` bytes on the logits' device, 16-byte aligned: the CUDA op's
+        scratch (the state between steps, the fp32 bias rows, the gathered
+        w1 rows, the race partials), so that a call with ``out=`` and
+        contiguous weights of one dtype (fp32, or bf16/fp16 both) allocates
+        nothing; mixed weight dtypes still make fp32 copies. Without it the
+        CUDA op allocates through torch's caching allocator. The CPU op
+        needs none and ignores it.
 
     Returns
     -------
@@ -125,9 +135,13 @@ def markov_draft(
     if V > 1 and base_logits.stride(2) != 1:
         base_logits = base_logits.contiguous()
     args = (base_logits, anchor.to(torch.int64).contiguous(), w1, w2, temps, k_t, p_t, seeds, positions, limit)
-    if out is None:
+    if out is None and workspace is None:
         return MarkovResult(*_ops.markov_draft(*args))
-    _ops.markov_draft.out(*args, tokens=out.tokens, draft_logits=out.draft_logits, status=out.status)
+    if out is None:
+        out = MarkovResult(base_logits.new_empty((R, G), dtype=torch.int32), base_logits.new_empty((R, G, V)),
+                           base_logits.new_empty((R,), dtype=torch.int32))
+    _ops.markov_draft.out(*args, tokens=out.tokens, draft_logits=out.draft_logits, status=out.status,
+                          workspace=workspace)
     return out
 
 
@@ -173,7 +187,7 @@ def _markov_draft_fake(base, anchor, w1, w2, temperature, top_k, top_p, seed, po
 
 @torch.library.register_fake("dspark_ops::markov_draft.out")
 def _markov_draft_out_fake(base, anchor, w1, w2, temperature, top_k, top_p, seed, position, num_draft, *, tokens,
-                           draft_logits, status):
+                           draft_logits, status, workspace=None):
     _check_markov_args(base, anchor, w1, w2, temperature, top_k, top_p, seed, position, num_draft)
     R, G, V = base.shape
     _checks.check_int_rows(OP, "tokens", tokens, R, G, base)

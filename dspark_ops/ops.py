@@ -29,7 +29,8 @@ def workspace_size(op_name: str, **sizes: int) -> int:
         and optionally ``num_nodes``, the target rows (every node of every
         request): room for the row pass, which reads every node row with
         the whole GPU before the walk (faster for small batches); a
-        workspace sized without it runs verify_tree without the row pass.
+        workspace sized without it runs verify_tree without the row pass;
+        for ``"markov_draft"``, R, V and ``rank`` (the Markov head's r).
 
     Returns
     -------
@@ -49,7 +50,8 @@ def workspace_size(op_name: str, **sizes: int) -> int:
     True
     """
     # The op's third size: verify_chunk's max_draft, schedule_verify's group (or max_draft), verify_tree's num_nodes.
-    third = {"verify_tree": ("num_nodes",), "schedule_verify": ("group", "max_draft")}.get(op_name, ("max_draft",))
+    third = {"verify_tree": ("num_nodes",), "schedule_verify": ("group", "max_draft"),
+             "markov_draft": ("rank",)}.get(op_name, ("max_draft",))
     unknown = set(sizes) - {"num_requests", "vocab_size", *third}
     if unknown:
         raise ValueError(f"dspark_ops.workspace_size: unknown sizes {sorted(unknown)} for '{op_name}'")

@@ -311,6 +311,29 @@ def test_markov_draft_fp32_bias_is_the_cpu_sum(R, V, rank, schedule):
     assert "markov_bias_kernel" in kernels, kernels
 
 
+@pytest.mark.parametrize("R,V,filters", [(3, 9000, True), (40, 1003, False)])  # 3 x 9000: split select's state too
+def test_markov_draft_out_with_a_workspace(R, V, filters, schedule):
+    """The .out form with a workspace: every scratch buffer (bias rows,
+    gathered bf16 w1 rows, state, partials, split select) carved from it;
+    the same results as the CPU op. A workspace one byte short is refused."""
+    G, r = 3, 16
+    g = torch.Generator().manual_seed(R * V)
+    base = (torch.randn(R, G, V, generator=g) * 3).to(torch.bfloat16)
+    w1 = (torch.randint(-8, 9, (V, r), generator=g) / 16).to(torch.bfloat16)  # on a grid: exact sums (see above)
+    w2 = (torch.randint(-8, 9, (r, V), generator=g) / 16).to(torch.bfloat16)
+    anchor = torch.randint(0, V, (R,), generator=g)
+    kw = dict(temperature=(torch.arange(R) % 3) * 0.5, seed=torch.arange(R), position=torch.full((R,), 3))
+    if filters:
+        kw.update(top_k=torch.tensor([0, 25, 4][:R]), top_p=torch.tensor([1.0, 0.9, 0.8][:R]))
+    need = dspark_ops.workspace_size("markov_draft", num_requests=R, vocab_size=V, rank=r)
+    ws = torch.full((need,), 0xAB, dtype=torch.uint8)  # stale bytes: nothing may be read before it is written
+    got, want, kernels = both(lambda: dspark_ops.markov_draft(base, anchor, w1, w2, workspace=ws, **kw))
+    assert_same(got, want, f"markov_draft R={R} V={V} with a workspace")
+    assert ("split_select_pass_kernel" in kernels) == (filters and takes_split_select(R, V)), kernels
+    with cuda_emu_build.emulated_ops(), pytest.raises(ValueError, match=f"workspace must hold at least {need}"):
+        dspark_ops.markov_draft(base, anchor, w1, w2, workspace=ws[:need - 1], **kw)
+
+
 # --- schedule_verify -----------------------------------------------------------
 
 @pytest.mark.parametrize("mode,kw", [("early_stop", {}), ("threshold", dict(threshold=0.4)),

@@ -183,6 +183,20 @@ def test_opcheck_both_forms():
     out = dict(tokens=torch.empty(R, G, dtype=torch.int32), draft_logits=torch.empty(R, G, V, dtype=U.dtype),
                status=torch.empty(R, dtype=torch.int32))
     torch.library.opcheck(torch.ops.dspark_ops.markov_draft.out, args, out)
+    ws = torch.empty(dspark_ops.workspace_size("markov_draft", num_requests=R, vocab_size=V, rank=args[2].shape[1]),
+                     dtype=torch.uint8)
+    torch.library.opcheck(torch.ops.dspark_ops.markov_draft.out, args, {**out, "workspace": ws})
+
+
+def test_workspace_size_covers_the_cuda_scratch():
+    """The .out form's workspace holds the CUDA op's whole scratch: the fp32
+    bias rows [R, V] and more; it grows with R, V and the rank."""
+    size = lambda R, V, r: dspark_ops.workspace_size("markov_draft", num_requests=R, vocab_size=V, rank=r)  # noqa
+    assert size(4, 1000, 16) >= 4 * 1000 * 4 + 4 * 16 * 4
+    assert size(8, 1000, 16) > size(4, 1000, 16) and size(4, 2000, 16) > size(4, 1000, 16)
+    assert size(4, 1000, 64) > size(4, 1000, 16)
+    with pytest.raises(ValueError, match="unknown sizes"):
+        dspark_ops.workspace_size("markov_draft", num_requests=4, vocab_size=1000, max_draft=3)
 
 
 def test_out_form_equals_functional():
@@ -196,6 +210,10 @@ def test_out_form_equals_functional():
     got = dspark_ops.markov_draft(U, anchor, w1, w2, out=out, **kw)
     assert got is out
     for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    ws = torch.empty(dspark_ops.workspace_size("markov_draft", num_requests=R, vocab_size=V, rank=w1.shape[1]),
+                     dtype=torch.uint8)
+    for a, b in zip(dspark_ops.markov_draft(U, anchor, w1, w2, workspace=ws, **kw), want):  # outputs made for it
         assert torch.equal(a, b)
 
 
@@ -354,6 +372,34 @@ def test_cuda_fp32_weights_give_the_cpu_bits_whatever_tf32_and_the_batch():
             if int(got_cpu.tokens[r, k]) != int(want.tokens[r, k]):
                 break
     assert torch.equal(alone.draft_logits[0], got.draft_logits[9]) and torch.equal(alone.tokens[0], got.tokens[9])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("weights", [torch.bfloat16, torch.float32])
+def test_cuda_out_with_workspace_allocates_nothing(weights):
+    """DESIGN §2: a .out call with a workspace takes all its scratch from it
+    (weights of one dtype, contiguous: no copies), and gives the functional
+    form's results; a workspace one byte short is refused."""
+    U, anchor, w1, w2 = (t.cuda() for t in head(3, 4, 9001, 24, torch.bfloat16, seed=14))
+    w1, w2 = w1.to(weights), w2.to(weights)
+    kw = dict(temperature=torch.tensor([0.0, 0.8, 1.1], device="cuda"), top_k=torch.tensor([0, 30, 5], device="cuda",
+              dtype=torch.int32), top_p=torch.full((3,), 0.9, device="cuda"), seed=torch.arange(3, device="cuda"),
+              position=torch.full((3,), 4, device="cuda"))
+    want = dspark_ops.markov_draft(U, anchor, w1, w2, **kw)
+    need = dspark_ops.workspace_size("markov_draft", num_requests=3, vocab_size=9001, rank=24)
+    ws = torch.empty(need, dtype=torch.uint8, device="cuda")
+    out = dspark_ops.MarkovResult(torch.empty_like(want.tokens), torch.empty_like(want.draft_logits),
+                                  torch.empty_like(want.status))
+    dspark_ops.markov_draft(U, anchor, w1, w2, out=out, workspace=ws, **kw)  # warm-up: cuBLAS's own workspace
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_stats()["allocation.all.allocated"]
+    dspark_ops.markov_draft(U, anchor, w1, w2, out=out, workspace=ws, **kw)
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_stats()["allocation.all.allocated"] == before
+    for name, a, b in zip(dspark_ops.MarkovResult._fields, out, want):
+        assert torch.equal(a, b), name
+    with pytest.raises(ValueError, match=f"workspace must hold at least {need} bytes"):
+        dspark_ops.markov_draft(U, anchor, w1, w2, out=out, workspace=ws[:need - 1], **kw)
 
 
 @pytest.mark.cuda

@@ -11,6 +11,7 @@
 #include "../kernels/markov_draft.cuh"
 #include "../markov_common.h"
 #include "env_switch.h"
+#include "workspace.h"
 
 namespace dspark {
 namespace {
@@ -19,10 +20,10 @@ template <typename Storage>
 void run(const at::Tensor& base, const at::Tensor& anchor, const at::Tensor& w1, const at::Tensor& w2,
          const at::Tensor& temperature, const c10::optional<at::Tensor>& top_k, const c10::optional<at::Tensor>& top_p,
          const at::Tensor& seed, const at::Tensor& position, const c10::optional<at::Tensor>& num_draft,
-         at::Tensor& tokens, at::Tensor& draft_logits, at::Tensor& status) {
+         at::Tensor& tokens, at::Tensor& draft_logits, at::Tensor& status, const c10::optional<at::Tensor>& workspace) {
   const auto args = make_markov_args<Storage>(base, anchor, temperature, top_k, top_p, seed, position, num_draft,
                                               tokens, draft_logits, status);
-  const int64_t R = base.size(0), V = base.size(2);
+  const int64_t R = base.size(0), V = base.size(2), rank = w1.size(1);
   const auto stream = at::cuda::getCurrentCUDAStream();
   // bf16/fp16 weights of one dtype: cuBLAS reads them as they are and sums in fp32 into an fp32 bias (products of
   // two half-precision values are exact in fp32, and w2 is half the bytes a step). Otherwise fp32 copies once per
@@ -31,31 +32,27 @@ void run(const at::Tensor& base, const at::Tensor& anchor, const at::Tensor& w1,
   const bool half_gemm = w1.scalar_type() == w2.scalar_type() && w2.scalar_type() != at::kFloat;
   const at::Tensor w1g = half_gemm ? w1 : w1.to(at::kFloat).contiguous();
   const at::Tensor w2g = half_gemm ? w2 : w2.to(at::kFloat).contiguous();
-  const at::Tensor race_t = temperature.gt(0).to(at::kFloat);  // the keep key's temperature: 1, or 0 (greedy)
-  at::Tensor prev = at::empty({R}, base.options().dtype(at::kLong));
-  at::Tensor bias = at::empty({R, V}, base.options().dtype(at::kFloat));
-  at::Tensor scratch = at::empty({markov_workspace_bytes(R, V)}, base.options().dtype(at::kByte));
-  WorkspaceCarve carve{static_cast<char*>(scratch.data_ptr())};
-  MarkovBuffers b;
-  b.bias = bias.const_data_ptr<float>();
-  b.prev = prev.data_ptr<int64_t>();
-  b.live = carve.take<int32_t>(R);
-  b.keep_keys = carve.take<uint32_t>(R);
-  b.partials = carve.take<SamplePartial>(R * markov_chunks(R, V));
-  b.race_temperature = per_request<float>(race_t, 1.0f);
+  // Every other buffer lives in one workspace: the caller's (no allocation), or one allocation.
+  const MarkovLayout layout = markov_layout(R, V, rank);
+  at::Tensor scratch;
+  char* ws = static_cast<char*>(workspace_ptr(kMarkovOp, workspace, layout.bytes, base, scratch));
   const bool may_filter = top_k.has_value() || top_p.has_value();
-  at::Tensor split_ws;  // the split select's state, for filtered batches that take it
-  b.split_select = may_filter ? split_select_scratch(R, V, base, split_ws) : nullptr;
+  const MarkovBuffers b = markov_buffers(ws, layout, may_filter && split_select_enabled());
+  const auto on = base.options();
+  const at::Tensor prev = at::from_blob(b.prev, {R}, on.dtype(at::kLong));
+  at::Tensor bias = at::from_blob(ws + layout.bias, {R, V}, on.dtype(at::kFloat));
+  at::Tensor w1_rows = at::from_blob(ws + layout.w1_rows, {R, rank}, on.dtype(w1g.scalar_type()));
   cudaError_t err = markov_start_launch<Storage>(args, b, stream);
   for (int32_t k = 1; k <= args.group && err == cudaSuccess; ++k) {
     if (half_gemm) {
+      at::index_select_out(w1_rows, w1g, 0, prev);
 #if defined(DSPARK_CUDA_EMU)  // the CPU has no mm with an fp32 out_dtype: fp32 copies, the same products
-      at::mm_out(bias, w1g.index_select(0, prev).to(at::kFloat), w2g.to(at::kFloat));
+      at::mm_out(bias, w1_rows.to(at::kFloat), w2g.to(at::kFloat));
 #else
-      at::mm_out(bias, w1g.index_select(0, prev), w2g, at::kFloat);
+      at::mm_out(bias, w1_rows, w2g, at::kFloat);
 #endif
     } else {
-      err = markov_bias_launch(w1g.const_data_ptr<float>(), w2g.const_data_ptr<float>(), b.prev, R, w1g.size(1), V,
+      err = markov_bias_launch(w1g.const_data_ptr<float>(), w2g.const_data_ptr<float>(), b.prev, R, rank, V,
                                bias.data_ptr<float>(), stream);
       if (err != cudaSuccess) break;
     }
@@ -69,25 +66,25 @@ void markov_draft_out_cuda(const at::Tensor& base, const at::Tensor& anchor, con
                            const c10::optional<at::Tensor>& top_k, const c10::optional<at::Tensor>& top_p,
                            const at::Tensor& seed, const at::Tensor& position,
                            const c10::optional<at::Tensor>& num_draft, at::Tensor& tokens, at::Tensor& draft_logits,
-                           at::Tensor& status) {
+                           at::Tensor& status, const c10::optional<at::Tensor>& workspace) {
   check_markov_args(base, anchor, w1, w2, temperature, top_k, top_p, seed, position, num_draft);
   check_markov_outputs(base, tokens, draft_logits, status);
   check_markov_apart(base, anchor, w1, w2, temperature, top_k, top_p, seed, position, num_draft, tokens, draft_logits,
-                     status);
+                     status, workspace);
   if (base.size(0) == 0) return;
   const c10::cuda::CUDAGuard guard(base.device());
   switch (base.scalar_type()) {
     case at::kFloat:
       run<float>(base, anchor, w1, w2, temperature, top_k, top_p, seed, position, num_draft, tokens, draft_logits,
-                 status);
+                 status, workspace);
       break;
     case at::kHalf:
       run<__half>(base, anchor, w1, w2, temperature, top_k, top_p, seed, position, num_draft, tokens, draft_logits,
-                  status);
+                  status, workspace);
       break;
     default:
       run<__nv_bfloat16>(base, anchor, w1, w2, temperature, top_k, top_p, seed, position, num_draft, tokens,
-                         draft_logits, status);
+                         draft_logits, status, workspace);
   }
 }
 

@@ -20,6 +20,7 @@
 #include <cstdint>
 
 #include "../core/markov.h"
+#include "../core/markov_workspace.h"
 #include "../core/sample_args.h"
 #include "block_reduce.cuh"
 #include "dtype.cuh"
@@ -30,7 +31,7 @@ namespace dspark {
 constexpr int kMarkovBlock = 256;
 constexpr int kMarkovFinalizeWarps = 4;
 
-// Device scratch of one call (markov_workspace_bytes): the state between
+// Device scratch of one call (core/markov_workspace.h): the state between
 // steps, the keep keys and the race partials of a step.
 struct MarkovBuffers {
   const float* bias;                   // [R, V] this step's w1[x_{k-1}] @ w2
@@ -38,18 +39,24 @@ struct MarkovBuffers {
   int32_t* live;                       // [R] 1 while the request drafts
   uint32_t* keep_keys;                 // [R]
   SamplePartial* partials;             // [R, chunks]
-  PerRequest<float> race_temperature;  // 1 (stochastic) or 0 (greedy): the keep key's temperature
+  float* race_t;                       // [R] the keep key's temperature: 1 (stochastic) or 0 (greedy)
   void* split_select;                  // split_select_workspace_bytes(R) for small batches' keys, or nullptr
 };
 
 inline int64_t markov_chunks(int64_t R, int64_t V) { return split_chunks(R, V); }
 
-inline int64_t markov_workspace_bytes(int64_t R, int64_t V) {
-  WorkspaceCarve c{nullptr};
-  c.take<int32_t>(R);
-  c.take<uint32_t>(R);
-  c.take<SamplePartial>(R * markov_chunks(R, V));
-  return c.bytes;
+// The buffers in a workspace of markov_layout(R, V, rank).bytes at `base`;
+// `split`: whether filtered steps may take the split select.
+inline MarkovBuffers markov_buffers(char* base, const MarkovLayout& m, bool split) {
+  MarkovBuffers b;
+  b.bias = reinterpret_cast<const float*>(base + m.bias);
+  b.prev = reinterpret_cast<int64_t*>(base + m.prev);
+  b.live = reinterpret_cast<int32_t*>(base + m.live);
+  b.keep_keys = reinterpret_cast<uint32_t*>(base + m.keep_keys);
+  b.partials = reinterpret_cast<SamplePartial*>(base + m.partials);
+  b.race_t = reinterpret_cast<float*>(base + m.race_t);
+  b.split_select = split && m.split >= 0 ? base + m.split : nullptr;
+  return b;
 }
 
 // The bias rows w1[x_{k-1}] @ w2 [R, V] of fp32 weights, summed as the CPU op
@@ -96,12 +103,13 @@ __global__ void __launch_bounds__(kMarkovBlock)
 }
 
 template <typename T>
-__global__ void markov_start_kernel(MarkovArgs<T> a, int64_t* __restrict__ prev, int32_t* __restrict__ live) {
+__global__ void markov_start_kernel(MarkovArgs<T> a, MarkovBuffers b) {
   const int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (r >= a.num_requests) return;
   const MarkovState s = markov_start(a.anchor[r], a.vocab, a.status[r]);
-  prev[r] = s.prev;
-  live[r] = s.live;
+  b.prev[r] = s.prev;
+  b.live[r] = s.live;
+  b.race_t[r] = a.temperature[r] > 0.0f ? 1.0f : 0.0f;  // NaN: 0
 }
 
 template <typename T>
@@ -215,7 +223,7 @@ template <typename T>
 cudaError_t markov_start_launch(const MarkovArgs<T>& a, const MarkovBuffers& b, cudaStream_t stream) {
   if (a.num_requests == 0) return cudaSuccess;
   const unsigned blocks = static_cast<unsigned>((a.num_requests + 127) / 128);
-  markov_start_kernel<T><<<blocks, 128, 0, stream>>>(a, b.prev, b.live);
+  markov_start_kernel<T><<<blocks, 128, 0, stream>>>(a, b);
   return cudaGetLastError();
 }
 
@@ -251,7 +259,7 @@ cudaError_t markov_step_launch(const MarkovArgs<T>& a, int32_t k, const MarkovBu
     s.vocab = a.vocab;
     s.num_requests = a.num_requests;
     s.row_start = nullptr;
-    s.temperature = b.race_temperature;
+    s.temperature = PerRequest<float>{b.race_t, 1, 1.0f};
     s.top_k = a.top_k;
     s.top_p = a.top_p;
     s.seed = PerRequest<int64_t>{nullptr, 0, 0};
