@@ -320,9 +320,11 @@ def test_serial_tokens_runs_small_forwards_on_one_thread_and_restores_the_settin
 @pytest.fixture
 def gpu_attention_path(monkeypatch):
     """Run the forward's GPU path on the CPU: no length reads, attention over
-    the whole cache under a mask, no decode-step shortcut."""
+    the whole cache under a mask, no decode-step shortcut, grouped KV heads
+    expanded for SDPA (long chunks)."""
     import dspark_ops.decoding.model as model_mod
     monkeypatch.setattr(model_mod, "_reads_lengths", lambda device: False)
+    monkeypatch.setattr(model_mod, "_sdpa_expands_kv", lambda device: True)
 
 
 def test_gpu_attention_path_matches_reference_and_plain_decoding(gpu_attention_path, greedy_setup):

@@ -233,8 +233,13 @@ class _Block(nn.Module):
         else:  # queries [R, Tq, H, D], padded per request when ragged
             qp = q.view(R, Tq, H, hd) if plan.pad_index is None else (
                 q[plan.pad_index.clamp(min=0)].masked_fill(~plan.pad_valid[..., None, None], 0.0))
-            out = F.scaled_dot_product_attention(qp.transpose(1, 2), kk.transpose(1, 2), vv.transpose(1, 2),
-                                                 attn_mask=plan.mask, enable_gqa=True).transpose(1, 2)
+            if rep > 1 and _sdpa_expands_kv(q.device):  # grouped KV heads expanded: a fused kernel can take the mask
+                out = F.scaled_dot_product_attention(qp.transpose(1, 2), kk.repeat_interleave(rep, 2).transpose(1, 2),
+                                                     vv.repeat_interleave(rep, 2).transpose(1, 2),
+                                                     attn_mask=plan.mask).transpose(1, 2)
+            else:
+                out = F.scaled_dot_product_attention(qp.transpose(1, 2), kk.transpose(1, 2), vv.transpose(1, 2),
+                                                     attn_mask=plan.mask, enable_gqa=True).transpose(1, 2)
             out = out.reshape(T, H * hd) if plan.pad_index is None else (
                 out.reshape(R * Tq, H * hd).index_select(0, plan.valid_rows))
         if plan.packed:  # the residual starts each output's accumulation
@@ -244,6 +249,17 @@ class _Block(nn.Module):
         h = torch.addmm(h, out, wo_t)
         gate, up = F.linear(_normalize(h, cfg.norm_eps), w13).chunk(2, -1)
         return torch.addmm(h, F.silu(gate).mul_(up), w2_t)
+
+
+def _sdpa_expands_kv(device: torch.device) -> bool:
+    """Whether the SDPA path (long chunks: prefill) expands grouped KV heads
+    to the query heads first. On a GPU, SDPA's flash kernel takes no mask and
+    its memory-efficient one no grouped heads, so `enable_gqa` with a mask
+    falls back to the math path, which builds fp32 scores [R, H, Tq, S]
+    (gigabytes for a long prompt); expanded K/V [R, S, H, D] cost far less.
+    On the CPU SDPA's kernel takes both. A function, so tests can run the
+    GPU path on the CPU."""
+    return device.type == "cuda"
 
 
 def _reads_lengths(device: torch.device) -> bool:
