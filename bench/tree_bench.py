@@ -279,6 +279,7 @@ def run_case(R: int, nodes: int, V: int, dtype: torch.dtype, mode: str, device: 
     if run_ref:
         impls["torch reference"] = lambda i: case.run_reference(bufs[i % n_buf], mode)
     impls["torch vectorised"] = vectorised
+    peer_checks = add_sglang(impls, case, bufs, mode, res) if device != "cpu" else {}
 
     rows, base = [], None
     for name, fn in impls.items():
@@ -295,5 +296,60 @@ def run_case(R: int, nodes: int, V: int, dtype: torch.dtype, mode: str, device: 
                      "GBps_path": path_bytes / (us * 1e-6) / 1e9 if ours_row else None,
                      "time_vs_dspark": us / base,
                      "accepted_mean": acc_mean if ours_row else (tv_acc if name == "torch vectorised" else None),
-                     "check": verdict if ours_row else None})
+                     "check": verdict if ours_row else peer_checks.get(name)})
     return rows
+
+
+def add_sglang(impls: Dict[str, Callable[[int], object]], case: Case, bufs: List[Inputs], mode: str,
+               ours: dspark_ops.TreeResult) -> Dict[str, str]:
+    """SGLang's kernels on the same trees (bench/sglang_peer.py), timed with
+    the passes SGLang runs before them: the softmax of every node row in fp32
+    (temperature 1) for tree_speculative_sampling_target_only (draft
+    probabilities: zeros, allocated once here; SGLang allocates them each
+    step), the argmax of every row for verify_tree_greedy. The iid mode has
+    no SGLang counterpart. Returns each added impl's check: its accepted
+    counts against ours (greedy: equal; sampled: the means)."""
+    if mode == "iid":
+        return {}
+    from . import sglang_peer
+    peer = sglang_peer.load()
+    if peer is None:
+        return {}
+    R, N = case.seed.shape[0], len(case.parents_list)
+    dev = case.seed.device
+    nxt, sib = sglang_peer.linked_lists(children_table(case.parents_list), R, dev)
+    index = torch.arange(R * N, device=dev).view(R, N)
+    predicts = torch.empty(R * N, dtype=torch.int32, device=dev)
+    accept_index = torch.empty(R, case.max_depth + 1, dtype=torch.int32, device=dev)
+    accept_num = torch.empty(R, dtype=torch.int32, device=dev)
+    cands = [b[1].view(R, N).long() for b in bufs]
+    if mode == "greedy":
+        name = "sglang verify_tree_greedy (argmax included)"
+
+        def fn(i: int):
+            t, _, _ = bufs[i % len(bufs)]
+            peer.greedy(predicts, accept_index, accept_num, cands[i % len(bufs)], index, nxt, sib,
+                        t.view(R, N, -1).argmax(-1))
+    else:
+        name = "sglang tree_speculative_sampling_target_only (softmax included)"
+        zeros = torch.zeros(R, N, bufs[0][0].shape[-1], device=dev)
+        coins, coins_final = torch.rand(R, N, device=dev), torch.rand(R, device=dev)
+
+        def fn(i: int):
+            t, _, _ = bufs[i % len(bufs)]
+            peer.sample(predicts, accept_index, accept_num, cands[i % len(bufs)], index, nxt, sib, coins,
+                        coins_final, torch.softmax(t.float(), -1).view(R, N, -1), zeros)
+    try:
+        fn(0)
+        torch.cuda.synchronize()
+    except Exception as e:  # noqa: BLE001 -- a peer that fails is skipped, and said so
+        print(f"# note: {name} skipped ({type(e).__name__}: {e})")
+        return {}
+    theirs = accept_num.cpu()
+    mine = ours.accepted.cpu()
+    if mode == "greedy":
+        check = f"accepted counts equal ours for {int((theirs == mine).sum())} of {R} requests"
+    else:
+        check = f"mean accepted {float(theirs.float().mean()):.2f} (ours {float(mine.float().mean()):.2f})"
+    impls[name] = fn
+    return {name: check}

@@ -7,7 +7,8 @@
 #      (make test NO_VENV=1: cuda-check, CPU and GPU tests; no GPU test may skip)
 #   2. the benchmarks of every op, side by side with PyTorch (and FlashInfer
 #      when .peer/ holds tools/pack_flashinfer.py's pack -- carry ".peer" --
-#      or its wheel is carried in .whl/), then the decoding demo on the GPU
+#      or its wheel is carried in .whl/; and SGLang's tree kernels when .peer/
+#      also holds tools/pack_sglang.py's), then the decoding demo on the GPU
 #   3. compute-sanitizer memcheck over the GPU tests at small shapes, racecheck
 #      and synccheck over the kernels that use shared memory (seen working on
 #      the H100 kind; refused on the H200 kind, "Device not supported": then
@@ -40,6 +41,10 @@ if ls .peer/flashinfer-*-sampling.tar.xz >/dev/null 2>&1; then  # FlashInfer's s
     && export PYTHONPATH="/tmp/peer/site:${PYTHONPATH:-}" FLASHINFER_WORKSPACE_BASE=/tmp/peer/ws \
       FLASHINFER_CUDA_ARCH_LIST="9.0" CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}" && peer_jit=1
 fi
+peer_sgl=0
+if [ "$peer_jit" = 1 ] && ls .peer/sglang-*-speculative.tar.xz >/dev/null 2>&1; then  # SGLang's tree kernels
+  mkdir -p /tmp/peer/sglang && tar -xJf .peer/sglang-*-speculative.tar.xz -C /tmp/peer/sglang && peer_sgl=1
+fi
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,clocks.max.mem --format=csv > "$OUT/test.log" 2>&1
 python3 -c "import sys, torch; print('python', sys.version.split()[0], 'torch', torch.__version__)" >> "$OUT/test.log" 2>&1
 
@@ -58,6 +63,13 @@ print("gpu_check: FlashInfer", flashinfer.__version__, "sampling module built")
 PY
   peer_pid=$!
 fi
+if [ "$peer_sgl" = 1 ]; then  # build SGLang's peer module (tools/pack_sglang.py, bench/sglang_peer.py; ~20 s)
+  ( timeout 300 python3 -c "import pathlib, sys; sys.path.insert(0, '.'); from bench.sglang_peer import build
+build(pathlib.Path('/tmp/peer/sglang'), pathlib.Path('/tmp/peer/sglang_speculative.so')); print('SGLang peer built')" \
+      > /tmp/peer/sgl.log 2>&1; echo "gpu_check: SGLang peer build rc=$?" >> /tmp/peer/sgl.log ) &
+  sgl_pid=$!
+  export DSPARK_SGLANG_PEER=/tmp/peer/sglang_speculative.so
+fi
 
 if [ "${GPU_CHECK_PROBE:-1}" = 1 ]; then  # the toolchain, and a fix if raising errors crashes
   timeout "$(allow 200)" bash tools/gpu_abi_probe.sh 2>&1 | tee /tmp/probe.out >> "$OUT/test.log"
@@ -73,6 +85,10 @@ echo "gpu_check: make test rc=$test_rc in $(( $(date +%s) - start )) s" | tee -a
 if [ "$peer_jit" = 1 ]; then
   wait "$peer_pid"
   tail -n 20 /tmp/peer/jit.log | tee -a "$OUT/test.log"
+fi
+if [ "$peer_sgl" = 1 ]; then
+  wait "$sgl_pid"
+  tail -n 20 /tmp/peer/sgl.log | tee -a "$OUT/test.log"
 fi
 
 bench_rc=0
