@@ -92,13 +92,20 @@ def check_compiles(site: pathlib.Path, deps: pathlib.Path, work: pathlib.Path) -
     raise SystemExit(f"pack_flashinfer: the trimmed sources do not build:\n{log[-3000:]}")
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default=str(ROOT / ".peer"))
+def pack_args(doc: str) -> argparse.Namespace:
+    """The pack scripts' command line (this one's and pack_sglang.py's):
+    --out (default .peer/, created; args.out a Path) and --no-compile-check."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=pathlib.Path, default=ROOT / ".peer")
     ap.add_argument("--no-compile-check", action="store_true")
     args = ap.parse_args()
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    return args
+
+
+def main() -> None:
+    args = pack_args(__doc__)
+    out = args.out
     with tempfile.TemporaryDirectory() as tmp:
         tmp = pathlib.Path(tmp)
         wheels, site, deps = tmp / "wheels", tmp / "site", tmp / "deps"

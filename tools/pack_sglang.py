@@ -18,7 +18,6 @@ download) and nvcc.
 """
 from __future__ import annotations
 
-import argparse
 import pathlib
 import subprocess
 import sys
@@ -29,6 +28,7 @@ import zipfile
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench.sglang_peer import nvcc_command  # noqa: E402
+from pack_flashinfer import pack_args  # noqa: E402 (beside this file)
 
 VERSION = "0.5.23"
 JIT = "sglang/kernels/jit/"
@@ -42,12 +42,8 @@ def download(dest: pathlib.Path) -> pathlib.Path:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default=str(ROOT / ".peer"))
-    ap.add_argument("--no-compile-check", action="store_true")
-    args = ap.parse_args()
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    args = pack_args(__doc__)
+    out = args.out
     with tempfile.TemporaryDirectory() as tmp:
         tmp = pathlib.Path(tmp)
         whl = download(tmp)
