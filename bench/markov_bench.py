@@ -8,7 +8,7 @@ import torch
 
 import dspark_ops
 
-from .timing import time_fn
+from .timing import cuda_graph, time_fn
 
 
 def elem(dtype: torch.dtype) -> int:
@@ -40,13 +40,20 @@ def run_case(R: int, G: int, V: int, r: int, dtype: torch.dtype, device: str, it
     # Floor per step: w2 once, a base row and a written row per request.
     floor_bytes = r * V * elem(dtype) + 2 * R * V * elem(dtype)
     floor_us = floor_bytes / (copy_gbs * 1e9) * 1e6
+    ws = torch.empty(dspark_ops.workspace_size("markov_draft", num_requests=R, vocab_size=V, rank=r),
+                     dtype=torch.uint8, device=device)  # the engine's form: out= and workspace=, no allocation
+    temp = torch.full((R,), 0.8, device=device)
+    ours = lambda i: dspark_ops.markov_draft(U, anchor, w1, w2, temperature=temp, seed=seed,  # noqa: E731
+                                             position=position, out=out, workspace=ws)
     impls = {
-        "dspark_ops.markov_draft": lambda i: dspark_ops.markov_draft(U, anchor, w1, w2, temperature=0.8, seed=seed,
-                                                                     position=position, out=out),
+        "dspark_ops.markov_draft": ours,
         "dspark_ops.markov_draft top-k/top-p": lambda i: dspark_ops.markov_draft(
-            U, anchor, w1, w2, temperature=0.8, top_k=50, top_p=0.9, seed=seed, position=position, out=out),
+            U, anchor, w1, w2, temperature=temp, top_k=50, top_p=0.9, seed=seed, position=position, out=out,
+            workspace=ws),
         "torch loop (multinomial)": lambda i: torch_loop(U, anchor, w1, w2, 0.8, gen),
     }
+    if device == "cuda":  # the same call replayed as a CUDA graph: the GPU's time per step, no launch cost
+        impls["dspark_ops.markov_draft, CUDA graph"] = cuda_graph(ours)
     rows, base = [], None
     for name, fn in impls.items():
         stats = time_fn(fn, device, iters)

@@ -40,6 +40,24 @@ def time_fn(fn: Callable[[int], object], device: str, iters: int, warmup: int = 
     return median_and_spread(samples)
 
 
+def cuda_graph(fn: Callable[[int], object], warmup: int = 3) -> Callable[[int], object]:
+    """fn(0) captured once as a CUDA graph (warmed up on a side stream, as
+    torch's CUDA-graph notes ask); the returned fn(i) replays it, so timing
+    it shows the GPU's time without the host's launch cost. fn must be
+    capturable: no host synchronisation (its allocations come from the
+    graph's pool)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn(0)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn(0)
+    return lambda i: graph.replay()
+
+
 def median_ms(fn: Callable[[], object], device: torch.device, reps: int, warmup: int,
               clock: Callable[[], float] = time.perf_counter) -> float:
     """Median ms of fn() timed one call at a time by `clock` (wall time, or
