@@ -53,7 +53,10 @@ def run_case(R: int, G: int, V: int, r: int, dtype: torch.dtype, device: str, it
         "torch loop (multinomial)": lambda i: torch_loop(U, anchor, w1, w2, 0.8, gen),
     }
     if device == "cuda":  # the same call replayed as a CUDA graph: the GPU's time per step, no launch cost
-        impls["dspark_ops.markov_draft, CUDA graph"] = cuda_graph(ours)
+        try:
+            impls["dspark_ops.markov_draft, CUDA graph"] = cuda_graph(ours)
+        except Exception as e:  # noqa: BLE001 -- the eager rows still count; say why this one is missing
+            print(f"# note: the CUDA-graph row is missing ({type(e).__name__}: {e})")
     rows, base = [], None
     for name, fn in impls.items():
         stats = time_fn(fn, device, iters)
