@@ -74,9 +74,12 @@ def markov_draft(
         ``workspace_size("markov_draft", num_requests=R, vocab_size=V,
         rank=r)`` bytes on the logits' device, 16-byte aligned: the CUDA op's
         scratch (the state between steps, the fp32 bias rows, the gathered
-        w1 rows, the race partials), so that a call with ``out=`` and
-        contiguous weights of one dtype (fp32, or bf16/fp16 both) allocates
-        nothing; mixed weight dtypes still make fp32 copies. Without it the
+        w1 rows, the race partials). A call allocates nothing when it also
+        passes ``out=``, contiguous weights of one dtype (fp32, or bf16/fp16
+        both; mixed dtypes make fp32 copies), and the per-request parameters
+        as tensors the op takes as they are: temperature / top_p float32,
+        top_k / num_draft int32, seed / position int64, each [R] (or [1];
+        num_draft [R]) on the device (scalars become tensors each call). Without a workspace the
         CUDA op allocates through torch's caching allocator. The CPU op
         needs none and ignores it.
 
@@ -130,7 +133,10 @@ def markov_draft(
         if num_draft.dim() != 1 or num_draft.shape[0] not in (1, R) or num_draft.device != dev:
             raise ValueError(f"{OP}: num_draft must have shape [{R}] or [1] on {dev}, got "
                              f"{list(num_draft.shape)} on {num_draft.device}")
-        limit = num_draft.to(torch.int64).clamp(0, G).to(torch.int32).expand(R).contiguous()
+        if num_draft.dtype == torch.int32 and num_draft.shape[0] == R and num_draft.is_contiguous():
+            limit = num_draft  # as the op takes it (it clamps to [0, G] itself): no copy
+        else:
+            limit = num_draft.to(torch.int64).clamp(0, G).to(torch.int32).expand(R).contiguous()
     w1, w2 = (w.float() if w.dtype == torch.float64 else w for w in (w1, w2))  # the op takes fp32/fp16/bf16
     if V > 1 and base_logits.stride(2) != 1:
         base_logits = base_logits.contiguous()

@@ -55,6 +55,8 @@ def workspace_size(op_name: str, **sizes: int) -> int:
     unknown = set(sizes) - {"num_requests", "vocab_size", *third}
     if unknown:
         raise ValueError(f"dspark_ops.workspace_size: unknown sizes {sorted(unknown)} for '{op_name}'")
+    if op_name == "markov_draft" and "rank" not in sizes:  # 0 would size a workspace a CUDA call refuses
+        raise ValueError("dspark_ops.workspace_size: 'markov_draft' needs rank (the Markov head's r)")
     extra = next((int(sizes[k]) for k in third if k in sizes), 0)
     if extra < 0:
         raise ValueError(f"dspark_ops.workspace_size: {third[0]} must be >= 0, got {extra}")

@@ -85,11 +85,11 @@ def test_sample_out(device):
         dspark_ops.sample(logits, temperature=1.0, seed=1, slot=slot, out=out._replace(tokens=slot))
     with raises_sharing("tokens", "status"):
         dspark_ops.sample(logits, temperature=1.0, seed=1, out=out._replace(status=buf[1:R + 1]))
-    ws = logits.view(torch.uint8).view(-1)
-    need = dspark_ops.workspace_size("sample", num_requests=R, vocab_size=V)
-    if ws.numel() >= need:
-        with raises_sharing("workspace", "logits"):
-            dspark_ops.sample(logits, temperature=1.0, seed=1, out=out, workspace=ws)
+    big = torch.randn(R, 400, device=device)  # a workspace read from inside the logits (as many bytes as it needs)
+    ws = big.view(torch.uint8).view(-1)
+    assert ws.numel() >= dspark_ops.workspace_size("sample", num_requests=R, vocab_size=400)
+    with raises_sharing("workspace", "logits"):
+        dspark_ops.sample(big, temperature=1.0, seed=1, out=out, workspace=ws)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -110,6 +110,14 @@ def test_markov_draft_out(device):
     with raises_sharing("draft_logits", "w2"):
         dspark_ops.markov_draft(base, anchor, w1, w2_inside, num_draft=num_draft,
                                 out=out._replace(draft_logits=logits))
+    ws = torch.empty(dspark_ops.workspace_size("markov_draft", num_requests=R, vocab_size=V, rank=rank) + 64,
+                     dtype=torch.uint8, device=device)
+    with raises_sharing("workspace", "w2"):  # w2 living in the workspace the op overwrites
+        dspark_ops.markov_draft(base, anchor, w1, ws[:rank * V * 4].view(torch.float32).view(rank, V),
+                                num_draft=num_draft, out=out, workspace=ws)
+    with raises_sharing("draft_logits", "workspace"):
+        dspark_ops.markov_draft(base, anchor, w1, w2, num_draft=num_draft, workspace=ws,
+                                out=out._replace(draft_logits=ws[:R * G * V * 4].view(torch.float32).view(R, G, V)))
 
 
 @pytest.mark.parametrize("device", DEVICES)

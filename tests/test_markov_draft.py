@@ -197,6 +197,8 @@ def test_workspace_size_covers_the_cuda_scratch():
     assert size(4, 1000, 64) > size(4, 1000, 16)
     with pytest.raises(ValueError, match="unknown sizes"):
         dspark_ops.workspace_size("markov_draft", num_requests=4, vocab_size=1000, max_draft=3)
+    with pytest.raises(ValueError, match="needs rank"):  # a rank-0 size would be refused by the CUDA op
+        dspark_ops.workspace_size("markov_draft", num_requests=4, vocab_size=1000)
 
 
 def test_out_form_equals_functional():
@@ -384,7 +386,8 @@ def test_cuda_out_with_workspace_allocates_nothing(weights):
     w1, w2 = w1.to(weights), w2.to(weights)
     kw = dict(temperature=torch.tensor([0.0, 0.8, 1.1], device="cuda"), top_k=torch.tensor([0, 30, 5], device="cuda",
               dtype=torch.int32), top_p=torch.full((3,), 0.9, device="cuda"), seed=torch.arange(3, device="cuda"),
-              position=torch.full((3,), 4, device="cuda"))
+              position=torch.full((3,), 4, device="cuda"), num_draft=torch.tensor([4, 2, 3], dtype=torch.int32,
+                                                                                 device="cuda"))
     want = dspark_ops.markov_draft(U, anchor, w1, w2, **kw)
     need = dspark_ops.workspace_size("markov_draft", num_requests=3, vocab_size=9001, rank=24)
     ws = torch.empty(need, dtype=torch.uint8, device="cuda")

@@ -38,10 +38,12 @@ void run(const at::Tensor& base, const at::Tensor& anchor, const at::Tensor& w1,
   char* ws = static_cast<char*>(workspace_ptr(kMarkovOp, workspace, layout.bytes, base, scratch));
   const bool may_filter = top_k.has_value() || top_p.has_value();
   const MarkovBuffers b = markov_buffers(ws, layout, may_filter && split_select_enabled());
-  const auto on = base.options();
-  const at::Tensor prev = at::from_blob(b.prev, {R}, on.dtype(at::kLong));
-  at::Tensor bias = at::from_blob(ws + layout.bias, {R, V}, on.dtype(at::kFloat));
-  at::Tensor w1_rows = at::from_blob(ws + layout.w1_rows, {R, rank}, on.dtype(w1g.scalar_type()));
+  const auto view = [&](void* p, at::IntArrayRef sizes, at::ScalarType t) {  // device given: no pointer query
+    return at::for_blob(p, sizes).options(base.options().dtype(t)).target_device(base.device()).make_tensor();
+  };
+  const at::Tensor prev = view(b.prev, {R}, at::kLong);
+  at::Tensor bias = view(ws + layout.bias, {R, V}, at::kFloat);
+  at::Tensor w1_rows = view(ws + layout.w1_rows, {R, rank}, w1g.scalar_type());
   cudaError_t err = markov_start_launch<Storage>(args, b, stream);
   for (int32_t k = 1; k <= args.group && err == cudaSuccess; ++k) {
     if (half_gemm) {

@@ -64,15 +64,16 @@ inline MarkovBuffers markov_buffers(char* base, const MarkovLayout& m, bool spli
 // (__fmul_rn / __fadd_rn: nvcc may not fuse them), so the bits are the CPU's
 // and depend neither on R nor on torch's TF32 switch, as cuBLAS's would. A
 // thread takes 4 columns of kBiasRequests requests: w2 is read once per
-// group of requests. (bf16/fp16 weights take cuBLAS: products of two 16-bit
+// group of requests. Grid: request groups on x (consecutive blocks share
+// w2's columns in L2), vocabulary blocks on y (at most 2^23 / 1024). (bf16/fp16 weights take cuBLAS: products of two 16-bit
 // values are exact in fp32, and w2 is half the bytes.)
 constexpr int kBiasRequests = 8;
 
 __global__ void __launch_bounds__(kMarkovBlock)
     markov_bias_kernel(const float* __restrict__ w1, const float* __restrict__ w2, const int64_t* __restrict__ prev,
                        int64_t R, int64_t rank, int64_t V, float* __restrict__ bias) {
-  const int64_t v0 = 4 * (static_cast<int64_t>(blockIdx.x) * kMarkovBlock + threadIdx.x);
-  const int64_t r0 = static_cast<int64_t>(blockIdx.y) * kBiasRequests;
+  const int64_t v0 = 4 * (static_cast<int64_t>(blockIdx.y) * kMarkovBlock + threadIdx.x);
+  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kBiasRequests;
   if (v0 >= V) return;
   const int count = V - v0 < 4 ? static_cast<int>(V - v0) : 4;
   const int rows = R - r0 < kBiasRequests ? static_cast<int>(R - r0) : kBiasRequests;
@@ -233,8 +234,8 @@ inline cudaError_t markov_bias_launch(const float* w1, const float* w2, const in
   if (R == 0) return cudaSuccess;
   const int64_t groups = (R + kBiasRequests - 1) / kBiasRequests;
   const int64_t blocks = (V + 4 * kMarkovBlock - 1) / (4 * kMarkovBlock);
-  if (groups > 65535) return cudaErrorInvalidConfiguration;
-  markov_bias_kernel<<<dim3(static_cast<unsigned>(blocks), static_cast<unsigned>(groups)), kMarkovBlock, 0, stream>>>(
+  if (groups > INT32_MAX || blocks > 65535) return cudaErrorInvalidConfiguration;
+  markov_bias_kernel<<<dim3(static_cast<unsigned>(groups), static_cast<unsigned>(blocks)), kMarkovBlock, 0, stream>>>(
       w1, w2, prev, R, rank, V, bias);
   return cudaGetLastError();
 }

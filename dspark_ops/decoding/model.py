@@ -233,7 +233,7 @@ class _Block(nn.Module):
         else:  # queries [R, Tq, H, D], padded per request when ragged
             qp = q.view(R, Tq, H, hd) if plan.pad_index is None else (
                 q[plan.pad_index.clamp(min=0)].masked_fill(~plan.pad_valid[..., None, None], 0.0))
-            if rep > 1 and _sdpa_expands_kv(q.device):  # grouped KV heads expanded: a fused kernel can take the mask
+            if rep > 1 and Tq >= hd and _sdpa_expands_kv(q.device):  # expanded KV heads: a fused kernel takes the mask
                 out = F.scaled_dot_product_attention(qp.transpose(1, 2), kk.repeat_interleave(rep, 2).transpose(1, 2),
                                                      vv.repeat_interleave(rep, 2).transpose(1, 2),
                                                      attn_mask=plan.mask).transpose(1, 2)
@@ -253,12 +253,13 @@ class _Block(nn.Module):
 
 def _sdpa_expands_kv(device: torch.device) -> bool:
     """Whether the SDPA path (long chunks: prefill) expands grouped KV heads
-    to the query heads first. On a GPU, SDPA's flash kernel takes no mask and
-    its memory-efficient one no grouped heads, so `enable_gqa` with a mask
-    falls back to the math path, which builds fp32 scores [R, H, Tq, S]
-    (gigabytes for a long prompt); expanded K/V [R, S, H, D] cost far less.
-    On the CPU SDPA's kernel takes both. A function, so tests can run the
-    GPU path on the CPU."""
+    to the query heads first, for chunks of at least head_dim tokens. On a
+    GPU, SDPA's flash kernel takes no mask and its memory-efficient one no
+    grouped heads, so `enable_gqa` with a mask falls back to the math path,
+    which builds fp32 scores [R, H, Tq, S] (gigabytes for a long prompt);
+    expanded K/V [R, S, H, D] (two, 16-bit) cost less once Tq >= D/2, and
+    the fused kernel is faster. On the CPU SDPA's kernel takes both. A
+    function, so tests can run the GPU path on the CPU."""
     return device.type == "cuda"
 
 
