@@ -218,7 +218,11 @@ def test_build_tree_numbering_is_kept_in_order():
 
 
 def test_malformed_lists_abort_only_their_request():
+    """The aborted request still gets its root in accept_index and a defined
+    token after it (the root row's argmax): SGLang's kernels always write the
+    root, and its callers read predicts there without a status."""
     candidates, index, next_token, next_sibling, logits = sglang_fixture()
+    root_token = int(logits[0, 0].argmax())
     cases = []
     nt = next_token.clone(); nt[0, 2] = 4  # node 4 linked twice  # noqa: E702
     cases.append((nt, next_sibling, index))
@@ -239,9 +243,26 @@ def test_malformed_lists_abort_only_their_request():
                     predicts, accept_index, accept_token_num, candidates, ri, nt, ns, torch.rand(2, 6),
                     torch.rand(2), torch.softmax(logits / 0.01, -1), return_status=True)
             assert status.tolist() == [int(Status.BAD_TREE), 0]
-            assert accept_index.tolist() == [[-1] * 4, EXPECTED_ACCEPT_INDEX[1]]
+            assert accept_index.tolist() == [[int(index[0, 0])] + [-1] * 3, EXPECTED_ACCEPT_INDEX[1]]
             assert accept_token_num.tolist() == [0, 2]
-            assert predicts.tolist() == [-1] * 6 + EXPECTED_PREDICTS[6:]
+            assert predicts.tolist() == [root_token] + [-1] * 5 + EXPECTED_PREDICTS[6:]
+
+
+def test_a_nan_row_aborts_with_a_defined_root_token():
+    """NaN probabilities at the root: NONFINITE_LOGITS, the root in
+    accept_index and the row's argmax with NaN ignored after it (never an
+    index or token another request owns)."""
+    candidates, index, next_token, next_sibling, logits = sglang_fixture()
+    probs = torch.softmax(logits / 0.01, -1)
+    probs[0, 0, 1] = float("nan")
+    predicts, accept_index, accept_token_num = outputs(2, 6, 4)
+    status = sglang.tree_speculative_sampling_target_only(
+        predicts, accept_index, accept_token_num, candidates, index, next_token, next_sibling, torch.rand(2, 6),
+        torch.rand(2), probs, return_status=True)
+    assert status[0] & int(Status.NONFINITE_LOGITS) and status[1] == 0
+    assert accept_index[0].tolist() == [int(index[0, 0]), -1, -1, -1] and accept_token_num[0] == 0
+    assert int(predicts[int(index[0, 0])]) == int(torch.nan_to_num(probs[0, 0], nan=-1.0).argmax())
+    assert accept_index[1].tolist() == EXPECTED_ACCEPT_INDEX[1] and predicts[6:].tolist() == EXPECTED_PREDICTS[6:]
 
 
 def test_unreachable_garbage_and_the_roots_sibling_are_ignored():

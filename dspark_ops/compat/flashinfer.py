@@ -50,11 +50,15 @@ Where it differs from FlashInfer (stricter or documented, never looser):
   back to the generator when one is missing): ``offset`` is our ``position``
   (advance it by >= 1 every call), ``seed`` a per-row tensor [B] or one
   value (int or [1]) spread to distinct per-row streams (seed + r * golden
-  ratio, mod 2^64) — FlashInfer's CUDA kernel reads only ``seed[0]``.
+  ratio, mod 2^64) — as FlashInfer 0.7.2 gives each row its own cuRAND
+  subsequence. An int ``seed`` with a tensor ``offset`` is accepted
+  (FlashInfer refuses it).
   Neither given: one 64-bit seed per row is drawn with ``torch.randint`` from
   ``generator`` (torch's default generator of the device when None), which
   advances, and position 0. No host synchronisation on either path (a CPU
   generator for CUDA tensors costs one small host-to-device copy).
+* Probabilities must be float32, float16 or bfloat16 (FlashInfer casts
+  float64 with ``.float()``; this raises, naming the argument).
 * ``deterministic`` is accepted and ignored: verify_chunk is always
   deterministic (bit-identical across runs and batch layouts).
 * Counters of any integer dtype are updated in place (FlashInfer's op

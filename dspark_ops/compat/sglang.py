@@ -41,8 +41,12 @@ verify_tree skips (no coin, no update; they may add
 ``Status.TOKEN_OUT_OF_RANGE`` to the status). A request whose lists are malformed - a link outside [-1, N),
 a node linked twice (by any node, reachable or not), a link to the root, or
 a reachable node's ``retrive_index`` outside ``predicts`` - is aborted
-(``Status.BAD_TREE``: its ``accept_index`` row all -1, ``accept_token_num``
-0, ``predicts`` untouched); SGLang's kernels walk such lists as they come
+(``Status.BAD_TREE``: ``accept_token_num`` 0, ``accept_index`` holds the
+root's index then -1, and ``predicts`` at the root a defined token -- the
+target's argmax there, NaN ignored -- since SGLang's kernels always write
+the root and its callers read predicts there without looking at a status;
+a root index outside ``predicts`` leaves the row all -1; check
+``return_status=True``); SGLang's kernels walk such lists as they come
 (forever round a cycle, out of bounds on a bad link). The root's
 ``retrive_next_sibling`` is never read (nor is it by SGLang).
 
@@ -267,11 +271,20 @@ def _flat_rows(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1).gather(0, index.reshape(-1).clamp(0, max(t.numel() - 1, 0))).view(index.shape)
 
 
-def _write_outputs(path, values, tree: LinkedTree, index, predicts, accept_index, accept_token_num, accepted):
+def _write_outputs(path, values, tree: LinkedTree, index, predicts, accept_index, accept_token_num, accepted,
+                   fallback):
     """accept_index / accept_token_num / predicts from verify_tree's path
-    (converted local indices) and the token each path node is followed by."""
+    (converted local indices) and the token each path node is followed by.
+    An aborted request (empty path: NaN or massless rows, a malformed tree)
+    still gets its root in accept_index[b, 0], accept_token_num 0 and
+    fallback[b] as the token after the root: SGLang's kernels always write
+    the root, and its callers read predicts there without a status. A root
+    outside predicts stays -1."""
     S, P = accept_index.shape[1], predicts.numel()
-    path = path[:, :S]
+    root = index[:, 0].long()
+    rescue = (path[:, 0] < 0) & (root >= 0) & (root < P)
+    path = torch.cat([torch.where(rescue, 0, path[:, 0]).unsqueeze(1), path[:, 1:S]], 1)
+    values = torch.cat([torch.where(rescue, fallback.to(values.dtype), values[:, 0]).unsqueeze(1), values[:, 1:S]], 1)
     on_path = path >= 0
     orig = tree.order.gather(1, path.clamp(min=0).long())
     flat = index.long().gather(1, orig)
@@ -373,7 +386,8 @@ def verify_tree_greedy(
     res = verify_tree(logits, node_tokens, tree.parents, cu, max_depth=max(S - 1, 1), temperature=0.0)
 
     values = predict.gather(1, tree.order.gather(1, res.path.clamp(min=0).long()))
-    _write_outputs(res.path, values, tree, index, predicts, accept_index, accept_token_num, res.accepted)
+    _write_outputs(res.path, values, tree, index, predicts, accept_index, accept_token_num, res.accepted,
+                   predict[:, 0])  # aborted: the target's argmax after the root
     return res.status if return_status else None
 
 
@@ -489,7 +503,9 @@ def tree_speculative_sampling_target_only(
     res = verify_tree(logits, node_tokens, tree.parents, cu, max_depth=max(S - 1, 1),
                       sibling_mode="deterministic", temperature=1.0, seed=seeds, position=position)
 
-    _write_outputs(res.path, res.tokens, tree, index, predicts, accept_index, accept_token_num, res.accepted)
+    fallback = torch.nan_to_num(target_probs[:, 0].float(), nan=-1.0).argmax(-1)  # aborted: the root row's mode
+    _write_outputs(res.path, res.tokens, tree, index, predicts, accept_index, accept_token_num, res.accepted,
+                   fallback)
     return res.status if return_status else None
 
 

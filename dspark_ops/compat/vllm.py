@@ -9,13 +9,17 @@ with -1 placeholders after the emitted tokens. It replaces vLLM's
 ``apply_sampling_constraints`` + softmax + ``rejection_sample``, so the one
 argument that differs is the target:
 
-* ``target_logits`` are **logits** (after vLLM's logits processors —
-  penalties, bad words, allowed-token masks — but before temperature /
-  top-k / top-p, which the op applies from ``sampling_metadata``; DESIGN §2
-  order and tie rules), either ``[num_tokens, V]`` (the draft positions, as
-  vLLM's ``target_logits``) or ``[num_tokens + B, V]`` (vLLM's ``logits``
-  passed to ``RejectionSampler.forward``: request r's n_r draft rows then its
-  bonus row — our ragged layout, read in place, no copy).
+* ``target_logits`` are **logits**, not vLLM's ``target_probs``: the
+  output of ``apply_logits_processors`` in ``RejectionSampler.forward``
+  (penalties, bad words, allowed-token masks applied) and **not** of
+  ``apply_sampling_constraints`` (which divides by the temperature in place
+  and masks top-k / top-p: the op applies those itself, from
+  ``sampling_metadata``, DESIGN §2 order and tie rules; passing constrained
+  logits applies them twice, and passing probabilities samples from their
+  softmax, nearly uniform — silently either way). Either ``[num_tokens,
+  V]`` (the draft positions) or ``[num_tokens + B, V]`` (request r's n_r
+  draft rows then its bonus row — our ragged layout, read in place, no
+  copy).
 
 The bonus token. vLLM samples it outside (``bonus_token_ids [B, 1]``, from
 the bonus row with the request's own sampler). If ``bonus_token_ids`` is
