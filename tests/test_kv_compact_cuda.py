@@ -78,6 +78,11 @@ def test_cuda_layout_graph_capture():
     graph.replay()
     assert all(torch.equal(a.cpu(), b) for a, b in zip(caches, want))
     assert new_len.tolist() == [7] * R
+    # Without the layout each call copies its layer table from pinned host memory the allocator reuses: a replay
+    # would copy whatever is there by then (wild layer pointers). Refused during capture, before any CUDA work.
+    with pytest.raises(ValueError, match="pass layout=KVLayout"):
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            dspark_ops.kv_compact(caches, base, app, keep, nk, new_len, status=status)
 
 
 def test_cuda_commit_tokens_matches_cpu():

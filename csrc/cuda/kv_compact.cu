@@ -5,6 +5,9 @@
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
+#if !defined(DSPARK_CUDA_EMU)
+#include <c10/cuda/CUDAGraphsC10Utils.h>
+#endif
 
 #include <cstring>
 
@@ -36,6 +39,10 @@ void kv_compact_cuda(const at::TensorList caches, const at::Tensor& base_len, co
     constexpr bool kPinned = false;  // the emulator (tools/cuda_emu) has no driver to pin memory with
 #else
     constexpr bool kPinned = true;
+    // A captured copy would replay from host memory the allocator has handed out again: wild layer pointers.
+    TORCH_CHECK_VALUE(c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None, kKvOp,
+                      ": pass layout=KVLayout(caches, ...) to a call captured in a CUDA graph (without it each call "
+                      "copies the layer table from host memory, and a replay would copy what is there by then)");
 #endif
     at::Tensor host = at::empty({static_cast<int64_t>(layers.size()), 8},
                                 at::TensorOptions().dtype(at::kLong).pinned_memory(kPinned));
