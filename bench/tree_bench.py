@@ -306,7 +306,8 @@ def add_sglang(impls: Dict[str, Callable[[int], object]], case: Case, bufs: List
     the passes SGLang runs before them: the softmax of every node row in fp32
     (temperature 1) for tree_speculative_sampling_target_only (draft
     probabilities: zeros, allocated once here; SGLang allocates them each
-    step), the argmax of every row for verify_tree_greedy. The iid mode has
+    step, and its kernel writes into them: zeroed again in each timed
+    call), the argmax of every row for verify_tree_greedy. The iid mode has
     no SGLang counterpart. Returns each added impl's check: its accepted
     counts against ours (greedy: equal; sampled: the means)."""
     if mode == "iid":
@@ -338,7 +339,7 @@ def add_sglang(impls: Dict[str, Callable[[int], object]], case: Case, bufs: List
         def fn(i: int):
             t, _, _ = bufs[i % len(bufs)]
             peer.sample(predicts, accept_index, accept_num, cands[i % len(bufs)], index, nxt, sib, coins,
-                        coins_final, torch.softmax(t.float(), -1).view(R, N, -1), zeros)
+                        coins_final, torch.softmax(t.float(), -1).view(R, N, -1), zeros.zero_())
     try:
         fn(0)
         torch.cuda.synchronize()

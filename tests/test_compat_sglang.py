@@ -232,6 +232,8 @@ def test_malformed_lists_abort_only_their_request():
     cases.append((nt, next_sibling, index))
     ri = index.clone(); ri[0, 4] = 12  # a reachable node's flat index outside predicts  # noqa: E702
     cases.append((next_token, next_sibling, ri))
+    nt = next_token.clone(); nt[0, 2] = 0  # a first-child chain back to the root (root -> 1 -> 2 -> root)  # noqa: E702
+    cases.append((nt, next_sibling, index))
     for nt, ns, ri in cases:
         for greedy in (True, False):
             predicts, accept_index, accept_token_num = outputs(2, 6, 4)
@@ -246,6 +248,21 @@ def test_malformed_lists_abort_only_their_request():
             assert accept_index.tolist() == [[int(index[0, 0])] + [-1] * 3, EXPECTED_ACCEPT_INDEX[1]]
             assert accept_token_num.tolist() == [0, 2]
             assert predicts.tolist() == [root_token] + [-1] * 5 + EXPECTED_PREDICTS[6:]
+
+
+def test_an_aborted_cycle_through_the_root_still_writes_the_root():
+    """A first-child chain back to the root drops the root from the walk
+    order; the aborted request's root slot is still the root's own index."""
+    candidates = torch.tensor([[7, 1, 2, 3]])
+    index = torch.tensor([[1, 2, 3, 0]])  # the root's flat index is 1, not 0
+    next_token, next_sibling = torch.tensor([[1, 2, 0, -1]]), torch.full((1, 4), -1)
+    predicts, accept_index, accept_token_num = outputs(1, 4, 3)
+    target_predict = torch.tensor([[5, 6, 8, 9]])
+    status = sglang.verify_tree_greedy(predicts, accept_index, accept_token_num, candidates, index, next_token,
+                                       next_sibling, target_predict, return_status=True)
+    assert status.tolist() == [int(Status.BAD_TREE)]
+    assert accept_index.tolist() == [[1, -1, -1]] and accept_token_num.tolist() == [0]
+    assert predicts.tolist() == [-1, int(target_predict.reshape(-1)[1]), -1, -1]  # at the root's slot only
 
 
 def test_a_nan_row_aborts_with_a_defined_root_token():

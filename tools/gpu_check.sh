@@ -42,10 +42,16 @@ if ls .peer/flashinfer-*-sampling.tar.xz >/dev/null 2>&1; then  # FlashInfer's s
       FLASHINFER_CUDA_ARCH_LIST="9.0" CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}" && peer_jit=1
 fi
 peer_sgl=0
-if [ "$peer_jit" = 1 ] && ls .peer/sglang-*-speculative.tar.xz >/dev/null 2>&1; then  # SGLang's tree kernels
-  mkdir -p /tmp/peer/sglang && tar -xJf .peer/sglang-*-speculative.tar.xz -C /tmp/peer/sglang && peer_sgl=1
+sgl_note=""
+if ls .peer/sglang-*-speculative.tar.xz >/dev/null 2>&1; then  # SGLang's tree kernels (tools/pack_sglang.py)
+  if [ "$peer_jit" = 1 ]; then  # built on the FlashInfer pack's headers and tvm-ffi
+    mkdir -p /tmp/peer/sglang && tar -xJf .peer/sglang-*-speculative.tar.xz -C /tmp/peer/sglang && peer_sgl=1
+  else
+    sgl_note="gpu_check: SGLang pack present but FlashInfer's pack absent: the SGLang peer is skipped"
+  fi
 fi
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,clocks.max.mem --format=csv > "$OUT/test.log" 2>&1
+[ -n "$sgl_note" ] && echo "$sgl_note" | tee -a "$OUT/test.log"
 python3 -c "import sys, torch; print('python', sys.version.split()[0], 'torch', torch.__version__)" >> "$OUT/test.log" 2>&1
 
 if [ "$peer_jit" = 1 ]; then  # JIT-build FlashInfer's sampling module (~1 min) beside the tests, before any timing

@@ -76,7 +76,8 @@ def check_compiles(pack: pathlib.Path, peer: pathlib.Path, tmp: pathlib.Path) ->
         z.extractall(deps)
     inc = [deps / "tvm_ffi" / "include", deps / "flashinfer" / "data" / "include"]
     import torch  # curand.h: the nvidia-* wheels torch pulled in
-    inc += [p for p in (pathlib.Path(torch.__file__).parents[1] / "nvidia").glob("*/include") if (p / "curand.h").exists()]
+    nvidia = pathlib.Path(torch.__file__).parents[1] / "nvidia"
+    inc += [p for p in nvidia.glob("*/include") if (p / "curand.h").exists()]
     so = tmp / "sglang_speculative.so"
     res = subprocess.run(nvcc_command(src, so, inc, deps / "tvm_ffi" / "lib"), capture_output=True, text=True)
     if res.returncode:

@@ -65,8 +65,9 @@ inline MarkovBuffers markov_buffers(char* base, const MarkovLayout& m, bool spli
 // and depend neither on R nor on torch's TF32 switch, as cuBLAS's would. A
 // thread takes 4 columns of kBiasRequests requests: w2 is read once per
 // group of requests. Grid: request groups on x (consecutive blocks share
-// w2's columns in L2), vocabulary blocks on y (at most 2^23 / 1024). (bf16/fp16 weights take cuBLAS: products of two 16-bit
-// values are exact in fp32, and w2 is half the bytes.)
+// w2's columns in L2), vocabulary blocks on y (at most 2^23 / 1024).
+// (bf16/fp16 weights take cuBLAS: products of two 16-bit values are exact
+// in fp32, and w2 is half the bytes.)
 constexpr int kBiasRequests = 8;
 
 __global__ void __launch_bounds__(kMarkovBlock)

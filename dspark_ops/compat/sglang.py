@@ -284,10 +284,12 @@ def _write_outputs(path, values, tree: LinkedTree, index, predicts, accept_index
     root = index[:, 0].long()
     rescue = (path[:, 0] < 0) & (root >= 0) & (root < P)
     path = torch.cat([torch.where(rescue, 0, path[:, 0]).unsqueeze(1), path[:, 1:S]], 1)
-    values = torch.cat([torch.where(rescue, fallback.to(values.dtype), values[:, 0]).unsqueeze(1), values[:, 1:S]], 1)
+    first = torch.where(rescue, fallback.to(values.dtype), values[:, 0])
+    values = torch.cat([first.unsqueeze(1), values[:, 1:S]], 1)
     on_path = path >= 0
     orig = tree.order.gather(1, path.clamp(min=0).long())
     flat = index.long().gather(1, orig)
+    flat[:, 0] = torch.where(rescue, root, flat[:, 0])  # the root itself: a malformed tree's order may not start there
     accept_index.copy_(torch.where(on_path, flat, -1))
     accept_token_num.copy_(accepted)
     ext = torch.cat([predicts.reshape(-1), predicts.new_zeros(1)])  # slot P: the dump for the -1 entries
