@@ -4,6 +4,8 @@ corrected row per request, once per step, at the measured copy bandwidth;
 next to the obvious PyTorch loop (bias GEMM + softmax + torch.multinomial)."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 import dspark_ops
@@ -27,18 +29,22 @@ def torch_loop(U, anchor, w1, w2, temperature, gen):
     return torch.stack(out, 1)
 
 
-def run_case(R: int, G: int, V: int, r: int, dtype: torch.dtype, device: str, iters: int, copy_gbs: float) -> list:
+def run_case(R: int, G: int, V: int, r: int, dtype: torch.dtype, weight_dtype: Optional[torch.dtype] = None, *,
+             device: str, iters: int, copy_gbs: float) -> list:
+    """One case; weight_dtype (default: the logits' dtype) float32 takes the
+    CUDA op's exact fp32 bias kernel instead of cuBLAS."""
+    wdt = weight_dtype or dtype
     gen = torch.Generator(device=device).manual_seed(0)
     U = (torch.randn(R, G, V, device=device, generator=gen) * 2).to(dtype)
     anchor = torch.randint(0, V, (R,), device=device, generator=gen)
-    w1 = (torch.randn(V, r, device=device, generator=gen) * 0.05).to(dtype)
-    w2 = (torch.randn(r, V, device=device, generator=gen) * 0.05).to(dtype)
+    w1 = (torch.randn(V, r, device=device, generator=gen) * 0.05).to(wdt)
+    w2 = (torch.randn(r, V, device=device, generator=gen) * 0.05).to(wdt)
     out = dspark_ops.MarkovResult(torch.empty(R, G, dtype=torch.int32, device=device),
                                   torch.empty(R, G, V, dtype=dtype, device=device),
                                   torch.empty(R, dtype=torch.int32, device=device))
     seed, position = torch.arange(R, device=device), torch.full((R,), 100, device=device)
     # Floor per step: w2 once, a base row and a written row per request.
-    floor_bytes = r * V * elem(dtype) + 2 * R * V * elem(dtype)
+    floor_bytes = r * V * elem(wdt) + 2 * R * V * elem(dtype)
     floor_us = floor_bytes / (copy_gbs * 1e9) * 1e6
     ws = torch.empty(dspark_ops.workspace_size("markov_draft", num_requests=R, vocab_size=V, rank=r),
                      dtype=torch.uint8, device=device)  # the engine's form: out= and workspace=, no allocation
@@ -63,7 +69,8 @@ def run_case(R: int, G: int, V: int, r: int, dtype: torch.dtype, device: str, it
         base = base or stats["median_us"]
         per_step = stats["median_us"] / G
         rows.append({"op": "markov_draft", "impl": name, "R": R, "G": G, "V": V, "r": r,
-                     "dtype": str(dtype).split(".")[-1], **stats, "us_per_step": per_step,
+                     "dtype": str(dtype).split(".")[-1], "weight_dtype": str(wdt).split(".")[-1], **stats,
+                     "us_per_step": per_step,
                      "floor_us_per_step": floor_us, "x_floor": per_step / floor_us,
                      "time_vs_dspark": stats["median_us"] / base})
     return rows
