@@ -151,7 +151,9 @@ def run_tree(dev: str, quick: bool, iters: int, copy_gbs: float) -> list:
           "buffer 0 (ours; torch vectorised: its own coins, so equal only in expectation); "
           f"trees: top-{tree_bench.TOPK} EAGLE-like (tree_bench.eagle_parents), temperature 1 (greedy: 0); "
           "CUDA: ', row pass' forces the row pass (every node row's statistics by the whole GPU before the walk), "
-          "', walk only' runs without it, the plain row lets the op choose")
+          "', walk only' runs without it, the plain row lets the op choose; 'sglang ...': SGLang's own kernels "
+          "(bench/sglang_peer.py, when tools/gpu_check.sh built them), their softmax / argmax of every node row "
+          "included, check = their accepted counts against ours")
     for dt, mode, ratio in tree_acceptance_ratios(rows):
         print(f"# acceptance: torch reference / dspark_ops.verify_tree at R=8 nodes=16 V=32000 {dt} {mode} = "
               f"{ratio:.2f}x (target >= 3x): {'PASS' if ratio >= 3 else 'FAIL'}")
