@@ -31,7 +31,7 @@ int64_t workspace_bytes(std::string op, int64_t num_requests, int64_t vocab, int
   if (op == "verify_chunk") return verify_workspace(nullptr, num_requests, max_draft, vocab).bytes;
   if (op == "verify_tree") return tree_workspace(nullptr, num_requests, vocab, true, max_draft).bytes;  // = num_nodes
   if (op == "schedule_verify") return schedule_workspace_bytes(num_requests, max_draft);  // max_draft = G
-  if (op == "markov_draft") return markov_layout(num_requests, vocab, max_draft).bytes;  // max_draft = the rank
+  if (op == "markov_draft") return markov_workspace(nullptr, num_requests, vocab, max_draft).bytes;  // = the rank
   TORCH_CHECK_VALUE(false, "dspark_ops.workspace_size: unknown op '", op, "'");
 }
 

@@ -33,17 +33,17 @@ void run(const at::Tensor& base, const at::Tensor& anchor, const at::Tensor& w1,
   const at::Tensor w1g = half_gemm ? w1 : w1.to(at::kFloat).contiguous();
   const at::Tensor w2g = half_gemm ? w2 : w2.to(at::kFloat).contiguous();
   // Every other buffer lives in one workspace: the caller's (no allocation), or one allocation.
-  const MarkovLayout layout = markov_layout(R, V, rank);
   at::Tensor scratch;
-  char* ws = static_cast<char*>(workspace_ptr(kMarkovOp, workspace, layout.bytes, base, scratch));
+  void* ws = workspace_ptr(kMarkovOp, workspace, markov_workspace(nullptr, R, V, rank).bytes, base, scratch);
+  MarkovBuffers b = markov_workspace(ws, R, V, rank);
   const bool may_filter = top_k.has_value() || top_p.has_value();
-  const MarkovBuffers b = markov_buffers(ws, layout, may_filter && split_select_enabled());
+  if (!may_filter || !split_select_enabled()) b.split_select = nullptr;  // one block a row for the keys
   const auto view = [&](void* p, at::IntArrayRef sizes, at::ScalarType t) {  // device given: no pointer query
     return at::for_blob(p, sizes).options(base.options().dtype(t)).target_device(base.device()).make_tensor();
   };
   const at::Tensor prev = view(b.prev, {R}, at::kLong);
-  at::Tensor bias = view(ws + layout.bias, {R, V}, at::kFloat);
-  at::Tensor w1_rows = view(ws + layout.w1_rows, {R, rank}, w1g.scalar_type());
+  at::Tensor bias = view(b.bias, {R, V}, at::kFloat);
+  at::Tensor w1_rows = view(b.w1_rows, {R, rank}, w1g.scalar_type());
   cudaError_t err = markov_start_launch<Storage>(args, b, stream);
   for (int32_t k = 1; k <= args.group && err == cudaSuccess; ++k) {
     if (half_gemm) {
@@ -55,7 +55,7 @@ void run(const at::Tensor& base, const at::Tensor& anchor, const at::Tensor& w1,
 #endif
     } else {
       err = markov_bias_launch(w1g.const_data_ptr<float>(), w2g.const_data_ptr<float>(), b.prev, R, rank, V,
-                               bias.data_ptr<float>(), stream);
+                               b.bias, stream);
       if (err != cudaSuccess) break;
     }
     err = markov_step_launch<Storage>(args, k, b, may_filter, stream);

@@ -31,33 +31,7 @@ namespace dspark {
 constexpr int kMarkovBlock = 256;
 constexpr int kMarkovFinalizeWarps = 4;
 
-// Device scratch of one call (core/markov_workspace.h): the state between
-// steps, the keep keys and the race partials of a step.
-struct MarkovBuffers {
-  const float* bias;                   // [R, V] this step's w1[x_{k-1}] @ w2
-  int64_t* prev;                       // [R] x_{k-1}, always a valid w1 row
-  int32_t* live;                       // [R] 1 while the request drafts
-  uint32_t* keep_keys;                 // [R]
-  SamplePartial* partials;             // [R, chunks]
-  float* race_t;                       // [R] the keep key's temperature: 1 (stochastic) or 0 (greedy)
-  void* split_select;                  // split_select_workspace_bytes(R) for small batches' keys, or nullptr
-};
-
 inline int64_t markov_chunks(int64_t R, int64_t V) { return split_chunks(R, V); }
-
-// The buffers in a workspace of markov_layout(R, V, rank).bytes at `base`;
-// `split`: whether filtered steps may take the split select.
-inline MarkovBuffers markov_buffers(char* base, const MarkovLayout& m, bool split) {
-  MarkovBuffers b;
-  b.bias = reinterpret_cast<const float*>(base + m.bias);
-  b.prev = reinterpret_cast<int64_t*>(base + m.prev);
-  b.live = reinterpret_cast<int32_t*>(base + m.live);
-  b.keep_keys = reinterpret_cast<uint32_t*>(base + m.keep_keys);
-  b.partials = reinterpret_cast<SamplePartial*>(base + m.partials);
-  b.race_t = reinterpret_cast<float*>(base + m.race_t);
-  b.split_select = split && m.split >= 0 ? base + m.split : nullptr;
-  return b;
-}
 
 // The bias rows w1[x_{k-1}] @ w2 [R, V] of fp32 weights, summed as the CPU op
 // sums them: per entry, each product rounded and added in ascending rank
