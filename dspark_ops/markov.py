@@ -79,9 +79,9 @@ def markov_draft(
         both; mixed dtypes make fp32 copies), and the per-request parameters
         as tensors the op takes as they are: temperature / top_p float32,
         top_k / num_draft int32, seed / position int64, each [R] (or [1];
-        num_draft [R]) on the device (scalars become tensors each call). Without a workspace the
-        CUDA op allocates through torch's caching allocator. The CPU op
-        needs none and ignores it.
+        num_draft [R]) on the device (scalars become tensors each call).
+        Without a workspace the CUDA op allocates through torch's caching
+        allocator. The CPU op needs none and ignores it.
 
     Returns
     -------
@@ -109,9 +109,9 @@ def markov_draft(
     per call, none for contiguous fp32 weights) that sums in the CPU op's
     order, so its bits match the CPU's whatever the batch and torch's TF32
     setting. Then two kernels (four with top-k/top-p): the corrected row is
-    written and raced in one pass. No host synchronisation. fp16 logits divided by a small
-    temperature can overflow to +inf and abort the request
-    (``NONFINITE_LOGITS``): use bf16 or fp32.
+    written and raced in one pass. No host synchronisation. fp16 logits
+    divided by a small temperature can overflow to +inf and abort the
+    request (``NONFINITE_LOGITS``): use bf16 or fp32.
     """
     if base_logits.dim() != 3:
         raise ValueError(f"{OP}: base_logits must have shape [R, G, V], got {list(base_logits.shape)}")
