@@ -21,6 +21,25 @@ inline int64_t kv_vec_width(std::initializer_list<int64_t> values) {
   return 1;
 }
 
+// Each cache tensor compacted once: two that share bytes (a tensor listed
+// twice, or layers sharing one KV tensor) would have their entries moved
+// twice -- on a GPU by blocks racing each other. Caches are contiguous, so
+// their byte spans are exact. O(L log L): sorted by address, neighbours compared.
+inline void check_kv_caches_apart(const at::TensorList caches) {
+  std::vector<std::pair<std::pair<uintptr_t, uintptr_t>, size_t>> spans;
+  spans.reserve(caches.size());
+  for (size_t l = 0; l < caches.size(); ++l) {
+    const auto span = byte_span(caches[l]);
+    if (span.first < span.second) spans.push_back({span, l});
+  }
+  std::sort(spans.begin(), spans.end());
+  for (size_t i = 1; i < spans.size(); ++i) {
+    const size_t a = std::min(spans[i - 1].second, spans[i].second), b = std::max(spans[i - 1].second, spans[i].second);
+    TORCH_CHECK_VALUE(spans[i].first.first >= spans[i - 1].first.second, kKvOp, ": caches[", a, "] and caches[", b,
+                      "] share memory; pass each cache tensor once (layers that share a KV tensor list it once)");
+  }
+}
+
 // The byte geometry of every cache tensor (checked against each other).
 inline std::vector<KVLayer> kv_layers(const at::TensorList caches, bool heads_first, bool paged) {
   const char* op = kKvOp;
@@ -51,6 +70,7 @@ inline std::vector<KVLayer> kv_layers(const at::TensorList caches, bool heads_fi
     L.vec = kv_vec_width({L.ptr, L.r_stride, L.s_stride, L.run_bytes, L.run_stride});
     layers.push_back(L);
   }
+  check_kv_caches_apart(caches);
   return layers;
 }
 

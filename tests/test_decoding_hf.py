@@ -221,6 +221,27 @@ def test_rollback_moves_entries_of_every_layer(models):
         assert torch.equal(k, ok[:, :, pick]) and torch.equal(v, ov[:, :, pick])
 
 
+def test_rollback_with_layers_sharing_a_kv_tensor(models):
+    """Models that share KV across layers give the cache one tensor for
+    several layers: a non-prefix rollback moves its entries once (kv_compact
+    refuses a tensor listed twice), and the layers still share it."""
+    _, m, _ = models
+    t = HFTarget(m)
+    cache = t.new_cache(1, 32)
+    t.forward(torch.arange(1, 11), torch.arange(10), torch.tensor([0, 10], dtype=torch.int32), cache)
+    hf = cache.caches[0]
+    first, second = hf.layers[0], hf.layers[1]
+    second.keys, second.values = first.keys, first.values  # layer 1 reads layer 0's KV
+    orig = [(k.clone(), v.clone()) for k, v in _layers(hf)]
+    one = lambda v: torch.tensor([v], dtype=torch.int32)  # noqa: E731
+    t.rollback(cache, one(4), one(6), torch.tensor([[1, 3, 4]], dtype=torch.int32), one(3))
+    assert t.lengths(cache).tolist() == [7]
+    pick = [0, 1, 2, 3, 5, 7, 8]
+    for (k, v), (ok, ov) in zip(_layers(hf), orig):
+        assert torch.equal(k, ok[:, :, pick]) and torch.equal(v, ov[:, :, pick])
+    assert second.keys.data_ptr() == first.keys.data_ptr()
+
+
 def test_sampled_generation_runs(models):
     """Sampling through HFTarget: right lengths, reproducible for a seed."""
     _, m, small = models

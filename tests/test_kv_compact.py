@@ -127,6 +127,32 @@ def test_host_errors():
         dspark_ops.kv_compact([torch.zeros(2, 3, 4, 1).transpose(1, 2)], base, **idx)
 
 
+def test_caches_sharing_memory_are_refused():
+    """A tensor listed twice (or two overlapping ones) would have its entries
+    moved twice -- on a GPU by racing blocks; disjoint slices of one buffer
+    are separate caches."""
+    R = 2
+    base = torch.zeros(R, dtype=torch.int32)
+    idx = dict(num_appended=torch.ones(R, dtype=torch.int32), keep_index=torch.zeros(R, 1, dtype=torch.int32),
+               num_keep=torch.ones(R, dtype=torch.int32))
+    a, b = torch.zeros(2, 4, 1, 1), torch.zeros(2, 4, 1, 1)
+    with pytest.raises(ValueError, match=r"caches\[0\] and caches\[2\] share memory"):
+        dspark_ops.kv_compact([a, b, a], base, **idx)
+    with pytest.raises(ValueError, match=r"caches\[0\] and caches\[1\] share memory"):
+        dspark_ops.KVLayout([a, a])
+    buf = torch.zeros(3, 2, 4, 1, 1)
+    with pytest.raises(ValueError, match=r"caches\[0\] and caches\[1\] share memory"):  # offset by one entry
+        dspark_ops.kv_compact([buf.view(-1)[:8].view(2, 4, 1, 1), buf.view(-1)[1:9].view(2, 4, 1, 1)], base, **idx)
+    g = torch.Generator().manual_seed(8)
+    buf = torch.randn(2, R, 6, 1, 2, generator=g)  # K and V: disjoint halves of one buffer
+    keep = torch.tensor([[1, 2], [0, 2]], dtype=torch.int32)
+    args = (torch.tensor([1, 0], dtype=torch.int32), torch.tensor([3, 3], dtype=torch.int32), keep,
+            torch.tensor([2, 2], dtype=torch.int32))
+    want, _, _ = ref.kv_compact([buf[0].clone(), buf[1].clone()], *args)
+    _, status = dspark_ops.kv_compact([buf[0], buf[1]], *args)
+    assert status.tolist() == [0, 0] and torch.equal(buf[0], want[0]) and torch.equal(buf[1], want[1])
+
+
 def test_kv_layout_is_reusable_and_checked():
     g = torch.Generator().manual_seed(6)
     caches = random_caches(3, 2, 8, 1, 4, torch.float32, g, heads_first=True)

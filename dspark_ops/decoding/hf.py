@@ -194,17 +194,21 @@ class HFTarget:
             new_len = base + nk
             if keep != list(range(nk)):  # not a prefix: move the kept entries down, in every layer at once
                 _check_rollable(hf)
-                tensors = []
+                tensors, made = [], {}  # made: one contiguous copy per strided tensor, however often it appears
                 for k, v in _get_kv(hf):
                     if k.shape[-2] != have or v.shape[-2] != have:
                         raise NotImplementedError(
                             f"HFTarget.rollback: a cache layer holds {k.shape[-2]} positions, not the request's "
                             f"{have} (sliding window?): cannot roll back by position")
-                    tensors += [k if k.is_contiguous() else k.contiguous(),
-                                v if v.is_contiguous() else v.contiguous()]
+                    for t in (k, v):
+                        if not t.is_contiguous() and id(t) not in made:
+                            made[id(t)] = t.contiguous()
+                        tensors.append(made.get(id(t), t))
                 self._set_kv(hf, tensors)
+                # Layers that share a KV tensor list it once: kv_compact moves each tensor's entries once.
+                unique = list({(t.data_ptr(), t.shape, t.stride()): t for t in tensors}.values())
                 dev = tensors[0].device
-                _, status = kv_compact(tensors, torch.tensor([base], dtype=torch.int32, device=dev),
+                _, status = kv_compact(unique, torch.tensor([base], dtype=torch.int32, device=dev),
                                        torch.tensor([app], dtype=torch.int32, device=dev),
                                        torch.tensor([keep], dtype=torch.int32, device=dev).view(1, nk),
                                        torch.tensor([nk], dtype=torch.int32, device=dev), heads_first=True)
