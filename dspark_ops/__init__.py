@@ -22,9 +22,42 @@ def cuda_kernels_available() -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key("dspark_ops::sample", "CUDA")
 
 
+def get_include() -> str:
+    """The directory to put on an engine's include path (``-I``) for the
+    torch-free headers: ``#include "dspark_ops/kernels/sample.cuh"``,
+    ``"dspark_ops/core/philox.h"``, ... (raw pointers, sizes and a
+    ``cudaStream_t``; no torch include).
+
+    An installed wheel has them in ``dspark_ops/include``. A source checkout
+    (editable or in-place build) keeps them in ``csrc/core`` and
+    ``csrc/kernels`` only; there this returns ``build/include``, whose
+    ``dspark_ops/core`` and ``dspark_ops/kernels`` are links to them, made
+    on first call, so the same ``#include`` lines work."""
+    from pathlib import Path
+
+    package = Path(__file__).resolve().parent
+    installed = package / "include"
+    if (installed / "dspark_ops" / "kernels").is_dir():
+        return str(installed)
+    root = package.parent
+    if not (root / "csrc" / "kernels").is_dir():
+        raise FileNotFoundError(f"dspark_ops.get_include: the headers are neither in {installed} nor in a "
+                                f"source checkout at {root / 'csrc'}")
+    tree = root / "build" / "include"
+    for sub in ("core", "kernels"):
+        link = tree / "dspark_ops" / sub
+        if not link.exists():
+            link.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                link.symlink_to(Path("..", "..", "..", "csrc", sub), target_is_directory=True)
+            except FileExistsError:  # made meanwhile by another process
+                pass
+    return str(tree)
+
+
 __all__ = ["ABORT_MASK", "KVLayout", "Purpose", "RequestState", "SampleResult", "Status", "VerifyResult",
            "__version__", "commit_tokens", "cuda_kernels_available", "empty_sample_result", "empty_verify_result",
-           "fit_sequential_temperatures", "kv_compact", "markov_draft", "MarkovResult", "measure_sps",
-           "pack_linear_weight", "packed_linear", "packed_linear_kernel", "sample",
+           "fit_sequential_temperatures", "get_include", "kv_compact", "markov_draft", "MarkovResult",
+           "measure_sps", "pack_linear_weight", "packed_linear", "packed_linear_kernel", "sample",
            "schedule_verify", "SiblingMode", "TreeResult", "empty_tree_result", "tree_to_keep", "verify_tree",
            "verify_chunk", "workspace_size"]
