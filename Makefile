@@ -13,7 +13,7 @@ SHELL := /bin/bash
 # Settings: PYTHON (the interpreter; python3.11 for the venv), NO_VENV=1,
 # TORCH_PIN (default torch==2.14.1, the CUDA 13.0 build on local disk),
 # DSPARK_FORCE_CUDA (1: a CPU-only build is an error; 0: skip CUDA),
-# TORCH_CUDA_ARCH_LIST (default "8.0;9.0"), MAX_JOBS, PYTEST_ARGS,
+# TORCH_CUDA_ARCH_LIST (default "8.0;9.0+PTX"), MAX_JOBS, PYTEST_ARGS,
 # EMULATOR=0 (skip the emulated CUDA kernels: a GPU machine runs the real ones).
 
 NO_VENV ?= 0
@@ -40,7 +40,7 @@ EMU_ASAN_ENV := CUEMU_ASAN=1 LD_PRELOAD="$(ASAN_LIB) $(shell g++ -print-file-nam
   ASAN_OPTIONS=detect_leaks=0:detect_container_overflow=0
 EMU_SUITES := tests/test_verify_chunk.py tests/test_verify_tree.py tests/test_sample.py tests/test_markov_draft.py \
   tests/test_schedule_verify.py tests/test_kv_compact.py tests/test_verify_chunk_errors.py \
-  tests/test_verify_tree_errors.py
+  tests/test_verify_tree_errors.py tests/test_workspace_checks.py
 ifeq ($(EMULATOR),1)
 EMU_IGNORE :=
 else
@@ -51,7 +51,7 @@ endif
 
 $(VENV)/.deps-installed: Makefile pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet "$(TORCH_PIN)" numpy scipy pytest ninja "setuptools>=64" wheel
+	$(VENV)/bin/pip install --quiet "$(TORCH_PIN)" numpy scipy pytest ninja "setuptools>=77" wheel
 	$(VENV)/bin/pip install --quiet transformers safetensors tqdm matplotlib  # optional extras: HF adapter tests, weights, demo, plots
 	touch $@
 

@@ -151,16 +151,25 @@ inline void check_int_rows(const char* op, const char* name, const at::Tensor& t
   TORCH_CHECK_VALUE(t.is_contiguous(), op, ": ", name, " must be contiguous");
 }
 
-// Workspace: enough bytes, on the device, contiguous.
+// Workspace: uint8 bytes (DESIGN §2), on the device, contiguous, enough, aligned.
 inline void check_workspace(const char* op, const at::Tensor& ws, int64_t need,
                             const at::Tensor& ref) {
   check_same_device(op, "workspace", ws, ref);
+  check_dtype(op, "workspace", ws, at::kByte);
   TORCH_CHECK_VALUE(ws.is_contiguous(), op, ": workspace must be contiguous");
   TORCH_CHECK_VALUE(ws.nbytes() >= static_cast<size_t>(need), op, ": workspace must hold at least ",
                     need, " bytes (dspark_ops.workspace_size), got ", ws.nbytes());
   // Misaligned scratch would be a sticky CUDA error, not an exception.
   TORCH_CHECK_VALUE(reinterpret_cast<uintptr_t>(ws.data_ptr()) % 16 == 0, op,
                     ": workspace must be 16-byte aligned, got address ", ws.data_ptr());
+}
+
+// A CPU .out form's workspace, when given: checked as its CUDA binding checks
+// it (workspace_ptr), with the same `need`, then left unused (the CPU ops need
+// no scratch), so a workspace a GPU would refuse is refused on the CPU too.
+inline void check_given_workspace(const char* op, const c10::optional<at::Tensor>& ws, int64_t need,
+                                  const at::Tensor& ref) {
+  if (ws.has_value()) check_workspace(op, *ws, need, ref);
 }
 
 }  // namespace dspark

@@ -40,6 +40,13 @@ inline void check_kv_caches_apart(const at::TensorList caches) {
   }
 }
 
+// Caches are 4-D: [R, S, H, D], [R, H, S, D] (heads_first) or paged blocks.
+inline void check_kv_cache_dim(size_t l, const at::Tensor& c, bool heads_first, bool paged) {
+  TORCH_CHECK_VALUE(c.dim() == 4, kKvOp, ": caches[", l, "] must have 4 dimensions ",
+                    paged ? "[num_blocks, block_size, H, D]" : heads_first ? "[R, H, S, D]" : "[R, S, H, D]",
+                    ", got ", shape_str(c));
+}
+
 // The byte geometry of every cache tensor (checked against each other).
 inline std::vector<KVLayer> kv_layers(const at::TensorList caches, bool heads_first, bool paged) {
   const char* op = kKvOp;
@@ -49,9 +56,7 @@ inline std::vector<KVLayer> kv_layers(const at::TensorList caches, bool heads_fi
   layers.reserve(caches.size());
   for (size_t l = 0; l < caches.size(); ++l) {
     const at::Tensor& c = caches[l];
-    TORCH_CHECK_VALUE(c.dim() == 4, op, ": caches[", l, "] must have 4 dimensions ",
-                      paged ? "[num_blocks, block_size, H, D]" : heads_first ? "[R, H, S, D]" : "[R, S, H, D]",
-                      ", got ", shape_str(c));
+    check_kv_cache_dim(l, c, heads_first, paged);
     TORCH_CHECK_VALUE(c.is_contiguous(), op, ": caches[", l, "] must be contiguous");
     TORCH_CHECK_VALUE(c.device() == caches[0].device(), op, ": caches[", l, "] must be on ", caches[0].device(),
                       " like caches[0], got ", c.device());
@@ -105,22 +110,23 @@ inline int64_t check_kv_args(const at::TensorList caches, const at::Tensor& base
     if (block_table.has_value()) check_no_overlap(op, out_name, out, "block_table", *block_table);
   }
   check_no_overlap(op, "status", status, "new_len", new_len);
+  // Every cache 4-D before any size is read: a 3-D one is named as such, not as a wrong R or block size.
+  for (size_t l = 0; l < caches.size(); ++l) check_kv_cache_dim(l, caches[l], heads_first, block_table.has_value());
   if (block_table.has_value()) {
-    TORCH_CHECK_VALUE(ref.dim() == 4 && ref.size(1) >= 1, op, ": paged caches must have block_size >= 1, got ",
-                      shape_str(ref));
+    TORCH_CHECK_VALUE(ref.size(1) >= 1, op, ": paged caches must have block_size >= 1, got ", shape_str(ref));
     TORCH_CHECK_VALUE(!heads_first, op, ": heads_first caches cannot be paged");
     check_same_device(op, "block_table", *block_table, ref);
     check_dtype(op, "block_table", *block_table, at::kInt);
     TORCH_CHECK_VALUE(block_table->dim() == 2 && block_table->size(0) == R && block_table->is_contiguous(), op,
                       ": block_table must be a contiguous [", R, ", max_blocks] tensor, got ", shape_str(*block_table));
     for (size_t l = 0; l < caches.size(); ++l) {
-      TORCH_CHECK_VALUE(caches[l].dim() == 4 && caches[l].size(0) == ref.size(0) && caches[l].size(1) == ref.size(1),
-                        op, ": paged caches[", l, "] must have num_blocks = ", ref.size(0), " and block_size = ",
+      TORCH_CHECK_VALUE(caches[l].size(0) == ref.size(0) && caches[l].size(1) == ref.size(1), op,
+                        ": paged caches[", l, "] must have num_blocks = ", ref.size(0), " and block_size = ",
                         ref.size(1), " like caches[0], got ", shape_str(caches[l]));
     }
   } else {
     for (size_t l = 0; l < caches.size(); ++l) {
-      TORCH_CHECK_VALUE(caches[l].dim() == 4 && caches[l].size(0) == R, op, ": caches[", l, "] must have R = ", R,
+      TORCH_CHECK_VALUE(caches[l].size(0) == R, op, ": caches[", l, "] must have R = ", R,
                         " requests in dimension 0, got ", shape_str(caches[l]));
     }
   }

@@ -8,6 +8,7 @@
 
 #include "checks.h"
 #include "core/markov.h"
+#include "core/markov_workspace.h"
 #include "sample_common.h"
 
 namespace dspark {
@@ -75,6 +76,12 @@ inline void check_markov_apart(const at::Tensor& base, const at::Tensor& anchor,
               {named("base_logits", base), named("anchor", anchor), named("w1", w1), named("w2", w2),
                named("temperature", temperature), named("top_k", top_k), named("top_p", top_p), named("seed", seed),
                named("position", position), named("num_draft", num_draft)});
+}
+
+// The bytes markov_draft.out requires of a caller's workspace (R >= 1
+// requests): the CUDA binding's scratch, checked by the CPU binding too.
+inline int64_t markov_workspace_need(const at::Tensor& base, const at::Tensor& w1) {
+  return markov_workspace(nullptr, base.size(0), base.size(2), w1.size(1)).bytes;
 }
 
 template <typename Storage>

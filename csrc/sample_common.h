@@ -51,6 +51,12 @@ inline void check_sample_apart(const at::Tensor& logits, const at::Tensor& tempe
                named("row_start", row_start)});
 }
 
+// The bytes sample.out requires of a caller's workspace (R >= 1 requests):
+// the CUDA binding's scratch, checked by the CPU binding too.
+inline int64_t sample_workspace_need(const at::Tensor& logits, int64_t R) {
+  return sample_workspace_bytes(R, logits.size(1));
+}
+
 template <typename T>
 PerRequest<T> per_request(const c10::optional<at::Tensor>& t, T fallback) {
   if (!t.has_value()) return PerRequest<T>{nullptr, 0, fallback};

@@ -81,6 +81,12 @@ inline int64_t schedule_slots(int64_t R, int64_t G) {
 
 inline int64_t schedule_workspace_bytes(int64_t R, int64_t G) { return schedule_slots(R, G) * 12; }
 
+// The bytes schedule_verify.out requires of a caller's workspace (R >= 1
+// requests): the CUDA binding's scratch, checked by the CPU binding too.
+inline int64_t schedule_workspace_need(const at::Tensor& confidence) {
+  return schedule_workspace_bytes(confidence.size(0), confidence.size(1));
+}
+
 using ScheduleOutFn = void (*)(const at::Tensor&, const at::Tensor&, const at::Tensor&, c10::string_view, double,
                                const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&, at::Tensor&,
                                const c10::optional<at::Tensor>&);

@@ -68,6 +68,32 @@ inline void check_tree_apart(const at::Tensor& target_logits, const at::Tensor& 
                named("top_p", top_p), named("seed", seed), named("position", position)});
 }
 
+// Whether a caller's workspace has room for the CUDA row pass over `rows`
+// target rows: workspace_size counts qv always, so compare with that, not
+// with the layout a call without draft distributions would carve.
+inline bool tree_workspace_fits_row_pass(const c10::optional<at::Tensor>& workspace, int64_t R, int64_t V,
+                                         int64_t rows) {
+  return !workspace.has_value() ||
+         workspace->nbytes() >= static_cast<size_t>(tree_workspace(nullptr, R, V, true, rows).bytes);
+}
+
+// The bytes verify_tree.out requires of a caller's workspace (R >= 1
+// requests), the row pass over `pass_rows` rows included (0: none).
+inline int64_t tree_workspace_need(int64_t R, int64_t V, bool with_q, int64_t pass_rows) {
+  return tree_workspace(nullptr, R, V, with_q, pass_rows).bytes;
+}
+
+// The CPU binding's check of a given workspace, the CUDA binding's outcome
+// whatever the GPU, DSPARK_TREE_ROW_PASS and rows: that binding carves the
+// row pass only from a workspace that fits it (above), which then also holds
+// tree_workspace_need(..., rows) (the layouts only add regions); any smaller
+// one runs without the pass and must hold tree_workspace_need(..., 0), the
+// count a refusal names on both.
+inline void check_tree_workspace(const c10::optional<at::Tensor>& workspace, int64_t R, int64_t V, bool with_q,
+                                 const at::Tensor& target_logits) {
+  check_given_workspace(kTreeOp, workspace, tree_workspace_need(R, V, with_q, 0), target_logits);
+}
+
 template <typename T, typename D>
 TreeArgs<T, D> make_tree_args(const at::Tensor& target_logits, const at::Tensor& node_tokens, const at::Tensor& parents,
                               const at::Tensor& cu_num_nodes, int64_t max_depth,

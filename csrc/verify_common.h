@@ -102,6 +102,12 @@ inline void check_verify_apart(const at::Tensor& target_logits, const at::Tensor
                named("target_row_start", target_row_start)});
 }
 
+// The bytes verify_chunk.out requires of a caller's workspace (R >= 1
+// requests): the CUDA binding's scratch, checked by the CPU binding too.
+inline int64_t verify_workspace_need(const at::Tensor& target_logits, int64_t R, int64_t max_draft) {
+  return verify_workspace(nullptr, R, max_draft, target_logits.size(1)).bytes;
+}
+
 template <typename T, typename D>
 VerifyArgs<T, D> make_verify_args(const at::Tensor& target_logits, const at::Tensor& draft_tokens,
                                   const at::Tensor& cu_num_draft, int64_t max_draft,

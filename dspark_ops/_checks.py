@@ -104,45 +104,54 @@ def check_int_rows(op: str, name: str, t: torch.Tensor, R: int, W: int, ref: tor
         raise ValueError(f"{op}: {name} must be contiguous")
 
 
-def check_workspace(op: str, ws: torch.Tensor, need: int, ref: torch.Tensor) -> None:
+def check_workspace(op: str, ws: Optional[torch.Tensor], need: Optional[int], ref: torch.Tensor) -> None:
+    """csrc/checks.h check_workspace, for the fake kernels of the .out forms
+    (a given workspace; `need` None: size unknown here, not checked)."""
+    if ws is None:
+        return
     check_same_device(op, "workspace", ws, ref)
+    check_dtype(op, "workspace", ws, torch.uint8)
     if not ws.is_contiguous():
         raise ValueError(f"{op}: workspace must be contiguous")
     nbytes = ws.numel() * ws.element_size()
-    if nbytes < need:
+    if need is not None and nbytes < need:
         raise ValueError(f"{op}: workspace must hold at least {need} bytes "
                          f"(dspark_ops.workspace_size), got {nbytes}")
-    if ws.device.type != "meta" and ws.data_ptr() % 16 != 0:
+    from torch._subclasses.fake_tensor import is_fake
+    if ws.device.type == "meta" or is_fake(ws):  # no address to check (the op checks it at run time)
+        return
+    if ws.data_ptr() % 16 != 0:
         raise ValueError(f"{op}: workspace must be 16-byte aligned, got address {hex(ws.data_ptr())}")
 
 
 def raise_first_invalid(op: str, name: str, values: torch.Tensor, ok: torch.Tensor,
-                        index: Optional[torch.Tensor] = None) -> None:
+                        index: Optional[torch.Tensor] = None, rule: Optional[str] = None) -> None:
     """validate=True: raise naming the first value with ok False (host
-    tensors), as name[i] = value; `index` maps positions to the index shown."""
+    tensors), as name[i] = value; `index` maps positions to the index shown,
+    `rule` says what was broken."""
     bad = (~ok).nonzero()
     if bad.numel():
         i = int(bad[0, 0])
         shown = int(index[i]) if index is not None else i
-        raise ValueError(f"{op}: {name}[{shown}] = {values[i].item()} is invalid")
+        raise ValueError(f"{op}: {name}[{shown}] = {values[i].item()} is invalid" + (f": {rule}" if rule else ""))
 
 
 def validate_sampling_values(op: str, temperature, draft_temperature, top_k, top_p, position) -> None:
     """validate=True for the verify ops' per-request sampling tensors."""
     for name, t in (("temperature", temperature), ("draft_temperature", draft_temperature)):
-        raise_first_invalid(op, name, t, (t >= 0) & torch.isfinite(t))
+        raise_first_invalid(op, name, t, (t >= 0) & torch.isfinite(t), rule="must be finite and >= 0")
     if top_k is not None:
-        raise_first_invalid(op, "top_k", top_k, top_k >= 0)
+        raise_first_invalid(op, "top_k", top_k, top_k >= 0, rule="must be >= 0 (0 = off)")
     if top_p is not None:
-        raise_first_invalid(op, "top_p", top_p, top_p > 0)
-    raise_first_invalid(op, "position", position, position >= 0)
+        raise_first_invalid(op, "top_p", top_p, top_p > 0, rule="must be > 0 (>= 1 = off)")
+    raise_first_invalid(op, "position", position, position >= 0, rule="must be >= 0")
 
 
 def validate_finite_rows(op: str, target_logits: torch.Tensor, rows: torch.Tensor) -> None:
     """validate=True: no NaN / +inf in the target rows `rows` (host int64)."""
     block = target_logits[rows.to(target_logits.device)]
     finite = (~(torch.isnan(block) | (block == float("inf")))).all(1).cpu()
-    raise_first_invalid(op, "target_logits row", rows, finite, rows)
+    raise_first_invalid(op, "target_logits row", rows, finite, rows, rule="it holds NaN or +inf")
 
 
 SAMPLE_OP = "dspark_ops.sample"
@@ -263,3 +272,56 @@ def check_tree_outputs(target_logits, cu_num_nodes, max_depth, tokens, accepted,
     check_output(op, "accepted", accepted, R, torch.int32, target_logits)
     check_output(op, "emitted", emitted, R, torch.int32, target_logits)
     check_output(op, "status", status, R, torch.int32, target_logits)
+
+
+KV_OP = "dspark_ops.kv_compact"
+
+
+def check_kv_args(caches, base_len, num_appended, keep_index, num_keep, new_len, status, block_table,
+                  heads_first) -> int:
+    """csrc/kv_common.h check_kv_args then kv_layers' per-tensor checks, for
+    the fake kernel (the memory-overlap checks need real addresses: the op
+    makes them); returns R."""
+    op = KV_OP
+    if base_len.dim() != 1:
+        raise ValueError(f"{op}: base_len must have shape [R], got {shape_str(base_len)}")
+    R = base_len.shape[0]
+    if not caches:
+        raise ValueError(f"{op}: caches must hold at least one tensor")
+    ref = caches[0]
+    for name, t in (("base_len", base_len), ("num_appended", num_appended), ("num_keep", num_keep),
+                    ("new_len", new_len), ("status", status)):
+        check_output(op, name, t, R, torch.int32, ref)
+    check_same_device(op, "keep_index", keep_index, ref)
+    check_dtype(op, "keep_index", keep_index, torch.int32)
+    if keep_index.dim() != 2 or keep_index.shape[0] != R or not keep_index.is_contiguous():
+        raise ValueError(f"{op}: keep_index must be a contiguous [{R}, K_max] tensor, got {shape_str(keep_index)}")
+    paged = block_table is not None
+    layout = "[num_blocks, block_size, H, D]" if paged else "[R, H, S, D]" if heads_first else "[R, S, H, D]"
+    for i, c in enumerate(caches):
+        if c.dim() != 4:
+            raise ValueError(f"{op}: caches[{i}] must have 4 dimensions {layout}, got {shape_str(c)}")
+    if paged:
+        if ref.shape[1] < 1:
+            raise ValueError(f"{op}: paged caches must have block_size >= 1, got {shape_str(ref)}")
+        if heads_first:
+            raise ValueError(f"{op}: heads_first caches cannot be paged")
+        check_same_device(op, "block_table", block_table, ref)
+        check_dtype(op, "block_table", block_table, torch.int32)
+        if block_table.dim() != 2 or block_table.shape[0] != R or not block_table.is_contiguous():
+            raise ValueError(f"{op}: block_table must be a contiguous [{R}, max_blocks] tensor, got "
+                             f"{shape_str(block_table)}")
+        for i, c in enumerate(caches):
+            if c.shape[0] != ref.shape[0] or c.shape[1] != ref.shape[1]:
+                raise ValueError(f"{op}: paged caches[{i}] must have num_blocks = {ref.shape[0]} and block_size = "
+                                 f"{ref.shape[1]} like caches[0], got {shape_str(c)}")
+    else:
+        for i, c in enumerate(caches):
+            if c.shape[0] != R:
+                raise ValueError(f"{op}: caches[{i}] must have R = {R} requests in dimension 0, got {shape_str(c)}")
+    for i, c in enumerate(caches):  # kv_layers, layer by layer
+        if not c.is_contiguous():
+            raise ValueError(f"{op}: caches[{i}] must be contiguous")
+        if c.device != ref.device:
+            raise ValueError(f"{op}: caches[{i}] must be on {ref.device} like caches[0], got {c.device}")
+    return R

@@ -9,7 +9,7 @@ import torch
 from . import _checks
 from ._params import (TensorOrFloat, TensorOrInt, position_tensor, seed_tensor, temperature_tensor,
                       top_k_tensor, top_p_tensor)
-from .ops import _ops
+from .ops import _ops, workspace_size
 
 OP = _checks.VERIFY_OP
 
@@ -65,7 +65,7 @@ def verify_chunk(
 
     Parameters
     ----------
-    target_logits : Tensor [T, V] (ragged) or [B, K+1, V] (padded); float32 / float16 / bfloat16
+    target_logits : Tensor [T, V] (ragged) or [B, K+1, V] (padded); fp32 / fp16 / bf16; V <= 2**23
         Target logits. Ragged: request r's n_r + 1 rows start at
         ``cu_num_draft[r] + r`` (or ``target_row_start[r]``); row j scores
         draft j, row n_r gives the bonus token. Rows may be strided; the last
@@ -144,9 +144,16 @@ def verify_chunk(
         B, K1, _ = target_logits.shape
         if cu_num_draft is not None or draft_row_start is not None or target_row_start is not None:
             raise ValueError(f"{OP}: the padded form takes no cu_num_draft or row starts")
-        if draft_tokens.dim() != 2 or tuple(draft_tokens.shape) != (B, K1 - 1):
+        if not isinstance(draft_tokens, torch.Tensor) or draft_tokens.dim() != 2 \
+                or tuple(draft_tokens.shape) != (B, K1 - 1):
             raise ValueError(f"{OP}: padded draft_tokens must have shape [{B}, {K1 - 1}], got "
-                             f"{list(draft_tokens.shape)}")
+                             f"{list(getattr(draft_tokens, 'shape', [])) or type(draft_tokens).__name__}")
+        for name, draft in (("draft_probs", draft_probs), ("draft_logits", draft_logits)):
+            # Flattened, a [B, K', V] of the wrong K' would be read as other requests' rows.
+            if draft is not None and (not isinstance(draft, torch.Tensor) or draft.dim() != 3
+                                      or tuple(draft.shape[:2]) != (B, K1 - 1)):
+                raise ValueError(f"{OP}: padded {name} must have shape [{B}, {K1 - 1}, V], got "
+                                 f"{list(getattr(draft, 'shape', [])) or type(draft).__name__}")
         target_logits = _flatten_padded(target_logits, "target_logits")
         draft_tokens = _flatten_padded(draft_tokens, "draft_tokens")
         draft_probs = _flatten_padded(draft_probs, "draft_probs") if draft_probs is not None else None
@@ -170,8 +177,10 @@ def verify_chunk(
     )
     if validate:
         _validate_verify(*args)
-    if out is None:
+    if out is None and workspace is None:
         return VerifyResult(*_ops.verify_chunk(*args))
+    if out is None:  # a workspace alone: fresh outputs, the caller's scratch
+        out = empty_verify_result(R, int(max_draft), device=dev)
     _ops.verify_chunk.out(*args, tokens=out.tokens, accepted=out.accepted, emitted=out.emitted, status=out.status,
                           workspace=workspace)
     return out
@@ -185,19 +194,22 @@ def _validate_verify(target_logits, draft_tokens, cu, max_draft, draft_probs, dr
                                   target_row_start)
     T, V = target_logits.shape
 
-    def bad(name, t, ok, index=None):
-        _checks.raise_first_invalid(OP, name, t, ok, index)
-
     cu = cu.cpu().long()
     n = cu[1:] - cu[:-1]
-    bad("cu_num_draft", cu[1:], n >= 0)
-    bad("cu_num_draft", cu[1:], n <= max_draft)
+    ends = torch.arange(1, R + 1)  # n[r] is checked as cu_num_draft[r + 1]
+    _checks.raise_first_invalid(OP, "cu_num_draft", cu, cu >= 0, rule="offsets must be >= 0")
+    _checks.raise_first_invalid(OP, "cu_num_draft", cu[1:], n >= 0, ends, rule="offsets must not decrease")
+    _checks.raise_first_invalid(OP, "cu_num_draft", cu[1:], n <= max_draft, ends,
+                                rule=f"a request has more than max_draft = {max_draft} drafts")
     d0 = draft_row_start.cpu().long() if draft_row_start is not None else cu[:-1]
     t0 = target_row_start.cpu().long() if target_row_start is not None else cu[:-1] + torch.arange(R)
     draft = draft_probs if draft_probs is not None else draft_logits
-    rows = min(draft_tokens.shape[0], draft.shape[0]) if draft is not None else draft_tokens.shape[0]
-    bad("draft_row_start" if draft_row_start is not None else "cu_num_draft", d0, (d0 >= 0) & (d0 + n <= rows))
-    bad("target_row_start" if target_row_start is not None else "cu_num_draft", t0, (t0 >= 0) & (t0 + n + 1 <= T))
+    _check_row_ranges(draft_row_start is not None, d0, n, draft_tokens.shape[0], "draft_tokens",
+                      "draft_row_start")
+    if draft is not None:
+        _check_row_ranges(draft_row_start is not None, d0, n, draft.shape[0],
+                          "draft_probs" if draft_probs is not None else "draft_logits", "draft_row_start")
+    _check_row_ranges(target_row_start is not None, t0, n + 1, T, "target_logits", "target_row_start")
     _checks.validate_sampling_values(OP, temperature, draft_temperature, top_k, top_p, position)
     def spans(starts, counts):  # the indices a request uses, all requests together
         return torch.cat([torch.arange(int(s), int(s) + int(c)) for s, c in zip(starts, counts)] +
@@ -205,8 +217,23 @@ def _validate_verify(target_logits, draft_tokens, cu, max_draft, draft_probs, dr
 
     used = spans(d0, n)
     toks = draft_tokens.cpu().long()[used]
-    bad("draft_tokens", toks, (toks >= 0) & (toks < V), used)
+    _checks.raise_first_invalid(OP, "draft_tokens", toks, (toks >= 0) & (toks < V), used,
+                                rule=f"tokens must be in [0, V = {V})")
     _checks.validate_finite_rows(OP, target_logits, spans(t0, n + 1))
+
+
+def _check_row_ranges(given: bool, starts: torch.Tensor, counts: torch.Tensor, rows: int, tensor: str,
+                      start_name: str) -> None:
+    """validate=True: request r reads rows [starts[r], starts[r] + counts[r])
+    of `tensor` (`rows` rows); name the first request that reaches outside."""
+    ok = (starts >= 0) & (starts + counts <= rows)
+    bad = (~ok).nonzero()
+    if bad.numel():
+        r = int(bad[0, 0])
+        s, c = int(starts[r]), int(counts[r])
+        origin = f"{start_name}[{r}] = {s}" if given else f"cu_num_draft (its offsets place request {r} at row {s})"
+        raise ValueError(f"{OP}: request {r} needs rows [{s}, {s + c}) of {tensor}, which has {rows} rows; "
+                         f"from {origin}")
 
 
 @torch.library.register_fake("dspark_ops::verify_chunk")
@@ -228,3 +255,8 @@ def _verify_chunk_out_fake(target_logits, draft_tokens, cu_num_draft, max_draft,
                               draft_temperature, temperature, top_k, top_p, seed, position, draft_row_start,
                               target_row_start)
     _checks.check_verify_outputs(target_logits, cu_num_draft, max_draft, tokens, accepted, emitted, status)
+    R = cu_num_draft.shape[0] - 1
+    if R > 0:
+        _checks.check_workspace(OP, workspace, workspace_size("verify_chunk", num_requests=R,
+                                                              vocab_size=target_logits.shape[1],
+                                                              max_draft=max_draft), target_logits)

@@ -11,6 +11,8 @@ identical token for token."""
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import time
 from typing import Optional, Sequence
 
@@ -81,6 +83,19 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     from .decoding.default import DefaultWeightsError, default_record, load_default
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise SystemExit(f"dspark_ops demo: --device {device!r} is not a device (cpu or cuda)") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise SystemExit(f"dspark_ops demo: --device {device!r}: the demo runs on cpu or cuda")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"dspark_ops demo: --device {device}: no CUDA device is available "
+                         "(torch.cuda.is_available() is False)")
+    if hasattr(os, "getloadavg") and os.getloadavg()[0] > (os.cpu_count() or 1) and dev.type == "cpu":
+        # torch's OpenMP threads spin when the cores are taken: the timings then mean little (seen: 10x slower)
+        print(f"dspark_ops demo: warning: load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; "
+              "other processes share the CPU, so these timings are unreliable (try --threads 1)", file=sys.stderr)
     t0 = time.perf_counter()
     try:
         target, draft = load_default(device, weights_dir=args.weights_dir)

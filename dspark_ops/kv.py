@@ -8,6 +8,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
+from . import _checks
 from ._host import host_to_device
 from .ops import _ops
 
@@ -127,7 +128,8 @@ def kv_compact(
                              f"paged={layout.paged}; called with heads_first={heads_first}, "
                              f"paged={block_table is not None}")
     caches = _as_list(caches)
-    if layout is not None and not layout.matches(caches):
+    # Under torch.compile the layout's tensors are guarded by dynamo; data pointers cannot be traced.
+    if layout is not None and not torch.compiler.is_compiling() and not layout.matches(caches):
         raise ValueError(f"{KV_OP}: the KVLayout no longer matches its caches (reallocated?): build a new one")
     if block_size is not None and (block_table is None or not caches or caches[0].shape[1] != block_size):
         raise ValueError(f"{KV_OP}: block_size={block_size} must go with block_table and equal the caches' "
@@ -145,8 +147,8 @@ def kv_compact(
 @torch.library.register_fake("dspark_ops::kv_compact")
 def _kv_compact_fake(caches, base_len, num_appended, keep_index, num_keep, new_len, status, block_table,
                      heads_first, layout):
-    if not caches:
-        raise ValueError(f"{KV_OP}: caches must hold at least one tensor")
+    _checks.check_kv_args(caches, base_len, num_appended, keep_index, num_keep, new_len, status, block_table,
+                          heads_first)
 
 
 @torch.library.register_fake("dspark_ops::kv_layout_table")

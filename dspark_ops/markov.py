@@ -11,7 +11,7 @@ import torch
 from . import _checks
 from ._params import (TensorOrFloat, TensorOrInt, position_tensor, seed_tensor, temperature_tensor, top_k_tensor,
                       top_p_tensor)
-from .ops import _ops
+from .ops import _ops, workspace_size
 
 OP = "dspark_ops.markov_draft"
 
@@ -81,7 +81,7 @@ def markov_draft(
         top_k / num_draft int32, seed / position int64, each [R] (or [1];
         num_draft [R]) on the device (scalars become tensors each call).
         Without a workspace the CUDA op allocates through torch's caching
-        allocator. The CPU op needs none and ignores it.
+        allocator. The CPU op needs no scratch but checks a given one as CUDA does.
 
     Returns
     -------
@@ -203,3 +203,6 @@ def _markov_draft_out_fake(base, anchor, w1, w2, temperature, top_k, top_p, seed
         raise ValueError(f"{OP}: draft_logits must be a contiguous [{R}, {G}, {V}] like base_logits, got "
                          f"{_checks.shape_str(draft_logits)}")
     _checks.check_output(OP, "status", status, R, torch.int32, base)
+    if R > 0:
+        _checks.check_workspace(OP, workspace, workspace_size("markov_draft", num_requests=R, vocab_size=V,
+                                                              rank=w1.shape[1]), base)

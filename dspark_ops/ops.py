@@ -6,7 +6,17 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from . import _C  # noqa: F401  (registers the ops)
+try:
+    from . import _C  # noqa: F401  (registers the ops)
+except ImportError as err:  # Python calls a missing extension "a circular import": say what it is
+    import pathlib as _pathlib
+    _here = _pathlib.Path(__file__).resolve().parent
+    if not any(_here.glob("_C*.so")) and not any(_here.glob("_C*.pyd")):
+        raise ImportError(
+            f"dspark_ops: the compiled extension dspark_ops/_C is not built in {_here} -- this is a source tree. "
+            "Run from another directory to use an installed dspark_ops, or build here: `make build`, or "
+            "`pip install --no-build-isolation -e .`") from err
+    raise
 from . import _checks
 from ._enums import ABORT_MASK, Purpose, Status
 from ._params import (TensorOrFloat, TensorOrInt, check_purpose, position_tensor, seed_tensor,
@@ -23,8 +33,9 @@ def workspace_size(op_name: str, **sizes: int) -> int:
     op_name : str
         The op, e.g. ``"sample"``.
     **sizes : int
-        ``num_requests`` (R), ``vocab_size`` (V) and, for ``"verify_chunk"``,
-        ``max_draft``; for ``"schedule_verify"``, R and ``group`` (G); for
+        All required but ``num_nodes``: ``num_requests`` (R), ``vocab_size``
+        (V) and, for ``"verify_chunk"``, ``max_draft``; for
+        ``"schedule_verify"``, R and ``group`` (G); for
         ``"verify_tree"``, R, V (2 x R x V floats: p and q after rejections)
         and optionally ``num_nodes``, the target rows (every node of every
         request): room for the row pass, which reads every node row with
@@ -41,7 +52,9 @@ def workspace_size(op_name: str, **sizes: int) -> int:
         not monotone in R (small batches -- ``sample``'s R <= 256 rows,
         ``verify_chunk``'s R x (max_draft + 1) <= 256 -- also hold the split
         top-k/top-p select's state).
-        The CPU ops need none and ignore it.
+        The CPU ops need no scratch, but check a given workspace as the
+        CUDA op does (size, dtype, alignment), so a mistake shows on the CPU.
+        Passed without ``out=``, it is used with freshly allocated outputs.
 
     Example
     -------
@@ -55,8 +68,15 @@ def workspace_size(op_name: str, **sizes: int) -> int:
     unknown = set(sizes) - {"num_requests", "vocab_size", *third}
     if unknown:
         raise ValueError(f"dspark_ops.workspace_size: unknown sizes {sorted(unknown)} for '{op_name}'")
-    if op_name == "markov_draft" and "rank" not in sizes:  # 0 would size a workspace a CUDA call refuses
-        raise ValueError("dspark_ops.workspace_size: 'markov_draft' needs rank (the Markov head's r)")
+    # Every size the op's scratch depends on (a default would size a workspace its CUDA call refuses).
+    needs = {"sample": ("num_requests", "vocab_size"), "verify_chunk": ("num_requests", "vocab_size", "max_draft"),
+             "verify_tree": ("num_requests", "vocab_size"), "markov_draft": ("num_requests", "vocab_size", "rank"),
+             "schedule_verify": ("num_requests",)}.get(op_name, ())
+    missing = [k for k in needs if k not in sizes]
+    if op_name == "schedule_verify" and not any(k in sizes for k in third):
+        missing.append("group")
+    if missing:
+        raise ValueError(f"dspark_ops.workspace_size: '{op_name}' needs {', '.join(missing)}")
     extra = next((int(sizes[k]) for k in third if k in sizes), 0)
     if extra < 0:
         raise ValueError(f"dspark_ops.workspace_size: {third[0]} must be >= 0, got {extra}")
@@ -106,7 +126,7 @@ def sample(
 
     Parameters
     ----------
-    logits : Tensor [T, V], float32 / float16 / bfloat16
+    logits : Tensor [T, V], float32 / float16 / bfloat16; V <= 2**23
         Rows of logits; the last dimension must be contiguous (a ``[:, :V]``
         view of a padded LM head's output is fine). Request r reads row r,
         or ``row_start[r]``.
@@ -188,8 +208,10 @@ def sample(
     )
     if validate:
         _validate_sample(*args)
-    if out is None:
+    if out is None and workspace is None:
         return SampleResult(*_ops.sample(*args))
+    if out is None:  # a workspace alone: fresh outputs, the caller's scratch
+        out = empty_sample_result(R, device=dev)
     _ops.sample.out(*args, tokens=out.tokens, status=out.status, workspace=workspace)
     return out
 
@@ -225,6 +247,9 @@ def _sample_out_fake(logits, temperature, top_k, top_p, seed, position, purpose,
     R = _checks.check_sample_args(logits, temperature, top_k, top_p, seed, position, purpose, slot, row_start)
     _checks.check_output(_checks.SAMPLE_OP, "tokens", tokens, R, torch.int32, logits)
     _checks.check_output(_checks.SAMPLE_OP, "status", status, R, torch.int32, logits)
+    if R > 0:
+        _checks.check_workspace(_checks.SAMPLE_OP, workspace,
+                                workspace_size("sample", num_requests=R, vocab_size=logits.shape[1]), logits)
 
 
 __all__ = ["ABORT_MASK", "Purpose", "SampleResult", "Status", "empty_sample_result", "sample",

@@ -9,7 +9,8 @@ from typing import Callable, List, Optional, Sequence, Union
 
 import torch
 
-from .ops import _ops
+from . import _checks
+from .ops import _ops, workspace_size
 
 OP = "dspark_ops.schedule_verify"
 MODES = ("early_stop", "threshold", "budget", "global")
@@ -48,7 +49,7 @@ def schedule_verify(
         given (c = sigmoid(logit / T_k)). NaN counts as 0; values clamp to [0, 1].
     num_draft : Tensor [R], int32
         Drafts available per request (<= G).
-    sps_table : Tensor [B_max + 1], float64
+    sps_table : Tensor [B_max + 1], float64 (float32 is converted)
         Measured target steps per second at token batch B (``measure_sps``);
         0 beyond B_max: never admitted.
     mode : str
@@ -93,11 +94,18 @@ def schedule_verify(
         raise ValueError(f"{OP}: mode 'budget' needs budget=")
     dev = confidence.device
     if budget is not None and not isinstance(budget, torch.Tensor):
-        budget = torch.full((1,), int(budget), dtype=torch.int64, device=dev)
+        budget = int(budget)
+        if budget < 0:
+            raise ValueError(f"{OP}: budget must be >= 0 drafted tokens, got {budget}")
+        budget = torch.full((1,), budget, dtype=torch.int64, device=dev)
+    if isinstance(sps_table, torch.Tensor) and sps_table.dtype == torch.float32:
+        sps_table = sps_table.double()  # the op ranks in fp64; a [B_max + 1] copy is cheap
     args = (confidence, num_draft, sps_table, mode, float("nan") if threshold is None else float(threshold), budget,
             temperatures)
-    if out is None:
+    if out is None and workspace is None:
         return _ops.schedule_verify(*args)
+    if out is None:  # a workspace alone: a fresh output, the caller's scratch
+        out = torch.empty(confidence.shape[0], dtype=torch.int32, device=dev)
     _ops.schedule_verify.out(*args, verify_len=out, workspace=workspace)
     return out
 
@@ -114,6 +122,10 @@ def _schedule_verify_fake(confidence, num_draft, sps_table, schedule_mode, thres
 def _schedule_verify_out_fake(confidence, num_draft, sps_table, schedule_mode, threshold, budget, temperatures, *,
                               verify_len, workspace=None):
     _schedule_verify_fake(confidence, num_draft, sps_table, schedule_mode, threshold, budget, temperatures)
+    R, G = confidence.shape
+    _checks.check_output(OP, "verify_len", verify_len, R, torch.int32, confidence)
+    if R > 0:
+        _checks.check_workspace(OP, workspace, workspace_size("schedule_verify", num_requests=R, group=G), confidence)
 
 
 def expected_calibration_error(pred: torch.Tensor, label: torch.Tensor, bins: int = 15) -> float:

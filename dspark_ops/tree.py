@@ -7,10 +7,10 @@ from typing import NamedTuple, Optional, Union
 import torch
 
 from . import _checks
-from ._enums import SIBLING_MODES
+from ._enums import SIBLING_MODES, SiblingMode
 from ._params import (TensorOrFloat, TensorOrInt, position_tensor, seed_tensor, temperature_tensor,
                       top_k_tensor, top_p_tensor)
-from .ops import _ops
+from .ops import _ops, workspace_size
 
 OP = _checks.TREE_OP
 
@@ -67,7 +67,13 @@ def _sibling_tensor(value, R: int, device) -> Optional[torch.Tensor]:
         return torch.full((1,), int(SIBLING_MODES[value]), dtype=torch.int8, device=device)
     if isinstance(value, torch.Tensor):
         return value
-    raise ValueError(f"{OP}: sibling_mode must be a string, an int8 tensor [R] or None, got {type(value).__name__}")
+    if isinstance(value, int) and not isinstance(value, bool):  # SiblingMode.DETERMINISTIC, or its code
+        if value not in SIBLING_MODES.values():
+            raise ValueError(f"{OP}: sibling_mode must be 0 (iid), 1 (without_replacement) or 2 (deterministic), "
+                             f"got {value}")
+        return torch.full((1,), int(value), dtype=torch.int8, device=device)
+    raise ValueError(f"{OP}: sibling_mode must be a string, a SiblingMode, an int8 tensor [R] or None, got "
+                     f"{type(value).__name__}")
 
 
 def verify_tree(
@@ -80,7 +86,7 @@ def verify_tree(
     draft_probs: Optional[torch.Tensor] = None,
     draft_logits: Optional[torch.Tensor] = None,
     draft_temperature: TensorOrFloat = 1.0,
-    sibling_mode: Union[str, torch.Tensor, None] = None,
+    sibling_mode: Union[str, SiblingMode, torch.Tensor, None] = None,
     temperature: TensorOrFloat = 1.0,
     top_k: TensorOrInt = 0,
     top_p: TensorOrFloat = 1.0,
@@ -97,7 +103,7 @@ def verify_tree(
 
     Parameters
     ----------
-    target_logits : Tensor [M, V]; float32 / float16 / bfloat16
+    target_logits : Tensor [M, V]; float32 / float16 / bfloat16; V <= 2**23
         Row i: the target's logits after node i's path (M nodes of all
         requests). Rows may be strided; the last dimension contiguous.
     node_tokens : Tensor [M], int32
@@ -118,7 +124,7 @@ def verify_tree(
         as given). Neither, or draft temperature 0: point masses
         (deterministic mode).
     draft_temperature : float or Tensor [R] / [1]
-    sibling_mode : "iid" | "without_replacement" | "deterministic" | Tensor [R] / [1] int8, optional
+    sibling_mode : "iid" | "without_replacement" | "deterministic" | SiblingMode | Tensor [R] / [1] int8, optional
         The update after a rejected sibling (``SiblingMode`` codes 0/1/2);
         None: iid with draft rows, deterministic without. Each is lossless
         for the drafting it names; deterministic for any drafting.
@@ -175,8 +181,10 @@ def verify_tree(
     )
     if validate:
         _validate_tree(*args)
-    if out is None:
+    if out is None and workspace is None:
         return TreeResult(*_ops.verify_tree(*args))
+    if out is None:  # a workspace alone: fresh outputs, the caller's scratch
+        out = empty_tree_result(R, int(max_depth), device=dev)
     _ops.verify_tree.out(*args, tokens=out.tokens, accepted=out.accepted, emitted=out.emitted, path=out.path,
                          status=out.status, workspace=workspace)
     return out
@@ -189,28 +197,38 @@ def _validate_tree(target_logits, node_tokens, parents, cu, max_depth, draft_pro
                             draft_temperature, sibling_mode, temperature, top_k, top_p, seed, position)
     M, V = target_logits.shape
 
-    def bad(name, t, ok, index=None):
-        _checks.raise_first_invalid(OP, name, t, ok, index)
-
     cu = cu.cpu().long()
     n = cu[1:] - cu[:-1]
-    bad("cu_num_nodes", cu, (cu >= 0) & (cu <= M))
-    bad("cu_num_nodes", cu[1:], (n >= 1) & (n <= 0xFFFF))
+    R = n.numel()
+    _checks.raise_first_invalid(OP, "cu_num_nodes", cu, cu >= 0, rule="offsets must be >= 0")
+    _checks.raise_first_invalid(OP, "cu_num_nodes", cu, cu <= M,
+                                rule=f"past the {M} rows of target_logits (one row per node)")
+    _checks.raise_first_invalid(OP, "cu_num_nodes", cu[1:], (n >= 1) & (n <= 0xFFFF), torch.arange(1, R + 1),
+                                rule="every request needs 1 to 65535 nodes (offsets must increase)")
+    draft = draft_probs if draft_probs is not None else draft_logits
+    if draft is not None and R and int(cu[-1]) > draft.shape[0]:
+        name = "draft_probs" if draft_probs is not None else "draft_logits"
+        raise ValueError(f"{OP}: {name} has {draft.shape[0]} rows, but the nodes need rows up to {int(cu[-1])} "
+                         f"(one row per node, as target_logits)")
     if sibling_mode is not None:
         sm = sibling_mode.cpu()
-        bad("sibling_mode", sm, (sm >= 0) & (sm <= 2))
+        _checks.raise_first_invalid(OP, "sibling_mode", sm, (sm >= 0) & (sm <= 2),
+                                    rule="must be 0 (iid), 1 (without_replacement) or 2 (deterministic)")
     _checks.validate_sampling_values(OP, temperature, draft_temperature, top_k, top_p, position)
     par = parents.cpu().long()
     owner = torch.repeat_interleave(torch.arange(n.numel()), n)
     nodes = torch.arange(int(cu[0]), int(cu[-1]))
     local = nodes - cu[:-1][owner]
     p = par[nodes]
-    bad("parents", p, torch.where(local == 0, p == -1, (p >= 0) & (p < local)), nodes)
+    _checks.raise_first_invalid(OP, "parents", p, torch.where(local == 0, p == -1, (p >= 0) & (p < local)), nodes,
+                                rule="a root's parent is -1, any other node's is a request-local index "
+                                     "below its own")
     depth = tree_max_depth(parents, torch.as_tensor(cu, dtype=torch.int32))
     if depth > max_depth:
         raise ValueError(f"{OP}: a node has depth {depth} > max_depth = {max_depth}")
     toks = node_tokens.cpu().long()[nodes[local > 0]]
-    bad("node_tokens", toks, (toks >= 0) & (toks < V), nodes[local > 0])
+    _checks.raise_first_invalid(OP, "node_tokens", toks, (toks >= 0) & (toks < V), nodes[local > 0],
+                                rule=f"tokens must be in [0, V = {V})")
     _checks.validate_finite_rows(OP, target_logits, nodes)
 
 
@@ -232,3 +250,8 @@ def _verify_tree_out_fake(target_logits, node_tokens, parents, cu_num_nodes, max
     _checks.check_tree_args(target_logits, node_tokens, parents, cu_num_nodes, max_depth, draft_probs, draft_logits,
                             draft_temperature, sibling_mode, temperature, top_k, top_p, seed, position)
     _checks.check_tree_outputs(target_logits, cu_num_nodes, max_depth, tokens, accepted, emitted, path, status)
+    R = cu_num_nodes.shape[0] - 1
+    if R > 0:  # without draft rows the op needs fewer bytes than workspace_size gives: size unchecked here
+        need = (workspace_size("verify_tree", num_requests=R, vocab_size=target_logits.shape[1])
+                if draft_probs is not None or draft_logits is not None else None)
+        _checks.check_workspace(OP, workspace, need, target_logits)

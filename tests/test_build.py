@@ -67,3 +67,21 @@ def test_gpu_session_scripts_parse():
     assert heredocs, "gpu_check.sh: the FlashInfer JIT step's Python was not found"
     for body in heredocs:
         ast.parse(body)
+
+
+def test_a_source_tree_without_the_extension_says_so(tmp_path):
+    """Importing a checkout's dspark_ops/ with no _C built names the cause
+    (Python's own message blames a circular import). Run without site's .pth
+    files, so an editable install's finder cannot supply the extension."""
+    import shutil
+    import site
+    import subprocess
+    import sys
+    from pathlib import Path
+    pkg = Path(dspark_ops.__file__).parent
+    shutil.copytree(pkg, tmp_path / "dspark_ops", ignore=shutil.ignore_patterns("_C*", "__pycache__"))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(site.getsitepackages())}
+    run = subprocess.run([sys.executable, "-S", "-c", "import dspark_ops"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0
+    assert "the compiled extension dspark_ops/_C is not built" in run.stderr, run.stderr[-2000:]

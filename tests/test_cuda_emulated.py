@@ -19,6 +19,7 @@ import torch
 
 import dspark_ops
 import test_kv_compact
+import test_workspace_checks
 from test_schedule_verify import random_case
 from tree_helpers import max_depth_of, mixed_trees, tree_batch
 from verify_helpers import ragged_batch
@@ -343,6 +344,67 @@ def test_schedule_verify(mode, kw, schedule):
     emu, got, kernels = both(lambda: dspark_ops.schedule_verify(conf, n, sps, mode=mode, **kw))
     assert torch.equal(emu, got), f"schedule_verify {mode}"
     assert kernels == {"schedule_verify_kernel"}, kernels
+
+
+# --- workspaces ------------------------------------------------------------------
+
+def first_line(error):
+    return str(error.value).splitlines()[0]
+
+
+def ws_need(case):
+    """The bytes the CPU op names when refusing a one-byte workspace."""
+    with pytest.raises(ValueError, match="workspace must hold at least") as e:
+        case.run(torch.empty(1, dtype=torch.uint8))
+    return int(first_line(e).split("at least ")[1].split()[0])
+
+
+WS_CASES = [(op, "auto") for op in test_workspace_checks.CASES] + [
+    (op, row_pass) for op in ("verify_tree", "verify_tree_no_draft") for row_pass in ("0", "1")]
+
+
+@pytest.mark.parametrize("op,row_pass", WS_CASES)
+def test_workspace_checks_match_the_cpu_ops(op, row_pass, monkeypatch):
+    """The CPU bindings check a workspace as the CUDA bindings do: each bad
+    workspace of test_workspace_checks is refused by both with the same
+    message, and both accept exactly the byte count a refusal names
+    (verify_tree's, whatever DSPARK_TREE_ROW_PASS, since a workspace short of
+    the row pass's room runs without it)."""
+    monkeypatch.setenv("DSPARK_TREE_ROW_PASS", row_pass)
+    monkeypatch.setenv("CUEMU_SEED", "0")
+    case = test_workspace_checks.CASES[op]("cpu")
+    need = ws_need(case)
+    for name, ws, _ in test_workspace_checks.bad_workspaces(case, "cpu") + [
+            ("need_minus_one", torch.empty(need - 1, dtype=torch.uint8), None)]:
+        with pytest.raises(ValueError) as cpu:
+            case.run(ws)
+        with cuda_emu_build.emulated_ops(), pytest.raises(ValueError) as emu:
+            case.run(ws)
+        assert first_line(emu) == first_line(cpu), name
+    want = case.run(None)
+    for ws in (torch.empty(need, dtype=torch.uint8), torch.full((case.size,), 0xAB, dtype=torch.uint8)):
+        with cuda_emu_build.emulated_ops():
+            got = case.run(ws)
+        assert_same(got, want, f"{op} with a workspace of {ws.numel()} bytes")
+
+
+@pytest.mark.parametrize("draft", ["logits", None])
+def test_tree_row_pass_runs_only_with_its_room(draft, monkeypatch):
+    """With DSPARK_TREE_ROW_PASS=1 the emulated binding runs the row pass
+    from a workspace sized with num_nodes, and without it from one sized
+    without (which the CPU op accepts too): same results either way."""
+    monkeypatch.setenv("DSPARK_TREE_ROW_PASS", "1")
+    case = test_workspace_checks._verify_tree("cpu", draft=draft)
+    want = case.run(None)
+    full = dspark_ops.workspace_size("verify_tree", num_requests=3, vocab_size=211, num_nodes=10)
+    for size, row_pass in ((ws_need(case), False), (case.size, False), (full - 1, False), (full, True)):
+        ws = torch.empty(size, dtype=torch.uint8)
+        case.run(ws)  # the CPU op accepts it
+        launched()
+        with cuda_emu_build.emulated_ops():
+            got = case.run(ws)
+        assert ("verify_tree_row_stats_kernel" in launched()) == row_pass, size
+        assert_same(got, want, f"verify_tree with a workspace of {size} bytes")
 
 
 # --- keep_key, kv_compact, commit_tokens -------------------------------------------

@@ -97,3 +97,15 @@ def test_dspark_head_loads_checked_and_drafts_what_the_target_accepts(pair, tmp_
         load_default_dspark(target, weights_dir=tmp_path)
     with pytest.raises(DefaultWeightsError, match="altered"):
         verify_default(tmp_path)
+
+
+@pytest.mark.parametrize("device,message", [
+    ("bogus", "--device 'bogus' is not a device (cpu or cuda)"),
+    ("mps", "--device 'mps': the demo runs on cpu or cuda"),
+] + ([] if torch.cuda.is_available() else [("cuda", "--device cuda: no CUDA device is available")]))
+def test_demo_refuses_a_device_it_cannot_use_in_one_line(device, message):
+    pytest.importorskip("tqdm")
+    from dspark_ops.demo_decoding import main
+    with pytest.raises(SystemExit) as err:
+        main(["--device", device])
+    assert str(err.value).startswith(f"dspark_ops demo: {message}")

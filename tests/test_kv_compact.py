@@ -169,6 +169,49 @@ def test_kv_layout_is_reusable_and_checked():
         dspark_ops.kv_compact(layout, base, app, keep, nk)
 
 
+def test_compiled_fullgraph_with_a_layout_and_a_list():
+    """torch.compile(fullgraph=True) traces both forms (the layout's
+    data-pointer check is skipped while tracing: dynamo guards its tensors)."""
+    g = torch.Generator().manual_seed(9)
+    args = (torch.tensor([3, 5], dtype=torch.int32), torch.tensor([4, 4], dtype=torch.int32),
+            torch.tensor([[0, 2, 3], [0, 1, -1]], dtype=torch.int32), torch.tensor([3, 2], dtype=torch.int32))
+    f = torch.compile(lambda *a: dspark_ops.kv_compact(*a), fullgraph=True, backend="aot_eager")
+    for as_layout in (True, False):
+        caches = random_caches(2, 2, 16, 2, 4, torch.float32, g)
+        want, _, _ = ref.kv_compact([c.clone() for c in caches], *args)
+        new_len, status = f(dspark_ops.KVLayout(caches) if as_layout else caches, *args)
+        assert new_len.tolist() == [6, 7] and status.tolist() == [0, 0]
+        assert all(torch.equal(a, b) for a, b in zip(caches, want)), as_layout
+
+
+@pytest.mark.parametrize("case", ["3-D cache", "R", "keep dtype", "lengths device", "strided cache"])
+def test_fake_kernel_raises_what_the_op_raises(case):
+    """Under FakeTensorMode (torch.compile's tracing, meta tensors) the fake
+    kernel checks the arguments as the C++ op does, with the same message."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    R = 2
+    caches = [torch.zeros(R, 4, 1, 2), torch.zeros(R, 4, 1, 2)]
+    kw = dict(base_len=torch.zeros(R, dtype=torch.int32), num_appended=torch.ones(R, dtype=torch.int32),
+              keep_index=torch.zeros(R, 1, dtype=torch.int32), num_keep=torch.ones(R, dtype=torch.int32))
+    if case == "3-D cache":
+        caches[1] = torch.zeros(R, 4, 2)
+    elif case == "R":
+        caches[1] = torch.zeros(3, 4, 1, 2)
+    elif case == "keep dtype":
+        kw["keep_index"] = kw["keep_index"].long()
+    elif case == "lengths device":
+        kw["num_keep"] = kw["num_keep"].to("meta")
+    else:
+        caches[0] = torch.zeros(R, 2, 4, 1).transpose(1, 2)
+    with pytest.raises(ValueError) as cpp:
+        dspark_ops.kv_compact(caches, **kw)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fake = lambda t: mode.from_tensor(t)  # noqa: E731
+        with pytest.raises(ValueError) as faked:
+            dspark_ops.kv_compact([fake(c) for c in caches], **{k: fake(v) for k, v in kw.items()})
+    assert str(faked.value) == str(cpp.value).splitlines()[0], case
+
+
 def test_opcheck():
     g = torch.Generator().manual_seed(7)
     caches = random_caches(2, 3, 10, 2, 2, torch.float32, g)

@@ -202,7 +202,9 @@ def test_opcheck_both_forms(top):
     R = args[0].shape[0]
     out = dict(tokens=torch.empty(R, dtype=torch.int32), status=torch.empty(R, dtype=torch.int32))
     torch.library.opcheck(torch.ops.dspark_ops.sample.out, args, out)
-    torch.library.opcheck(torch.ops.dspark_ops.sample.out, args, {**out, "workspace": torch.empty(64, dtype=torch.uint8)})
+    ws = torch.empty(dspark_ops.workspace_size("sample", num_requests=R, vocab_size=args[0].shape[1]),
+                     dtype=torch.uint8)
+    torch.library.opcheck(torch.ops.dspark_ops.sample.out, args, {**out, "workspace": ws})
 
 
 def test_torch_compile_fullgraph():

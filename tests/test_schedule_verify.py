@@ -131,8 +131,13 @@ def test_mode_errors():
         dspark_ops.schedule_verify(conf, n, sps, mode="budget")
     with pytest.raises(ValueError, match="mode must be"):
         dspark_ops.schedule_verify(conf, n, sps, mode="greedy")
-    with pytest.raises(ValueError, match="sps_table must have dtype Double, got Float"):
-        dspark_ops.schedule_verify(conf, n, sps.float())
+    with pytest.raises(ValueError, match="sps_table must have dtype Double, got Float"):  # the op itself
+        torch.ops.dspark_ops.schedule_verify(conf, n, sps.float(), "early_stop", float("nan"), None, None)
+    with pytest.raises(ValueError, match="budget must be >= 0 drafted tokens, got -1"):
+        dspark_ops.schedule_verify(conf, n, sps, mode="budget", budget=-1)
+    # the wrapper converts a float32 table (the values it holds, in fp64)
+    assert torch.equal(dspark_ops.schedule_verify(conf, n, sps.float()),
+                       dspark_ops.schedule_verify(conf, n, sps.float().double()))
 
 
 def test_fit_sequential_temperatures_lowers_ece():

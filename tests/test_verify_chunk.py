@@ -223,11 +223,23 @@ def test_validate_raises_with_a_message():
     bad[1] = -1
     with pytest.raises(ValueError, match=r"draft_tokens\[1\] = -1 is invalid"):
         dspark_ops.verify_chunk(target, bad, cu, validate=True, **kw)
-    with pytest.raises(ValueError, match=r"cu_num_draft\[0\] = 2 is invalid"):
+    with pytest.raises(ValueError, match=r"cu_num_draft\[1\] = 2 is invalid: a request has more than max_draft = 1"):
         dspark_ops.verify_chunk(target, tokens, cu, max_draft=1, validate=True, **kw)
+    with pytest.raises(ValueError, match=r"cu_num_draft\[2\] = 1 is invalid: offsets must not decrease"):
+        dspark_ops.verify_chunk(target, tokens, torch.tensor([0, 2, 1], dtype=torch.int32), max_draft=2,
+                                validate=True, **kw)
+    with pytest.raises(ValueError, match=r"request 1 needs rows \[3, 5\) of target_logits, which has 4 rows; "
+                                         r"from cu_num_draft"):
+        dspark_ops.verify_chunk(target[:4], tokens, cu, validate=True, **kw)
+    with pytest.raises(ValueError, match=r"request 0 needs rows \[2, 5\) of target_logits, which has 4 rows; "
+                                         r"from target_row_start\[0\] = 2"):
+        dspark_ops.verify_chunk(target[:4], tokens, cu, target_row_start=torch.tensor([2, 0], dtype=torch.int32),
+                                validate=True, **kw)
+    with pytest.raises(ValueError, match=r"request 1 needs rows \[2, 3\) of draft_probs, which has 2 rows"):
+        dspark_ops.verify_chunk(target, tokens, cu, validate=True, **{**kw, "draft_probs": kw["draft_probs"][:2]})
     nan = target.clone()
     nan[4, 0] = float("nan")
-    with pytest.raises(ValueError, match=r"target_logits row\[4\] = 4 is invalid"):
+    with pytest.raises(ValueError, match=r"target_logits row\[4\] = 4 is invalid: it holds NaN or \+inf"):
         dspark_ops.verify_chunk(nan, tokens, cu, validate=True, **kw)
     dspark_ops.verify_chunk(target, tokens, cu, validate=True, **kw)
     # The index named is the draft token's own, through row starts too.
@@ -294,6 +306,19 @@ def test_torch_compile_fullgraph():
     got = torch.compile(step, fullgraph=True, backend="aot_eager")(target, drafts, probs, pos)
     want = step(target, drafts, probs, pos)
     assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+def test_padded_draft_rows_of_the_wrong_shape_are_refused():
+    """Flattened, a [B, K', V] draft tensor with K' != K would be read as
+    other requests' rows (silently wrong), and a 2-D one as one long row."""
+    g = torch.Generator().manual_seed(21)
+    B, K, V = 3, 4, 50
+    target = torch.randn(B, K + 1, V, generator=g)
+    drafts = torch.randint(0, V, (B, K), generator=g, dtype=torch.int32)
+    for name, draft in (("draft_probs", torch.softmax(torch.randn(B, 2, V, generator=g), -1)),
+                        ("draft_logits", torch.randn(B * K, V, generator=g))):
+        with pytest.raises(ValueError, match=rf"padded {name} must have shape \[3, 4, V\], got \[{draft.shape[0]}, "):
+            dspark_ops.verify_chunk(target, drafts, **{name: draft})
 
 
 def test_padded_form_with_no_drafts_samples_the_bonus_row():

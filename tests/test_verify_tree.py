@@ -329,6 +329,12 @@ def test_point_mass_drafts_are_deterministic_whatever_the_mode():
     # and with draft rows given, deterministic ignores them
     with_rows = dspark_ops.verify_tree(target, tokens, parents, cu, sibling_mode="deterministic", **common, **kw)
     assert all(torch.equal(a, b) for a, b in zip(with_rows, det))
+    # the enum and its code name the same mode
+    for mode in (dspark_ops.SiblingMode.DETERMINISTIC, 2):
+        same = dspark_ops.verify_tree(target, tokens, parents, cu, sibling_mode=mode, **common, **kw)
+        assert all(torch.equal(a, b) for a, b in zip(same, det)), mode
+    with pytest.raises(ValueError, match="sibling_mode must be 0 \\(iid\\), 1 \\(without_replacement\\) or 2"):
+        dspark_ops.verify_tree(target, tokens, parents, cu, sibling_mode=3, **common)
 
 
 def test_outcome_is_independent_of_batch_position():

@@ -130,7 +130,7 @@ def test_wrapper_rejects_bad_scalars(kwargs, message):
     assert str(err.value).startswith(f"dspark_ops.verify_tree: {message}")
 
 
-@pytest.mark.parametrize("value", ["iid ", "greedy", "IID", "without-replacement", 1, 2.0])
+@pytest.mark.parametrize("value", ["iid ", "greedy", "IID", "without-replacement", 3, -1, 2.0])
 def test_wrapper_rejects_unknown_sibling_modes(value):
     args, kw = _wrapper_args()
     with pytest.raises(ValueError) as err:
@@ -406,14 +406,17 @@ def test_validate_raises_with_a_message():
     bad = parents.clone()
     bad[3] = 0  # request 1's root
     raises(r"parents\[3\] = 0 is invalid", (2, bad), max_depth=2)
-    raises(r"cu_num_nodes\[\d\] = 3 is invalid", (3, torch.tensor([0, 3, 3, 10], dtype=torch.int32)), max_depth=2)
-    raises(r"cu_num_nodes", (3, torch.tensor([0, 3, 7, 12], dtype=torch.int32)), max_depth=2)
+    raises(r"cu_num_nodes\[2\] = 3 is invalid: every request needs 1 to 65535 nodes",
+           (3, torch.tensor([0, 3, 3, 10], dtype=torch.int32)), max_depth=2)
+    raises(r"cu_num_nodes\[3\] = 12 is invalid: past the 10 rows of target_logits",
+           (3, torch.tensor([0, 3, 7, 12], dtype=torch.int32)), max_depth=2)
+    raises(r"draft_probs has 9 rows, but the nodes need rows up to 10", draft_probs=kw["draft_probs"][:9])
     toks = tokens.clone()
     toks[8] = -1
-    raises(r"node_tokens\[8\] = -1 is invalid", (1, toks))
+    raises(r"node_tokens\[8\] = -1 is invalid: tokens must be in \[0, V = 9\)", (1, toks))
     nan = target.clone()
     nan[4, 0] = float("nan")
-    raises(r"target_logits row\[4\] = 4 is invalid", (0, nan))
+    raises(r"target_logits row\[4\] = 4 is invalid: it holds NaN or \+inf", (0, nan))
     raises(r"sibling_mode\[2\] = 5 is invalid", sibling_mode=torch.tensor([0, 1, 5], dtype=torch.int8))
     raises(r"max_depth", max_depth=1)
     raises(r"temperature\[1\]", temperature=torch.tensor([1.0, -1.0, 1.0]))

@@ -95,12 +95,13 @@ void markov_draft_out_cpu(const at::Tensor& base, const at::Tensor& anchor, cons
                           const at::Tensor& w2, const at::Tensor& temperature, const c10::optional<at::Tensor>& top_k,
                           const c10::optional<at::Tensor>& top_p, const at::Tensor& seed, const at::Tensor& position,
                           const c10::optional<at::Tensor>& num_draft, at::Tensor& tokens, at::Tensor& draft_logits,
-                          at::Tensor& status, const c10::optional<at::Tensor>& workspace) {  // (CUDA scratch only)
+                          at::Tensor& status, const c10::optional<at::Tensor>& workspace) {  // checked, not used
   check_markov_args(base, anchor, w1, w2, temperature, top_k, top_p, seed, position, num_draft);
   check_markov_outputs(base, tokens, draft_logits, status);
   check_markov_apart(base, anchor, w1, w2, temperature, top_k, top_p, seed, position, num_draft, tokens, draft_logits,
                      status, workspace);
   if (base.size(0) == 0) return;  // (G = 0 still sets each anchor's status)
+  check_given_workspace(kMarkovOp, workspace, markov_workspace_need(base, w1), base);
   const at::Tensor w1f = w1.to(at::kFloat).contiguous(), w2f = w2.to(at::kFloat).contiguous();
   const float* w1p = w1f.const_data_ptr<float>();
   const float* w2p = w2f.const_data_ptr<float>();

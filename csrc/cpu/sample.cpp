@@ -72,7 +72,7 @@ void sample_cpu_impl(const SampleArgs<T>& a) {
   }
 }
 
-// The workspace is accepted for signature parity and not needed on the CPU.
+// The workspace is not needed on the CPU; one given is checked as on CUDA.
 void sample_out_cpu(const at::Tensor& logits, const at::Tensor& temperature,
                     const c10::optional<at::Tensor>& top_k, const c10::optional<at::Tensor>& top_p,
                     const at::Tensor& seed, const at::Tensor& position, int64_t purpose, const at::Tensor& slot,
@@ -84,6 +84,7 @@ void sample_out_cpu(const at::Tensor& logits, const at::Tensor& temperature,
   check_output(kSampleOp, "status", status, R, at::kInt, logits);
   check_sample_apart(logits, temperature, top_k, top_p, seed, position, slot, row_start, tokens, status, workspace);
   if (R == 0) return;
+  check_given_workspace(kSampleOp, workspace, sample_workspace_need(logits, R), logits);
   switch (logits.scalar_type()) {
     case at::kFloat:
       sample_cpu_impl(make_sample_args<float>(logits, temperature, top_k, top_p, seed, position, purpose, slot,

@@ -18,6 +18,8 @@ void schedule_verify_out_cpu(const at::Tensor& confidence, const at::Tensor& num
   check_schedule_args(confidence, num_draft, sps_table, std::string(mode), budget, temperatures);
   check_output(kScheduleOp, "verify_len", verify_len, confidence.size(0), at::kInt, confidence);
   check_schedule_apart(confidence, num_draft, sps_table, budget, temperatures, verify_len, workspace);
+  if (confidence.size(0) > 0)  // the CUDA binding returns before its check when R = 0
+    check_given_workspace(kScheduleOp, workspace, schedule_workspace_need(confidence), confidence);
   const ScheduleArgs a = make_schedule_args(confidence, num_draft, sps_table, std::string(mode), threshold, budget,
                                             temperatures, verify_len);
   std::vector<std::pair<double, int32_t>> ranked;  // (survival, r * G + j)

@@ -88,6 +88,7 @@ void verify_chunk_out_cpu(const at::Tensor& target_logits, const at::Tensor& dra
                      emitted, status, workspace);
   const int64_t R = verify_num_requests(cu_num_draft);
   if (R == 0) return;
+  check_given_workspace(kVerifyOp, workspace, verify_workspace_need(target_logits, R, max_draft), target_logits);
   const c10::optional<at::Tensor>& draft = draft_probs.has_value() ? draft_probs : draft_logits;
   dispatch_verify_types<float, c10::Half, c10::BFloat16>(target_logits, draft, [&]<typename T, typename D>() {
     const auto a = make_verify_args<T, D>(target_logits, draft_tokens, cu_num_draft, max_draft, draft_probs,

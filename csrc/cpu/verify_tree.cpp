@@ -250,6 +250,7 @@ void verify_tree_out_cpu(const at::Tensor& target_logits, const at::Tensor& node
   if (R == 0) return;
   const c10::optional<at::Tensor>& draft = draft_probs.has_value() ? draft_probs : draft_logits;
   const int64_t V = target_logits.size(1);
+  check_tree_workspace(workspace, R, V, draft.has_value(), target_logits);
   dispatch_verify_types<float, c10::Half, c10::BFloat16>(target_logits, draft, [&]<typename T, typename D>() {
     const auto a = make_tree_args<T, D>(target_logits, node_tokens, parents, cu_num_nodes, max_depth, draft_probs,
                                         draft_logits, draft_temperature, sibling_mode, temperature, top_k, top_p, seed,

@@ -34,7 +34,7 @@ void run(const at::Tensor& base, const at::Tensor& anchor, const at::Tensor& w1,
   const at::Tensor w2g = half_gemm ? w2 : w2.to(at::kFloat).contiguous();
   // Every other buffer lives in one workspace: the caller's (no allocation), or one allocation.
   at::Tensor scratch;
-  void* ws = workspace_ptr(kMarkovOp, workspace, markov_workspace(nullptr, R, V, rank).bytes, base, scratch);
+  void* ws = workspace_ptr(kMarkovOp, workspace, markov_workspace_need(base, w1), base, scratch);
   MarkovBuffers b = markov_workspace(ws, R, V, rank);
   const bool may_filter = top_k.has_value() || top_p.has_value();
   if (!may_filter || !split_select_enabled()) b.split_select = nullptr;  // one block a row for the keys

@@ -39,9 +39,8 @@ void sample_out_cuda(const at::Tensor& logits, const at::Tensor& temperature,
   check_sample_apart(logits, temperature, top_k, top_p, seed, position, slot, row_start, tokens, status, workspace);
   if (R == 0) return;
   const c10::cuda::CUDAGuard guard(logits.device());
-  const int64_t need = sample_workspace_bytes(R, logits.size(1));
   at::Tensor scratch;
-  void* ws = workspace_ptr(kSampleOp, workspace, need, logits, scratch);
+  void* ws = workspace_ptr(kSampleOp, workspace, sample_workspace_need(logits, R), logits, scratch);
   switch (logits.scalar_type()) {
     case at::kFloat:
       launch<float>(logits, temperature, top_k, top_p, seed, position, purpose, slot, row_start, tokens, status, ws);

@@ -24,8 +24,7 @@ void schedule_verify_out_cuda(const at::Tensor& confidence, const at::Tensor& nu
   const c10::cuda::CUDAGuard guard(confidence.device());
   const int64_t slots = schedule_slots(confidence.size(0), confidence.size(1));
   at::Tensor scratch;
-  void* ws = workspace_ptr(kScheduleOp, workspace, schedule_workspace_bytes(confidence.size(0), confidence.size(1)),
-                           confidence, scratch);
+  void* ws = workspace_ptr(kScheduleOp, workspace, schedule_workspace_need(confidence), confidence, scratch);
   const ScheduleArgs a = make_schedule_args(confidence, num_draft, sps_table, std::string(mode), threshold, budget,
                                             temperatures, verify_len);
   const cudaError_t err = schedule_verify_launch(a, ws, slots, at::cuda::getCurrentCUDAStream());

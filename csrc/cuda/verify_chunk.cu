@@ -32,9 +32,9 @@ void verify_chunk_out_cuda(const at::Tensor& target_logits, const at::Tensor& dr
   const int64_t R = verify_num_requests(cu_num_draft);
   if (R == 0) return;
   const c10::cuda::CUDAGuard guard(target_logits.device());
-  const int64_t need = verify_workspace(nullptr, R, max_draft, target_logits.size(1)).bytes;
   at::Tensor scratch;
-  void* ws = workspace_ptr(kVerifyOp, workspace, need, target_logits, scratch);
+  void* ws = workspace_ptr(kVerifyOp, workspace, verify_workspace_need(target_logits, R, max_draft), target_logits,
+                           scratch);
   const bool may_filter = top_k.has_value() || top_p.has_value();
   const c10::optional<at::Tensor>& draft = draft_probs.has_value() ? draft_probs : draft_logits;
   dispatch_verify_types<float, __half, __nv_bfloat16>(target_logits, draft, [&]<typename T, typename D>() {

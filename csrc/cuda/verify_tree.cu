@@ -33,10 +33,7 @@ struct TreeRowPass {
 TreeRowPass tree_row_pass(int64_t R, int64_t rows, const c10::optional<at::Tensor>& workspace, int64_t V) {
   const EnvSwitch env = env_switch("DSPARK_TREE_ROW_PASS");
   if (env == EnvSwitch::kOff || rows * fixed_chunks(V) > INT32_MAX) return {};
-  // workspace_size counts qv always: compare with that, not with the layout this call would carve.
-  if (workspace.has_value() &&
-      workspace->nbytes() < static_cast<size_t>(tree_workspace(nullptr, R, V, true, rows).bytes))
-    return {};
+  if (!tree_workspace_fits_row_pass(workspace, R, V, rows)) return {};
   if (env == EnvSwitch::kOn) return {rows, true};
   const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const int64_t waves = (R + sms - 1) / sms;
@@ -64,9 +61,8 @@ void verify_tree_out_cuda(const at::Tensor& target_logits, const at::Tensor& nod
   const bool with_q = draft_probs.has_value() || draft_logits.has_value();
   const int64_t V = target_logits.size(1);
   const TreeRowPass pass = tree_row_pass(R, target_logits.size(0), workspace, V);
-  const int64_t need = tree_workspace(nullptr, R, V, with_q, pass.rows).bytes;
   at::Tensor scratch;
-  void* ws = workspace_ptr(kTreeOp, workspace, need, target_logits, scratch);
+  void* ws = workspace_ptr(kTreeOp, workspace, tree_workspace_need(R, V, with_q, pass.rows), target_logits, scratch);
   const c10::optional<at::Tensor>& draft = draft_probs.has_value() ? draft_probs : draft_logits;
   dispatch_verify_types<float, __half, __nv_bfloat16>(target_logits, draft, [&]<typename T, typename D>() {
     const auto a = make_tree_args<T, D>(target_logits, node_tokens, parents, cu_num_nodes, max_depth, draft_probs,
