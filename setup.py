@@ -21,6 +21,7 @@ dspark_ops/include/dspark_ops/{core,kernels}: dspark_ops.get_include().
 """
 import glob
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -73,9 +74,9 @@ link_flags = []
 # unless we compile with OpenMP too; we then use torch's runtime (libgomp on Linux wheels).
 def compiler_has_openmp() -> bool:
     """Whether the host compiler takes -fopenmp and has omp.h (a toolchain without it would fail the build)."""
-    cxx = os.environ.get("CXX", "c++")
+    cxx = shlex.split(os.environ.get("CXX", "c++"))  # "ccache g++", "g++ -m64"
     try:
-        return subprocess.run([cxx, "-fopenmp", "-fsyntax-only", "-x", "c++", "-"], input="#include <omp.h>\n",
+        return subprocess.run([*cxx, "-fopenmp", "-fsyntax-only", "-x", "c++", "-"], input="#include <omp.h>\n",
                               capture_output=True, text=True, timeout=60).returncode == 0
     except (OSError, subprocess.SubprocessError):
         return False

@@ -46,12 +46,19 @@ def get_include() -> str:
     tree = root / "build" / "include"
     for sub in ("core", "kernels"):
         link = tree / "dspark_ops" / sub
-        if not link.exists():
+        if link.exists():
+            continue
+        try:
+            if link.is_symlink():  # dangling (the checkout moved): make it anew
+                link.unlink()
             link.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                link.symlink_to(Path("..", "..", "..", "csrc", sub), target_is_directory=True)
-            except FileExistsError:  # made meanwhile by another process
-                pass
+            link.symlink_to(Path("..", "..", "..", "csrc", sub), target_is_directory=True)
+        except FileExistsError:  # made meanwhile by another process
+            pass
+        except OSError as err:  # a read-only checkout
+            raise OSError(f"dspark_ops.get_include: cannot make {link} -> csrc/{sub} in this source checkout "
+                          f"({err}); put {root / 'csrc'} on the include path and include \"kernels/...\" "
+                          "and \"core/...\" instead") from err
     return str(tree)
 
 

@@ -104,6 +104,12 @@ def check_int_rows(op: str, name: str, t: torch.Tensor, R: int, W: int, ref: tor
         raise ValueError(f"{op}: {name} must be contiguous")
 
 
+def static_ints(*sizes) -> bool:
+    """Plain Python ints (not a traced torch.SymInt): a fake kernel may size a
+    workspace from them without specialising a dynamic shape."""
+    return all(type(s) is int for s in sizes)
+
+
 def check_workspace(op: str, ws: Optional[torch.Tensor], need: Optional[int], ref: torch.Tensor) -> None:
     """csrc/checks.h check_workspace, for the fake kernels of the .out forms
     (a given workspace; `need` None: size unknown here, not checked)."""

@@ -18,18 +18,27 @@ _INT32_MAX = (1 << 31) - 1
 
 
 def _number(op: str, name: str, value, integer: bool):
-    """A Python number from a scalar argument (int, float, numpy scalar), or
-    a ValueError naming the argument: lists and arrays are not per-request
-    values (pass a tensor), and an integer parameter refuses 1.5."""
-    if isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool)):  # torch.compile(dynamic=True)
+    """A Python number from a scalar argument (int, float, numpy scalar or 0-d
+    array), or a ValueError naming the argument: lists and arrays are not
+    per-request values (pass a tensor), and an integer parameter refuses 1.5.
+    Ints pass through int() first: under torch.compile a traced int stays
+    dynamic (operator.index would specialise it: a recompile per step)."""
+    if isinstance(value, (bool, str)):
+        raise ValueError(f"{op}: {name} must be a number or a torch.Tensor [R] or [1], got {type(value).__name__}")
+    if isinstance(value, (int, torch.SymInt)):
         return int(value) if integer else float(value)
-    if isinstance(value, (bool, str)) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{op}: {name} must be a number or a torch.Tensor [R] or [1], got "
-                         f"{type(value).__name__}")
+    if isinstance(value, (float, torch.SymFloat)) and not integer:
+        return float(value)
+    if type(value).__name__ == "ndarray" and getattr(value, "ndim", None) == 0:
+        value = value.item()  # a 0-d numpy array
+        if isinstance(value, bool):
+            raise ValueError(f"{op}: {name} must be a number or a torch.Tensor [R] or [1], got bool")
+    if not isinstance(value, numbers.Real):
+        raise ValueError(f"{op}: {name} must be a number or a torch.Tensor [R] or [1], got {type(value).__name__}")
     if not integer:
         return float(value)
     try:
-        return operator.index(value)
+        return operator.index(value)  # numpy integers
     except TypeError:
         if float(value).is_integer():
             return int(value)

@@ -197,7 +197,6 @@ def _validate_verify(target_logits, draft_tokens, cu, max_draft, draft_probs, dr
     cu = cu.cpu().long()
     n = cu[1:] - cu[:-1]
     ends = torch.arange(1, R + 1)  # n[r] is checked as cu_num_draft[r + 1]
-    _checks.raise_first_invalid(OP, "cu_num_draft", cu, cu >= 0, rule="offsets must be >= 0")
     _checks.raise_first_invalid(OP, "cu_num_draft", cu[1:], n >= 0, ends, rule="offsets must not decrease")
     _checks.raise_first_invalid(OP, "cu_num_draft", cu[1:], n <= max_draft, ends,
                                 rule=f"a request has more than max_draft = {max_draft} drafts")
@@ -255,8 +254,8 @@ def _verify_chunk_out_fake(target_logits, draft_tokens, cu_num_draft, max_draft,
                               draft_temperature, temperature, top_k, top_p, seed, position, draft_row_start,
                               target_row_start)
     _checks.check_verify_outputs(target_logits, cu_num_draft, max_draft, tokens, accepted, emitted, status)
-    R = cu_num_draft.shape[0] - 1
-    if R > 0:
-        _checks.check_workspace(OP, workspace, workspace_size("verify_chunk", num_requests=R,
-                                                              vocab_size=target_logits.shape[1],
-                                                              max_draft=max_draft), target_logits)
+    R, V = cu_num_draft.shape[0] - 1, target_logits.shape[1]
+    if workspace is not None and (not _checks.static_ints(R) or R > 0):
+        need = (workspace_size("verify_chunk", num_requests=R, vocab_size=V, max_draft=max_draft)
+                if _checks.static_ints(R, V, max_draft) else None)
+        _checks.check_workspace(OP, workspace, need, target_logits)

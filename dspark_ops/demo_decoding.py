@@ -92,9 +92,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"dspark_ops demo: --device {device}: no CUDA device is available "
                          "(torch.cuda.is_available() is False)")
-    if hasattr(os, "getloadavg") and os.getloadavg()[0] > (os.cpu_count() or 1) and dev.type == "cpu":
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if hasattr(os, "getloadavg") and os.getloadavg()[0] > cores and dev.type == "cpu":
         # torch's OpenMP threads spin when the cores are taken: the timings then mean little (seen: 10x slower)
-        print(f"dspark_ops demo: warning: load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; "
+        print(f"dspark_ops demo: warning: load average {os.getloadavg()[0]:.1f} on {cores} usable cores; "
               "other processes share the CPU, so these timings are unreliable (try --threads 1)", file=sys.stderr)
     t0 = time.perf_counter()
     try:

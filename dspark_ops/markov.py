@@ -203,6 +203,8 @@ def _markov_draft_out_fake(base, anchor, w1, w2, temperature, top_k, top_p, seed
         raise ValueError(f"{OP}: draft_logits must be a contiguous [{R}, {G}, {V}] like base_logits, got "
                          f"{_checks.shape_str(draft_logits)}")
     _checks.check_output(OP, "status", status, R, torch.int32, base)
-    if R > 0:
-        _checks.check_workspace(OP, workspace, workspace_size("markov_draft", num_requests=R, vocab_size=V,
-                                                              rank=w1.shape[1]), base)
+    if workspace is not None and (not _checks.static_ints(R) or R > 0):
+        rank = w1.shape[1]
+        need = (workspace_size("markov_draft", num_requests=R, vocab_size=V, rank=rank)
+                if _checks.static_ints(R, V, rank) else None)
+        _checks.check_workspace(OP, workspace, need, base)

@@ -247,9 +247,10 @@ def _sample_out_fake(logits, temperature, top_k, top_p, seed, position, purpose,
     R = _checks.check_sample_args(logits, temperature, top_k, top_p, seed, position, purpose, slot, row_start)
     _checks.check_output(_checks.SAMPLE_OP, "tokens", tokens, R, torch.int32, logits)
     _checks.check_output(_checks.SAMPLE_OP, "status", status, R, torch.int32, logits)
-    if R > 0:
-        _checks.check_workspace(_checks.SAMPLE_OP, workspace,
-                                workspace_size("sample", num_requests=R, vocab_size=logits.shape[1]), logits)
+    V = logits.shape[1]
+    if workspace is not None and (not _checks.static_ints(R) or R > 0):
+        need = workspace_size("sample", num_requests=R, vocab_size=V) if _checks.static_ints(R, V) else None
+        _checks.check_workspace(_checks.SAMPLE_OP, workspace, need, logits)
 
 
 __all__ = ["ABORT_MASK", "Purpose", "SampleResult", "Status", "empty_sample_result", "sample",

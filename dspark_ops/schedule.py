@@ -10,6 +10,7 @@ from typing import Callable, List, Optional, Sequence, Union
 import torch
 
 from . import _checks
+from ._params import _number
 from .ops import _ops, workspace_size
 
 OP = "dspark_ops.schedule_verify"
@@ -94,7 +95,7 @@ def schedule_verify(
         raise ValueError(f"{OP}: mode 'budget' needs budget=")
     dev = confidence.device
     if budget is not None and not isinstance(budget, torch.Tensor):
-        budget = int(budget)
+        budget = _number(OP, "budget", budget, integer=True)
         if budget < 0:
             raise ValueError(f"{OP}: budget must be >= 0 drafted tokens, got {budget}")
         budget = torch.full((1,), budget, dtype=torch.int64, device=dev)
@@ -124,8 +125,9 @@ def _schedule_verify_out_fake(confidence, num_draft, sps_table, schedule_mode, t
     _schedule_verify_fake(confidence, num_draft, sps_table, schedule_mode, threshold, budget, temperatures)
     R, G = confidence.shape
     _checks.check_output(OP, "verify_len", verify_len, R, torch.int32, confidence)
-    if R > 0:
-        _checks.check_workspace(OP, workspace, workspace_size("schedule_verify", num_requests=R, group=G), confidence)
+    if workspace is not None and (not _checks.static_ints(R) or R > 0):
+        need = workspace_size("schedule_verify", num_requests=R, group=G) if _checks.static_ints(R, G) else None
+        _checks.check_workspace(OP, workspace, need, confidence)
 
 
 def expected_calibration_error(pred: torch.Tensor, label: torch.Tensor, bins: int = 15) -> float:

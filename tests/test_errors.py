@@ -90,7 +90,8 @@ def test_wrapper_accepts_equivalent_spellings():
     want = dspark_ops.sample(logits, temperature=0.7, top_k=5, seed=3, position=2, purpose=2).tokens
     for kw in (dict(temperature=torch.tensor(0.7), top_k=torch.tensor(5), seed=torch.tensor(3), position=2),
                dict(temperature=np.float32(0.7), top_k=np.int64(5), seed=np.int32(3), position=2.0),
-               dict(temperature=0.7, top_k=5.0, seed=3, position=torch.tensor(2))):
+               dict(temperature=0.7, top_k=5.0, seed=3, position=torch.tensor(2)),
+               dict(temperature=np.array(0.7), top_k=np.array(5), seed=3, position=2)):
         assert torch.equal(dspark_ops.sample(logits, purpose="emit", **kw).tokens, want), kw
     flat = -0.01 * torch.arange(V, dtype=torch.float32).expand(64, V).contiguous()  # top-5 = tokens 0..4
     seeds = torch.arange(64)
@@ -188,3 +189,11 @@ def test_fake_kernels_check_a_workspace_as_the_op_does(bad):
                      f"got {need - 1}",
             "dtype": f"dspark_ops.{name}: workspace must have dtype Byte, got Float",
             "strided": f"dspark_ops.{name}: workspace must be contiguous"}[bad])
+
+
+def test_an_int64_slot_past_int32_is_out_of_range_not_wrapped():
+    """slot 2**32 + 5 saturates (BAD_LENGTHS, as any slot > 65535), it does
+    not become slot 5."""
+    logits = torch.randn(2, V)
+    res = dspark_ops.sample(logits, seed=1, slot=torch.tensor([5, (1 << 32) + 5]))
+    assert res.status.tolist() == [0, dspark_ops.Status.BAD_LENGTHS] and res.tokens[1] == -1
