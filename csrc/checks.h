@@ -23,9 +23,26 @@ inline std::string shape_str(const at::Tensor& t) {
   return s.str();
 }
 
+// A dtype as Python spells it ("torch.int32", not c10's "Int"): what users pass.
+inline std::string dtype_str(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return "torch.float32";
+    case at::kDouble: return "torch.float64";
+    case at::kHalf: return "torch.float16";
+    case at::kBFloat16: return "torch.bfloat16";
+    case at::kInt: return "torch.int32";
+    case at::kLong: return "torch.int64";
+    case at::kShort: return "torch.int16";
+    case at::kChar: return "torch.int8";
+    case at::kByte: return "torch.uint8";
+    case at::kBool: return "torch.bool";
+    default: return c10::toString(t);
+  }
+}
+
 inline void check_dtype(const char* op, const char* name, const at::Tensor& t, at::ScalarType want) {
-  TORCH_CHECK_VALUE(t.scalar_type() == want, op, ": ", name, " must have dtype ",
-                    c10::toString(want), ", got ", c10::toString(t.scalar_type()));
+  TORCH_CHECK_VALUE(t.scalar_type() == want, op, ": ", name, " must have dtype ", dtype_str(want), ", got ",
+                    dtype_str(t.scalar_type()));
 }
 
 inline void check_same_device(const char* op, const char* name, const at::Tensor& t,
@@ -58,7 +75,7 @@ inline void check_output(const char* op, const char* name, const at::Tensor& t, 
 inline void check_logits(const char* op, const char* name, const at::Tensor& t) {
   const auto st = t.scalar_type();
   TORCH_CHECK_VALUE(st == at::kFloat || st == at::kHalf || st == at::kBFloat16, op, ": ", name,
-                    " must have dtype float32, float16 or bfloat16, got ", c10::toString(st));
+                    " must have dtype float32, float16 or bfloat16, got ", dtype_str(st));
   TORCH_CHECK_VALUE(t.dim() == 2, op, ": ", name, " must have shape [rows, V], got ",
                     shape_str(t));
   TORCH_CHECK_VALUE(t.size(1) >= 1, op, ": ", name, " must have V >= 1, got ", shape_str(t));

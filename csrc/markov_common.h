@@ -23,7 +23,7 @@ inline void check_markov_args(const at::Tensor& base, const at::Tensor& anchor, 
   const char* op = kMarkovOp;
   const auto st = base.scalar_type();
   TORCH_CHECK_VALUE(st == at::kFloat || st == at::kHalf || st == at::kBFloat16, op,
-                    ": base_logits must have dtype float32, float16 or bfloat16, got ", c10::toString(st));
+                    ": base_logits must have dtype float32, float16 or bfloat16, got ", dtype_str(st));
   TORCH_CHECK_VALUE(base.dim() == 3, op, ": base_logits must have shape [R, G, V], got ", shape_str(base));
   const int64_t R = base.size(0), G = base.size(1), V = base.size(2);
   TORCH_CHECK_VALUE(V >= 1 && V <= kMaxVocab, op, ": base_logits must have 1 <= V <= ", kMaxVocab, ", got V = ", V);
@@ -39,7 +39,7 @@ inline void check_markov_args(const at::Tensor& base, const at::Tensor& anchor, 
     check_same_device(op, name, *w, base);
     const auto wt = w->scalar_type();
     TORCH_CHECK_VALUE(wt == at::kFloat || wt == at::kHalf || wt == at::kBFloat16, op, ": ", name,
-                      " must have dtype float32, float16 or bfloat16, got ", c10::toString(wt));
+                      " must have dtype float32, float16 or bfloat16, got ", dtype_str(wt));
   }
   TORCH_CHECK_VALUE(w1.dim() == 2 && w2.dim() == 2 && w1.size(0) == V && w2.size(1) == V && w1.size(1) == w2.size(0),
                     op, ": w1 must be [V, r] and w2 [r, V] with V = ", V, ", got ", shape_str(w1), " and ",

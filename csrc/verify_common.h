@@ -28,7 +28,7 @@ inline void check_int_vector(const char* op, const char* name, const at::Tensor&
 }
 
 // The draft distribution rows (verify_chunk, verify_tree): at most one of
-// draft_probs / draft_logits, [rows, V] like the target, its dtype or Float.
+// draft_probs / draft_logits, [rows, V] like the target, its dtype or float32.
 inline void check_draft_rows(const char* op, const c10::optional<at::Tensor>& draft_probs,
                              const c10::optional<at::Tensor>& draft_logits, const at::Tensor& target_logits) {
   const int64_t V = target_logits.size(1);
@@ -42,8 +42,8 @@ inline void check_draft_rows(const char* op, const c10::optional<at::Tensor>& dr
     TORCH_CHECK_VALUE(draft->size(1) == V, op, ": ", name, " must have V = ", V, " columns like target_logits, got ",
                       shape_str(*draft));
     TORCH_CHECK_VALUE(draft->scalar_type() == target_logits.scalar_type() || draft->scalar_type() == at::kFloat, op,
-                      ": ", name, " must have the dtype of target_logits (", c10::toString(target_logits.scalar_type()),
-                      ") or Float, got ", c10::toString(draft->scalar_type()));
+                      ": ", name, " must have the dtype of target_logits (", dtype_str(target_logits.scalar_type()),
+                      ") or torch.float32, got ", dtype_str(draft->scalar_type()));
   }
 }
 

@@ -9,16 +9,12 @@ import torch
 
 from ._enums import MAX_SLOT
 
-_C10_NAMES = {
-    torch.float32: "Float", torch.float64: "Double", torch.float16: "Half",
-    torch.bfloat16: "BFloat16", torch.int32: "Int", torch.int64: "Long",
-    torch.int16: "Short", torch.int8: "Char", torch.uint8: "Byte", torch.bool: "Bool",
-}
 MAX_VOCAB = 1 << 23  # csrc/core/filters.h kMaxVocab
 
 
 def dtype_name(dtype: torch.dtype) -> str:
-    return _C10_NAMES.get(dtype, str(dtype))
+    """As Python spells it (torch.int32), the C++ checks' dtype_str."""
+    return str(dtype)
 
 
 def shape_str(t: torch.Tensor) -> str:
@@ -213,7 +209,7 @@ def check_draft_rows(op, draft_probs, draft_logits, target_logits) -> None:
             raise ValueError(f"{op}: {name} must have V = {V} columns like target_logits, got {shape_str(draft)}")
         if draft.dtype not in (target_logits.dtype, torch.float32):
             raise ValueError(f"{op}: {name} must have the dtype of target_logits ({dtype_name(target_logits.dtype)}) "
-                             f"or Float, got {dtype_name(draft.dtype)}")
+                             f"or torch.float32, got {dtype_name(draft.dtype)}")
 
 
 def check_verify_args(target_logits, draft_tokens, cu_num_draft, max_draft, draft_probs, draft_logits,

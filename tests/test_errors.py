@@ -24,18 +24,18 @@ def call(args, out=None):
 
 
 BAD = {
-    "logits dtype": (dict(logits=torch.randint(0, 5, (R, V))), "logits must have dtype float32, float16 or bfloat16, got Long"),
+    "logits dtype": (dict(logits=torch.randint(0, 5, (R, V))), "logits must have dtype float32, float16 or bfloat16, got torch.int64"),
     "logits rank": (dict(logits=torch.randn(R, V, 2)), "logits must have shape [rows, V], got [4, 50, 2]"),
     "logits empty V": (dict(logits=torch.randn(R, 0)), "logits must have V >= 1, got [4, 0]"),
     "logits strides": (dict(logits=torch.randn(V, R).t()), "logits must be contiguous in its last dimension, got strides [1, 4]"),
-    "temperature dtype": (dict(temperature=torch.ones(R, dtype=torch.float64)), "temperature must have dtype Float, got Double"),
+    "temperature dtype": (dict(temperature=torch.ones(R, dtype=torch.float64)), "temperature must have dtype torch.float32, got torch.float64"),
     "temperature shape": (dict(temperature=torch.ones(3)), "temperature must have shape [4] or [1], got [3]"),
-    "top_k dtype": (dict(top_k=torch.ones(R, dtype=torch.int64)), "top_k must have dtype Int, got Long"),
+    "top_k dtype": (dict(top_k=torch.ones(R, dtype=torch.int64)), "top_k must have dtype torch.int32, got torch.int64"),
     "top_p shape": (dict(top_p=torch.ones(R, 1)), "top_p must have shape [4] or [1], got [4, 1]"),
-    "seed dtype": (dict(seed=torch.ones(R, dtype=torch.int32)), "seed must have dtype Long, got Int"),
+    "seed dtype": (dict(seed=torch.ones(R, dtype=torch.int32)), "seed must have dtype torch.int64, got torch.int32"),
     "position shape": (dict(position=torch.ones(5, dtype=torch.int64)), "position must have shape [4] or [1], got [5]"),
-    "slot dtype": (dict(slot=torch.ones(R)), "slot must have dtype Int, got Float"),
-    "row_start dtype": (dict(row_start=torch.zeros(R, dtype=torch.int64)), "row_start must have dtype Int, got Long"),
+    "slot dtype": (dict(slot=torch.ones(R)), "slot must have dtype torch.int32, got torch.float32"),
+    "row_start dtype": (dict(row_start=torch.zeros(R, dtype=torch.int64)), "row_start must have dtype torch.int32, got torch.int64"),
     "purpose": (dict(purpose=7), "purpose must be 1 (COIN), 2 (EMIT) or 3 (DRAFT), got 7"),
 }
 
@@ -48,7 +48,7 @@ def test_cpp_and_fake_raise_the_same_message(case):
 
 @pytest.mark.parametrize("name,value,message", [
     ("tokens", torch.empty(3, dtype=torch.int32), "tokens must have shape [4], got [3]"),
-    ("status", torch.empty(R, dtype=torch.int64), "status must have dtype Int, got Long"),
+    ("status", torch.empty(R, dtype=torch.int64), "status must have dtype torch.int32, got torch.int64"),
     ("tokens", torch.empty(R, 2, dtype=torch.int32)[:, 0], "tokens must be contiguous"),
 ])
 def test_out_tensors_are_checked(name, value, message):
@@ -187,7 +187,7 @@ def test_fake_kernels_check_a_workspace_as_the_op_does(bad):
         assert_cpp_and_fake_agree(call, {**args, "ws": ws}, {
             "small": f"dspark_ops.{name}: workspace must hold at least {need} bytes (dspark_ops.workspace_size), "
                      f"got {need - 1}",
-            "dtype": f"dspark_ops.{name}: workspace must have dtype Byte, got Float",
+            "dtype": f"dspark_ops.{name}: workspace must have dtype torch.uint8, got torch.float32",
             "strided": f"dspark_ops.{name}: workspace must be contiguous"}[bad])
 
 

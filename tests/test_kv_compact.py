@@ -118,7 +118,7 @@ def test_host_errors():
     with pytest.raises(ValueError, match="paged caches must have block_size >= 1"):
         dspark_ops.kv_compact([torch.zeros(3, 0, 1, 1)], base, block_table=torch.zeros(R, 2, dtype=torch.int32),
                               **idx)
-    with pytest.raises(ValueError, match="keep_index must have dtype Int, got Long"):
+    with pytest.raises(ValueError, match="keep_index must have dtype torch.int32, got torch.int64"):
         dspark_ops.kv_compact([torch.zeros(2, 4, 1, 1)], base, **{**idx, "keep_index": torch.zeros(R, 1).long()})
     with pytest.raises(ValueError, match=r"paged caches\[1\] must have num_blocks = 3"):
         dspark_ops.kv_compact([torch.zeros(3, 4, 1, 1), torch.zeros(5, 4, 1, 1)], base,
@@ -307,15 +307,15 @@ def test_commit_tokens_host_errors():
     s = dspark_ops.RequestState.new(torch.zeros(2, dtype=torch.int32), torch.zeros(2), 4, 4)
     ok = dict(tokens=torch.zeros(2, 3, dtype=torch.int32), emitted=torch.ones(2, dtype=torch.int32),
               status=torch.zeros(2, dtype=torch.int32))
-    with pytest.raises(ValueError, match="tokens must have dtype Int, got Long"):
+    with pytest.raises(ValueError, match="tokens must have dtype torch.int32, got torch.int64"):
         dspark_ops.commit_tokens(s, **{**ok, "tokens": torch.zeros(2, 3, dtype=torch.int64)})
     with pytest.raises(ValueError, match=r"emitted must have shape \[2\], got \[3\]"):
         dspark_ops.commit_tokens(s, **{**ok, "emitted": torch.ones(3, dtype=torch.int32)})
-    with pytest.raises(ValueError, match="stop_tokens must have dtype Int"):
+    with pytest.raises(ValueError, match="stop_tokens must have dtype torch.int32"):
         dspark_ops.commit_tokens(s, **ok, stop_tokens=torch.tensor([1.0]))
     bad = dspark_ops.RequestState(*(getattr(s, f) for f in s.__dataclass_fields__))
     bad.position = s.position.int()
-    with pytest.raises(ValueError, match="position must have dtype Long, got Int"):
+    with pytest.raises(ValueError, match="position must have dtype torch.int64, got torch.int32"):
         dspark_ops.commit_tokens(bad, **ok)
 
 

@@ -249,7 +249,7 @@ def test_no_steps_still_checks_anchors_and_bad_outputs_are_refused():
     with pytest.raises(ValueError, match=r"draft_logits must be a contiguous \[2, 3, 10\]"):
         dspark_ops.markov_draft(U, anchor, w1, w2, out=dspark_ops.MarkovResult(
             torch.empty(2, 3, dtype=torch.int32), torch.empty(2, 3, 9), torch.empty(2, dtype=torch.int32)))
-    with pytest.raises(ValueError, match="draft_logits must have dtype Float, got Half"):
+    with pytest.raises(ValueError, match="draft_logits must have dtype torch.float32, got torch.float16"):
         dspark_ops.markov_draft(U, anchor, w1, w2, out=dspark_ops.MarkovResult(
             torch.empty(2, 3, dtype=torch.int32), torch.empty(2, 3, 10, dtype=torch.float16),
             torch.empty(2, dtype=torch.int32)))

@@ -82,14 +82,14 @@ def test_strided_and_empty_inputs():
 
 
 @pytest.mark.parametrize("bad,message", [
-    (dict(x=torch.zeros(2, 8, dtype=torch.float64)), "input must have dtype Float, got Double"),
+    (dict(x=torch.zeros(2, 8, dtype=torch.float64)), "input must have dtype torch.float32, got torch.float64"),
     (dict(x=torch.zeros(2, 4, 8)), r"input must have shape \[rows, in_features\], got \[2, 4, 8\]"),
     (dict(n=0), "out_features must be >= 1, got 0"),
     (dict(n=65), r"packed_weight must have shape \[2, 8, 64\] \(pack_linear_weight of a \[65, 8\] weight\), "
                  r"got \[1, 8, 64\]"),
     (dict(x=torch.zeros(2, 9)), r"packed_weight must have shape \[1, 9, 64\]"),
     (dict(r=torch.zeros(2, 10)), r"residual must have shape \[2, 5\], got \[2, 10\]"),
-    (dict(r=torch.zeros(2, 5, dtype=torch.float16)), "residual must have dtype Float, got Half"),
+    (dict(r=torch.zeros(2, 5, dtype=torch.float16)), "residual must have dtype torch.float32, got torch.float16"),
     (dict(p=torch.zeros(1, 64, 8).transpose(1, 2)), "packed_weight must be contiguous"),
 ])
 def test_errors_name_the_argument(bad, message):

@@ -131,7 +131,7 @@ def test_mode_errors():
         dspark_ops.schedule_verify(conf, n, sps, mode="budget")
     with pytest.raises(ValueError, match="mode must be"):
         dspark_ops.schedule_verify(conf, n, sps, mode="greedy")
-    with pytest.raises(ValueError, match="sps_table must have dtype Double, got Float"):  # the op itself
+    with pytest.raises(ValueError, match="sps_table must have dtype torch.float64, got torch.float32"):  # the op itself
         torch.ops.dspark_ops.schedule_verify(conf, n, sps.float(), "early_stop", float("nan"), None, None)
     with pytest.raises(ValueError, match="budget must be >= 0 drafted tokens, got -1"):
         dspark_ops.schedule_verify(conf, n, sps, mode="budget", budget=-1)

@@ -26,20 +26,20 @@ def call(args, out=None):
 
 BAD = {
     "target dtype": (dict(target_logits=torch.zeros(9, V, dtype=torch.int64)),
-                     "target_logits must have dtype float32, float16 or bfloat16, got Long"),
-    "draft_tokens dtype": (dict(draft_tokens=torch.zeros(6, dtype=torch.int64)), "draft_tokens must have dtype Int, got Long"),
+                     "target_logits must have dtype float32, float16 or bfloat16, got torch.int64"),
+    "draft_tokens dtype": (dict(draft_tokens=torch.zeros(6, dtype=torch.int64)), "draft_tokens must have dtype torch.int32, got torch.int64"),
     "draft_tokens rank": (dict(draft_tokens=torch.zeros(3, 2, dtype=torch.int32)), "draft_tokens must have shape [N], got [3, 2]"),
-    "cu dtype": (dict(cu_num_draft=torch.tensor([0, 2, 4, 6])), "cu_num_draft must have dtype Int, got Long"),
+    "cu dtype": (dict(cu_num_draft=torch.tensor([0, 2, 4, 6])), "cu_num_draft must have dtype torch.int32, got torch.int64"),
     "cu empty": (dict(cu_num_draft=torch.zeros(0, dtype=torch.int32)), "cu_num_draft must have shape [R + 1], got [0]"),
     "max_draft": (dict(max_draft=-1), "max_draft must be in [0, 65534], got -1"),
     "both drafts": (dict(draft_logits=torch.randn(6, V)), "pass draft_probs or draft_logits, not both"),
     "draft V": (dict(draft_probs=torch.zeros(6, V + 1)), "draft_probs must have V = 20 columns like target_logits, got [6, 21]"),
     "draft dtype": (dict(draft_probs=torch.zeros(6, V, dtype=torch.float16)),
-                    "draft_probs must have the dtype of target_logits (Float) or Float, got Half"),
+                    "draft_probs must have the dtype of target_logits (torch.float32) or torch.float32, got torch.float16"),
     "temperature shape": (dict(temperature=torch.ones(2)), "temperature must have shape [3] or [1], got [2]"),
     "draft_temperature dtype": (dict(draft_temperature=torch.ones(R, dtype=torch.float64)),
-                                "draft_temperature must have dtype Float, got Double"),
-    "top_k dtype": (dict(top_k=torch.ones(R, dtype=torch.int64)), "top_k must have dtype Int, got Long"),
+                                "draft_temperature must have dtype torch.float32, got torch.float64"),
+    "top_k dtype": (dict(top_k=torch.ones(R, dtype=torch.int64)), "top_k must have dtype torch.int32, got torch.int64"),
     "seed shape": (dict(seed=torch.zeros(4, dtype=torch.int64)), "seed must have shape [3] or [1], got [4]"),
     "row start shape": (dict(target_row_start=torch.zeros(2, dtype=torch.int32)), "target_row_start must have shape [3], got [2]"),
 }
@@ -53,7 +53,7 @@ def test_cpp_and_fake_raise_the_same_message(case):
 
 @pytest.mark.parametrize("name,value,message", [
     ("tokens", torch.empty(R, K, dtype=torch.int32), "tokens must have shape [3, 3], got [3, 2]"),
-    ("accepted", torch.empty(R, dtype=torch.int64), "accepted must have dtype Int, got Long"),
+    ("accepted", torch.empty(R, dtype=torch.int64), "accepted must have dtype torch.int32, got torch.int64"),
     ("status", torch.empty(R + 1, dtype=torch.int32), "status must have shape [3], got [4]"),
 ])
 def test_out_tensors_are_checked(name, value, message):

@@ -127,7 +127,7 @@ def bad_workspaces(case: Case, device):
         ("misaligned", aligned[1:], r"must be 16-byte aligned, got address"),
         ("misaligned_by_8", aligned[8:], r"must be 16-byte aligned, got address"),
         ("wrong_dtype", torch.empty(n // 4 + 1, dtype=torch.float32, device=device),
-         r"must have dtype Byte, got Float"),
+         r"must have dtype torch.uint8, got torch.float32"),
         ("non_contiguous", torch.empty(2 * n, dtype=torch.uint8, device=device)[::2], r"must be contiguous$"),
     ]
 
