@@ -163,6 +163,8 @@ def verify_chunk(
     elif cu_num_draft is None:
         raise ValueError(f"{OP}: ragged target_logits [T, V] need cu_num_draft")
     if max_draft is None:
+        if torch.compiler.is_compiling():  # reading it from the tensor is a host sync the graph cannot hold
+            raise ValueError(f"{OP}: under torch.compile pass max_draft= (a host int) with ragged inputs")
         max_draft = int((cu_num_draft[1:] - cu_num_draft[:-1]).max()) if cu_num_draft.shape[0] > 1 else 0
     R, V, dev = cu_num_draft.shape[0] - 1, target_logits.shape[1], target_logits.device
     args = (

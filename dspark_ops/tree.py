@@ -166,6 +166,8 @@ def verify_tree(
     if cu_num_nodes.dim() != 1 or cu_num_nodes.shape[0] < 1:
         raise ValueError(f"{OP}: cu_num_nodes must have shape [R + 1], got {list(cu_num_nodes.shape)}")
     if max_depth is None:
+        if torch.compiler.is_compiling():  # reading it from the tensors is a host sync the graph cannot hold
+            raise ValueError(f"{OP}: under torch.compile pass max_depth= (a host int)")
         max_depth = tree_max_depth(parents, cu_num_nodes)
     R, dev = cu_num_nodes.shape[0] - 1, target_logits.device
     V = target_logits.shape[1] if target_logits.dim() == 2 else 0

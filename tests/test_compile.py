@@ -45,3 +45,24 @@ def test_sample_out_batch_sizes_do_not_recompile_with_dynamic_shapes():
         got = f(logits, dspark_ops.empty_sample_result(R))
         assert torch.equal(got, step(logits, dspark_ops.empty_sample_result(R)))
     assert len(graphs) == 1, len(graphs)
+
+
+def test_ragged_sizes_read_from_tensors_are_asked_for_under_compile():
+    """max_draft / max_depth = None reads a tensor on the host: under
+    torch.compile(fullgraph=True) the wrappers say to pass them."""
+    target = torch.randn(5, 20)
+    tokens = torch.tensor([1, 2, 3], dtype=torch.int32)
+    cu = torch.tensor([0, 2, 3], dtype=torch.int32)
+    chain = torch.compile(lambda t, d, c: dspark_ops.verify_chunk(t, d, c).tokens, backend="aot_eager",
+                          fullgraph=True)
+    with pytest.raises(Exception, match="under torch.compile pass max_draft="):
+        chain(target, tokens, cu)
+    parents = torch.tensor([-1, 0, 0, -1, 0], dtype=torch.int32)
+    nodes = torch.tensor([0, 4, 5, 0, 6], dtype=torch.int32)
+    tree = torch.compile(lambda t, n, p, c: dspark_ops.verify_tree(t, n, p, c).tokens, backend="aot_eager",
+                         fullgraph=True)
+    with pytest.raises(Exception, match="under torch.compile pass max_depth="):
+        tree(target, nodes, parents, torch.tensor([0, 3, 5], dtype=torch.int32))
+    fixed = torch.compile(lambda t, d, c: dspark_ops.verify_chunk(t, d, c, max_draft=2).tokens, backend="aot_eager",
+                          fullgraph=True)
+    assert torch.equal(fixed(target, tokens, cu), dspark_ops.verify_chunk(target, tokens, cu, max_draft=2).tokens)
