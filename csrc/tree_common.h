@@ -26,7 +26,7 @@ inline void check_tree_args(const at::Tensor& target_logits, const at::Tensor& n
   check_logits(op, "target_logits", target_logits);
   check_vocab(op, "target_logits", target_logits.size(1));
   check_int_vector(op, "node_tokens", node_tokens, -1, target_logits);
-  check_int_vector(op, "parents", parents, node_tokens.size(0), target_logits);
+  check_int_vector(op, "parents", parents, node_tokens.size(0), target_logits, "node_tokens");
   check_offsets(op, "cu_num_nodes", cu_num_nodes, target_logits);
   TORCH_CHECK_VALUE(max_depth >= 0 && max_depth < static_cast<int64_t>(kMaxSlot), op,
                     ": max_depth must be in [0, ", kMaxSlot - 1, "], got ", max_depth);

@@ -18,12 +18,14 @@ constexpr const char* kVerifyOp = "dspark_ops.verify_chunk";
 inline int64_t verify_num_requests(const at::Tensor& cu) { return cu.size(0) - 1; }
 
 // A 1-D int32 tensor of `want` elements (or any length when want < 0).
+// want < 0: any length; `like` names the tensor the length comes from.
 inline void check_int_vector(const char* op, const char* name, const at::Tensor& t, int64_t want,
-                             const at::Tensor& ref) {
+                             const at::Tensor& ref, const char* like = nullptr) {
   check_same_device(op, name, t, ref);
   check_dtype(op, name, t, at::kInt);
   TORCH_CHECK_VALUE(t.dim() == 1 && (want < 0 || t.size(0) == want), op, ": ", name, " must have shape [",
-                    want < 0 ? std::string("N") : std::to_string(want), "], got ", shape_str(t));
+                    want < 0 ? std::string("N") : std::to_string(want), "]", like ? " like " : "", like ? like : "",
+                    ", got ", shape_str(t));
   TORCH_CHECK_VALUE(t.is_contiguous(), op, ": ", name, " must be contiguous");
 }
 

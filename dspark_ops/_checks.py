@@ -185,11 +185,12 @@ def check_sample_args(logits, temperature, top_k, top_p, seed, position, purpose
 VERIFY_OP = "dspark_ops.verify_chunk"
 
 
-def check_int_vector(op, name, t, want, ref):
+def check_int_vector(op, name, t, want, ref, like=None):
     check_same_device(op, name, t, ref)
     check_dtype(op, name, t, torch.int32)
     if t.dim() != 1 or (want >= 0 and t.shape[0] != want):
-        raise ValueError(f"{op}: {name} must have shape [{'N' if want < 0 else want}], got {shape_str(t)}")
+        raise ValueError(f"{op}: {name} must have shape [{'N' if want < 0 else want}]"
+                         f"{' like ' + like if like else ''}, got {shape_str(t)}")
     if not t.is_contiguous():
         raise ValueError(f"{op}: {name} must be contiguous")
 
@@ -253,7 +254,7 @@ def check_tree_args(target_logits, node_tokens, parents, cu_num_nodes, max_depth
     check_logits(op, "target_logits", target_logits)
     check_vocab(op, "target_logits", target_logits.shape[1])
     check_int_vector(op, "node_tokens", node_tokens, -1, target_logits)
-    check_int_vector(op, "parents", parents, node_tokens.shape[0], target_logits)
+    check_int_vector(op, "parents", parents, node_tokens.shape[0], target_logits, "node_tokens")
     check_offsets(op, "cu_num_nodes", cu_num_nodes, target_logits)
     if not 0 <= max_depth < MAX_SLOT:
         raise ValueError(f"{op}: max_depth must be in [0, {MAX_SLOT - 1}], got {max_depth}")

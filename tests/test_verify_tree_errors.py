@@ -48,7 +48,7 @@ BAD = {
     "node_tokens rank": (dict(node_tokens=torch.zeros(3, 3, dtype=torch.int32)),
                          "node_tokens must have shape [N], got [3, 3]"),
     "parents dtype": (dict(parents=torch.zeros(M, dtype=torch.int64)), "parents must have dtype torch.int32, got torch.int64"),
-    "parents length": (dict(parents=torch.zeros(M - 1, dtype=torch.int32)), "parents must have shape [9], got [8]"),
+    "parents length": (dict(parents=torch.zeros(M - 1, dtype=torch.int32)), "parents must have shape [9] like node_tokens, got [8]"),
     "cu dtype": (dict(cu_num_nodes=torch.tensor([0, 3, 6, 9])), "cu_num_nodes must have dtype torch.int32, got torch.int64"),
     "cu empty": (dict(cu_num_nodes=torch.zeros(0, dtype=torch.int32)), "cu_num_nodes must have shape [R + 1], got [0]"),
     "max_depth": (dict(max_depth=-1), "max_depth must be in [0, 65534], got -1"),
