@@ -124,9 +124,11 @@ def slot_tensor(op: str, value: TensorOrInt, R: int, device) -> torch.Tensor:
 
 
 def check_purpose(op: str, purpose: Union[int, str]) -> int:
-    if isinstance(purpose, str) and purpose.upper() in Purpose.__members__:  # "DRAFT", "emit"
-        return int(Purpose[purpose.upper()])
-    purpose = _number(op, "purpose", purpose, integer=True) if not isinstance(purpose, str) else purpose
+    if isinstance(purpose, str):  # "DRAFT", "emit"
+        if purpose.upper() in Purpose.__members__:
+            return int(Purpose[purpose.upper()])
+    else:
+        purpose = _number(op, "purpose", purpose, integer=True)
     if purpose not in (1, 2, 3):
         raise ValueError(f"{op}: purpose must be 1 (COIN), 2 (EMIT) or 3 (DRAFT), got {purpose}")
     return purpose

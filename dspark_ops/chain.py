@@ -9,7 +9,7 @@ import torch
 from . import _checks
 from ._params import (TensorOrFloat, TensorOrInt, position_tensor, seed_tensor, temperature_tensor,
                       top_k_tensor, top_p_tensor)
-from .ops import _ops, workspace_size
+from .ops import _ops, check_fake_workspace
 
 OP = _checks.VERIFY_OP
 
@@ -256,8 +256,5 @@ def _verify_chunk_out_fake(target_logits, draft_tokens, cu_num_draft, max_draft,
                               draft_temperature, temperature, top_k, top_p, seed, position, draft_row_start,
                               target_row_start)
     _checks.check_verify_outputs(target_logits, cu_num_draft, max_draft, tokens, accepted, emitted, status)
-    R, V = cu_num_draft.shape[0] - 1, target_logits.shape[1]
-    if workspace is not None and (not _checks.static_ints(R) or R > 0):
-        need = (workspace_size("verify_chunk", num_requests=R, vocab_size=V, max_draft=max_draft)
-                if _checks.static_ints(R, V, max_draft) else None)
-        _checks.check_workspace(OP, workspace, need, target_logits)
+    check_fake_workspace("verify_chunk", workspace, target_logits, num_requests=cu_num_draft.shape[0] - 1,
+                         vocab_size=target_logits.shape[1], max_draft=max_draft)

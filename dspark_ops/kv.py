@@ -128,7 +128,7 @@ def kv_compact(
                              f"paged={layout.paged}; called with heads_first={heads_first}, "
                              f"paged={block_table is not None}")
     caches = _as_list(caches)
-    # Under torch.compile the layout's tensors are guarded by dynamo; data pointers cannot be traced.
+    # Data pointers cannot be traced: a compiled call trusts the layout (rebuild it when the caches are reallocated).
     if layout is not None and not torch.compiler.is_compiling() and not layout.matches(caches):
         raise ValueError(f"{KV_OP}: the KVLayout no longer matches its caches (reallocated?): build a new one")
     if block_size is not None and (block_table is None or not caches or caches[0].shape[1] != block_size):

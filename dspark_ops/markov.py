@@ -11,7 +11,7 @@ import torch
 from . import _checks
 from ._params import (TensorOrFloat, TensorOrInt, position_tensor, seed_tensor, temperature_tensor, top_k_tensor,
                       top_p_tensor)
-from .ops import _ops, workspace_size
+from .ops import _ops, check_fake_workspace
 
 OP = "dspark_ops.markov_draft"
 
@@ -203,8 +203,4 @@ def _markov_draft_out_fake(base, anchor, w1, w2, temperature, top_k, top_p, seed
         raise ValueError(f"{OP}: draft_logits must be a contiguous [{R}, {G}, {V}] like base_logits, got "
                          f"{_checks.shape_str(draft_logits)}")
     _checks.check_output(OP, "status", status, R, torch.int32, base)
-    if workspace is not None and (not _checks.static_ints(R) or R > 0):
-        rank = w1.shape[1]
-        need = (workspace_size("markov_draft", num_requests=R, vocab_size=V, rank=rank)
-                if _checks.static_ints(R, V, rank) else None)
-        _checks.check_workspace(OP, workspace, need, base)
+    check_fake_workspace("markov_draft", workspace, base, num_requests=R, vocab_size=V, rank=w1.shape[1])

@@ -84,6 +84,18 @@ def workspace_size(op_name: str, **sizes: int) -> int:
                                     extra))
 
 
+def check_fake_workspace(op_name: str, workspace: Optional[torch.Tensor], ref: torch.Tensor, sized: bool = True,
+                         **sizes: int) -> None:
+    """An .out fake kernel's check of a given workspace, as its C++ op makes
+    it (none at R = 0): sized by workspace_size(op_name, **sizes) when
+    `sized` and every size is a plain int, so a traced size stays dynamic."""
+    R = sizes["num_requests"]
+    if workspace is None or (_checks.static_ints(R) and R == 0):
+        return
+    need = workspace_size(op_name, **sizes) if sized and _checks.static_ints(*sizes.values()) else None
+    _checks.check_workspace(f"dspark_ops.{op_name}", workspace, need, ref)
+
+
 # --------------------------------------------------------------------- sample
 
 
@@ -247,10 +259,7 @@ def _sample_out_fake(logits, temperature, top_k, top_p, seed, position, purpose,
     R = _checks.check_sample_args(logits, temperature, top_k, top_p, seed, position, purpose, slot, row_start)
     _checks.check_output(_checks.SAMPLE_OP, "tokens", tokens, R, torch.int32, logits)
     _checks.check_output(_checks.SAMPLE_OP, "status", status, R, torch.int32, logits)
-    V = logits.shape[1]
-    if workspace is not None and (not _checks.static_ints(R) or R > 0):
-        need = workspace_size("sample", num_requests=R, vocab_size=V) if _checks.static_ints(R, V) else None
-        _checks.check_workspace(_checks.SAMPLE_OP, workspace, need, logits)
+    check_fake_workspace("sample", workspace, logits, num_requests=R, vocab_size=logits.shape[1])
 
 
 __all__ = ["ABORT_MASK", "Purpose", "SampleResult", "Status", "empty_sample_result", "sample",

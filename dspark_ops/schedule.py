@@ -11,7 +11,7 @@ import torch
 
 from . import _checks
 from ._params import _number
-from .ops import _ops, workspace_size
+from .ops import _ops, check_fake_workspace
 
 OP = "dspark_ops.schedule_verify"
 MODES = ("early_stop", "threshold", "budget", "global")
@@ -125,9 +125,7 @@ def _schedule_verify_out_fake(confidence, num_draft, sps_table, schedule_mode, t
     _schedule_verify_fake(confidence, num_draft, sps_table, schedule_mode, threshold, budget, temperatures)
     R, G = confidence.shape
     _checks.check_output(OP, "verify_len", verify_len, R, torch.int32, confidence)
-    if workspace is not None and (not _checks.static_ints(R) or R > 0):
-        need = workspace_size("schedule_verify", num_requests=R, group=G) if _checks.static_ints(R, G) else None
-        _checks.check_workspace(OP, workspace, need, confidence)
+    check_fake_workspace("schedule_verify", workspace, confidence, num_requests=R, group=G)
 
 
 def expected_calibration_error(pred: torch.Tensor, label: torch.Tensor, bins: int = 15) -> float:

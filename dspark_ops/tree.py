@@ -10,7 +10,7 @@ from . import _checks
 from ._enums import SIBLING_MODES, SiblingMode
 from ._params import (TensorOrFloat, TensorOrInt, position_tensor, seed_tensor, temperature_tensor,
                       top_k_tensor, top_p_tensor)
-from .ops import _ops, workspace_size
+from .ops import _ops, check_fake_workspace
 
 OP = _checks.TREE_OP
 
@@ -252,10 +252,7 @@ def _verify_tree_out_fake(target_logits, node_tokens, parents, cu_num_nodes, max
     _checks.check_tree_args(target_logits, node_tokens, parents, cu_num_nodes, max_depth, draft_probs, draft_logits,
                             draft_temperature, sibling_mode, temperature, top_k, top_p, seed, position)
     _checks.check_tree_outputs(target_logits, cu_num_nodes, max_depth, tokens, accepted, emitted, path, status)
-    R, V = cu_num_nodes.shape[0] - 1, target_logits.shape[1]
-    if workspace is not None and (not _checks.static_ints(R) or R > 0):
-        # Without draft rows the op needs fewer bytes than workspace_size gives: size unchecked here.
-        with_q = draft_probs is not None or draft_logits is not None
-        need = workspace_size("verify_tree", num_requests=R, vocab_size=V) if with_q and _checks.static_ints(R, V) \
-            else None
-        _checks.check_workspace(OP, workspace, need, target_logits)
+    # Without draft rows the op needs fewer bytes than workspace_size gives: size unchecked here.
+    check_fake_workspace("verify_tree", workspace, target_logits,
+                         sized=draft_probs is not None or draft_logits is not None,
+                         num_requests=cu_num_nodes.shape[0] - 1, vocab_size=target_logits.shape[1])
