@@ -4,6 +4,7 @@ corrected row per request, once per step, at the measured copy bandwidth;
 next to the obvious PyTorch loop (bias GEMM + softmax + torch.multinomial)."""
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -27,6 +28,22 @@ def torch_loop(U, anchor, w1, w2, temperature, gen):
         prev = torch.multinomial(torch.softmax(z, -1), 1, generator=gen).squeeze(1)
         out.append(prev)
     return torch.stack(out, 1)
+
+
+def with_env(name: str, value: str, fn):
+    """fn with the environment switch `name` set to `value` during each call
+    (the CUDA bindings read their switches at every call)."""
+    def call(i):
+        old = os.environ.get(name)
+        os.environ[name] = value
+        try:
+            return fn(i)
+        finally:
+            if old is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = old
+    return call
 
 
 def run_case(R: int, G: int, V: int, r: int, dtype: torch.dtype, weight_dtype: Optional[torch.dtype] = None, *,
@@ -58,7 +75,11 @@ def run_case(R: int, G: int, V: int, r: int, dtype: torch.dtype, weight_dtype: O
             workspace=ws),
         "torch loop (multinomial)": lambda i: torch_loop(U, anchor, w1, w2, 0.8, gen),
     }
-    if device == "cuda":  # the same call replayed as a CUDA graph: the GPU's time per step, no launch cost
+    if device == "cuda":
+        # Batches of <= 64 requests with bf16/fp16 weights take the fused step (kernels/markov_fused.cuh); the same
+        # call through the cuBLAS GEMM + correct kernel, side by side.
+        impls["dspark_ops.markov_draft, GEMM + correct kernel"] = with_env("DSPARK_MARKOV_FUSED", "0", ours)
+        # the same call replayed as a CUDA graph: the GPU's time per step, no launch cost
         try:
             impls["dspark_ops.markov_draft, CUDA graph"] = cuda_graph(ours)
         except Exception as e:  # noqa: BLE001 -- the eager rows still count; say why this one is missing

@@ -107,7 +107,20 @@ def test_emulator_allows_legal_divergent_shuffles(seed):
     assert slow.tolist() == [100 + 3000] + [100 + lane - 1 + (3000 if lane < 16 else 0) for lane in range(1, 32)]
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_emulator_wmma_product_and_a_missing_syncwarp(seed):
+    """The WMMA stand-in (include/mma.h): D = A @ B + 1 on a 16 x 16 x 16
+    tile, read back through shared memory, each lane reading entries another
+    lane stored: exact with a __syncwarp after the store, wrong without."""
+    i = torch.arange(16, dtype=torch.float32)
+    a, b = i[:, None] + i[None, :], i[:, None] - 2 * i[None, :]
+    want = torch.roll((a @ b + 1).flatten(), -1).view(torch.int32)  # lane reads entry e + 1
+    assert torch.equal(torch.ops.dspark_emu.emu_selftest("wmma_synced", seed)[:256], want)
+    assert not torch.equal(torch.ops.dspark_emu.emu_selftest("wmma_race", seed)[:256], want)
+
+
 @pytest.mark.parametrize("case,message", [
+    ("wmma_divergent", "without the whole warp"),
     ("exited_lanes", r"reads lane \d+, which has exited"),
     ("divergent_wait", "deadlock"),
     ("divergent_barriers", "different __syncthreads"),
@@ -294,6 +307,65 @@ def test_markov_draft(R, V, dtype, filters, schedule):
     got, want, kernels = both(lambda: dspark_ops.markov_draft(base, anchor, w1, w2, **kw))
     assert_same(got, want, f"markov_draft R={R} V={V} filters={filters}")
     assert ("split_select_pass_kernel" in kernels) == (filters and takes_split_select(R, V)), kernels
+
+
+FUSED_CASES = [  # (R, V, rank, logits dtype, weights dtype, filters): 1, 2 and 4 tiles of 16 requests,
+    (1, 1040, 16, torch.bfloat16, torch.bfloat16, False),  # 9 blocks, the last with one warp of columns
+    (3, 1040, 144, torch.float32, torch.float16, True),  # rank 144: a second, partial round of w2 fragments
+    (17, 2064, 48, torch.float16, torch.bfloat16, True),
+    (40, 400, 32, torch.bfloat16, torch.float16, False),
+    (64, 272, 256, torch.bfloat16, torch.bfloat16, True),  # the largest batch and A tile (64 x 256)
+]
+
+
+@pytest.mark.parametrize("R,V,rank,dtype,wdtype,filters", FUSED_CASES,
+                         ids=[f"R{c[0]}-V{c[1]}-r{c[2]}" for c in FUSED_CASES])
+def test_markov_draft_fused_step(R, V, rank, dtype, wdtype, filters, schedule):
+    """bf16/fp16 weights, at most 64 requests, V a multiple of 16: the bias
+    is computed by WMMA inside the kernel that writes the row
+    (markov_fused_step_kernel; the emulator's WMMA sums in ascending rank as
+    the CPU op does, so the bits are the CPU's even off any grid). Stopped,
+    greedy, sampled and filtered requests and an out-of-range anchor; with
+    DSPARK_MARKOV_FUSED=0 the same call takes the GEMM + correct kernel."""
+    G = 3
+    g = torch.Generator().manual_seed(R * V + rank)
+    base = (torch.randn(R, G, V, generator=g) * 3).to(dtype)
+    w1 = (torch.randn(V, rank, generator=g) * 0.4).to(wdtype)
+    w2 = (torch.randn(rank, V, generator=g) * 0.4).to(wdtype)
+    anchor = torch.randint(0, V, (R,), generator=g)
+    if R > 2:
+        anchor[R // 2] = V + 1  # TOKEN_OUT_OF_RANGE: drafts nothing
+    kw = dict(temperature=(torch.arange(R) % 3) * 0.6, seed=torch.arange(R) + 2, position=torch.arange(R) * 3,
+              num_draft=(torch.arange(R, dtype=torch.int32) % 4))
+    if filters:
+        kw.update(top_k=(torch.arange(R) % 2) * 9, top_p=torch.where(torch.arange(R) % 4 == 1, 0.8, 1.0))
+    got, want, kernels = both(lambda: dspark_ops.markov_draft(base, anchor, w1, w2, **kw))
+    assert_same(got, want, f"markov_draft fused R={R} V={V} rank={rank}")
+    assert "markov_fused_step_kernel" in kernels and "markov_correct_kernel" not in kernels, kernels
+    assert ("markov_mask_race_kernel" in kernels) == filters, kernels
+
+
+def test_markov_draft_fused_step_switch_and_fallbacks(monkeypatch):
+    """DSPARK_MARKOV_FUSED=0, V off a multiple of 16, more than 64 requests,
+    a rank off a multiple of 16 or fp32 weights: the GEMM + correct kernel,
+    with the same results."""
+    def case(R, V, rank, wdtype=torch.bfloat16):
+        g = torch.Generator().manual_seed(V + rank)
+        base = torch.randn(R, 2, V, generator=g).to(torch.bfloat16)
+        w1 = (torch.randint(-8, 9, (V, rank), generator=g) / 16).to(wdtype)  # a grid: at::mm sums exactly too
+        w2 = (torch.randint(-8, 9, (rank, V), generator=g) / 16).to(wdtype)
+        anchor = torch.randint(0, V, (R,), generator=g)
+        kw = dict(temperature=(torch.arange(R) % 2) * 0.7, seed=1, position=2)
+        got, want, kernels = both(lambda: dspark_ops.markov_draft(base, anchor, w1, w2, **kw))
+        assert_same(got, want, f"markov_draft R={R} V={V} rank={rank}")
+        return "markov_fused_step_kernel" in kernels
+    assert case(5, 512, 32)
+    assert not case(5, 520, 32 + 1)  # rank 33
+    assert not case(5, 1000, 32)  # V % 16 != 0
+    assert not case(65, 512, 16)  # more than 64 requests
+    assert not case(5, 512, 32, torch.float32)  # fp32 weights: markov_bias_kernel
+    monkeypatch.setenv("DSPARK_MARKOV_FUSED", "0")
+    assert not case(5, 512, 32)
 
 
 @pytest.mark.parametrize("R,V,rank", [(11, 1000, 37), (3, 1003, 16)])  # 11: two request groups of the kernel

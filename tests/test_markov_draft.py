@@ -333,6 +333,31 @@ def test_cuda_small_batches_match_reference(dtype, mode, R, V, rank):
     assert_matches_reference(dspark_ops.MarkovResult(*(t.cpu() for t in got)), want, MODES[mode], 5, 7)
 
 
+FUSED_CASES = [(1, 8208, 256, torch.bfloat16, "auto"), (32, 4096, 256, torch.float16, "auto"),
+               (64, 2064, 64, torch.bfloat16, "auto"), (40, 32000, 16, torch.float16, "auto"),
+               (5, 1040, 1024, torch.bfloat16, "auto"), (32, 4096, 256, torch.float16, "0")]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("R,V,rank,wdtype,fused", FUSED_CASES,
+                         ids=[f"R{c[0]}-V{c[1]}-r{c[2]}-fused_{c[4]}" for c in FUSED_CASES])
+def test_cuda_fused_step_matches_reference(R, V, rank, wdtype, fused, mode, monkeypatch):
+    """bf16/fp16 weights, at most 64 requests, V a multiple of 16: the step
+    computes the bias on the tensor cores inside the kernel that writes the
+    row (kernels/markov_fused.cuh); DSPARK_MARKOV_FUSED=0 takes the cuBLAS
+    GEMM + correct kernel. Both match the reference up to the margin rule
+    (the tensor cores sum the rank in their own order, as cuBLAS does)."""
+    monkeypatch.setenv("DSPARK_MARKOV_FUSED", fused)
+    U, anchor, w1, w2 = head(R, 4, V, rank, torch.bfloat16, seed=R + V + rank)
+    w1, w2 = (w1 * 0.3).to(wdtype), (w2 * 0.3).to(wdtype)
+    n = (torch.arange(R, dtype=torch.int32) % 5)
+    kw = dict(seed=3, position=9, num_draft=n, **MODES[mode])
+    got = dspark_ops.markov_draft(U.cuda(), anchor.cuda(), w1.cuda(), w2.cuda(), **{**kw, "num_draft": n.cuda()})
+    want = ref.markov_draft(U, anchor, w1, w2, **kw)
+    assert_matches_reference(dspark_ops.MarkovResult(*(t.cpu() for t in got)), want, MODES[mode], 3, 9)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_strided_base_rows_match_reference(dtype):

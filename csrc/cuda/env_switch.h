@@ -6,6 +6,8 @@
 //                         (kernels/split_select.cuh; the same keys as one
 //                         block per row); only "0" matters
 //   DSPARK_TREE_ROW_PASS  verify_tree's row pass (csrc/cuda/verify_tree.cu)
+//   DSPARK_MARKOV_FUSED   markov_draft's step with the bias GEMM fused in
+//                         (kernels/markov_fused.cuh); only "0" matters
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -27,6 +29,7 @@ inline EnvSwitch env_switch(const char* name) {
 }
 
 inline bool split_select_enabled() { return env_switch("DSPARK_SPLIT_SELECT") != EnvSwitch::kOff; }
+inline bool markov_fused_enabled() { return env_switch("DSPARK_MARKOV_FUSED") != EnvSwitch::kOff; }
 
 // The split select's state for `rows` rows of `n` entries, held by `holder`,
 // where the split path is enabled and the batch takes it; nullptr otherwise

@@ -1,7 +1,9 @@
 // CUDA binding of `markov_draft`: per step, the bias rows w1[x_{k-1}] @ w2
 // (fp32 sums: cuBLAS through torch for bf16/fp16 weights, markov_bias_kernel
 // for fp32 ones), then the fused kernels of kernels/markov_draft.cuh, all on
-// the current stream. No host synchronisation: the state between steps
+// the current stream; batches of at most 64 requests with bf16/fp16 weights
+// compute the bias inside the kernel that writes the row instead
+// (kernels/markov_fused.cuh; DSPARK_MARKOV_FUSED=0 turns it off). No host synchronisation: the state between steps
 // (x_{k-1}, live) stays on the device.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -9,6 +11,7 @@
 #include <torch/library.h>
 
 #include "../kernels/markov_draft.cuh"
+#include "../kernels/markov_fused.cuh"
 #include "../markov_common.h"
 #include "env_switch.h"
 #include "workspace.h"
@@ -45,6 +48,23 @@ void run(const at::Tensor& base, const at::Tensor& anchor, const at::Tensor& w1,
   at::Tensor bias = view(b.bias, {R, V}, at::kFloat);
   at::Tensor w1_rows = view(b.w1_rows, {R, rank}, w1g.scalar_type());
   cudaError_t err = markov_start_launch<Storage>(args, b, stream);
+  // Small batches of bf16/fp16 weights: the bias computed in the kernel that writes the row (no fp32 bias rows).
+  if (half_gemm && markov_fused_enabled() && w1.is_contiguous() && w2.is_contiguous() &&
+      markov_fused_fits(R, V, rank, w1.const_data_ptr(), w2.const_data_ptr())) {
+    const auto r32 = static_cast<int32_t>(rank);
+    for (int32_t k = 1; k <= args.group && err == cudaSuccess; ++k) {
+      if (w2.scalar_type() == at::kHalf)
+        err = markov_fused_step_launch<Storage, __half>(args, k, b, static_cast<const __half*>(w1.const_data_ptr()),
+                                                        static_cast<const __half*>(w2.const_data_ptr()), r32,
+                                                        may_filter, stream);
+      else
+        err = markov_fused_step_launch<Storage, __nv_bfloat16>(
+            args, k, b, static_cast<const __nv_bfloat16*>(w1.const_data_ptr()),
+            static_cast<const __nv_bfloat16*>(w2.const_data_ptr()), r32, may_filter, stream);
+    }
+    TORCH_CHECK(err == cudaSuccess, kMarkovOp, ": CUDA launch failed: ", cudaGetErrorString(err));
+    return;
+  }
   for (int32_t k = 1; k <= args.group && err == cudaSuccess; ++k) {
     if (half_gemm) {
       at::index_select_out(w1_rows, w1g, 0, prev);

@@ -93,6 +93,21 @@ __device__ __forceinline__ bool markov_live(const MarkovArgs<T>& a, const int32_
   return live[r] != 0 && markov_limit(a, r) >= k;
 }
 
+// One group of 4 entries (indices 4g..): corrected from the base values u
+// and the bias z, rounded and written to out, and raced unless the request
+// is filtered (its written row is masked and raced later).
+template <typename T>
+__device__ __forceinline__ void markov_write_group(T* out, int count, bool aligned, const float (&u)[4],
+                                                   const float (&z)[4], float t, bool race_here, const RaceRow& rr,
+                                                   const RaceStream& stream, int64_t g, RaceBest& best,
+                                                   int32_t& flags) {
+  float v[4], l[4];
+#pragma unroll
+  for (int j = 0; j < 4; ++j) v[j] = markov_corrected(u[j], z[j], t);
+  store4_rounded(out, count, aligned, v, l);
+  if (race_here) race_offer_group(best, flags, rr, stream, g, l, count);
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kMarkovBlock)
     markov_correct_kernel(MarkovArgs<T> a, int32_t k, MarkovBuffers b, int64_t num_chunks, int64_t chunk_len) {
@@ -135,11 +150,8 @@ __global__ void __launch_bounds__(kMarkovBlock)
       for (int h = 0; h < kGroups; ++h) {
         if (count[h] == 0) continue;
         const int64_t ih = i + h * 4 * kMarkovBlock;
-        float v[4], l[4];
-#pragma unroll
-        for (int j = 0; j < 4; ++j) v[j] = markov_corrected(u[h][j], z[h][j], t);
-        store4_rounded(out + ih, count[h], out_aligned, v, l);
-        if (race_here) race_offer_group(best, flags, rr, stream, ih >> 2, l, count[h]);
+        markov_write_group(out + ih, count[h], out_aligned, u[h], z[h], t, race_here, rr, stream, ih >> 2, best,
+                           flags);
       }
     }
   }
@@ -179,14 +191,21 @@ __global__ void __launch_bounds__(kMarkovBlock)
 
 template <typename T>
 __global__ void __launch_bounds__(kMarkovFinalizeWarps * 32)
-    markov_finalize_kernel(MarkovArgs<T> a, int32_t k, MarkovBuffers b, int64_t num_chunks) {
+    markov_finalize_kernel(MarkovArgs<T> a, int32_t k, MarkovBuffers b, int64_t num_chunks,
+                           const SamplePartial* __restrict__ fused, int64_t fused_tiles) {
   const int64_t r = static_cast<int64_t>(blockIdx.x) * kMarkovFinalizeWarps + (threadIdx.x >> 5);
   if (r >= a.num_requests) return;
-  RaceBest best;
-  int32_t flags;
-  warp_merge_partials(b.partials + r * num_chunks, num_chunks, best, flags);
+  const bool live_k = markov_live(a, b.live, r, k);  // the same for the warp
+  RaceBest best = race_empty();
+  int32_t flags = 0;
+  if (live_k) {  // (a stopped request's partials may be stale: the fused step's filtered requests)
+    // The fused step raced the unfiltered requests over its own tiles (markov_fused.cuh).
+    if (fused != nullptr && !markov_filtered(a, r))
+      warp_merge_partials(fused + r * fused_tiles, fused_tiles, best, flags);
+    else
+      warp_merge_partials(b.partials + r * num_chunks, num_chunks, best, flags);
+  }
   if ((threadIdx.x & 31) != 0) return;
-  const bool live_k = markov_live(a, b.live, r, k);
   int32_t token = -1, step_status = 0;
   if (live_k) race_finish(best, flags, token, step_status);
   MarkovState s{b.prev[r], b.live[r]};
@@ -216,17 +235,19 @@ inline cudaError_t markov_bias_launch(const float* w1, const float* w2, const in
 }
 
 // Step k (1..G) after the caller wrote b.bias. `may_filter`: false when
-// top-k and top-p are off for every request (skips two kernels).
+// top-k and top-p are off for every request (skips two kernels). `fused`:
+// the partials [R, fused_tiles] of markov_fused_step_kernel, which already
+// wrote the rows (markov_fused.cuh; the correct kernel is skipped), or nullptr.
 template <typename T>
 cudaError_t markov_step_launch(const MarkovArgs<T>& a, int32_t k, const MarkovBuffers& b, bool may_filter,
-                               cudaStream_t stream) {
+                               cudaStream_t stream, const SamplePartial* fused = nullptr, int64_t fused_tiles = 0) {
   const int64_t R = a.num_requests, V = a.vocab;
   if (R == 0) return cudaSuccess;
   const int64_t chunks = markov_chunks(R, V);
   if (R * chunks > INT32_MAX) return cudaErrorInvalidConfiguration;
   const int64_t chunk_len = split_chunk_len(V, chunks);
   const unsigned grid = static_cast<unsigned>(R * chunks);
-  markov_correct_kernel<T><<<grid, kMarkovBlock, 0, stream>>>(a, k, b, chunks, chunk_len);
+  if (fused == nullptr) markov_correct_kernel<T><<<grid, kMarkovBlock, 0, stream>>>(a, k, b, chunks, chunk_len);
   if (may_filter) {
     SampleArgs<T> s{};
     s.logits = a.draft_logits + static_cast<int64_t>(k - 1) * V;
@@ -247,7 +268,7 @@ cudaError_t markov_step_launch(const MarkovArgs<T>& a, int32_t k, const MarkovBu
     markov_mask_race_kernel<T><<<grid, kMarkovBlock, 0, stream>>>(a, k, b, chunks, chunk_len);
   }
   const unsigned fin = static_cast<unsigned>((R + kMarkovFinalizeWarps - 1) / kMarkovFinalizeWarps);
-  markov_finalize_kernel<T><<<fin, kMarkovFinalizeWarps * 32, 0, stream>>>(a, k, b, chunks);
+  markov_finalize_kernel<T><<<fin, kMarkovFinalizeWarps * 32, 0, stream>>>(a, k, b, chunks, fused, fused_tiles);
   return cudaGetLastError();
 }
 
@@ -255,11 +276,14 @@ cudaError_t markov_step_launch(const MarkovArgs<T>& a, int32_t k, const MarkovBu
 
 #ifdef DSPARK_KERNEL_CHECK  // make cuda-check: compile every instantiation
 template cudaError_t dspark::markov_step_launch<float>(const dspark::MarkovArgs<float>&, int32_t,
-                                                       const dspark::MarkovBuffers&, bool, cudaStream_t);
+                                                       const dspark::MarkovBuffers&, bool, cudaStream_t,
+                                                       const dspark::SamplePartial*, int64_t);
 template cudaError_t dspark::markov_step_launch<__half>(const dspark::MarkovArgs<__half>&, int32_t,
-                                                        const dspark::MarkovBuffers&, bool, cudaStream_t);
+                                                        const dspark::MarkovBuffers&, bool, cudaStream_t,
+                                                       const dspark::SamplePartial*, int64_t);
 template cudaError_t dspark::markov_step_launch<__nv_bfloat16>(const dspark::MarkovArgs<__nv_bfloat16>&, int32_t,
-                                                               const dspark::MarkovBuffers&, bool, cudaStream_t);
+                                                               const dspark::MarkovBuffers&, bool, cudaStream_t,
+                                                       const dspark::SamplePartial*, int64_t);
 template cudaError_t dspark::markov_start_launch<float>(const dspark::MarkovArgs<float>&, const dspark::MarkovBuffers&,
                                                         cudaStream_t);
 template cudaError_t dspark::markov_start_launch<__half>(const dspark::MarkovArgs<__half>&,

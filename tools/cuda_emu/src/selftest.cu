@@ -4,6 +4,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <cuda_runtime.h>
+#include <mma.h>
 #include <torch/library.h>
 
 #include <cstdlib>
@@ -112,6 +113,52 @@ __global__ void shared_overrun_kernel(int32_t* out) {
   out[threadIdx.x] = slot[threadIdx.x + 1];
 }
 
+// One warp multiplies A (a[i][k] = i + k) by B (b[k][j] = k - 2j) with WMMA
+// onto an accumulator of ones, stores it to shared memory, and each lane
+// copies out the entries after its own (entry e + 1: another lane stored
+// it). `sync` puts a __syncwarp between the store and the reads; without it
+// a lane may read entries not yet stored (0xFF bytes).
+struct alignas(32) WmmaTiles {
+  __half a[256];
+  __half b[256];
+  float d[256];
+};
+__global__ void wmma_kernel(int32_t* out, bool sync) {
+  namespace wm = nvcuda::wmma;
+  __shared__ WmmaTiles s;
+  const int lane = threadIdx.x & 31;
+  for (int e = lane; e < 256; e += 32) {
+    s.a[e] = __float2half_rn(static_cast<float>(e / 16 + e % 16));
+    s.b[e] = __float2half_rn(static_cast<float>(e / 16 - 2 * (e % 16)));
+  }
+  __syncwarp();
+  wm::fragment<wm::matrix_a, 16, 16, 16, __half, wm::row_major> a;
+  wm::fragment<wm::matrix_b, 16, 16, 16, __half, wm::row_major> b;
+  wm::fragment<wm::accumulator, 16, 16, 16, float> d;
+  wm::fill_fragment(d, 1.0f);
+  wm::load_matrix_sync(a, s.a, 16);
+  wm::load_matrix_sync(b, s.b, 16);
+  wm::mma_sync(d, a, b, d);
+  wm::store_matrix_sync(s.d, d, 16, wm::mem_row_major);
+  if (sync) __syncwarp();
+  for (int e = lane; e < 256; e += 32) out[e] = __float_as_int(s.d[(e + 1) % 256]);
+}
+
+// Lanes 16..31 return before the warp's mma_sync.
+__global__ void wmma_divergent_kernel(int32_t* out) {
+  namespace wm = nvcuda::wmma;
+  const int lane = threadIdx.x & 31;
+  if (lane >= 16) return;
+  wm::fragment<wm::accumulator, 16, 16, 16, float> d;
+  wm::fragment<wm::matrix_a, 16, 16, 16, __half, wm::row_major> a;
+  wm::fragment<wm::matrix_b, 16, 16, 16, __half, wm::row_major> b;
+  wm::fill_fragment(d, 0.0f);
+  wm::fill_fragment(a, 1.0f);
+  wm::fill_fragment(b, 1.0f);
+  wm::mma_sync(d, a, b, d);
+  out[lane] = 1;
+}
+
 at::Tensor emu_selftest(std::string which, int64_t seed) {
   setenv("CUEMU_SEED", std::to_string(seed).c_str(), 1);
   const int blocks = 3;
@@ -139,6 +186,10 @@ at::Tensor emu_selftest(std::string which, int64_t seed) {
     global_overrun_kernel<<<1, 32>>>(o, out.numel());
   } else if (which == "shared_overrun") {
     shared_overrun_kernel<<<1, kThreads>>>(o);
+  } else if (which == "wmma_synced" || which == "wmma_race") {
+    wmma_kernel<<<1, 32>>>(o, which == "wmma_synced");
+  } else if (which == "wmma_divergent") {
+    wmma_divergent_kernel<<<1, 32>>>(o);
   } else if (which == "zero_blocks") {
     noop_kernel<<<0, 32>>>(o);
   } else if (which == "too_many_threads") {
