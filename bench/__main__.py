@@ -195,7 +195,7 @@ def run_kv(dev: str, quick: bool, iters: int, copy_gbs: float) -> list:
 
 
 # The last case: fp32 weights (bf16 logits) take the exact fp32 bias kernel instead of cuBLAS.
-MARKOV_GPU_GRID = [(R, 7, 152064, 256, torch.bfloat16) for R in (1, 32, 128, 4)] + [
+MARKOV_GPU_GRID = [(R, 7, 152064, 256, torch.bfloat16) for R in (1, 32, 128, 4, 64)] + [
     (32, 7, 152064, 256, torch.bfloat16, torch.float32)]
 MARKOV_CPU_GRID = [(1, 7, 32000, 64, torch.float32), (8, 7, 32000, 64, torch.bfloat16)]
 
@@ -206,10 +206,10 @@ def run_markov(dev: str, quick: bool, iters: int, copy_gbs: float) -> list:
     rows = []
     for case in grid:
         rows += markov_bench.run_case(*case, device=dev, iters=iters, copy_gbs=copy_gbs)
-    print(f"{'impl':38s} {'R':>4s} {'G':>2s} {'V':>7s} {'r':>4s} {'dtype':8s} {'weights':8s} {'median us':>10s} "
+    print(f"{'impl':48s} {'R':>4s} {'G':>2s} {'V':>7s} {'r':>4s} {'dtype':8s} {'weights':8s} {'median us':>10s} "
           f"{'us/step':>9s} {'floor':>8s} {'x floor':>8s} {'x ours':>7s}")
     for r in rows:
-        print(f"{r['impl']:38s} {r['R']:4d} {r['G']:2d} {r['V']:7d} {r['r']:4d} {r['dtype']:8s} {r['weight_dtype']:8s} "
+        print(f"{r['impl']:48s} {r['R']:4d} {r['G']:2d} {r['V']:7d} {r['r']:4d} {r['dtype']:8s} {r['weight_dtype']:8s} "
               f"{r['median_us']:10.1f} {r['us_per_step']:9.1f} {r['floor_us_per_step']:8.2f} {r['x_floor']:8.1f} "
               f"{r['time_vs_dspark']:7.2f}")
     print("# floor: reading w2 once and one base row + writing one corrected row per request per step, at the "

@@ -359,6 +359,25 @@ def test_cuda_fused_step_matches_reference(R, V, rank, wdtype, fused, mode, monk
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("fused", ["auto", "0"])
+def test_cuda_fused_step_kernel_names(fused, monkeypatch):
+    """Which kernels the step runs (torch.profiler): the fused step for 32
+    requests of bf16 weights, cuBLAS + the correct kernel with
+    DSPARK_MARKOV_FUSED=0 -- so the fused cases above do test the fused
+    kernel. (Not under compute-sanitizer: tools/gpu_check.sh deselects it.)"""
+    from torch.profiler import ProfilerActivity, profile
+    monkeypatch.setenv("DSPARK_MARKOV_FUSED", fused)
+    U, anchor, w1, w2 = (t.cuda() for t in head(32, 3, 4096, 256, torch.bfloat16, seed=2))
+    w1, w2 = w1.bfloat16(), w2.bfloat16()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        dspark_ops.markov_draft(U, anchor, w1, w2, temperature=0.7, seed=1, position=2)
+        torch.cuda.synchronize()
+    names = " ".join(e.name for e in prof.events())
+    assert ("markov_fused_step_kernel" in names) == (fused == "auto"), names[:2000]
+    assert ("markov_correct_kernel" in names) == (fused == "0"), names[:2000]
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_strided_base_rows_match_reference(dtype):
     """Base rows [R, G, V] as a view of wider rows (odd row stride: every

@@ -127,6 +127,7 @@ GPU_TESTS="${GPU_SAN_TESTS:-tests/test_sample_cuda.py tests/test_verify_chunk_cu
 RACE_TESTS="${GPU_RACE_TESTS:-tests/test_sample_cuda.py tests/test_verify_chunk_cuda.py tests/test_verify_tree_cuda.py tests/test_markov_draft.py}"
 SMALL="(cuda) and not 151936 and not large_batch and not graph and not repeatedly and not 4096"
 SMALL="$SMALL and not error"  # argument checks run on the host
+SMALL="$SMALL and not kernel_names"  # torch.profiler (CUPTI) beside the sanitizer
 [ -n "${GPU_SAN_K:-}" ] && SMALL="$SMALL and ($GPU_SAN_K)"  # e.g. "bfloat16 or never": fewer cases, faster
 echo "gpu_check: sanitizer -k \"$SMALL\"; memcheck: $GPU_TESTS; racecheck, synccheck: $RACE_TESTS" >> "$OUT/sanitizer.log"
 for tool in memcheck racecheck synccheck; do  # racecheck/synccheck: the shared-memory radix descent, staged moves

@@ -50,7 +50,8 @@ void run(const at::Tensor& base, const at::Tensor& anchor, const at::Tensor& w1,
   cudaError_t err = markov_start_launch<Storage>(args, b, stream);
   // Small batches of bf16/fp16 weights: the bias computed in the kernel that writes the row (no fp32 bias rows).
   if (half_gemm && markov_fused_enabled() && w1.is_contiguous() && w2.is_contiguous() &&
-      markov_fused_fits(R, V, rank, w1.const_data_ptr(), w2.const_data_ptr())) {
+      markov_fused_fits(R, V, rank, w1.const_data_ptr(), w2.const_data_ptr()) &&
+      at::cuda::getCurrentDeviceProperties()->major >= 8) {  // bf16 WMMA
     const auto r32 = static_cast<int32_t>(rank);
     for (int32_t k = 1; k <= args.group && err == cudaSuccess; ++k) {
       if (w2.scalar_type() == at::kHalf)

@@ -198,7 +198,7 @@ __global__ void __launch_bounds__(kMarkovFinalizeWarps * 32)
   const bool live_k = markov_live(a, b.live, r, k);  // the same for the warp
   RaceBest best = race_empty();
   int32_t flags = 0;
-  if (live_k) {  // (a stopped request's partials may be stale: the fused step's filtered requests)
+  if (live_k) {  // (only live requests' partials were written this step: see markov_fused.cuh)
     // The fused step raced the unfiltered requests over its own tiles (markov_fused.cuh).
     if (fused != nullptr && !markov_filtered(a, r))
       warp_merge_partials(fused + r * fused_tiles, fused_tiles, best, flags);

@@ -27,8 +27,12 @@ constexpr int kFusedWarps = 8;
 constexpr int kFusedBlock = kFusedWarps * 32;
 constexpr int kFusedTile = 16 * kFusedWarps;  // vocabulary columns a block covers: 16 per warp
 constexpr int kFusedMaxRequests = 64;
-constexpr int kFusedARoom = 16384;  // gathered w1 entries: R rounded up to the request tiles, x rank (32 KB)
-constexpr int kFusedKSteps = 8;     // w2 fragments (16 ranks each) a warp has in flight at once
+// Gathered w1 entries: R rounded up to the request tiles, x (rank + kFusedAPad). The pad of 8 entries (16 bytes)
+// shifts consecutive rows across the shared-memory banks: with a row stride of 2 * rank bytes (a multiple of 128
+// from rank 64) the 8 rows an A-fragment load reads would all hit the same 4 banks.
+constexpr int kFusedAPad = 8;
+constexpr int kFusedARoom = 64 * (256 + kFusedAPad);
+constexpr int kFusedKSteps = 8;  // w2 fragments (16 ranks each) a warp loads before multiplying them
 
 // Tiles of 16 requests the kernel is instantiated for: 1, 2 or 4.
 inline int markov_fused_mtiles(int64_t R) { return R <= 16 ? 1 : (R <= 32 ? 2 : 4); }
@@ -38,10 +42,12 @@ inline int64_t markov_fused_tiles(int64_t V) { return (V + kFusedTile - 1) / kFu
 // Whether a step of R requests, vocabulary V and rank `rank` fits the fused
 // kernel: WMMA reads w2 in 16 x 16 tiles straight from global memory (32-byte
 // aligned rows: V a multiple of 16), and the gathered w1 rows fit in shared
-// memory in 16-byte vectors.
+// memory in 16-byte vectors. (The caller also needs compute capability 8.0
+// or later: bf16 WMMA.)
 inline bool markov_fused_fits(int64_t R, int64_t V, int64_t rank, const void* w1, const void* w2) {
   const int64_t rows = 16 * static_cast<int64_t>(markov_fused_mtiles(R));
-  return R >= 1 && R <= kFusedMaxRequests && rank >= 16 && rank % 16 == 0 && rows * rank <= kFusedARoom &&
+  return R >= 1 && R <= kFusedMaxRequests && rank >= 16 && rank % 16 == 0 &&
+         rows * (rank + kFusedAPad) <= kFusedARoom &&
          V >= 16 && V % 16 == 0 && reinterpret_cast<uintptr_t>(w1) % 16 == 0 &&
          reinterpret_cast<uintptr_t>(w2) % 32 == 0;
 }
@@ -54,45 +60,61 @@ inline SamplePartial* markov_fused_partials(const MarkovBuffers& b) {
 
 template <typename W>
 struct alignas(32) MarkovFusedShared {
-  W a[kFusedARoom];                       // [16 * kMTiles, rank] w1[x_{k-1}] per request, zero rows past R
-  float acc[kFusedWarps][16 * 16];        // a warp's bias tile, row-major: [request in tile][column]
+  W a[kFusedARoom];                 // [16 * kMTiles, rank + kFusedAPad] w1[x_{k-1}] per request, zero rows past R
+  float acc[kFusedWarps][16 * 16];  // a warp's bias tile, row-major: [request in tile][column]
   RaceBest best[kFusedWarps][kFusedMaxRequests];  // each warp's race per request over its 16 columns
   int32_t flags[kFusedWarps][kFusedMaxRequests];
 };
+static_assert(sizeof(MarkovFusedShared<__half>) <= 48 * 1024, "static shared memory is limited to 48 KB");
+
+// Loads the w2 fragments of ranks [k0, k0 + 16 * kFusedKSteps) for the 16
+// columns at col0. Past the rank the last fragment is loaded again instead
+// (never multiplied): unconditional loads let ptxas issue them all before
+// the first is used.
+template <typename W, typename Frag>
+__device__ __forceinline__ void markov_fused_load_w2(Frag (&bf)[kFusedKSteps], const W* __restrict__ w2,
+                                                     int32_t rank, int64_t V, int32_t k0, int64_t col0) {
+#pragma unroll
+  for (int q = 0; q < kFusedKSteps; ++q) {
+    const int32_t kq = k0 + 16 * q < rank ? k0 + 16 * q : rank - 16;
+    nvcuda::wmma::load_matrix_sync(bf[q], w2 + static_cast<int64_t>(kq) * V + col0, static_cast<unsigned>(V));
+  }
+}
 
 template <typename T, typename W, int kMTiles>
 __global__ void __launch_bounds__(kFusedBlock, 2)
     markov_fused_step_kernel(MarkovArgs<T> a, int32_t k, MarkovBuffers b, const W* __restrict__ w1,
                              const W* __restrict__ w2, int32_t rank, SamplePartial* __restrict__ partials,
                              int64_t tiles) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800  // bf16 WMMA; the binding takes this path from 8.0 only
   namespace wm = nvcuda::wmma;
   __shared__ MarkovFusedShared<W> s;
   const int64_t R = a.num_requests, V = a.vocab;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int lda = rank + kFusedAPad;
+  // This warp's 16 columns: all inside the vocabulary or all past it (V % 16 == 0).
+  const int64_t col0 = static_cast<int64_t>(blockIdx.x) * kFusedTile + 16 * warp;
+  const bool active = col0 < V;
+  // The first w2 fragments are in flight while the block gathers the w1 rows.
+  wm::fragment<wm::matrix_b, 16, 16, 16, W, wm::row_major> bf[kFusedKSteps];
+  if (active) markov_fused_load_w2(bf, w2, rank, V, 0, col0);
   // The requests' w1 rows, 16 bytes at a time (rank is a multiple of 16).
   const int vecs = rank / 8;
   for (int i = threadIdx.x; i < 16 * kMTiles * vecs; i += kFusedBlock) {
     const int m = i / vecs, c = i - m * vecs;
     uint4 v = make_uint4(0u, 0u, 0u, 0u);
     if (m < R) v = *reinterpret_cast<const uint4*>(w1 + b.prev[m] * rank + 8 * c);
-    *reinterpret_cast<uint4*>(s.a + m * rank + 8 * c) = v;
+    *reinterpret_cast<uint4*>(s.a + m * lda + 8 * c) = v;
   }
   __syncthreads();
 
-  // This warp's 16 columns: all inside the vocabulary or all past it (V % 16 == 0).
-  const int64_t col0 = static_cast<int64_t>(blockIdx.x) * kFusedTile + 16 * warp;
-  const bool active = col0 < V;
   wm::fragment<wm::accumulator, 16, 16, 16, float> acc[kMTiles];
   if (active) {
 #pragma unroll
     for (int mt = 0; mt < kMTiles; ++mt) wm::fill_fragment(acc[mt], 0.0f);
-    // Ranks in ascending order into every accumulator; kFusedKSteps w2 fragments in flight before their use.
+    // Ranks in ascending order into every accumulator.
     for (int k0 = 0; k0 < rank; k0 += 16 * kFusedKSteps) {
-      wm::fragment<wm::matrix_b, 16, 16, 16, W, wm::row_major> bf[kFusedKSteps];
-#pragma unroll
-      for (int q = 0; q < kFusedKSteps; ++q)
-        if (k0 + 16 * q < rank) wm::load_matrix_sync(bf[q], w2 + static_cast<int64_t>(k0 + 16 * q) * V + col0,
-                                                     static_cast<unsigned>(V));
+      if (k0 > 0) markov_fused_load_w2(bf, w2, rank, V, k0, col0);
 #pragma unroll
       for (int mt = 0; mt < kMTiles; ++mt) {
         if (16 * mt >= R) break;  // the same for the whole block
@@ -100,7 +122,7 @@ __global__ void __launch_bounds__(kFusedBlock, 2)
         for (int q = 0; q < kFusedKSteps; ++q) {
           if (k0 + 16 * q >= rank) break;
           wm::fragment<wm::matrix_a, 16, 16, 16, W, wm::row_major> af;
-          wm::load_matrix_sync(af, s.a + 16 * mt * rank + k0 + 16 * q, static_cast<unsigned>(rank));
+          wm::load_matrix_sync(af, s.a + 16 * mt * lda + k0 + 16 * q, static_cast<unsigned>(lda));
           wm::mma_sync(acc[mt], af, bf[q], acc[mt]);
         }
       }
@@ -174,6 +196,9 @@ __global__ void __launch_bounds__(kFusedBlock, 2)
     }
     partials[r * tiles + blockIdx.x] = SamplePartial{best.score, best.index, flags, 0};
   }
+#else
+  __trap();
+#endif
 }
 
 // Step k (1..G) with the bias fused in; no b.bias needed. The caller checked

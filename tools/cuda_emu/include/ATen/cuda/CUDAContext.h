@@ -19,12 +19,14 @@ struct DeviceProp {
   int multiProcessorCount;
   int maxThreadsPerBlock;
   int warpSize;
+  int major;  // compute capability: 9.0, an H100
+  int minor;
 };
 
 inline DeviceProp* getCurrentDeviceProperties() {
   static thread_local DeviceProp p;
   const char* sms = std::getenv("DSPARK_EMU_SMS");
-  p = DeviceProp{sms ? std::atoi(sms) : 132, 1024, 32};
+  p = DeviceProp{sms ? std::atoi(sms) : 132, 1024, 32, 9, 0};
   return &p;
 }
 
