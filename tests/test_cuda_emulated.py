@@ -341,7 +341,8 @@ def test_markov_draft_fused_step(R, V, rank, dtype, wdtype, filters, schedule):
         kw.update(top_k=(torch.arange(R) % 2) * 9, top_p=torch.where(torch.arange(R) % 4 == 1, 0.8, 1.0))
     got, want, kernels = both(lambda: dspark_ops.markov_draft(base, anchor, w1, w2, **kw))
     assert_same(got, want, f"markov_draft fused R={R} V={V} rank={rank}")
-    assert "markov_fused_step_kernel" in kernels and "markov_correct_kernel" not in kernels, kernels
+    assert {"markov_fused_step_kernel", "markov_finalize_fused_kernel"} <= kernels, kernels
+    assert not {"markov_correct_kernel", "markov_finalize_kernel"} & kernels, kernels
     assert ("markov_mask_race_kernel" in kernels) == filters, kernels
 
 

@@ -374,6 +374,7 @@ def test_cuda_fused_step_kernel_names(fused, monkeypatch):
         torch.cuda.synchronize()
     names = " ".join(e.name for e in prof.events())
     assert ("markov_fused_step_kernel" in names) == (fused == "auto"), names[:2000]
+    assert ("markov_finalize_fused_kernel" in names) == (fused == "auto"), names[:2000]
     assert ("markov_correct_kernel" in names) == (fused == "0"), names[:2000]
 
 

@@ -11,7 +11,9 @@
 //   markov_mask_race_kernel   (filtered requests only) masks below the key,
 //                             writes -inf there, races what is kept.
 //   markov_finalize_kernel    a warp per request: merges the race, writes
-//                             x_k and the status, advances the state.
+//                             x_k and the status, advances the state
+//                             (after the fused step: a block per request,
+//                             markov_finalize_fused_kernel).
 // Framework-free: raw pointers, sizes and a stream.
 #pragma once
 #include <cuda_runtime.h>
@@ -189,29 +191,53 @@ __global__ void __launch_bounds__(kMarkovBlock)
   if (threadIdx.x == 0) b.partials[blockIdx.x] = SamplePartial{best.score, best.index, flags, 0};
 }
 
+// Request r's step k after its race: x_k, the status and the state.
 template <typename T>
-__global__ void __launch_bounds__(kMarkovFinalizeWarps * 32)
-    markov_finalize_kernel(MarkovArgs<T> a, int32_t k, MarkovBuffers b, int64_t num_chunks,
-                           const SamplePartial* __restrict__ fused, int64_t fused_tiles) {
-  const int64_t r = static_cast<int64_t>(blockIdx.x) * kMarkovFinalizeWarps + (threadIdx.x >> 5);
-  if (r >= a.num_requests) return;
-  const bool live_k = markov_live(a, b.live, r, k);  // the same for the warp
-  RaceBest best = race_empty();
-  int32_t flags = 0;
-  if (live_k) {  // (only live requests' partials were written this step: see markov_fused.cuh)
-    // The fused step raced the unfiltered requests over its own tiles (markov_fused.cuh).
-    if (fused != nullptr && !markov_filtered(a, r))
-      warp_merge_partials(fused + r * fused_tiles, fused_tiles, best, flags);
-    else
-      warp_merge_partials(b.partials + r * num_chunks, num_chunks, best, flags);
-  }
-  if ((threadIdx.x & 31) != 0) return;
+__device__ __forceinline__ void markov_finish(const MarkovArgs<T>& a, int32_t k, const MarkovBuffers& b, int64_t r,
+                                              bool live_k, const RaceBest& best, int32_t flags) {
   int32_t token = -1, step_status = 0;
   if (live_k) race_finish(best, flags, token, step_status);
   MarkovState s{b.prev[r], b.live[r]};
   markov_advance(s, live_k, token, step_status, a.tokens[r * a.group + k - 1], a.status[r]);
   b.prev[r] = s.prev;
   b.live[r] = s.live;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kMarkovFinalizeWarps * 32)
+    markov_finalize_kernel(MarkovArgs<T> a, int32_t k, MarkovBuffers b, int64_t num_chunks) {
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * kMarkovFinalizeWarps + (threadIdx.x >> 5);
+  if (r >= a.num_requests) return;
+  RaceBest best;
+  int32_t flags;
+  warp_merge_partials(b.partials + r * num_chunks, num_chunks, best, flags);
+  if ((threadIdx.x & 31) == 0) markov_finish(a, k, b, r, markov_live(a, b.live, r, k), best, flags);
+}
+
+// After the fused step (markov_fused.cuh): a block per request, as its
+// unfiltered requests have ~V / 128 partials each ([R, fused_tiles]; a warp
+// would wait on dozens of dependent rounds of loads); filtered requests read
+// the mask-race kernel's [R, num_chunks].
+template <typename T>
+__global__ void __launch_bounds__(kMarkovBlock)
+    markov_finalize_fused_kernel(MarkovArgs<T> a, int32_t k, MarkovBuffers b, int64_t num_chunks,
+                                 const SamplePartial* __restrict__ fused, int64_t fused_tiles) {
+  const int64_t r = blockIdx.x;
+  const bool live_k = markov_live(a, b.live, r, k);  // the same for the block
+  RaceBest best = race_empty();
+  int32_t flags = 0;
+  if (live_k) {  // only live requests' partials were written this step
+    const bool from_fused = !markov_filtered(a, r);
+    const SamplePartial* __restrict__ p = from_fused ? fused + r * fused_tiles : b.partials + r * num_chunks;
+    const int64_t n = from_fused ? fused_tiles : num_chunks;
+    for (int64_t c = threadIdx.x; c < n; c += kMarkovBlock) {
+      const SamplePartial q = p[c];
+      best = race_merge(best, RaceBest{q.score, q.index});
+      flags |= q.flags;
+    }
+  }
+  block_race_merge<kMarkovBlock>(best, flags);
+  if (threadIdx.x == 0) markov_finish(a, k, b, r, live_k, best, flags);
 }
 
 template <typename T>
@@ -267,8 +293,13 @@ cudaError_t markov_step_launch(const MarkovArgs<T>& a, int32_t k, const MarkovBu
     if (err != cudaSuccess) return err;
     markov_mask_race_kernel<T><<<grid, kMarkovBlock, 0, stream>>>(a, k, b, chunks, chunk_len);
   }
-  const unsigned fin = static_cast<unsigned>((R + kMarkovFinalizeWarps - 1) / kMarkovFinalizeWarps);
-  markov_finalize_kernel<T><<<fin, kMarkovFinalizeWarps * 32, 0, stream>>>(a, k, b, chunks, fused, fused_tiles);
+  if (fused != nullptr) {
+    markov_finalize_fused_kernel<T><<<static_cast<unsigned>(R), kMarkovBlock, 0, stream>>>(a, k, b, chunks, fused,
+                                                                                           fused_tiles);
+  } else {
+    const unsigned fin = static_cast<unsigned>((R + kMarkovFinalizeWarps - 1) / kMarkovFinalizeWarps);
+    markov_finalize_kernel<T><<<fin, kMarkovFinalizeWarps * 32, 0, stream>>>(a, k, b, chunks);
+  }
   return cudaGetLastError();
 }
 
