@@ -309,62 +309,101 @@ def test_markov_draft(R, V, dtype, filters, schedule):
     assert ("split_select_pass_kernel" in kernels) == (filters and takes_split_select(R, V)), kernels
 
 
-FUSED_CASES = [  # (R, V, rank, logits dtype, weights dtype, filters): 1, 2 and 4 tiles of 16 requests,
-    (1, 1040, 16, torch.bfloat16, torch.bfloat16, False),  # 9 blocks, the last with one warp of columns
+FUSED_CASES = [  # (R, V, rank, logits dtype, weights dtype, filters)
+    (1, 1040, 16, torch.bfloat16, torch.bfloat16, False),  # 9 column tiles, the last with one warp of columns
     (3, 1040, 144, torch.float32, torch.float16, True),  # rank 144: a second, partial round of w2 fragments
-    (17, 2064, 48, torch.float16, torch.bfloat16, True),
-    (40, 400, 32, torch.bfloat16, torch.float16, False),
-    (64, 272, 256, torch.bfloat16, torch.bfloat16, True),  # the largest batch and A tile (64 x 256)
+    (17, 2064, 48, torch.float16, torch.bfloat16, True),  # 2 request tiles, the second with one request
+    (32, 400, 64, torch.bfloat16, torch.bfloat16, True),  # 2 full request tiles
+    (40, 400, 32, torch.bfloat16, torch.float16, False),  # 4 request tiles, the last empty
+    (64, 272, 256, torch.bfloat16, torch.bfloat16, True),  # the largest group and A tile (64 x (256 + 8))
+    (70, 272, 32, torch.bfloat16, torch.bfloat16, True),  # two request groups: 64 + 6
+    (40, 272, 272, torch.bfloat16, torch.bfloat16, False),  # rank 272: groups of 32 requests (32 + 8)
+    (20, 272, 1040, torch.float16, torch.float16, False),  # rank 1040: groups of 16 (16 + 4)
 ]
 
 
-@pytest.mark.parametrize("R,V,rank,dtype,wdtype,filters", FUSED_CASES,
-                         ids=[f"R{c[0]}-V{c[1]}-r{c[2]}" for c in FUSED_CASES])
-def test_markov_draft_fused_step(R, V, rank, dtype, wdtype, filters, schedule):
-    """bf16/fp16 weights, at most 64 requests, V a multiple of 16: the bias
-    is computed by WMMA inside the kernel that writes the row
-    (markov_fused_step_kernel; the emulator's WMMA sums in ascending rank as
-    the CPU op does, so the bits are the CPU's even off any grid). Stopped,
-    greedy, sampled and filtered requests and an out-of-range anchor; with
-    DSPARK_MARKOV_FUSED=0 the same call takes the GEMM + correct kernel."""
-    G = 3
+def fused_case_inputs(R, V, rank, dtype, wdtype, filters, G=3):
+    """Inputs with every request state: sampled, greedy, filtered (top-k,
+    top-p), stopping after 0..G steps, an out-of-range anchor."""
     g = torch.Generator().manual_seed(R * V + rank)
     base = (torch.randn(R, G, V, generator=g) * 3).to(dtype)
     w1 = (torch.randn(V, rank, generator=g) * 0.4).to(wdtype)
     w2 = (torch.randn(rank, V, generator=g) * 0.4).to(wdtype)
     anchor = torch.randint(0, V, (R,), generator=g)
-    if R > 2:
-        anchor[R // 2] = V + 1  # TOKEN_OUT_OF_RANGE: drafts nothing
-    kw = dict(temperature=(torch.arange(R) % 3) * 0.6, seed=torch.arange(R) + 2, position=torch.arange(R) * 3,
-              num_draft=(torch.arange(R, dtype=torch.int32) % 4))
+    if R >= 5:
+        anchor[3] = V + 1  # TOKEN_OUT_OF_RANGE: drafts nothing
+    r = torch.arange(R)
+    kw = dict(temperature=(r % 3) * 0.6, seed=r + 2, position=r * 3,
+              num_draft=torch.tensor([G, 2, 0, 1], dtype=torch.int32)[r % 4])
     if filters:
-        kw.update(top_k=(torch.arange(R) % 2) * 9, top_p=torch.where(torch.arange(R) % 4 == 1, 0.8, 1.0))
+        kw.update(top_k=(r % 2) * 9, top_p=torch.where(r % 4 == 1, 0.8, 1.0))
+    return base, anchor, w1, w2, kw
+
+
+@pytest.mark.parametrize("R,V,rank,dtype,wdtype,filters", FUSED_CASES,
+                         ids=[f"R{c[0]}-V{c[1]}-r{c[2]}" for c in FUSED_CASES])
+def test_markov_draft_fused_step(R, V, rank, dtype, wdtype, filters, schedule):
+    """bf16/fp16 weights, V and rank multiples of 16: the bias is computed by
+    WMMA inside the kernel that writes the row (markov_fused_step_kernel, a
+    block per request group and 128 columns; the emulator's WMMA sums in
+    ascending rank as the CPU op does, so the bits are the CPU's even off
+    any grid), filtered requests through the mask-race kernel, a block per
+    request merging the partials."""
+    base, anchor, w1, w2, kw = fused_case_inputs(R, V, rank, dtype, wdtype, filters)
     got, want, kernels = both(lambda: dspark_ops.markov_draft(base, anchor, w1, w2, **kw))
     assert_same(got, want, f"markov_draft fused R={R} V={V} rank={rank}")
     assert {"markov_fused_step_kernel", "markov_finalize_fused_kernel"} <= kernels, kernels
     assert not {"markov_correct_kernel", "markov_finalize_kernel"} & kernels, kernels
     assert ("markov_mask_race_kernel" in kernels) == filters, kernels
+    assert int((got.tokens >= 0).sum()) >= R // 2, "most requests draft"
 
 
-def test_markov_draft_fused_step_switch_and_fallbacks(monkeypatch):
-    """DSPARK_MARKOV_FUSED=0, V off a multiple of 16, more than 64 requests,
-    a rank off a multiple of 16 or fp32 weights: the GEMM + correct kernel,
-    with the same results."""
-    def case(R, V, rank, wdtype=torch.bfloat16):
+def test_markov_draft_fused_step_fallbacks(monkeypatch):
+    """Which weights take the fused step (whatever the batch: 65 requests
+    too) and which fall back to the GEMM + correct kernel (or the fp32 bias
+    kernel), each condition alone; the same results either way."""
+    def case(R, V, rank, w1dtype=torch.bfloat16, w2dtype=torch.bfloat16, place=lambda w, n: w):
         g = torch.Generator().manual_seed(V + rank)
         base = torch.randn(R, 2, V, generator=g).to(torch.bfloat16)
-        w1 = (torch.randint(-8, 9, (V, rank), generator=g) / 16).to(wdtype)  # a grid: at::mm sums exactly too
-        w2 = (torch.randint(-8, 9, (rank, V), generator=g) / 16).to(wdtype)
+        w1 = (torch.randint(-8, 9, (V, rank), generator=g) / 16).to(w1dtype)  # a grid: at::mm sums exactly too
+        w2 = (torch.randint(-8, 9, (rank, V), generator=g) / 16).to(w2dtype)
+        w1, w2 = place(w1, 1), place(w2, 2)
         anchor = torch.randint(0, V, (R,), generator=g)
         kw = dict(temperature=(torch.arange(R) % 2) * 0.7, seed=1, position=2)
         got, want, kernels = both(lambda: dspark_ops.markov_draft(base, anchor, w1, w2, **kw))
         assert_same(got, want, f"markov_draft R={R} V={V} rank={rank}")
         return "markov_fused_step_kernel" in kernels
+
+    def offset(elems, which):  # a contiguous copy `elems` entries into a fresh buffer
+        def place(w, n):
+            if n != which:
+                return w
+            buf = torch.zeros(w.numel() + elems, dtype=w.dtype)
+            out = buf[elems:].view(w.shape)
+            out.copy_(w)
+            return out
+        return place
+
+    def strided(w, n):  # w2 as a view of wider rows: not contiguous
+        if n != 2:
+            return w
+        wide = torch.zeros(w.shape[0], w.shape[1] + 16, dtype=w.dtype)
+        wide[:, :w.shape[1]] = w
+        return wide[:, :w.shape[1]]
+
     assert case(5, 512, 32)
-    assert not case(5, 520, 32 + 1)  # rank 33
-    assert not case(5, 1000, 32)  # V % 16 != 0
-    assert not case(65, 512, 16)  # more than 64 requests
-    assert not case(5, 512, 32, torch.float32)  # fp32 weights: markov_bias_kernel
+    assert case(65, 512, 16)  # two request groups
+    assert case(40, 512, 272)  # groups of 32
+    assert case(5, 512, 32, place=offset(8, 1))  # w1 16 bytes off: its 16-byte vectors still aligned
+    assert not case(5, 512, 33)  # rank not a multiple of 16
+    assert not case(5, 512, 8)  # rank below 16
+    assert not case(5, 512, 1056)  # 16 rows of 1056 + 8 entries do not fit in shared memory
+    assert not case(5, 1000, 32)  # V not a multiple of 16
+    assert not case(5, 512, 32, torch.float32, torch.float32)  # fp32 weights: markov_bias_kernel
+    assert not case(5, 512, 32, torch.bfloat16, torch.float16)  # mixed weight dtypes
+    assert not case(5, 512, 32, place=strided)  # w2 not contiguous
+    assert not case(5, 512, 32, place=offset(8, 2))  # w2 16 bytes off a 32-byte boundary
+    assert not case(5, 512, 32, place=offset(4, 1))  # w1 8 bytes off a 16-byte boundary
     monkeypatch.setenv("DSPARK_MARKOV_FUSED", "0")
     assert not case(5, 512, 32)
 

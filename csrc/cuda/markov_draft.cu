@@ -1,10 +1,10 @@
 // CUDA binding of `markov_draft`: per step, the bias rows w1[x_{k-1}] @ w2
 // (fp32 sums: cuBLAS through torch for bf16/fp16 weights, markov_bias_kernel
 // for fp32 ones), then the fused kernels of kernels/markov_draft.cuh, all on
-// the current stream; batches of at most 64 requests with bf16/fp16 weights
-// compute the bias inside the kernel that writes the row instead
-// (kernels/markov_fused.cuh; DSPARK_MARKOV_FUSED=0 turns it off). No host synchronisation: the state between steps
-// (x_{k-1}, live) stays on the device.
+// the current stream; bf16/fp16 weights whose shapes fit compute the bias
+// inside the kernel that writes the row instead (kernels/markov_fused.cuh;
+// DSPARK_MARKOV_FUSED=0 turns it off). No host synchronisation: the state
+// between steps (x_{k-1}, live) stays on the device.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -44,13 +44,10 @@ void run(const at::Tensor& base, const at::Tensor& anchor, const at::Tensor& w1,
   const auto view = [&](void* p, at::IntArrayRef sizes, at::ScalarType t) {  // device given: no pointer query
     return at::for_blob(p, sizes).options(base.options().dtype(t)).target_device(base.device()).make_tensor();
   };
-  const at::Tensor prev = view(b.prev, {R}, at::kLong);
-  at::Tensor bias = view(b.bias, {R, V}, at::kFloat);
-  at::Tensor w1_rows = view(b.w1_rows, {R, rank}, w1g.scalar_type());
   cudaError_t err = markov_start_launch<Storage>(args, b, stream);
-  // Small batches of bf16/fp16 weights: the bias computed in the kernel that writes the row (no fp32 bias rows).
+  // bf16/fp16 weights: the bias computed in the kernel that writes the row (no fp32 bias rows), whatever the batch.
   if (half_gemm && markov_fused_enabled() && w1.is_contiguous() && w2.is_contiguous() &&
-      markov_fused_fits(R, V, rank, w1.const_data_ptr(), w2.const_data_ptr()) &&
+      markov_fused_fits(V, rank, w1.const_data_ptr(), w2.const_data_ptr()) &&
       at::cuda::getCurrentDeviceProperties()->major >= 8) {  // bf16 WMMA
     const auto r32 = static_cast<int32_t>(rank);
     for (int32_t k = 1; k <= args.group && err == cudaSuccess; ++k) {
@@ -66,6 +63,9 @@ void run(const at::Tensor& base, const at::Tensor& anchor, const at::Tensor& w1,
     TORCH_CHECK(err == cudaSuccess, kMarkovOp, ": CUDA launch failed: ", cudaGetErrorString(err));
     return;
   }
+  const at::Tensor prev = view(b.prev, {R}, at::kLong);
+  at::Tensor bias = view(b.bias, {R, V}, at::kFloat);
+  at::Tensor w1_rows = view(b.w1_rows, {R, rank}, w1g.scalar_type());
   for (int32_t k = 1; k <= args.group && err == cudaSuccess; ++k) {
     if (half_gemm) {
       at::index_select_out(w1_rows, w1g, 0, prev);

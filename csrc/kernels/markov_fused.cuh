@@ -1,15 +1,19 @@
-// markov_draft's step with the bias GEMM fused in, for bf16/fp16 weights and
-// batches of at most 64 requests (DESIGN §3 markov_draft; PERF_NOTES §3b):
-//   markov_fused_step_kernel  [ceil(V / 128)] blocks of 8 warps. A block
-//                             gathers the requests' rows w1[x_{k-1}] into
-//                             shared memory; each warp multiplies them by its
+// markov_draft's step with the bias GEMM fused in, for bf16/fp16 weights
+// (DESIGN §3 markov_draft; PERF_NOTES §3b):
+//   markov_fused_step_kernel  [request groups, ceil(V / 128)] blocks of 8
+//                             warps. A block gathers its group's rows
+//                             w1[x_{k-1}] (up to 64 requests; 32 or 16 at
+//                             larger ranks) into shared memory; each warp
+//                             multiplies them by its
 //                             16 columns of w2 on the tensor cores (WMMA,
 //                             fp32 accumulators, w2 read once from global
 //                             memory), then adds the base logits, divides,
 //                             rounds, writes and races its columns, as
 //                             markov_correct_kernel does from a stored bias.
 // The fp32 bias rows [R, V] are never written or read back: a step moves w2,
-// the base rows and the written rows only. The partials go to the bias rows'
+// the base rows and the written rows only. Whether a step takes this kernel
+// depends on V, the rank and the weights alone, and a request's values do
+// not depend on its group: the bits do not depend on the batch (DESIGN §2). The partials go to the bias rows'
 // room of the workspace ([R, tiles]); the filtered requests and the
 // finalize kernel are markov_draft.cuh's.
 // Framework-free: raw pointers, sizes and a stream.
@@ -26,29 +30,41 @@ namespace dspark {
 constexpr int kFusedWarps = 8;
 constexpr int kFusedBlock = kFusedWarps * 32;
 constexpr int kFusedTile = 16 * kFusedWarps;  // vocabulary columns a block covers: 16 per warp
-constexpr int kFusedMaxRequests = 64;
-// Gathered w1 entries: R rounded up to the request tiles, x (rank + kFusedAPad). The pad of 8 entries (16 bytes)
+constexpr int kFusedMaxRequests = 64;  // a block's request group: 4 tiles of 16
+// Gathered w1 entries: the group rounded up to tiles of 16, x (rank + kFusedAPad). The pad of 8 entries (16 bytes)
 // shifts consecutive rows across the shared-memory banks: with a row stride of 2 * rank bytes (a multiple of 128
 // from rank 64) the 8 rows an A-fragment load reads would all hit the same 4 banks.
 constexpr int kFusedAPad = 8;
 constexpr int kFusedARoom = 64 * (256 + kFusedAPad);
 constexpr int kFusedKSteps = 8;  // w2 fragments (16 ranks each) a warp loads before multiplying them
 
-// Tiles of 16 requests the kernel is instantiated for: 1, 2 or 4.
-inline int markov_fused_mtiles(int64_t R) { return R <= 16 ? 1 : (R <= 32 ? 2 : 4); }
+// Tiles of 16 requests a block takes at rank `rank`: 4, 2 or 1 (as many as
+// fit in shared memory), 0 when even one does not fit.
+inline int markov_fused_rank_mtiles(int64_t rank) {
+  for (int mt = 4; mt >= 1; mt /= 2)
+    if (16 * mt * (rank + kFusedAPad) <= kFusedARoom) return mt;
+  return 0;
+}
+
+// Tiles of 16 requests the kernel is instantiated with for R requests: 1, 2
+// or 4, at most what the rank allows (more requests: more groups).
+inline int markov_fused_mtiles(int64_t R, int64_t rank) {
+  const int want = R <= 16 ? 1 : (R <= 32 ? 2 : 4);
+  const int room = markov_fused_rank_mtiles(rank);
+  return want < room ? want : room;
+}
 
 inline int64_t markov_fused_tiles(int64_t V) { return (V + kFusedTile - 1) / kFusedTile; }
 
-// Whether a step of R requests, vocabulary V and rank `rank` fits the fused
-// kernel: WMMA reads w2 in 16 x 16 tiles straight from global memory (32-byte
-// aligned rows: V a multiple of 16), and the gathered w1 rows fit in shared
-// memory in 16-byte vectors. (The caller also needs compute capability 8.0
-// or later: bf16 WMMA.)
-inline bool markov_fused_fits(int64_t R, int64_t V, int64_t rank, const void* w1, const void* w2) {
-  const int64_t rows = 16 * static_cast<int64_t>(markov_fused_mtiles(R));
-  return R >= 1 && R <= kFusedMaxRequests && rank >= 16 && rank % 16 == 0 &&
-         rows * (rank + kFusedAPad) <= kFusedARoom &&
-         V >= 16 && V % 16 == 0 && reinterpret_cast<uintptr_t>(w1) % 16 == 0 &&
+// Whether a step of vocabulary V and rank `rank` fits the fused kernel (any
+// batch: the answer must not depend on it): WMMA reads w2 in 16 x 16 tiles
+// straight from global memory (32-byte aligned rows: V a multiple of 16), the
+// gathered w1 rows of 16 requests fit in shared memory in 16-byte vectors,
+// and the column tiles fit on grid y. (The caller also needs compute
+// capability 8.0 or later: bf16 WMMA.)
+inline bool markov_fused_fits(int64_t V, int64_t rank, const void* w1, const void* w2) {
+  return rank >= 16 && rank % 16 == 0 && markov_fused_rank_mtiles(rank) > 0 && V >= 16 && V % 16 == 0 &&
+         markov_fused_tiles(V) <= 65535 && reinterpret_cast<uintptr_t>(w1) % 16 == 0 &&
          reinterpret_cast<uintptr_t>(w2) % 32 == 0;
 }
 
@@ -82,18 +98,22 @@ __device__ __forceinline__ void markov_fused_load_w2(Frag (&bf)[kFusedKSteps], c
 }
 
 template <typename T, typename W, int kMTiles>
-__global__ void __launch_bounds__(kFusedBlock, 2)
+__global__ void __launch_bounds__(kFusedBlock, kMTiles == 4 ? 2 : 3)
     markov_fused_step_kernel(MarkovArgs<T> a, int32_t k, MarkovBuffers b, const W* __restrict__ w1,
                              const W* __restrict__ w2, int32_t rank, SamplePartial* __restrict__ partials,
                              int64_t tiles) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800  // bf16 WMMA; the binding takes this path from 8.0 only
   namespace wm = nvcuda::wmma;
   __shared__ MarkovFusedShared<W> s;
-  const int64_t R = a.num_requests, V = a.vocab;
+  const int64_t V = a.vocab;
+  // This block's requests [r_base, r_base + R): its group (grid x, so that consecutive blocks share w2's columns).
+  const int64_t r_base = static_cast<int64_t>(blockIdx.x) * 16 * kMTiles;
+  const int64_t R = a.num_requests - r_base < 16 * kMTiles ? a.num_requests - r_base : 16 * kMTiles;
+  const int64_t tile = blockIdx.y;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int lda = rank + kFusedAPad;
   // This warp's 16 columns: all inside the vocabulary or all past it (V % 16 == 0).
-  const int64_t col0 = static_cast<int64_t>(blockIdx.x) * kFusedTile + 16 * warp;
+  const int64_t col0 = tile * kFusedTile + 16 * warp;
   const bool active = col0 < V;
   // The first w2 fragments are in flight while the block gathers the w1 rows.
   wm::fragment<wm::matrix_b, 16, 16, 16, W, wm::row_major> bf[kFusedKSteps];
@@ -103,7 +123,7 @@ __global__ void __launch_bounds__(kFusedBlock, 2)
   for (int i = threadIdx.x; i < 16 * kMTiles * vecs; i += kFusedBlock) {
     const int m = i / vecs, c = i - m * vecs;
     uint4 v = make_uint4(0u, 0u, 0u, 0u);
-    if (m < R) v = *reinterpret_cast<const uint4*>(w1 + b.prev[m] * rank + 8 * c);
+    if (m < R) v = *reinterpret_cast<const uint4*>(w1 + b.prev[r_base + m] * rank + 8 * c);
     *reinterpret_cast<uint4*>(s.a + m * lda + 8 * c) = v;
   }
   __syncthreads();
@@ -134,13 +154,13 @@ __global__ void __launch_bounds__(kFusedBlock, 2)
   const int m_in_tile = lane >> 1, half = lane & 1;
 #pragma unroll
   for (int mt = 0; mt < kMTiles; ++mt) {
-    const int64_t r = 16 * mt + m_in_tile;
+    const int64_t m = 16 * mt + m_in_tile, r = r_base + m;
     RaceBest best = race_empty();
     int32_t flags = 0;
     if (active && 16 * mt < R) {  // the same for the whole warp
       wm::store_matrix_sync(s.acc[warp], acc[mt], 16, wm::mem_row_major);
       __syncwarp();
-      if (r < R) {
+      if (m < R) {
         const int64_t i0 = col0 + 8 * half;
         T* __restrict__ out = a.draft_logits + (r * a.group + k - 1) * V;
         const bool out_aligned = reinterpret_cast<uintptr_t>(out) % (4 * sizeof(T)) == 0;
@@ -186,15 +206,15 @@ __global__ void __launch_bounds__(kFusedBlock, 2)
   }
   __syncthreads();
   // The race is an exact argmax: the warps merge in any order.
-  for (int64_t r = threadIdx.x; r < R; r += kFusedBlock) {
+  for (int64_t m = threadIdx.x; m < R; m += kFusedBlock) {
     RaceBest best = race_empty();
     int32_t flags = 0;
 #pragma unroll
     for (int w = 0; w < kFusedWarps; ++w) {
-      best = race_merge(best, s.best[w][r]);
-      flags |= s.flags[w][r];
+      best = race_merge(best, s.best[w][m]);
+      flags |= s.flags[w][m];
     }
-    partials[r * tiles + blockIdx.x] = SamplePartial{best.score, best.index, flags, 0};
+    partials[(r_base + m) * tiles + tile] = SamplePartial{best.score, best.index, flags, 0};
   }
 #else
   __trap();
@@ -208,11 +228,13 @@ cudaError_t markov_fused_step_launch(const MarkovArgs<T>& a, int32_t k, const Ma
                                      const W* w2, int32_t rank, bool may_filter, cudaStream_t stream) {
   const int64_t R = a.num_requests, V = a.vocab;
   if (R == 0) return cudaSuccess;
-  if (!markov_fused_fits(R, V, rank, w1, w2)) return cudaErrorInvalidValue;
+  if (!markov_fused_fits(V, rank, w1, w2)) return cudaErrorInvalidValue;
   const int64_t tiles = markov_fused_tiles(V);
   SamplePartial* partials = markov_fused_partials(b);
-  const unsigned grid = static_cast<unsigned>(tiles);
-  switch (markov_fused_mtiles(R)) {
+  const int mtiles = markov_fused_mtiles(R, rank);
+  const int64_t groups = (R + 16 * mtiles - 1) / (16 * mtiles);
+  const dim3 grid(static_cast<unsigned>(groups), static_cast<unsigned>(tiles));
+  switch (mtiles) {
     case 1:
       markov_fused_step_kernel<T, W, 1><<<grid, kFusedBlock, 0, stream>>>(a, k, b, w1, w2, rank, partials, tiles);
       break;
