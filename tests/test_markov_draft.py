@@ -459,19 +459,21 @@ def test_cuda_fp32_weights_give_the_cpu_bits_whatever_tf32_and_the_batch():
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("weights", [torch.bfloat16, torch.float32])
-def test_cuda_out_with_workspace_allocates_nothing(weights):
+@pytest.mark.parametrize("weights,V,rank", [(torch.bfloat16, 9001, 24), (torch.bfloat16, 9008, 32),  # 9008: fused
+                                           (torch.float32, 9001, 24)])
+def test_cuda_out_with_workspace_allocates_nothing(weights, V, rank):
     """DESIGN §2: a .out call with a workspace takes all its scratch from it
     (weights of one dtype, contiguous: no copies), and gives the functional
-    form's results; a workspace one byte short is refused."""
-    U, anchor, w1, w2 = (t.cuda() for t in head(3, 4, 9001, 24, torch.bfloat16, seed=14))
+    form's results; a workspace one byte short is refused. cuBLAS + the
+    correct kernel, the fused step, the fp32 bias kernel."""
+    U, anchor, w1, w2 = (t.cuda() for t in head(3, 4, V, rank, torch.bfloat16, seed=14))
     w1, w2 = w1.to(weights), w2.to(weights)
     kw = dict(temperature=torch.tensor([0.0, 0.8, 1.1], device="cuda"), top_k=torch.tensor([0, 30, 5], device="cuda",
               dtype=torch.int32), top_p=torch.full((3,), 0.9, device="cuda"), seed=torch.arange(3, device="cuda"),
               position=torch.full((3,), 4, device="cuda"), num_draft=torch.tensor([4, 2, 3], dtype=torch.int32,
                                                                                  device="cuda"))
     want = dspark_ops.markov_draft(U, anchor, w1, w2, **kw)
-    need = dspark_ops.workspace_size("markov_draft", num_requests=3, vocab_size=9001, rank=24)
+    need = dspark_ops.workspace_size("markov_draft", num_requests=3, vocab_size=V, rank=rank)
     ws = torch.empty(need, dtype=torch.uint8, device="cuda")
     out = dspark_ops.MarkovResult(torch.empty_like(want.tokens), torch.empty_like(want.draft_logits),
                                   torch.empty_like(want.status))
@@ -488,8 +490,10 @@ def test_cuda_out_with_workspace_allocates_nothing(weights):
 
 
 @pytest.mark.cuda
-def test_cuda_markov_draft_never_synchronises():
-    U, anchor, w1, w2 = (t.cuda() for t in head(4, 3, 5003, 32, torch.bfloat16, seed=10))
+@pytest.mark.parametrize("weights,V", [(torch.float32, 5003), (torch.bfloat16, 5008)])  # 5008, bf16: fused
+def test_cuda_markov_draft_never_synchronises(weights, V):
+    U, anchor, w1, w2 = (t.cuda() for t in head(4, 3, V, 32, torch.bfloat16, seed=10))
+    w1, w2 = w1.to(weights), w2.to(weights)
     kw = dict(temperature=torch.full((4,), 0.9, device="cuda"), top_k=20, top_p=0.9,
               seed=torch.arange(4, device="cuda"), position=torch.full((4,), 3, device="cuda"))
     dspark_ops.markov_draft(U, anchor, w1, w2, **kw)  # warm-up (allocator, cuBLAS handles)
