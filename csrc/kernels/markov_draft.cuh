@@ -311,10 +311,10 @@ template cudaError_t dspark::markov_step_launch<float>(const dspark::MarkovArgs<
                                                        const dspark::SamplePartial*, int64_t);
 template cudaError_t dspark::markov_step_launch<__half>(const dspark::MarkovArgs<__half>&, int32_t,
                                                         const dspark::MarkovBuffers&, bool, cudaStream_t,
-                                                       const dspark::SamplePartial*, int64_t);
+                                                        const dspark::SamplePartial*, int64_t);
 template cudaError_t dspark::markov_step_launch<__nv_bfloat16>(const dspark::MarkovArgs<__nv_bfloat16>&, int32_t,
                                                                const dspark::MarkovBuffers&, bool, cudaStream_t,
-                                                       const dspark::SamplePartial*, int64_t);
+                                                               const dspark::SamplePartial*, int64_t);
 template cudaError_t dspark::markov_start_launch<float>(const dspark::MarkovArgs<float>&, const dspark::MarkovBuffers&,
                                                         cudaStream_t);
 template cudaError_t dspark::markov_start_launch<__half>(const dspark::MarkovArgs<__half>&,

@@ -97,6 +97,11 @@ __device__ __forceinline__ void markov_fused_load_w2(Frag (&bf)[kFusedKSteps], c
   }
 }
 
+// Step k of every request: a block per (request group of 16 * kMTiles,
+// column tile of kFusedTile). w1 [V, rank] and w2 [rank, V] contiguous (T:
+// the logits' dtype, W: the weights'); b.prev [R] holds x_{k-1}; writes
+// a.draft_logits[:, k - 1, tile's columns] and partials [R, tiles] (the
+// unfiltered requests' race over the tile; empty for the others).
 template <typename T, typename W, int kMTiles>
 __global__ void __launch_bounds__(kFusedBlock, kMTiles == 4 ? 2 : 3)
     markov_fused_step_kernel(MarkovArgs<T> a, int32_t k, MarkovBuffers b, const W* __restrict__ w1,
