@@ -10,14 +10,17 @@ namespace dspark {
 
 constexpr unsigned kFullMask = 0xFFFFFFFFu;
 
+// Lane (lane ^ off)'s race candidate (the whole warp takes part).
+__device__ __forceinline__ RaceBest race_shfl_xor(const RaceBest& b, int off) {
+  RaceBest o;
+  o.score = __shfl_xor_sync(kFullMask, b.score, off);
+  o.index = __shfl_xor_sync(kFullMask, b.index, off);
+  return o;
+}
+
 __device__ __forceinline__ RaceBest warp_race_merge(RaceBest b) {
 #pragma unroll
-  for (int off = 16; off > 0; off >>= 1) {
-    RaceBest o;
-    o.score = __shfl_xor_sync(kFullMask, b.score, off);
-    o.index = __shfl_xor_sync(kFullMask, b.index, off);
-    b = race_merge(b, o);
-  }
+  for (int off = 16; off > 0; off >>= 1) b = race_merge(b, race_shfl_xor(b, off));
   return b;
 }
 

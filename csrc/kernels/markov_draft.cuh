@@ -228,13 +228,8 @@ __global__ void __launch_bounds__(kMarkovBlock)
   int32_t flags = 0;
   if (live_k) {  // only live requests' partials were written this step
     const bool from_fused = !markov_filtered(a, r);
-    const SamplePartial* __restrict__ p = from_fused ? fused + r * fused_tiles : b.partials + r * num_chunks;
-    const int64_t n = from_fused ? fused_tiles : num_chunks;
-    for (int64_t c = threadIdx.x; c < n; c += kMarkovBlock) {
-      const SamplePartial q = p[c];
-      best = race_merge(best, RaceBest{q.score, q.index});
-      flags |= q.flags;
-    }
+    const SamplePartial* p = from_fused ? fused + r * fused_tiles : b.partials + r * num_chunks;
+    merge_partials_strided(p, from_fused ? fused_tiles : num_chunks, threadIdx.x, kMarkovBlock, best, flags);
   }
   block_race_merge<kMarkovBlock>(best, flags);
   if (threadIdx.x == 0) markov_finish(a, k, b, r, live_k, best, flags);

@@ -4,18 +4,18 @@
 //                             warps. A block gathers its group's rows
 //                             w1[x_{k-1}] (up to 64 requests; 32 or 16 at
 //                             larger ranks) into shared memory; each warp
-//                             multiplies them by its
-//                             16 columns of w2 on the tensor cores (WMMA,
-//                             fp32 accumulators, w2 read once from global
-//                             memory), then adds the base logits, divides,
-//                             rounds, writes and races its columns, as
-//                             markov_correct_kernel does from a stored bias.
+//                             multiplies them by its 16 columns of w2 on the
+//                             tensor cores (WMMA, fp32 accumulators, w2 read
+//                             once from global memory), then adds the base
+//                             logits, divides, rounds, writes and races its
+//                             columns, as markov_correct_kernel does from a
+//                             stored bias.
 // The fp32 bias rows [R, V] are never written or read back: a step moves w2,
 // the base rows and the written rows only. Whether a step takes this kernel
 // depends on V, the rank and the weights alone, and a request's values do
-// not depend on its group: the bits do not depend on the batch (DESIGN §2). The partials go to the bias rows'
-// room of the workspace ([R, tiles]); the filtered requests and the
-// finalize kernel are markov_draft.cuh's.
+// not depend on its group: the bits do not depend on the batch (DESIGN §2).
+// The partials go to the bias rows' room of the workspace ([R, tiles]); the
+// filtered requests and the finalize kernels are markov_draft.cuh's.
 // Framework-free: raw pointers, sizes and a stream.
 #pragma once
 #include <cuda_runtime.h>
@@ -199,10 +199,7 @@ __global__ void __launch_bounds__(kFusedBlock, kMTiles == 4 ? 2 : 3)
       }
       __syncwarp();  // the next tile rewrites s.acc[warp]
     }
-    RaceBest other;
-    other.score = __shfl_xor_sync(kFullMask, best.score, 1);
-    other.index = __shfl_xor_sync(kFullMask, best.index, 1);
-    best = race_merge(best, other);
+    best = race_merge(best, race_shfl_xor(best, 1));  // the lane pair of request m
     flags |= __shfl_xor_sync(kFullMask, flags, 1);
     if (half == 0) {
       s.best[warp][16 * mt + m_in_tile] = best;

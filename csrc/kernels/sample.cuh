@@ -88,17 +88,25 @@ __global__ void __launch_bounds__(kSampleRaceBlock, 1)
   if (threadIdx.x == 0) partials[blockIdx.x] = SamplePartial{best.score, best.index, flags, 0};
 }
 
+// Merges partials[first], partials[first + step], ... (below n) into best
+// and flags: one thread's share of a row's chunk partials.
+__device__ __forceinline__ void merge_partials_strided(const SamplePartial* __restrict__ partials, int64_t n,
+                                                       int64_t first, int64_t step, RaceBest& best,
+                                                       int32_t& flags) {
+  for (int64_t c = first; c < n; c += step) {
+    const SamplePartial p = partials[c];
+    best = race_merge(best, RaceBest{p.score, p.index});
+    flags |= p.flags;
+  }
+}
+
 // One warp merges a row's chunk partials [num_chunks]: every lane gets the
 // row's best candidate and flags.
 __device__ __forceinline__ void warp_merge_partials(const SamplePartial* __restrict__ row_partials,
                                                     int64_t num_chunks, RaceBest& best, int32_t& flags) {
   best = race_empty();
   flags = 0;
-  for (int64_t c = threadIdx.x & 31; c < num_chunks; c += 32) {
-    const SamplePartial p = row_partials[c];
-    best = race_merge(best, RaceBest{p.score, p.index});
-    flags |= p.flags;
-  }
+  merge_partials_strided(row_partials, num_chunks, threadIdx.x & 31, 32, best, flags);
   best = warp_race_merge(best);
   flags = warp_or(flags);
 }
