@@ -75,10 +75,15 @@ def run_case(R: int, G: int, V: int, r: int, dtype: torch.dtype, weight_dtype: O
             workspace=ws),
         "torch loop (multinomial)": lambda i: torch_loop(U, anchor, w1, w2, 0.8, gen),
     }
+    agreement = {}
     if device == "cuda":
-        # Batches of <= 64 requests with bf16/fp16 weights take the fused step (kernels/markov_fused.cuh); the same
-        # call through the cuBLAS GEMM + correct kernel, side by side.
-        impls["dspark_ops.markov_draft, GEMM + correct kernel"] = with_env("DSPARK_MARKOV_FUSED", "0", ours)
+        # bf16/fp16 weights take the fused step (kernels/markov_fused.cuh) at any batch; the same call through the
+        # cuBLAS GEMM + correct kernel, side by side, after checking that the two agree.
+        unfused = with_env("DSPARK_MARKOV_FUSED", "0", ours)
+        impls["dspark_ops.markov_draft, GEMM + correct kernel"] = unfused
+        agreement = paths_agree(ours, unfused, out)
+        print(f"# R={R}: fused vs GEMM path: max logit diff {agreement['fused_max_logit_diff']:.3g}, token agreement "
+              f"{agreement['fused_token_agreement']:.4f}, status equal {agreement['fused_status_equal']}")
         # the same call replayed as a CUDA graph: the GPU's time per step, no launch cost
         try:
             impls["dspark_ops.markov_draft, CUDA graph"] = cuda_graph(ours)
@@ -93,5 +98,25 @@ def run_case(R: int, G: int, V: int, r: int, dtype: torch.dtype, weight_dtype: O
                      "dtype": str(dtype).split(".")[-1], "weight_dtype": str(wdt).split(".")[-1], **stats,
                      "us_per_step": per_step,
                      "floor_us_per_step": floor_us, "x_floor": per_step / floor_us,
-                     "time_vs_dspark": stats["median_us"] / base})
+                     "time_vs_dspark": stats["median_us"] / base, **agreement})
     return rows
+
+
+def paths_agree(fused, unfused, out) -> dict:
+    """Run both paths once and compare what they wrote: the fused GEMM sums in
+    another order than cuBLAS, so the corrected logits may differ by a
+    rounding and a token only where that rounding decides it. Returns the
+    columns the rows carry (a wrong fused kernel shows as a large
+    `fused_max_logit_diff` or a low `fused_token_agreement`)."""
+    fused(0)
+    tokens, logits, status = out.tokens.clone(), out.draft_logits.float(), out.status.clone()
+    unfused(0)
+    # only steps both paths drafted from the same previous token: after a token differs, the rows differ too
+    differ = (tokens != out.tokens).int()
+    same_prefix = (differ.cumsum(1) - differ) == 0
+    drafted = (tokens >= 0) & (out.tokens >= 0) & same_prefix
+    diff = (logits - out.draft_logits.float()).abs()
+    diff = diff[drafted].nan_to_num(posinf=float("inf"))
+    return {"fused_max_logit_diff": float(diff.max()) if diff.numel() else 0.0,
+            "fused_token_agreement": float((differ == 0).float().mean()),
+            "fused_status_equal": bool(torch.equal(status, out.status))}

@@ -10,6 +10,7 @@ memory ordering between blocks, the real compiler): tools/cuda_emu/README.md.
 
 `make test-emulated` runs the op suites through the emulator as well
 (DSPARK_EMULATE_CUDA=1)."""
+import functools
 import subprocess
 import sys
 from pathlib import Path
@@ -284,6 +285,47 @@ def test_verify_tree_row_pass_thresholds(sms, monkeypatch):
     assert_same(got, want, f"verify_tree sms={sms}")
     assert int(cu[-1]) == 281
     assert ("verify_tree_row_stats_kernel" in kernels) == (sms == "132"), kernels
+
+
+def deep_tree(n: int, depth: int, g: torch.Generator, chain_last: bool) -> list:
+    """n nodes whose deepest is at exactly `depth` (>= 1): a chain down to
+    it plus shallower random nodes, the chain first in index order or last
+    (the deepest node then has index n - 1)."""
+    rest = n - depth - 1
+    if not chain_last:
+        return [-1] + list(range(depth)) + [int(torch.randint(0, depth, (), generator=g)) for _ in range(rest)]
+    par, dep = [-1], [0]
+    for i in range(1, rest + 1):  # a random recursive tree, kept above `depth`
+        p = int(torch.randint(0, i, (), generator=g))
+        while p > 0 and dep[p] + 1 >= depth:
+            p = par[p]
+        par.append(p)
+        dep.append(dep[p] + 1)
+    return par + [0] + list(range(rest + 1, n - 1))
+
+
+@pytest.mark.parametrize("n,V", [(40, 600), (1024, 600), (1025, 2048), (1025, 600)],
+                         ids=["jump", "jump_1024", "serial_scratch", "ancestor_walks"])
+def test_verify_tree_depth_limits(n, V, schedule):
+    """max_depth at its edge on each of the kernel's three depth checks
+    (pointer jumping in shared memory up to 1024 nodes; beyond, one thread
+    in the request's scratch row when n <= V, else a walk per node): a depth
+    of exactly max_depth passes, one more is BAD_TREE, whether the deepest
+    node comes first or last in index order."""
+    g = torch.Generator().manual_seed(n + V)
+    for d in (1, 6, min(n - 2, 700)):
+        trees = [deep_tree(n, d, g, last) for last in (False, True)]
+        trees += [deep_tree(n, d - 1, g, True)] if d > 1 else [[-1]]
+        trees += [deep_tree(n, d + 1, g, last) for last in (False, True) if d + 1 < n]
+        assert [max_depth_of([t]) for t in trees[:2]] == [d, d]
+        target, tokens, parents, cu, _ = tree_batch(trees, V, draft=None, seed=d)
+        R = len(trees)
+        kw = dict(max_depth=d, temperature=torch.tensor([0.0, 0.9] * (R // 2) + [0.0] * (R % 2)),
+                  seed=torch.arange(R), position=torch.arange(R))
+        got, want, _ = both(functools.partial(dspark_ops.verify_tree, target, tokens, parents, cu, **kw))
+        assert_same(got, want, f"depth {d}, n={n}")
+        bad = dspark_ops.Status.BAD_TREE
+        assert got.status.tolist() == [0, 0, 0] + [bad] * (R - 3), (d, got.status.tolist())
 
 
 # --- markov_draft --------------------------------------------------------------

@@ -70,9 +70,62 @@ __device__ int32_t tree_next_child(const TreeArgs<T, D>& a, int64_t c0, int32_t 
   return -1;
 }
 
-// Parents valid, then depths <= max_depth (all threads). Depths in index
-// order by one thread (parent < child) into `scratch` when it holds n ints;
-// otherwise each thread walks its nodes' ancestors, at most max_depth + 1 steps.
+// Trees up to this many nodes check their depths in shared memory (4 KB).
+constexpr int32_t kTreeJumpNodes = 1024;
+constexpr int kTreeJumpPerThread = kTreeJumpNodes / kTreeBlock;
+
+// Every depth <= max_depth (all threads; parents already in range, n <=
+// kTreeJumpNodes) by pointer jumping: link[i] packs an ancestor of node i
+// (low 16 bits) and its distance (high 16 bits), starting at the parent;
+// each round composes a link with its ancestor's, doubling the distance
+// covered, so ~log2(depth) rounds of shared-memory reads instead of n
+// dependent global loads by one thread.
+template <typename T, typename D>
+__device__ bool tree_depths_ok_jump(const TreeArgs<T, D>& a, int64_t c0, int32_t n, int32_t max_depth) {
+  __shared__ uint32_t link[kTreeJumpNodes];
+  bool pending = false;  // some link of this thread's nodes stops short of the root
+#pragma unroll
+  for (int k = 0; k < kTreeJumpPerThread; ++k) {
+    const int32_t i = static_cast<int32_t>(threadIdx.x) + k * kTreeBlock;
+    if (i < n) {
+      const uint32_t parent = i == 0 ? 0u : static_cast<uint32_t>(a.parents[c0 + i]);
+      link[i] = i == 0 ? 0u : parent | (1u << 16);
+      pending |= parent != 0;
+    }
+  }
+  // After covering `span`, a link short of the root means a depth > span.
+  for (int32_t span = 1; __syncthreads_or(pending); span *= 2) {
+    if (span >= max_depth) return false;  // uniform: depth > span >= max_depth
+    uint32_t next[kTreeJumpPerThread];
+#pragma unroll
+    for (int k = 0; k < kTreeJumpPerThread; ++k) {
+      const int32_t i = static_cast<int32_t>(threadIdx.x) + k * kTreeBlock;
+      if (i < n) {
+        const uint32_t l = link[i], up = link[l & 0xFFFFu];
+        next[k] = (up & 0xFFFFu) | ((l >> 16) + (up >> 16)) << 16;
+      }
+    }
+    __syncthreads();  // every read of this round before any write (a fresher read would only jump further)
+    pending = false;
+#pragma unroll
+    for (int k = 0; k < kTreeJumpPerThread; ++k) {
+      const int32_t i = static_cast<int32_t>(threadIdx.x) + k * kTreeBlock;
+      if (i < n) {
+        link[i] = next[k];
+        pending |= (next[k] & 0xFFFFu) != 0;
+      }
+    }
+  }
+  bool ok = true;  // every link reaches the root: its distance is the depth
+  for (int32_t i = threadIdx.x; i < n; i += kTreeBlock) ok &= static_cast<int32_t>(link[i] >> 16) <= max_depth;
+  return __syncthreads_and(ok) != 0;
+}
+
+// Parents valid, then depths <= max_depth (all threads). Up to
+// kTreeJumpNodes nodes by pointer jumping in shared memory; beyond, depths
+// in index order by one thread (parent < child) into `scratch` when it holds
+// n ints, else each thread walks its nodes' ancestors, at most max_depth + 1
+// steps.
 template <typename T, typename D>
 __device__ bool tree_valid(const TreeArgs<T, D>& a, int64_t c0, int32_t n, int32_t* scratch, int64_t scratch_len,
                            TreeShared& sh) {
@@ -80,6 +133,7 @@ __device__ bool tree_valid(const TreeArgs<T, D>& a, int64_t c0, int32_t n, int32
   for (int32_t i = threadIdx.x; i < n; i += kTreeBlock) ok &= tree_parent_ok(a, c0, i);
   if (!__syncthreads_and(ok)) return false;  // ancestors are read only once every parent is in range
   const int32_t max_depth = a.v.max_draft;
+  if (n <= kTreeJumpNodes) return tree_depths_ok_jump(a, c0, n, max_depth);
   if (n <= scratch_len) {
     if (threadIdx.x == 0) {
       scratch[0] = 0;
