@@ -492,12 +492,19 @@ def test_markov_draft_out_with_a_workspace(R, V, filters, schedule):
 # --- schedule_verify -----------------------------------------------------------
 
 @pytest.mark.parametrize("mode,kw", [("early_stop", {}), ("threshold", dict(threshold=0.4)),
-                                     ("budget", dict(budget=600))])
-def test_schedule_verify(mode, kw, schedule):
-    conf, n, sps = random_case(300, 7, 1500, ties=True)
+                                     ("budget", dict(budget=600)), ("global", dict(allow_lossy=True))])
+@pytest.mark.parametrize("R,G", [(300, 7), (256, 8), (1, 7), (3, 1)])
+def test_schedule_verify(R, G, mode, kw, schedule):
+    """Both ranking kernels (shared memory up to 2048 slots, the workspace
+    beyond) and threshold's kernel without ranking, against the CPU op."""
+    conf, n, sps = random_case(R, G, 1500 + R, ties=True)
     emu, got, kernels = both(lambda: dspark_ops.schedule_verify(conf, n, sps, mode=mode, **kw))
     assert torch.equal(emu, got), f"schedule_verify {mode}"
-    assert kernels == {"schedule_verify_kernel"}, kernels
+    want = {"schedule_threshold_kernel"} if mode == "threshold" else \
+        {"schedule_verify_shared_kernel" if R * G <= 2048 else "schedule_verify_kernel"}
+    assert kernels == want, kernels
+    if mode == "early_stop" and R >= 256:
+        assert 0 < int(got.sum()) < int(n.clamp(0, G).sum()), "the case must stop early somewhere"
 
 
 # --- workspaces ------------------------------------------------------------------

@@ -36,6 +36,22 @@ def test_matches_reference_exactly(mode, kw, R, G, ties, staircase):
     assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("threshold", [0.25, 0.125, 0.0, -1.0, 1.0, 1.5, float("nan")])
+def test_threshold_edges_match_reference(threshold):
+    """threshold counts each request's survivals >= threshold without
+    ranking (csrc/core/schedule.h): the same as ranking and cutting, also at
+    survivals equal to the threshold (quarters: exact products), zero
+    confidences, NaN and thresholds outside [0, 1]."""
+    conf, n, sps = random_case(50, 6, 9, ties=True)
+    conf[1, 2] = 0.0
+    conf[2] = 1.0
+    got = dspark_ops.schedule_verify(conf, n, sps, mode="threshold", threshold=threshold)
+    want = ref.schedule_verify(conf, n, sps, mode="threshold", threshold=threshold)
+    assert torch.equal(got, want)
+    if threshold == 0.25:  # the equality case is exercised
+        assert bool((torch.cumprod(conf.double().nan_to_num(0.0), 1) == 0.25).any())
+
+
 def test_temperatures_calibrate_inside():
     conf, n, sps = random_case(20, 6, 3)
     logits = torch.logit(conf.clamp(0.01, 0.99))

@@ -49,8 +49,16 @@ DSPARK_HD bool schedule_before(double key_a, int32_t id_a, double key_b, int32_t
 
 DSPARK_HD double schedule_sps(const ScheduleArgs& a, int64_t B) { return B < a.sps_len ? a.sps[B] : 0.0; }
 
-// How many of the N ranked candidates (survivals `keys`, descending) to admit.
-DSPARK_HD int64_t schedule_admit_count(const ScheduleArgs& a, const double* keys, int64_t N) {
+// Candidates the admission loop loads ahead, so that their loads overlap
+// and only the fp64 chain of tau is sequential.
+constexpr int kScheduleAhead = 4;
+
+// How many of the N ranked candidates (survivals `keys`, descending) to admit;
+// sps_at(i) = schedule_sps(a, R + 1 + i), the rate with candidate i admitted.
+// tau += key, then next = tau * sps, in rank order: the same operations in the
+// same order whatever loads ahead, so CPU and CUDA agree bit for bit.
+template <typename SpsAt>
+DSPARK_HD int64_t schedule_admit_count(const ScheduleArgs& a, const double* keys, int64_t N, SpsAt sps_at) {
   if (a.mode == kThreshold) {
     int64_t k = 0;
     while (k < N && keys[k] >= a.threshold) ++k;
@@ -60,23 +68,53 @@ DSPARK_HD int64_t schedule_admit_count(const ScheduleArgs& a, const double* keys
     const int64_t b = a.budget != nullptr ? a.budget[0] : 0;
     return b < 0 ? 0 : (b < N ? b : N);
   }
-  int64_t B = a.num_requests, k = 0, best_k = 0;
+  const bool early = a.mode == kEarlyStop;  // else kGlobal: the best prefix (lossy; for studies)
+  int64_t k = 0, best_k = 0;
   double tau = static_cast<double>(a.num_requests);
-  double f = tau * schedule_sps(a, B), best_f = f;
-  for (int64_t i = 0; i < N; ++i) {
-    ++B;
-    tau += keys[i];
-    const double next = tau * schedule_sps(a, B);
-    if (a.mode == kEarlyStop) {  // Algorithm 1: stop at the first admission that does not pay
-      if (!(next > f)) break;
-      f = next;
-      k = i + 1;
-    } else if (next > best_f) {  // kGlobal: the best prefix (lossy; for studies)
-      best_f = next;
-      best_k = i + 1;
+  double f = tau * schedule_sps(a, a.num_requests), best_f = f;
+  bool going = true;  // early_stop: Algorithm 1 stops at the first admission that does not pay
+  for (int64_t i0 = 0; i0 < N && going; i0 += kScheduleAhead) {
+    double key[kScheduleAhead], sps[kScheduleAhead];
+#pragma unroll
+    for (int u = 0; u < kScheduleAhead; ++u) {
+      key[u] = i0 + u < N ? keys[i0 + u] : 0.0;
+      sps[u] = i0 + u < N ? sps_at(i0 + u) : 0.0;
+    }
+#pragma unroll
+    for (int u = 0; u < kScheduleAhead; ++u) {
+      if (i0 + u < N) {
+        tau += key[u];
+        const double next = tau * sps[u];
+        if (early) {
+          going = going && next > f;
+          if (going) {
+            f = next;
+            k = i0 + u + 1;
+          }
+        } else if (next > best_f) {
+          best_f = next;
+          best_k = i0 + u + 1;
+        }
+      }
     }
   }
-  return a.mode == kEarlyStop ? k : best_k;
+  return early ? k : best_k;
+}
+
+// threshold mode without ranking: a request's survivals never increase
+// (each is the previous one times a confidence in [0, 1], and fp64 rounding
+// is monotone), so the ranked prefix of survivals >= threshold is, per
+// request, a prefix of its positions: the same verify_len as ranking.
+DSPARK_HD int32_t schedule_threshold_len(const ScheduleArgs& a, int64_t r) {
+  const int32_t n = schedule_num_draft(a, r);
+  double s = 1.0;
+  int32_t len = 0;
+  for (int32_t j = 0; j < n; ++j) {
+    s *= schedule_confidence(a, r, j);
+    if (!(s >= a.threshold)) break;
+    ++len;
+  }
+  return len;
 }
 
 }  // namespace dspark

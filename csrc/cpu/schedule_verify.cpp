@@ -1,4 +1,4 @@
-// CPU implementation of `schedule_verify` (core/schedule.h): rank, then count.
+// CPU implementation of `schedule_verify` (core/schedule.h): rank, then count (threshold: count alone).
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
@@ -22,6 +22,10 @@ void schedule_verify_out_cpu(const at::Tensor& confidence, const at::Tensor& num
     check_given_workspace(kScheduleOp, workspace, schedule_workspace_need(confidence), confidence);
   const ScheduleArgs a = make_schedule_args(confidence, num_draft, sps_table, std::string(mode), threshold, budget,
                                             temperatures, verify_len);
+  if (a.mode == kThreshold) {  // no ranking needed (core/schedule.h)
+    for (int64_t r = 0; r < a.num_requests; ++r) a.verify_len[r] = schedule_threshold_len(a, r);
+    return;
+  }
   std::vector<std::pair<double, int32_t>> ranked;  // (survival, r * G + j)
   for (int64_t r = 0; r < a.num_requests; ++r) {
     double s = 1.0;
@@ -34,7 +38,8 @@ void schedule_verify_out_cpu(const at::Tensor& confidence, const at::Tensor& num
             [](const auto& x, const auto& y) { return schedule_before(x.first, x.second, y.first, y.second); });
   std::vector<double> keys(ranked.size());
   for (size_t i = 0; i < ranked.size(); ++i) keys[i] = ranked[i].first;
-  const int64_t admit = schedule_admit_count(a, keys.data(), static_cast<int64_t>(keys.size()));
+  const int64_t admit = schedule_admit_count(a, keys.data(), static_cast<int64_t>(keys.size()),
+                                             [&](int64_t i) { return schedule_sps(a, a.num_requests + 1 + i); });
   std::fill(a.verify_len, a.verify_len + a.num_requests, 0);
   for (int64_t i = 0; i < admit; ++i) ++a.verify_len[ranked[i].second / a.group];
 }

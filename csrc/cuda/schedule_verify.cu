@@ -23,10 +23,13 @@ void schedule_verify_out_cuda(const at::Tensor& confidence, const at::Tensor& nu
   if (confidence.size(0) == 0) return;
   const c10::cuda::CUDAGuard guard(confidence.device());
   const int64_t slots = schedule_slots(confidence.size(0), confidence.size(1));
-  at::Tensor scratch;
-  void* ws = workspace_ptr(kScheduleOp, workspace, schedule_workspace_need(confidence), confidence, scratch);
   const ScheduleArgs a = make_schedule_args(confidence, num_draft, sps_table, std::string(mode), threshold, budget,
                                             temperatures, verify_len);
+  // A caller's workspace is checked whatever the path; without one, scratch only where the kernel reads it.
+  at::Tensor scratch;
+  void* ws = workspace.has_value() || schedule_uses_workspace(a.mode, slots)
+                 ? workspace_ptr(kScheduleOp, workspace, schedule_workspace_need(confidence), confidence, scratch)
+                 : nullptr;
   const cudaError_t err = schedule_verify_launch(a, ws, slots, at::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, kScheduleOp, ": CUDA launch failed: ", cudaGetErrorString(err));
 }

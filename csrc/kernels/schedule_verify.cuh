@@ -1,8 +1,10 @@
-// schedule_verify's CUDA kernel (core/schedule.h): one block ranks every
-// candidate of the batch (a bitonic sort of (survival, id) pairs in the
-// workspace, a total order, so the result is exact and deterministic), one
-// thread counts the admissions in ranked order (tau is a sequential fp64 sum,
-// as on the CPU), and the block tallies verify_len.
+// schedule_verify's CUDA kernels (core/schedule.h). early_stop, budget and
+// global: one block ranks every candidate of the batch (a bitonic sort of
+// (survival, id) pairs, a total order, so the result is exact and
+// deterministic), one thread counts the admissions in ranked order (tau is a
+// sequential fp64 sum, as on the CPU), and the block tallies verify_len. Up
+// to kScheduleSharedSlots slots the sort runs in shared memory, beyond in the
+// workspace. threshold needs no ranking: a thread per request.
 #pragma once
 #include <cuda_runtime.h>
 
@@ -13,14 +15,17 @@
 namespace dspark {
 
 constexpr int kScheduleBlock = 1024;
+// 2048 slots (R * G <= 2048, e.g. 256 requests x 7 drafts): keys, ids and the
+// SPS values of the admission loop in 40 KB of shared memory.
+constexpr int64_t kScheduleSharedSlots = 2 * kScheduleBlock;
 
-// keys/ids: `slots` entries (a power of two >= R * G).
-__global__ void __launch_bounds__(kScheduleBlock)
-    schedule_verify_kernel(ScheduleArgs a, double* __restrict__ keys, int32_t* __restrict__ ids, int64_t slots) {
-  __shared__ int64_t s_admit;
-  __shared__ int64_t s_count;
+// Survivals of every candidate into keys/ids (ids = r * G + j), -1 after a
+// request's num_draft and in the padding up to `slots`; returns the number of
+// candidates (all threads).
+__device__ __forceinline__ int64_t schedule_fill(const ScheduleArgs& a, double* keys, int32_t* ids, int64_t slots,
+                                                 unsigned long long* count) {
   const int64_t G = a.group, RG = static_cast<int64_t>(a.num_requests) * G;
-  if (threadIdx.x == 0) s_count = 0;
+  if (threadIdx.x == 0) *count = 0;
   __syncthreads();
   // Survivals, one thread per request (a sequential product, as on the CPU).
   int64_t local = 0;
@@ -38,41 +43,101 @@ __global__ void __launch_bounds__(kScheduleBlock)
     keys[i] = -1.0;
     ids[i] = static_cast<int32_t>(i);
   }
-  atomicAdd(reinterpret_cast<unsigned long long*>(&s_count), static_cast<unsigned long long>(local));
+  atomicAdd(count, static_cast<unsigned long long>(local));
   __syncthreads();
-  // Bitonic sort into `schedule_before` order.
+  return static_cast<int64_t>(*count);
+}
+
+// Bitonic sort of `slots` (a power of two) pairs into `schedule_before` order
+// (all threads): each step compares slots.size / 2 disjoint pairs, i and
+// i + step, i's bit `step` clear.
+__device__ __forceinline__ void schedule_sort(double* keys, int32_t* ids, int64_t slots) {
   for (int64_t k = 2; k <= slots; k <<= 1) {
     for (int64_t step = k >> 1; step > 0; step >>= 1) {
-      for (int64_t i = threadIdx.x; i < slots; i += kScheduleBlock) {
-        const int64_t p = i ^ step;
-        if (p <= i) continue;
+      for (int64_t t = threadIdx.x; t < slots / 2; t += kScheduleBlock) {
+        const int64_t i = ((t & ~(step - 1)) << 1) | (t & (step - 1)), p = i + step;
         const bool up = (i & k) == 0;
-        const bool swap = up ? schedule_before(keys[p], ids[p], keys[i], ids[i])
-                             : schedule_before(keys[i], ids[i], keys[p], ids[p]);
-        if (swap) {
-          const double tk = keys[i];
-          keys[i] = keys[p];
-          keys[p] = tk;
-          const int32_t ti = ids[i];
-          ids[i] = ids[p];
-          ids[p] = ti;
+        const double ki = keys[i], kp = keys[p];
+        const int32_t ii = ids[i], ip = ids[p];
+        if (up ? schedule_before(kp, ip, ki, ii) : schedule_before(ki, ii, kp, ip)) {
+          keys[i] = kp;
+          keys[p] = ki;
+          ids[i] = ip;
+          ids[p] = ii;
         }
       }
       __syncthreads();
     }
   }
-  if (threadIdx.x == 0) s_admit = schedule_admit_count(a, keys, s_count);
-  for (int64_t r = threadIdx.x; r < a.num_requests; r += kScheduleBlock) a.verify_len[r] = 0;
-  __syncthreads();
-  for (int64_t i = threadIdx.x; i < s_admit; i += kScheduleBlock) atomicAdd(&a.verify_len[ids[i] / G], 1);
 }
 
-// workspace: slots * 12 bytes (keys, then ids).
+// verify_len from the first `admit` ranked ids (all threads; verify_len was
+// zeroed before the caller's last barrier).
+__device__ __forceinline__ void schedule_tally(const ScheduleArgs& a, const int32_t* ids, int64_t admit) {
+  for (int64_t i = threadIdx.x; i < admit; i += kScheduleBlock) atomicAdd(&a.verify_len[ids[i] / a.group], 1);
+}
+
+__device__ __forceinline__ void schedule_zero_lengths(const ScheduleArgs& a) {
+  for (int64_t r = threadIdx.x; r < a.num_requests; r += kScheduleBlock) a.verify_len[r] = 0;
+}
+
+// Up to kScheduleSharedSlots slots: everything in shared memory.
+__global__ void __launch_bounds__(kScheduleBlock) schedule_verify_shared_kernel(ScheduleArgs a, int64_t slots) {
+  __shared__ double s_keys[kScheduleSharedSlots];
+  __shared__ int32_t s_ids[kScheduleSharedSlots];
+  __shared__ double s_sps[kScheduleSharedSlots];  // s_sps[i]: the rate with candidate i admitted
+  __shared__ unsigned long long s_count;
+  __shared__ int64_t s_admit;
+  const int64_t N = schedule_fill(a, s_keys, s_ids, slots, &s_count);
+  for (int64_t i = threadIdx.x; i < N; i += kScheduleBlock) s_sps[i] = schedule_sps(a, a.num_requests + 1 + i);
+  __syncthreads();
+  schedule_sort(s_keys, s_ids, slots);
+  if (threadIdx.x == 0) s_admit = schedule_admit_count(a, s_keys, N, [&](int64_t i) { return s_sps[i]; });
+  schedule_zero_lengths(a);
+  __syncthreads();
+  schedule_tally(a, s_ids, s_admit);
+}
+
+// keys/ids: `slots` entries of the workspace (a power of two >= R * G).
+__global__ void __launch_bounds__(kScheduleBlock)
+    schedule_verify_kernel(ScheduleArgs a, double* __restrict__ keys, int32_t* __restrict__ ids, int64_t slots) {
+  __shared__ unsigned long long s_count;
+  __shared__ int64_t s_admit;
+  const int64_t N = schedule_fill(a, keys, ids, slots, &s_count);
+  schedule_sort(keys, ids, slots);
+  if (threadIdx.x == 0) {
+    s_admit = schedule_admit_count(a, keys, N, [&](int64_t i) { return schedule_sps(a, a.num_requests + 1 + i); });
+  }
+  schedule_zero_lengths(a);
+  __syncthreads();
+  schedule_tally(a, ids, s_admit);
+}
+
+// threshold: a thread per request (core/schedule.h: schedule_threshold_len).
+constexpr int kScheduleThresholdBlock = 256;
+__global__ void __launch_bounds__(kScheduleThresholdBlock) schedule_threshold_kernel(ScheduleArgs a) {
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * kScheduleThresholdBlock + threadIdx.x;
+  if (r < a.num_requests) a.verify_len[r] = schedule_threshold_len(a, r);
+}
+
+// Whether the launch uses its workspace: slots * 12 bytes (keys, then ids),
+// only past kScheduleSharedSlots slots and not in threshold mode.
+inline bool schedule_uses_workspace(int32_t mode, int64_t slots) {
+  return mode != kThreshold && slots > kScheduleSharedSlots;
+}
+
 inline cudaError_t schedule_verify_launch(const ScheduleArgs& a, void* workspace, int64_t slots, cudaStream_t stream) {
   if (a.num_requests == 0) return cudaSuccess;
-  auto* keys = static_cast<double*>(workspace);
-  auto* ids = reinterpret_cast<int32_t*>(keys + slots);
-  schedule_verify_kernel<<<1, kScheduleBlock, 0, stream>>>(a, keys, ids, slots);
+  if (a.mode == kThreshold) {
+    const int64_t blocks = (int64_t{a.num_requests} + kScheduleThresholdBlock - 1) / kScheduleThresholdBlock;
+    schedule_threshold_kernel<<<static_cast<unsigned>(blocks), kScheduleThresholdBlock, 0, stream>>>(a);
+  } else if (!schedule_uses_workspace(a.mode, slots)) {
+    schedule_verify_shared_kernel<<<1, kScheduleBlock, 0, stream>>>(a, slots);
+  } else {
+    auto* keys = static_cast<double*>(workspace);
+    auto* ids = reinterpret_cast<int32_t*>(keys + slots);
+    schedule_verify_kernel<<<1, kScheduleBlock, 0, stream>>>(a, keys, ids, slots);
+  }
   return cudaGetLastError();
 }
 
