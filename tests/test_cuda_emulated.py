@@ -122,6 +122,7 @@ def test_emulator_wmma_product_and_a_missing_syncwarp(seed):
 
 @pytest.mark.parametrize("case,message", [
     ("wmma_divergent", "without the whole warp"),
+    ("wmma_two_tiles", "passed different pointers"),
     ("exited_lanes", r"reads lane \d+, which has exited"),
     ("divergent_wait", "deadlock"),
     ("divergent_barriers", "different __syncthreads"),

@@ -4,7 +4,8 @@
 // kernel must not rely on: it may only fill, load, multiply and store whole
 // fragments, and elementwise ops over num_elements work either way). Every
 // call is warp-synchronous like its CUDA namesake: the whole warp must reach
-// it (checked). mma_sync adds the 16 products of each entry to the
+// it, loads and stores with one pointer, leading dimension and layout
+// (both checked). mma_sync adds the 16 products of each entry to the
 // accumulator in ascending k, each product exact and each sum rounded in
 // fp32: what the CPU ops' ascending loops compute (the tensor cores sum in
 // their own order). store_matrix_sync writes only the entries this lane
@@ -33,11 +34,21 @@ struct fragment {
 };
 
 namespace detail {
-inline void whole_warp(const char* op) {
-  ::cuemu::warp_exchange(0xFFFFFFFFu, 0, op);
+// The whole warp reaches the call, every lane with the same `same` (a
+// load's or store's pointer, leading dimension and layout: one tile, which
+// the warp loads or stores together).
+inline void whole_warp(const char* op, uint64_t same = 0) {
+  const uint64_t* slots = ::cuemu::warp_exchange(0xFFFFFFFFu, same, op);
+  const int lane = ::cuemu::g_thread->lane;
   if (::cuemu::g_thread->snap_lanes != 0xFFFFFFFFu)
-    ::cuemu::fail(std::string(op) + ": lane " + std::to_string(::cuemu::g_thread->lane) +
-                  " called it without the whole warp");
+    ::cuemu::fail(std::string(op) + ": lane " + std::to_string(lane) + " called it without the whole warp");
+  for (int l = 0; l < 32; ++l)
+    if (slots[l] != slots[lane])
+      ::cuemu::fail(std::string(op) + ": lanes " + std::to_string(l) + " and " + std::to_string(lane) +
+                    " passed different pointers, leading dimensions or layouts");
+}
+inline uint64_t tile_id(const void* p, unsigned ldm, int layout) {
+  return reinterpret_cast<uintptr_t>(p) * 1000003u ^ (uint64_t{ldm} << 1 | static_cast<uint64_t>(layout));
 }
 inline float as_float(float v) { return v; }
 inline float as_float(__half v) { return __half2float(v); }
@@ -53,7 +64,7 @@ inline void fill_fragment(fragment<Use, 16, 16, 16, T, Layout>& f, float v) {
 template <typename Use, typename T, typename Layout>
 inline void load_matrix_sync(fragment<Use, 16, 16, 16, T, Layout>& f, const T* p, unsigned ldm) {
   static_assert(!std::is_same_v<Use, accumulator>, "cuda_emu: an accumulator load needs a layout");
-  detail::whole_warp("wmma::load_matrix_sync");
+  detail::whole_warp("wmma::load_matrix_sync", detail::tile_id(p, ldm, 0));
   if (reinterpret_cast<uintptr_t>(p) % 32 != 0 || ldm % (16 / sizeof(T)) != 0)
     ::cuemu::fail("wmma::load_matrix_sync: the pointer must be 32-byte aligned and ldm a multiple of 16 bytes");
   constexpr bool row = std::is_same_v<Layout, row_major>;
@@ -78,7 +89,7 @@ inline void mma_sync(fragment<accumulator, 16, 16, 16, float>& d, const fragment
 
 inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, float>& f, unsigned ldm,
                               layout_t layout) {
-  detail::whole_warp("wmma::store_matrix_sync");
+  detail::whole_warp("wmma::store_matrix_sync", detail::tile_id(p, ldm, layout));
   if (reinterpret_cast<uintptr_t>(p) % 32 != 0 || ldm % 4 != 0)
     ::cuemu::fail("wmma::store_matrix_sync: the pointer must be 32-byte aligned and ldm a multiple of 16 bytes");
   for (int e = ::cuemu::g_thread->lane; e < 256; e += 32) {

@@ -159,6 +159,18 @@ __global__ void wmma_divergent_kernel(int32_t* out) {
   out[lane] = 1;
 }
 
+// Each half-warp loads its own tile: one warp-wide load, two pointers.
+__global__ void wmma_two_tiles_kernel(int32_t* out) {
+  namespace wm = nvcuda::wmma;
+  __shared__ WmmaTiles s;
+  const int lane = threadIdx.x & 31;
+  for (int e = lane; e < 256; e += 32) s.a[e] = __float2half_rn(1.0f);
+  __syncwarp();
+  wm::fragment<wm::matrix_a, 16, 16, 16, __half, wm::row_major> a;
+  wm::load_matrix_sync(a, lane < 16 ? s.a : s.b, 16);
+  out[lane] = 1;
+}
+
 at::Tensor emu_selftest(std::string which, int64_t seed) {
   setenv("CUEMU_SEED", std::to_string(seed).c_str(), 1);
   const int blocks = 3;
@@ -190,6 +202,8 @@ at::Tensor emu_selftest(std::string which, int64_t seed) {
     wmma_kernel<<<1, 32>>>(o, which == "wmma_synced");
   } else if (which == "wmma_divergent") {
     wmma_divergent_kernel<<<1, 32>>>(o);
+  } else if (which == "wmma_two_tiles") {
+    wmma_two_tiles_kernel<<<1, 32>>>(o);
   } else if (which == "zero_blocks") {
     noop_kernel<<<0, 32>>>(o);
   } else if (which == "too_many_threads") {
