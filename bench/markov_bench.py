@@ -78,7 +78,7 @@ def run_case(R: int, G: int, V: int, r: int, dtype: torch.dtype, weight_dtype: O
     agreement = {}
     if device == "cuda":
         # bf16/fp16 weights take the fused step (kernels/markov_fused.cuh) at any batch; the same call through the
-        # cuBLAS GEMM + correct kernel, side by side, after checking that the two agree.
+        # cuBLAS GEMM + correct kernel, side by side; the rows record how far the two agree (paths_agree).
         unfused = with_env("DSPARK_MARKOV_FUSED", "0", ours)
         impls["dspark_ops.markov_draft, GEMM + correct kernel"] = unfused
         agreement = paths_agree(ours, unfused, out)
@@ -109,7 +109,7 @@ def paths_agree(fused, unfused, out) -> dict:
     columns the rows carry (a wrong fused kernel shows as a large
     `fused_max_logit_diff` or a low `fused_token_agreement`)."""
     fused(0)
-    tokens, logits, status = out.tokens.clone(), out.draft_logits.float(), out.status.clone()
+    tokens, logits, status = out.tokens.clone(), out.draft_logits.to(torch.float32, copy=True), out.status.clone()
     unfused(0)
     # only steps both paths drafted from the same previous token: after a token differs, the rows differ too
     differ = (tokens != out.tokens).int()

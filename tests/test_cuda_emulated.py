@@ -314,7 +314,7 @@ def test_verify_tree_depth_limits(n, V, schedule):
     of exactly max_depth passes, one more is BAD_TREE, whether the deepest
     node comes first or last in index order."""
     g = torch.Generator().manual_seed(n + V)
-    for d in (1, 6, min(n - 2, 700)):
+    for d in (1, 2, 5, 9, min(n - 2, 700)):  # 2^k + 1: a pointer-jumping round more than 2^k
         trees = [deep_tree(n, d, g, last) for last in (False, True)]
         trees += [deep_tree(n, d - 1, g, True)] if d > 1 else [[-1]]
         trees += [deep_tree(n, d + 1, g, last) for last in (False, True) if d + 1 < n]

@@ -36,6 +36,17 @@ def test_matches_reference_exactly(mode, kw, R, G, ties, staircase):
     assert torch.equal(got, want)
 
 
+def test_early_stop_stays_stopped_when_the_objective_recovers():
+    """Algorithm 1 stops at the first admission that does not pay, even when
+    a later one would (the admission loop loads candidates ahead: a stopped
+    request must not restart within the same group of loads)."""
+    conf, n = torch.ones(1, 4), torch.tensor([4], dtype=torch.int32)
+    sps = torch.tensor([1.0, 1.0, 0.5, 2.0, 2.0, 2.0], dtype=torch.float64)  # tau * SPS: 1, then 1, 6, 8, 10
+    got = dspark_ops.schedule_verify(conf, n, sps, mode="early_stop")
+    assert got.tolist() == [0] == ref.schedule_verify(conf, n, sps, mode="early_stop").tolist()
+    assert dspark_ops.schedule_verify(conf, n, sps, mode="global", allow_lossy=True).tolist() == [4]
+
+
 @pytest.mark.parametrize("threshold", [0.25, 0.125, 0.0, -1.0, 1.0, 1.5, float("nan")])
 def test_threshold_edges_match_reference(threshold):
     """threshold counts each request's survivals >= threshold without

@@ -59,7 +59,7 @@ constexpr int kScheduleAhead = 4;
 // same order whatever loads ahead, so CPU and CUDA agree bit for bit.
 template <typename SpsAt>
 DSPARK_HD int64_t schedule_admit_count(const ScheduleArgs& a, const double* keys, int64_t N, SpsAt sps_at) {
-  if (a.mode == kThreshold) {
+  if (a.mode == kThreshold) {  // the ops take schedule_threshold_len instead (no ranking); kept for completeness
     int64_t k = 0;
     while (k < N && keys[k] >= a.threshold) ++k;
     return k;

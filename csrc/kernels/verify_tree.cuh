@@ -73,6 +73,7 @@ __device__ int32_t tree_next_child(const TreeArgs<T, D>& a, int64_t c0, int32_t 
 // Trees up to this many nodes check their depths in shared memory (4 KB).
 constexpr int32_t kTreeJumpNodes = 1024;
 constexpr int kTreeJumpPerThread = kTreeJumpNodes / kTreeBlock;
+static_assert(kTreeJumpNodes % kTreeBlock == 0 && kTreeJumpNodes <= (1 << 16), "a link packs 16-bit fields");
 
 // Every depth <= max_depth (all threads; parents already in range, n <=
 // kTreeJumpNodes) by pointer jumping: link[i] packs an ancestor of node i
