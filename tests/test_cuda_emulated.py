@@ -22,7 +22,7 @@ import dspark_ops
 import test_kv_compact
 import test_workspace_checks
 from test_schedule_verify import random_case
-from tree_helpers import max_depth_of, mixed_trees, tree_batch
+from tree_helpers import deep_tree, max_depth_of, mixed_trees, tree_batch
 from verify_helpers import ragged_batch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
@@ -286,23 +286,6 @@ def test_verify_tree_row_pass_thresholds(sms, monkeypatch):
     assert_same(got, want, f"verify_tree sms={sms}")
     assert int(cu[-1]) == 281
     assert ("verify_tree_row_stats_kernel" in kernels) == (sms == "132"), kernels
-
-
-def deep_tree(n: int, depth: int, g: torch.Generator, chain_last: bool) -> list:
-    """n nodes whose deepest is at exactly `depth` (>= 1): a chain down to
-    it plus shallower random nodes, the chain first in index order or last
-    (the deepest node then has index n - 1)."""
-    rest = n - depth - 1
-    if not chain_last:
-        return [-1] + list(range(depth)) + [int(torch.randint(0, depth, (), generator=g)) for _ in range(rest)]
-    par, dep = [-1], [0]
-    for i in range(1, rest + 1):  # a random recursive tree, kept above `depth`
-        p = int(torch.randint(0, i, (), generator=g))
-        while p > 0 and dep[p] + 1 >= depth:
-            p = par[p]
-        par.append(p)
-        dep.append(dep[p] + 1)
-    return par + [0] + list(range(rest + 1, n - 1))
 
 
 @pytest.mark.parametrize("n,V", [(40, 600), (1024, 600), (1025, 2048), (1025, 600)],

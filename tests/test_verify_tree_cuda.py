@@ -9,9 +9,9 @@ import dspark_ops
 from dspark_ops import Status
 from helpers import MARGIN, assert_kernel_launched, off_alignment
 from test_verify_tree import PATH_CASES, PATH_LENGTHS, path_batch
-from tree_helpers import (POISON, assert_well_formed, chain_form, eagle_parents, max_depth_of, path_parents,
-                          poisoned_tree_result, random_parents, reference_with_margins, slice_request, star_parents,
-                          tree_batch, tree_batch_device)
+from tree_helpers import (POISON, assert_well_formed, chain_form, deep_tree, eagle_parents, max_depth_of,
+                          path_parents, poisoned_tree_result, random_parents, reference_with_margins, slice_request,
+                          star_parents, tree_batch, tree_batch_device)
 
 pytestmark = pytest.mark.cuda
 
@@ -105,6 +105,26 @@ def test_cuda_1024_nodes_and_depth_64(mode):
     target, tokens, parents, cu, dkw = tree_batch_device(trees, V, torch.bfloat16, draft=draft, seed=2, noise=0.05,
                                                          greedy_bias=0.9)
     compare_with_cpu(target, tokens, parents, cu, max_depth_of(trees), seed=torch.arange(4), position=3, **dkw, **kw)
+
+
+@pytest.mark.parametrize("n,V", [(40, 600), (1024, 600), (1025, 2048), (1025, 600)])
+def test_cuda_depth_limits(n, V):
+    """max_depth at its edge on the kernel's three depth checks (pointer
+    jumping up to 1024 nodes; beyond, one thread in the scratch row when
+    n <= V, else a walk per node): depth max_depth passes, one more is
+    BAD_TREE, the deepest node first or last in index order, depths 2^k + 1
+    included."""
+    g = torch.Generator().manual_seed(n + V)
+    for d in (1, 2, 5, 9, min(n - 2, 700)):
+        trees = [deep_tree(n, d, g, last) for last in (False, True)]
+        trees += [deep_tree(n, d - 1, g, True)] if d > 1 else [[-1]]
+        trees += [deep_tree(n, d + 1, g, last) for last in (False, True) if d + 1 < n]
+        target, tokens, parents, cu, _ = tree_batch(trees, V, draft=None, seed=d)
+        R = len(trees)
+        got, _ = compare_with_cpu(target, tokens, parents, cu, d, seed=torch.arange(R), position=torch.arange(R),
+                                  temperature=torch.tensor([0.0, 0.9] * (R // 2) + [0.0] * (R % 2)))
+        status = dspark_ops.TreeResult(*got).status.tolist()
+        assert status == [0, 0, 0] + [Status.BAD_TREE] * (R - 3), (d, status)
 
 
 def test_cuda_mixed_per_request_parameters():

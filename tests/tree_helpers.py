@@ -41,6 +41,23 @@ def random_parents(n: int, g: torch.Generator, chain_bias: float = 0.0) -> List[
     return par
 
 
+def deep_tree(n: int, depth: int, g: torch.Generator, chain_last: bool) -> List[int]:
+    """n nodes whose deepest is at exactly `depth` (>= 1): a chain down to
+    it plus shallower random nodes, the chain first in index order or last
+    (the deepest node then has index n - 1)."""
+    rest = n - depth - 1
+    if not chain_last:
+        return [-1] + list(range(depth)) + [int(torch.randint(0, depth, (), generator=g)) for _ in range(rest)]
+    par, dep = [-1], [0]
+    for i in range(1, rest + 1):  # a random recursive tree, kept above `depth`
+        p = int(torch.randint(0, i, (), generator=g))
+        while p > 0 and dep[p] + 1 >= depth:
+            p = par[p]
+        par.append(p)
+        dep.append(dep[p] + 1)
+    return par + [0] + list(range(rest + 1, n - 1))
+
+
 def eagle_parents(depth: int, topk: int, width: int) -> List[int]:
     """An EAGLE-like tree, level by level: the first `width` nodes of each
     level (the drafter's best) get `topk` children each."""

@@ -124,7 +124,7 @@ echo "gpu_check: decoding demo rc=$demo_rc in $(( $(date +%s) - start )) s" | te
 
 san_rc=0
 GPU_TESTS="${GPU_SAN_TESTS:-tests/test_sample_cuda.py tests/test_verify_chunk_cuda.py tests/test_verify_tree_cuda.py tests/test_kv_compact_cuda.py tests/test_schedule_verify.py tests/test_markov_draft.py}"
-RACE_TESTS="${GPU_RACE_TESTS:-tests/test_sample_cuda.py tests/test_verify_chunk_cuda.py tests/test_verify_tree_cuda.py tests/test_markov_draft.py}"
+RACE_TESTS="${GPU_RACE_TESTS:-tests/test_sample_cuda.py tests/test_verify_chunk_cuda.py tests/test_verify_tree_cuda.py tests/test_markov_draft.py tests/test_schedule_verify.py}"
 SMALL="(cuda) and not 151936 and not large_batch and not graph and not repeatedly and not 4096"
 SMALL="$SMALL and not error"  # argument checks run on the host
 SMALL="$SMALL and not kernel_names"  # torch.profiler (CUPTI) beside the sanitizer
