@@ -3,8 +3,9 @@
 // (survival, id) pairs, a total order, so the result is exact and
 // deterministic), one thread counts the admissions in ranked order (tau is a
 // sequential fp64 sum, as on the CPU), and the block tallies verify_len. Up
-// to kScheduleSharedSlots slots the sort runs in shared memory, beyond in the
-// workspace. threshold needs no ranking: a thread per request.
+// to kScheduleSharedSlots slots the sort runs in shared memory; beyond, in
+// the workspace, with the steps within a tile of that size in shared memory.
+// threshold needs no ranking: a thread per request.
 #pragma once
 #include <cuda_runtime.h>
 
@@ -48,26 +49,64 @@ __device__ __forceinline__ int64_t schedule_fill(const ScheduleArgs& a, double* 
   return static_cast<int64_t>(*count);
 }
 
-// Bitonic sort of `slots` (a power of two) pairs into `schedule_before` order
-// (all threads): each step compares slots.size / 2 disjoint pairs, i and
-// i + step, i's bit `step` clear.
+// Steps step_hi down to step_lo (powers of two) of the bitonic sort's stage
+// k over `len` slots at keys/ids, the sort's slots base .. base + len - 1
+// (all threads; a barrier after each step). A step compares len / 2
+// disjoint pairs, i and i + step with i's bit `step` clear, into
+// `schedule_before` order, ascending or descending by the sort-wide slot's
+// bit k.
+__device__ __forceinline__ void schedule_sort_steps(double* keys, int32_t* ids, int64_t len, int64_t base, int64_t k,
+                                                    int64_t step_hi, int64_t step_lo) {
+  for (int64_t step = step_hi; step >= step_lo; step >>= 1) {
+    for (int64_t t = threadIdx.x; t < len / 2; t += kScheduleBlock) {
+      const int64_t i = ((t & ~(step - 1)) << 1) | (t & (step - 1)), p = i + step;
+      const bool up = ((base + i) & k) == 0;
+      const double ki = keys[i], kp = keys[p];
+      const int32_t ii = ids[i], ip = ids[p];
+      if (up ? schedule_before(kp, ip, ki, ii) : schedule_before(ki, ii, kp, ip)) {
+        keys[i] = kp;
+        keys[p] = ki;
+        ids[i] = ip;
+        ids[p] = ii;
+      }
+    }
+    __syncthreads();
+  }
+}
+
+// Bitonic sort of `slots` (a power of two) pairs in one array (all threads).
 __device__ __forceinline__ void schedule_sort(double* keys, int32_t* ids, int64_t slots) {
-  for (int64_t k = 2; k <= slots; k <<= 1) {
-    for (int64_t step = k >> 1; step > 0; step >>= 1) {
-      for (int64_t t = threadIdx.x; t < slots / 2; t += kScheduleBlock) {
-        const int64_t i = ((t & ~(step - 1)) << 1) | (t & (step - 1)), p = i + step;
-        const bool up = (i & k) == 0;
-        const double ki = keys[i], kp = keys[p];
-        const int32_t ii = ids[i], ip = ids[p];
-        if (up ? schedule_before(kp, ip, ki, ii) : schedule_before(ki, ii, kp, ip)) {
-          keys[i] = kp;
-          keys[p] = ki;
-          ids[i] = ip;
-          ids[p] = ii;
-        }
+  for (int64_t k = 2; k <= slots; k <<= 1) schedule_sort_steps(keys, ids, slots, 0, k, k >> 1, 1);
+}
+
+// The same sort of `slots` > kScheduleSharedSlots pairs in the workspace:
+// every step shorter than a tile of kScheduleSharedSlots runs on the tile
+// in shared memory (t_keys/t_ids), tile after tile; only the longer steps
+// (5 stages x 1..5 steps at 65536 slots, against 136 steps in all) go
+// through global memory.
+__device__ __forceinline__ void schedule_sort_tiled(double* keys, int32_t* ids, int64_t slots, double* t_keys,
+                                                    int32_t* t_ids) {
+  constexpr int64_t T = kScheduleSharedSlots;
+  const auto tiles = [&](int64_t k_lo, int64_t k_hi) {  // stages k_lo..k_hi, their steps below T, on each tile
+    for (int64_t base = 0; base < slots; base += T) {
+      for (int64_t i = threadIdx.x; i < T; i += kScheduleBlock) {
+        t_keys[i] = keys[base + i];
+        t_ids[i] = ids[base + i];
       }
       __syncthreads();
+      for (int64_t k = k_lo; k <= k_hi; k <<= 1)
+        schedule_sort_steps(t_keys, t_ids, T, base, k, (k < T ? k : T) >> 1, 1);
+      for (int64_t i = threadIdx.x; i < T; i += kScheduleBlock) {
+        keys[base + i] = t_keys[i];
+        ids[base + i] = t_ids[i];
+      }
+      __syncthreads();  // the tile is back before the next one overwrites shared memory
     }
+  };
+  tiles(2, T);
+  for (int64_t k = 2 * T; k <= slots; k <<= 1) {
+    schedule_sort_steps(keys, ids, slots, 0, k, k >> 1, T);
+    tiles(k, k);
   }
 }
 
@@ -98,13 +137,16 @@ __global__ void __launch_bounds__(kScheduleBlock) schedule_verify_shared_kernel(
   schedule_tally(a, s_ids, s_admit);
 }
 
-// keys/ids: `slots` entries of the workspace (a power of two >= R * G).
+// keys/ids: `slots` (a power of two > kScheduleSharedSlots) entries of the
+// workspace.
 __global__ void __launch_bounds__(kScheduleBlock)
     schedule_verify_kernel(ScheduleArgs a, double* __restrict__ keys, int32_t* __restrict__ ids, int64_t slots) {
+  __shared__ double t_keys[kScheduleSharedSlots];
+  __shared__ int32_t t_ids[kScheduleSharedSlots];
   __shared__ unsigned long long s_count;
   __shared__ int64_t s_admit;
   const int64_t N = schedule_fill(a, keys, ids, slots, &s_count);
-  schedule_sort(keys, ids, slots);
+  schedule_sort_tiled(keys, ids, slots, t_keys, t_ids);
   if (threadIdx.x == 0) {
     s_admit = schedule_admit_count(a, keys, N, [&](int64_t i) { return schedule_sps(a, a.num_requests + 1 + i); });
   }
