@@ -476,13 +476,16 @@ def test_markov_draft_out_with_a_workspace(R, V, filters, schedule):
 # --- schedule_verify -----------------------------------------------------------
 
 @pytest.mark.parametrize("mode,kw", [("early_stop", {}), ("threshold", dict(threshold=0.4)),
-                                     ("budget", dict(budget=600)), ("global", dict(allow_lossy=True))])
+                                     ("budget", dict(budget=600)), ("global", dict(allow_lossy=True)),
+                                     ("budget_all_but_one", {})])  # every rank but the last: the whole ranking
 @pytest.mark.parametrize("R,G", [(300, 7), (256, 8), (1, 7), (3, 1), (1100, 8)])
 def test_schedule_verify(R, G, mode, kw, schedule):
     """Both ranking kernels (shared memory up to 2048 slots; beyond, the
     workspace with 2048-slot tiles in shared memory: 2 and 8 tiles here) and
     threshold's kernel without ranking, against the CPU op."""
     conf, n, sps = random_case(R, G, 1500 + R, ties=True)
+    if mode == "budget_all_but_one":
+        mode, kw = "budget", dict(budget=max(int(n.clamp(0, G).sum()) - 1, 0))
     emu, got, kernels = both(lambda: dspark_ops.schedule_verify(conf, n, sps, mode=mode, **kw))
     assert torch.equal(emu, got), f"schedule_verify {mode}"
     want = {"schedule_threshold_kernel"} if mode == "threshold" else \

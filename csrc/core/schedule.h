@@ -75,12 +75,12 @@ DSPARK_HD int64_t schedule_admit_count(const ScheduleArgs& a, const double* keys
   bool going = true;  // early_stop: Algorithm 1 stops at the first admission that does not pay
   for (int64_t i0 = 0; i0 < N && going; i0 += kScheduleAhead) {
     double key[kScheduleAhead], sps[kScheduleAhead];
-#pragma unroll
+    DSPARK_UNROLL
     for (int u = 0; u < kScheduleAhead; ++u) {
       key[u] = i0 + u < N ? keys[i0 + u] : 0.0;
       sps[u] = i0 + u < N ? sps_at(i0 + u) : 0.0;
     }
-#pragma unroll
+    DSPARK_UNROLL
     for (int u = 0; u < kScheduleAhead; ++u) {
       if (i0 + u < N) {
         tau += key[u];

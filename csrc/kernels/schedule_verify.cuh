@@ -100,7 +100,7 @@ __device__ __forceinline__ void schedule_sort_tiled(double* keys, int32_t* ids, 
         keys[base + i] = t_keys[i];
         ids[base + i] = t_ids[i];
       }
-      __syncthreads();  // the tile is back before the next one overwrites shared memory
+      __syncthreads();  // every thread's copy-out is visible before the global steps and the admission read it
     }
   };
   tiles(2, T);
