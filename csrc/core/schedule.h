@@ -53,17 +53,19 @@ DSPARK_HD double schedule_sps(const ScheduleArgs& a, int64_t B) { return B < a.s
 // and only the fp64 chain of tau is sequential.
 constexpr int kScheduleAhead = 4;
 
-// How many of the N ranked candidates (survivals `keys`, descending) to admit;
-// sps_at(i) = schedule_sps(a, R + 1 + i), the rate with candidate i admitted.
-// tau += key, then next = tau * sps, in rank order: the same operations in the
-// same order whatever loads ahead, so CPU and CUDA agree bit for bit.
+// The rate with ranked candidate i admitted: token batch B = R + 1 + i.
+DSPARK_HD double schedule_sps_admitted(const ScheduleArgs& a, int64_t i) {
+  return schedule_sps(a, a.num_requests + 1 + i);
+}
+
+// How many of the N ranked candidates (survivals `keys`, descending) to admit
+// in modes early_stop, budget and global (threshold ranks nothing:
+// schedule_threshold_len); sps_at(i) = schedule_sps_admitted(a, i), from
+// wherever the caller keeps it. tau += key, then next = tau * sps, in rank
+// order: the same operations in the same order whatever loads ahead, so CPU
+// and CUDA agree bit for bit.
 template <typename SpsAt>
 DSPARK_HD int64_t schedule_admit_count(const ScheduleArgs& a, const double* keys, int64_t N, SpsAt sps_at) {
-  if (a.mode == kThreshold) {  // the ops take schedule_threshold_len instead (no ranking); kept for completeness
-    int64_t k = 0;
-    while (k < N && keys[k] >= a.threshold) ++k;
-    return k;
-  }
   if (a.mode == kBudget) {
     const int64_t b = a.budget != nullptr ? a.budget[0] : 0;
     return b < 0 ? 0 : (b < N ? b : N);

@@ -39,7 +39,7 @@ void schedule_verify_out_cpu(const at::Tensor& confidence, const at::Tensor& num
   std::vector<double> keys(ranked.size());
   for (size_t i = 0; i < ranked.size(); ++i) keys[i] = ranked[i].first;
   const int64_t admit = schedule_admit_count(a, keys.data(), static_cast<int64_t>(keys.size()),
-                                             [&](int64_t i) { return schedule_sps(a, a.num_requests + 1 + i); });
+                                             [&](int64_t i) { return schedule_sps_admitted(a, i); });
   std::fill(a.verify_len, a.verify_len + a.num_requests, 0);
   for (int64_t i = 0; i < admit; ++i) ++a.verify_len[ranked[i].second / a.group];
 }

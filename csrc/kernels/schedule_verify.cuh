@@ -128,7 +128,7 @@ __global__ void __launch_bounds__(kScheduleBlock) schedule_verify_shared_kernel(
   __shared__ unsigned long long s_count;
   __shared__ int64_t s_admit;
   const int64_t N = schedule_fill(a, s_keys, s_ids, slots, &s_count);
-  for (int64_t i = threadIdx.x; i < N; i += kScheduleBlock) s_sps[i] = schedule_sps(a, a.num_requests + 1 + i);
+  for (int64_t i = threadIdx.x; i < N; i += kScheduleBlock) s_sps[i] = schedule_sps_admitted(a, i);
   __syncthreads();
   schedule_sort(s_keys, s_ids, slots);
   if (threadIdx.x == 0) s_admit = schedule_admit_count(a, s_keys, N, [&](int64_t i) { return s_sps[i]; });
@@ -148,7 +148,7 @@ __global__ void __launch_bounds__(kScheduleBlock)
   const int64_t N = schedule_fill(a, keys, ids, slots, &s_count);
   schedule_sort_tiled(keys, ids, slots, t_keys, t_ids);
   if (threadIdx.x == 0) {
-    s_admit = schedule_admit_count(a, keys, N, [&](int64_t i) { return schedule_sps(a, a.num_requests + 1 + i); });
+    s_admit = schedule_admit_count(a, keys, N, [&](int64_t i) { return schedule_sps_admitted(a, i); });
   }
   schedule_zero_lengths(a);
   __syncthreads();
